@@ -1,0 +1,342 @@
+//! `weir bench`: measure weir against raw baselines of the same database in the same
+//! run, since absolute figures on shared machines mean little. Prints one JSON line per
+//! result; timing targets live here and in BENCHMARKS.md, never in tests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use super::CliError;
+use crate::config::{Config, StoreKind};
+use crate::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, WriteCondition};
+use crate::store::{EventStore, MemoryStore};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Bench {
+    /// Append N events in batches of B from W concurrent writers; on Postgres, beside
+    /// a raw `INSERT … SELECT generate_series` of the same rows, batches and writers.
+    Append(AppendArgs),
+    /// Read one category of N events page by page; on Postgres, beside a raw `COPY`
+    /// of the same rows.
+    Read(ReadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AppendArgs {
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Distinct streams the batches are spread over.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per read query.
+    #[arg(long, default_value_t = 1000)]
+    page: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Each side runs this many times; the best run counts.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
+    let target = Target::open(config).await?;
+    match bench {
+        Bench::Append(args) => append(&target, &args).await,
+        Bench::Read(args) => read(&target, &args).await,
+    }
+}
+
+/// The store under test, and on Postgres the raw access the baselines need.
+struct Target {
+    store: Arc<dyn EventStore>,
+    backend: &'static str,
+    #[cfg(feature = "postgres")]
+    postgres: Option<Arc<crate::store::PostgresStore>>,
+}
+
+impl Target {
+    async fn open(config: &Config) -> Result<Self, CliError> {
+        match config.store.kind {
+            StoreKind::Memory => Ok(Self {
+                store: Arc::new(MemoryStore::new()),
+                backend: "memory",
+                #[cfg(feature = "postgres")]
+                postgres: None,
+            }),
+            #[cfg(feature = "postgres")]
+            StoreKind::Postgres => {
+                let store = Arc::new(super::open_postgres(config)?);
+                store.check_schema().await?;
+                Ok(Self {
+                    store: store.clone(),
+                    backend: "postgres",
+                    postgres: Some(store),
+                })
+            }
+            #[cfg(not(feature = "postgres"))]
+            StoreKind::Postgres => Err(CliError::Usage(
+                "this weir was built without the `postgres` feature".into(),
+            )),
+        }
+    }
+}
+
+fn emit(line: Value) {
+    println!("{line}");
+}
+
+fn rate(events: usize, elapsed: Duration) -> f64 {
+    (events as f64 / elapsed.as_secs_f64()).round()
+}
+
+fn payload(bytes: usize) -> Value {
+    json!({ "amount": 42, "currency": "EUR", "note": "x".repeat(bytes) })
+}
+
+fn bench_category() -> Category {
+    Category::new(format!(
+        "bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    ))
+    .expect("a valid generated name")
+}
+
+fn check_sizes(events: usize, batch: usize, writers: usize) -> Result<(), CliError> {
+    if events == 0 || batch == 0 || writers == 0 {
+        return Err(CliError::Usage(
+            "--events, --batch and --writers must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn append(target: &Target, args: &AppendArgs) -> Result<(), CliError> {
+    check_sizes(args.events, args.batch, args.writers)?;
+    let batches = args.events.div_ceil(args.batch);
+    let category = bench_category();
+    let name = EventName::new("BenchEvent").expect("a valid literal name");
+    let payload = payload(args.payload_bytes);
+
+    let started = Instant::now();
+    let mut writers = JoinSet::new();
+    for writer in 0..args.writers {
+        let store = target.store.clone();
+        let (category, name, payload) = (category.clone(), name.clone(), payload.clone());
+        let (count, batch, streams) = (args.writers, args.batch, args.streams.max(1));
+        writers.spawn(async move {
+            for index in (writer..batches).step_by(count) {
+                let stream = StreamName::new(format!("s-{}", index % streams))
+                    .expect("a valid generated name");
+                let events = (0..batch)
+                    .map(|_| NewEvent::new(name.clone(), payload.clone()))
+                    .collect();
+                store
+                    .append(&category, &stream, WriteCondition::Any, events)
+                    .await?;
+            }
+            Ok::<_, crate::store::Error>(())
+        });
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.map_err(|e| CliError::Io(std::io::Error::other(e)))??;
+    }
+    let weir = started.elapsed();
+    let appended = batches * args.batch;
+    let weir_rate = rate(appended, weir);
+    emit(json!({
+        "bench": "append", "backend": target.backend, "events": appended,
+        "batch": args.batch, "writers": args.writers, "seconds": weir.as_secs_f64(),
+        "events_per_sec": weir_rate,
+    }));
+
+    #[cfg(feature = "postgres")]
+    if let Some(postgres) = &target.postgres {
+        let raw = raw::insert(postgres, args, batches, &payload).await?;
+        let raw_rate = rate(appended, raw);
+        emit(json!({
+            "bench": "append_raw_insert", "backend": "postgres", "events": appended,
+            "batch": args.batch, "writers": args.writers, "seconds": raw.as_secs_f64(),
+            "events_per_sec": raw_rate,
+        }));
+        emit(json!({
+            "bench": "append_vs_raw", "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
+        }));
+    }
+    Ok(())
+}
+
+async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
+    check_sizes(args.events, args.page, 1)?;
+    let category = bench_category();
+    let name = EventName::new("BenchEvent").expect("a valid literal name");
+    let payload = payload(args.payload_bytes);
+    let mut left = args.events;
+    let mut stream_index = 0;
+    while left > 0 {
+        let batch = left.min(1000);
+        let stream = StreamName::new(format!("s-{stream_index}")).expect("a valid generated name");
+        let events = (0..batch)
+            .map(|_| NewEvent::new(name.clone(), payload.clone()))
+            .collect();
+        target
+            .store
+            .append(&category, &stream, WriteCondition::Any, events)
+            .await?;
+        left -= batch;
+        stream_index += 1;
+    }
+
+    let source = Source::Category(category.clone());
+    let mut best = Duration::MAX;
+    for _ in 0..args.rounds.max(1) {
+        let started = Instant::now();
+        let mut cursor = Cursor::START;
+        let mut count = 0;
+        loop {
+            let page = target.store.read(&source, cursor, args.page).await?;
+            let Some(last) = page.last() else { break };
+            cursor = last.cursor;
+            count += page.len();
+        }
+        best = best.min(started.elapsed());
+        if count != args.events {
+            return Err(CliError::Io(std::io::Error::other(format!(
+                "read {count} events of the {} appended",
+                args.events
+            ))));
+        }
+    }
+    let weir_rate = rate(args.events, best);
+    emit(json!({
+        "bench": "read", "backend": target.backend, "events": args.events,
+        "page": args.page, "seconds": best.as_secs_f64(), "events_per_sec": weir_rate,
+    }));
+
+    #[cfg(feature = "postgres")]
+    if let Some(postgres) = &target.postgres {
+        let raw = raw::copy(postgres, &category, args.rounds.max(1)).await?;
+        let raw_rate = rate(args.events, raw);
+        emit(json!({
+            "bench": "read_raw_copy", "backend": "postgres", "events": args.events,
+            "seconds": raw.as_secs_f64(), "events_per_sec": raw_rate,
+        }));
+        emit(json!({
+            "bench": "read_vs_raw", "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
+        }));
+    }
+    Ok(())
+}
+
+/// The raw baselines: plain SQL against the same table shape, no weir in between.
+#[cfg(feature = "postgres")]
+mod raw {
+    use super::*;
+    use crate::store::PostgresStore;
+    use futures::StreamExt;
+
+    fn backend(e: impl std::fmt::Display) -> CliError {
+        CliError::Store(crate::store::Error::Backend(e.to_string()))
+    }
+
+    /// The same rows, batches and writers as the weir run, inserted by
+    /// `INSERT … SELECT generate_series` into a copy of the event table (same columns,
+    /// defaults and indexes).
+    pub(super) async fn insert(
+        store: &Arc<PostgresStore>,
+        args: &AppendArgs,
+        batches: usize,
+        payload: &Value,
+    ) -> Result<Duration, CliError> {
+        let schema = crate::store::postgres::quote_identifier(store.schema());
+        let table = format!("{schema}.weir_bench_raw");
+        let client = store.client().await?;
+        client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {table};
+                 CREATE TABLE {table} (LIKE {schema}.weir_events INCLUDING ALL);"
+            ))
+            .await
+            .map_err(backend)?;
+        drop(client);
+        let sql = format!(
+            "INSERT INTO {table} (id, category, stream, position, name, payload, metadata, occurred_at) \
+             SELECT gen_random_uuid(), 'raw', $1, $2 + g, 'BenchEvent', $3, '{{}}', now() \
+             FROM generate_series(0, $4 - 1) AS g"
+        );
+        let started = Instant::now();
+        let mut writers = JoinSet::new();
+        for writer in 0..args.writers {
+            let (store, sql, payload) = (store.clone(), sql.clone(), payload.clone());
+            let (count, batch, streams) = (args.writers, args.batch as i64, args.streams.max(1));
+            writers.spawn(async move {
+                let client = store.client().await?;
+                let statement = client.prepare(&sql).await.map_err(backend)?;
+                for index in (writer..batches).step_by(count) {
+                    let stream = format!("s-{}", index % streams);
+                    let first = (index / streams) as i64 * batch;
+                    client
+                        .execute(&statement, &[&stream, &first, &payload, &batch])
+                        .await
+                        .map_err(backend)?;
+                }
+                Ok::<_, CliError>(())
+            });
+        }
+        while let Some(joined) = writers.join_next().await {
+            joined.map_err(backend)??;
+        }
+        let elapsed = started.elapsed();
+        store
+            .client()
+            .await?
+            .batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .map_err(backend)?;
+        Ok(elapsed)
+    }
+
+    /// The category's rows, in read order, through `COPY … TO STDOUT`; best of `rounds`.
+    pub(super) async fn copy(
+        store: &PostgresStore,
+        category: &Category,
+        rounds: usize,
+    ) -> Result<Duration, CliError> {
+        let schema = crate::store::postgres::quote_identifier(store.schema());
+        let sql = format!(
+            "COPY (SELECT tx_id, sequence, id, category, stream, position, name, payload, metadata, \
+             occurred_at, observed_at, idempotency_key FROM {schema}.weir_events \
+             WHERE category = '{}' ORDER BY tx_id, sequence) TO STDOUT",
+            category.as_str().replace('\'', "''")
+        );
+        let client = store.client().await?;
+        let mut best = Duration::MAX;
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let stream = client.copy_out(&sql).await.map_err(backend)?;
+            futures::pin_mut!(stream);
+            let mut bytes = 0;
+            while let Some(chunk) = stream.next().await {
+                bytes += chunk.map_err(backend)?.len();
+            }
+            best = best.min(started.elapsed());
+            if bytes == 0 {
+                return Err(backend("COPY returned nothing"));
+            }
+        }
+        Ok(best)
+    }
+}

@@ -1,0 +1,192 @@
+//! The `weir` command line: argument definitions and one module per subcommand.
+//! `main.rs` parses, starts logging and calls [`run`]; every subcommand returns a
+//! [`CliError`] whose [`CliError::exit_code`] the process exits with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Config, ConfigError, Overrides, Role, StoreKind};
+use crate::store::{self, EventStore, MemoryStore};
+
+mod append;
+mod bench;
+mod config_check;
+mod migrate;
+mod read;
+mod run;
+mod signal;
+
+/// weir: a distributed event-processing runtime and streaming bridge.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about, propagate_version = true)]
+pub struct Cli {
+    /// TOML config file; without one, the embedded default (memory store) is used.
+    #[arg(long, global = true, env = "WEIR_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Overrides node.id.
+    #[arg(long, global = true, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Overrides node.role.
+    #[arg(long, global = true, value_enum)]
+    pub role: Option<RoleArg>,
+    /// Overrides store.kind.
+    #[arg(long, global = true, value_enum)]
+    pub store: Option<StoreArg>,
+    /// Overrides store.url.
+    #[arg(long, global = true, value_name = "URL")]
+    pub store_url: Option<String>,
+    /// Overrides store.schema.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub schema: Option<String>,
+    /// Overrides http.listen.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Log filter, e.g. `info` or `weir=debug` (also read from WEIR_LOG).
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_LOG",
+        default_value = "info,tokio_postgres=warn"
+    )]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a node in the configured role; stops cleanly on SIGINT or SIGTERM.
+    Run(run::Args),
+    /// Create or upgrade the store's schema (idempotent).
+    Migrate,
+    /// Append events to one stream, from --payload or JSON lines on stdin.
+    Append(append::Args),
+    /// Print events of a source as JSON lines, optionally following new ones.
+    Read(read::Args),
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Measure weir against raw baselines; prints one JSON line per result.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print the effective result (passwords redacted).
+    Check,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Coordinator,
+    Observer,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StoreArg {
+    Memory,
+    Postgres,
+}
+
+impl Cli {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            node_id: self.node_id.clone(),
+            role: self.role.map(|r| match r {
+                RoleArg::Coordinator => Role::Coordinator,
+                RoleArg::Observer => Role::Observer,
+                RoleArg::Full => Role::Full,
+            }),
+            store_kind: self.store.map(|s| match s {
+                StoreArg::Memory => StoreKind::Memory,
+                StoreArg::Postgres => StoreKind::Postgres,
+            }),
+            store_url: self.store_url.clone(),
+            schema: self.schema.clone(),
+            listen: self.listen.clone(),
+        }
+    }
+
+    /// Loads and validates the configuration this invocation describes.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        Config::load(self.config.as_deref(), &self.overrides())
+    }
+}
+
+/// Why a subcommand failed; each kind has its own exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CliError {
+    /// BSD sysexits: 64 usage or config, 65 bad input data, 69 a service is unavailable,
+    /// 74 I/O; 1 for anything else (e.g. a write condition that does not hold).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => config::EXIT_INVALID_CONFIG,
+            CliError::Input(_) | CliError::Store(store::Error::Validation(_)) => 65,
+            CliError::Store(store::Error::Unavailable(_)) => 69,
+            CliError::Store(_) => 1,
+            CliError::Io(_) => 74,
+        }
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let config = cli.load_config()?;
+    match cli.command {
+        Command::Run(args) => run::run(&config, args).await,
+        Command::Migrate => migrate::run(&config).await,
+        Command::Append(args) => append::run(&config, args).await,
+        Command::Read(args) => read::run(&config, args).await,
+        Command::Config(ConfigCommand::Check) => config_check::run(&config),
+        Command::Bench(bench) => bench::run(&config, bench).await,
+    }
+}
+
+/// The configured store, with its schema checked, ready for use.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn EventStore>, CliError> {
+    match config.store.kind {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        #[cfg(feature = "postgres")]
+        StoreKind::Postgres => {
+            let store = open_postgres(config)?;
+            store.check_schema().await?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        StoreKind::Postgres => Err(CliError::Usage(
+            "this weir was built without the `postgres` feature".into(),
+        )),
+    }
+}
+
+/// The configured Postgres store, not yet connected.
+#[cfg(feature = "postgres")]
+pub fn open_postgres(config: &Config) -> Result<store::PostgresStore, CliError> {
+    let url = config.store.url.clone().ok_or_else(|| {
+        CliError::Usage("store.url is required when store.kind is \"postgres\"".into())
+    })?;
+    let options = store::PostgresStoreOptions {
+        url,
+        schema: config.store.schema.clone(),
+        pool_size: config.store.pool_size,
+        connect_timeout: config.store.connect_timeout,
+    };
+    Ok(store::PostgresStore::connect(&options)?)
+}

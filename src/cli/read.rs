@@ -1,0 +1,93 @@
+//! `weir read`: print a source's events after a cursor as JSON lines, each with its
+//! `cursor`; with `--follow`, keep printing new events as they commit until stopped.
+
+use std::io::Write;
+use std::time::Duration;
+
+use super::CliError;
+use crate::config::Config;
+use crate::event::{Cursor, Source};
+
+/// Events fetched per query.
+const PAGE_SIZE: usize = 1000;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// `log`, `category:NAME` or `stream:CATEGORY/STREAM`.
+    #[arg(long)]
+    source: String,
+    /// Start after this cursor (as printed in the `cursor` field); default: the beginning.
+    #[arg(long, value_name = "CURSOR")]
+    after: Option<String>,
+    /// Print at most this many events.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Keep waiting for new events until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// With --follow: how often to look for new events when no notification arrives.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+}
+
+pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
+    let source: Source = args
+        .source
+        .parse()
+        .map_err(|e| CliError::Input(format!("--source: {e}")))?;
+    let mut cursor = match &args.after {
+        Some(text) => text
+            .parse::<Cursor>()
+            .map_err(|e| CliError::Input(format!("--after: {e}")))?,
+        None => Cursor::START,
+    };
+    let shutdown = super::signal::shutdown_token()?;
+    let store = super::open_store(config).await?;
+    // Watch before the first read, so nothing appended after it goes unannounced.
+    let mut watcher = if args.follow {
+        Some(store.watch().await?)
+    } else {
+        None
+    };
+    let mut remaining = args.limit.unwrap_or(usize::MAX);
+    let mut out = std::io::stdout().lock();
+
+    while remaining > 0 && !shutdown.is_cancelled() {
+        let page = store
+            .read(&source, cursor, PAGE_SIZE.min(remaining))
+            .await?;
+        for event in &page {
+            let written = serde_json::to_writer(&mut out, event)
+                .map_err(std::io::Error::other)
+                .and_then(|()| out.write_all(b"\n"));
+            if is_broken_pipe(&written) {
+                return Ok(());
+            }
+            written?;
+        }
+        if is_broken_pipe(&out.flush().map_err(Into::into)) {
+            return Ok(());
+        }
+        remaining -= page.len();
+        if let Some(last) = page.last() {
+            cursor = last.cursor;
+        }
+        if page.len() == PAGE_SIZE || remaining == 0 {
+            continue;
+        }
+        let Some(watcher) = watcher.as_mut() else {
+            break;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = watcher.appended(&source) => {}
+            _ = tokio::time::sleep(args.poll_interval) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A reader that went away (`weir read | head`) is a normal end, not an error.
+fn is_broken_pipe(result: &std::io::Result<()>) -> bool {
+    matches!(result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+}

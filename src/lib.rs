@@ -1,0 +1,29 @@
+//! weir: a distributed event-processing runtime and streaming bridge.
+//!
+//! Postgres is the event store (streams, categories, one global log). A fleet of weir
+//! nodes shares the work of reading it; an elected coordinator decides which subscriber
+//! owns which source and publishes those decisions on a message bus; consumers read
+//! events after their checkpoints and hand them to processors.
+//!
+//! # Layout
+//!
+//! Data flows down this list and never back up:
+//!
+//! - [`event`]: events, names, sources, cursors and write conditions; pure data.
+//! - [`store`]: the [`store::EventStore`] trait, the in-memory store and the Postgres
+//!   store (feature `postgres`), with its migrations.
+//! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure
+//!   validation that reports every problem at once.
+//! - [`cli`]: one module per `weir` subcommand; `main.rs` only parses and calls it.
+//!
+//! Still to come, each with its own issue: `bus` (allocation messages over NATS or
+//! Kafka), `broker` (roles, leadership, membership, allocation), `consumer` and
+//! `runtime` (processors, checkpoints, error policies), `sink` (forwarding to NATS,
+//! Kafka, stdout) and `telemetry` (metrics, HTTP endpoints).
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod store;
