@@ -1,0 +1,213 @@
+//! The in-memory event store: the embedded default and the reference for the store
+//! contract. Each append is one transaction, committed whole under a lock, so read
+//! order is commit order and no reader can skip an event.
+
+use std::collections::HashMap;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::{
+    AppendNotice, AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend, validate_batch,
+};
+use crate::event::{Category, Cursor, IdempotencyKey, Source, StoredEvent, StreamName};
+
+/// An event store held in process memory; everything is lost when the process ends.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: RwLock<State>,
+    notifier: Notifier,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every event, in read order.
+    log: Vec<StoredEvent>,
+    /// Indexes into `log`, each in read order.
+    categories: HashMap<Category, Vec<usize>>,
+    streams: HashMap<(Category, StreamName), Vec<usize>>,
+    keys: HashMap<(Category, IdempotencyKey), usize>,
+    last_tx_id: u64,
+    last_sequence: u64,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave `State` half-written: appends
+        // validate everything before their first mutation.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    fn stream_indexes(&self, category: &Category, stream: &StreamName) -> &[usize] {
+        self.streams
+            .get(&(category.clone(), stream.clone()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    fn last_position(&self, category: &Category, stream: &StreamName) -> Option<u64> {
+        self.stream_indexes(category, stream)
+            .last()
+            .map(|&i| self.log[i].position)
+    }
+
+    /// The indexes into `log` that make up `source`, in read order.
+    fn source_indexes<'a>(
+        &'a self,
+        source: &Source,
+    ) -> Box<dyn DoubleEndedIterator<Item = usize> + 'a> {
+        match source {
+            Source::Log => Box::new(0..self.log.len()),
+            Source::Category(category) => Box::new(
+                self.categories
+                    .get(category)
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .copied(),
+            ),
+            Source::Stream(category, stream) => {
+                Box::new(self.stream_indexes(category, stream).iter().copied())
+            }
+        }
+    }
+
+    fn read_after(&self, source: &Source, after: Cursor, limit: usize) -> Vec<StoredEvent> {
+        let indexes: Vec<usize> = match source {
+            Source::Log => {
+                let start = self.log.partition_point(|e| e.cursor <= after);
+                (start..self.log.len()).take(limit).collect()
+            }
+            _ => {
+                let all: Vec<usize> = self.source_indexes(source).collect();
+                let start = all.partition_point(|&i| self.log[i].cursor <= after);
+                all[start..].iter().copied().take(limit).collect()
+            }
+        };
+        indexes.into_iter().map(|i| self.log[i].clone()).collect()
+    }
+}
+
+#[async_trait]
+impl EventStore for MemoryStore {
+    async fn append_batch(
+        &self,
+        category: &Category,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StoredEvent>> {
+        validate_batch(&appends)?;
+        let mut state = self.write_state();
+
+        // Check every condition before the first write, so a failure writes nothing.
+        for append in &appends {
+            let fresh = append.events.iter().any(|event| {
+                event
+                    .idempotency_key
+                    .as_ref()
+                    .is_none_or(|key| !state.keys.contains_key(&(category.clone(), key.clone())))
+            });
+            let last_position = state.last_position(category, &append.stream);
+            if fresh && !append.condition.holds(last_position) {
+                return Err(Error::WriteConditionFailed {
+                    category: category.clone(),
+                    stream: append.stream.clone(),
+                    condition: append.condition.clone(),
+                    last_position,
+                });
+            }
+        }
+
+        state.last_tx_id += 1;
+        let tx_id = state.last_tx_id;
+        let observed_at = Utc::now();
+        let mut stored = Vec::new();
+        for append in appends {
+            let mut next_position = state
+                .last_position(category, &append.stream)
+                .map_or(0, |p| p + 1);
+            for event in append.events {
+                let existing = event
+                    .idempotency_key
+                    .as_ref()
+                    .and_then(|key| state.keys.get(&(category.clone(), key.clone())));
+                if let Some(&index) = existing {
+                    stored.push(state.log[index].clone());
+                    continue;
+                }
+                state.last_sequence += 1;
+                let sequence = state.last_sequence;
+                let index = state.log.len();
+                let event = StoredEvent {
+                    id: Uuid::now_v7(),
+                    name: event.name,
+                    category: category.clone(),
+                    stream: append.stream.clone(),
+                    position: next_position,
+                    sequence,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    occurred_at: event.occurred_at,
+                    observed_at,
+                    idempotency_key: event.idempotency_key,
+                    cursor: Cursor::new(tx_id, sequence),
+                };
+                next_position += 1;
+                if let Some(key) = &event.idempotency_key {
+                    state.keys.insert((category.clone(), key.clone()), index);
+                }
+                state
+                    .categories
+                    .entry(category.clone())
+                    .or_default()
+                    .push(index);
+                state
+                    .streams
+                    .entry((category.clone(), append.stream.clone()))
+                    .or_default()
+                    .push(index);
+                state.log.push(event.clone());
+                stored.push(event);
+            }
+        }
+        drop(state);
+        self.notifier
+            .notify(AppendNotice::Category(category.clone()));
+        Ok(stored)
+    }
+
+    async fn read(&self, source: &Source, after: Cursor, limit: usize) -> Result<Vec<StoredEvent>> {
+        Ok(self.read_state().read_after(source, after, limit))
+    }
+
+    async fn latest(
+        &self,
+        category: &Category,
+        stream: &StreamName,
+    ) -> Result<Option<StoredEvent>> {
+        let state = self.read_state();
+        Ok(state
+            .stream_indexes(category, stream)
+            .last()
+            .map(|&i| state.log[i].clone()))
+    }
+
+    async fn head(&self, source: &Source) -> Result<Option<StoredEvent>> {
+        let state = self.read_state();
+        let last = state.source_indexes(source).next_back();
+        Ok(last.map(|i| state.log[i].clone()))
+    }
+
+    async fn watch(&self) -> Result<AppendWatcher> {
+        Ok(self.notifier.watch())
+    }
+}

@@ -1,0 +1,273 @@
+//! The event store: the [`EventStore`] trait every backend implements, its error type,
+//! and append notifications. Backends: [`memory`] (always built) and `postgres`
+//! (feature `postgres`). One conformance suite (`tests/store_conformance.rs`) runs
+//! against each.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::event::{
+    Category, Cursor, NewEvent, Source, StoredEvent, StreamName, ValidationError, WriteCondition,
+};
+
+pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, PostgresStoreOptions};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "append to stream {category}/{stream} rejected: it required {condition}, but {}; nothing was written",
+        describe_head(*.last_position)
+    )]
+    WriteConditionFailed {
+        category: Category,
+        stream: StreamName,
+        condition: WriteCondition,
+        /// The stream's last position when the append was checked (`None`: empty).
+        last_position: Option<u64>,
+    },
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error(
+        "the store schema {schema:?} is at migration {found}, this weir needs {expected}: run `weir migrate`"
+    )]
+    NotMigrated {
+        schema: String,
+        found: i32,
+        expected: i32,
+    },
+    #[error(
+        "the store schema {schema:?} is at migration {found}, newer than this weir knows ({known}): upgrade weir"
+    )]
+    SchemaTooNew {
+        schema: String,
+        found: i32,
+        known: i32,
+    },
+    #[error(
+        "cannot reach the event store: {0}; check [store] url and that the database is running"
+    )]
+    Unavailable(String),
+    #[error("the event store failed: {0}")]
+    Backend(String),
+}
+
+fn describe_head(last_position: Option<u64>) -> String {
+    match last_position {
+        None => "the stream is empty".to_owned(),
+        Some(position) => format!("its last position is {position}"),
+    }
+}
+
+impl Error {
+    /// Retrying may succeed (a connection was lost or could not be made); other
+    /// errors will fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+}
+
+/// Events to append to one stream, under a condition on that stream's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamAppend {
+    pub stream: StreamName,
+    pub condition: WriteCondition,
+    pub events: Vec<NewEvent>,
+}
+
+impl StreamAppend {
+    pub fn new(stream: StreamName, condition: WriteCondition, events: Vec<NewEvent>) -> Self {
+        Self {
+            stream,
+            condition,
+            events,
+        }
+    }
+}
+
+/// A hint that events may have been appended. Lossy by design: a reader that misses
+/// one still polls, and one that lags behind the channel treats it as "anything".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendNotice {
+    Category(Category),
+    /// Anything may have changed (e.g. after the notification connection was restored).
+    Any,
+}
+
+/// How many notices a slow listener may fall behind before it sees [`AppendNotice::Any`].
+const NOTICE_CAPACITY: usize = 1024;
+
+/// Append notices for one source; what a consumer waits on between reads.
+pub struct AppendWatcher {
+    receiver: broadcast::Receiver<AppendNotice>,
+}
+
+impl AppendWatcher {
+    /// Returns once an append that may concern `source` has been announced.
+    /// Returns at once, as a wake-up, if notices were missed; never returns if the
+    /// store has gone, so callers pair it with a poll timeout.
+    pub async fn appended(&mut self, source: &Source) {
+        loop {
+            match self.receiver.recv().await {
+                Ok(AppendNotice::Any) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Ok(AppendNotice::Category(category)) if source.covers_category(&category) => {
+                    return;
+                }
+                Ok(AppendNotice::Category(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// The sending side of append notices, shared by the backends.
+#[derive(Debug, Clone)]
+pub(crate) struct Notifier {
+    sender: broadcast::Sender<AppendNotice>,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self {
+            sender: broadcast::channel(NOTICE_CAPACITY).0,
+        }
+    }
+}
+
+impl Notifier {
+    pub(crate) fn notify(&self, notice: AppendNotice) {
+        // No receiver is not an error: nobody is waiting.
+        let _ = self.sender.send(notice);
+    }
+
+    pub(crate) fn watch(&self) -> AppendWatcher {
+        AppendWatcher {
+            receiver: self.sender.subscribe(),
+        }
+    }
+}
+
+/// An event store. Object safe, so a node can hold `Arc<dyn EventStore>` chosen by config.
+///
+/// Contract (checked by the conformance suite on every backend):
+/// - Appends to one stream are totally ordered; positions start at 0 and have no gaps.
+/// - An append whose condition does not hold writes nothing.
+/// - [`EventStore::append_batch`] is atomic across the streams of one category.
+/// - An event whose idempotency key its category already holds is not written again;
+///   the stored event is returned in its place.
+/// - Reads after a cursor never skip an event, however many writers append
+///   concurrently: an event becomes readable only once every event before it in read
+///   order is committed.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends to several streams of one category, all or nothing. Returns the stored
+    /// events in the order given.
+    async fn append_batch(
+        &self,
+        category: &Category,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StoredEvent>>;
+
+    /// Reads up to `limit` events of `source` after `after`, in read order.
+    async fn read(&self, source: &Source, after: Cursor, limit: usize) -> Result<Vec<StoredEvent>>;
+
+    /// The last event of a stream, if it has any.
+    async fn latest(&self, category: &Category, stream: &StreamName)
+    -> Result<Option<StoredEvent>>;
+
+    /// The last readable event of a source, for measuring how far a reader lags.
+    async fn head(&self, source: &Source) -> Result<Option<StoredEvent>>;
+
+    /// Notices of appends, for waking readers without polling hard.
+    async fn watch(&self) -> Result<AppendWatcher>;
+
+    /// Appends to one stream under `condition`.
+    async fn append(
+        &self,
+        category: &Category,
+        stream: &StreamName,
+        condition: WriteCondition,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<StoredEvent>> {
+        self.append_batch(
+            category,
+            vec![StreamAppend::new(stream.clone(), condition, events)],
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl<S: EventStore + ?Sized> EventStore for Arc<S> {
+    async fn append_batch(
+        &self,
+        category: &Category,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StoredEvent>> {
+        (**self).append_batch(category, appends).await
+    }
+    async fn read(&self, source: &Source, after: Cursor, limit: usize) -> Result<Vec<StoredEvent>> {
+        (**self).read(source, after, limit).await
+    }
+    async fn latest(
+        &self,
+        category: &Category,
+        stream: &StreamName,
+    ) -> Result<Option<StoredEvent>> {
+        (**self).latest(category, stream).await
+    }
+    async fn head(&self, source: &Source) -> Result<Option<StoredEvent>> {
+        (**self).head(source).await
+    }
+    async fn watch(&self) -> Result<AppendWatcher> {
+        (**self).watch().await
+    }
+}
+
+/// Checks what every backend must reject before touching storage: an empty append,
+/// a stream named twice, or an idempotency key used twice in one batch.
+pub(crate) fn validate_batch(appends: &[StreamAppend]) -> Result<()> {
+    if appends.is_empty() || appends.iter().all(|a| a.events.is_empty()) {
+        return Err(Error::InvalidAppend("no events to append".into()));
+    }
+    let mut streams = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
+    for append in appends {
+        if append.events.is_empty() {
+            return Err(Error::InvalidAppend(format!(
+                "stream {} is given no events",
+                append.stream
+            )));
+        }
+        if !streams.insert(&append.stream) {
+            return Err(Error::InvalidAppend(format!(
+                "stream {} appears twice in one batch: give each stream once",
+                append.stream
+            )));
+        }
+        for key in append
+            .events
+            .iter()
+            .filter_map(|e| e.idempotency_key.as_ref())
+        {
+            if !keys.insert(key) {
+                return Err(Error::InvalidAppend(format!(
+                    "idempotency key {key:?} appears twice in one batch"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

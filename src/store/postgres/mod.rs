@@ -1,0 +1,505 @@
+//! The Postgres event store: tokio-postgres behind a deadpool pool, prepared
+//! statements, one round trip per append (the `weir_append` function takes the batch
+//! as arrays), `NOTIFY` on append, tables `weir_*` in a configurable schema.
+//!
+//! Reads are gap-free without a global write lock: every row records its writing
+//! transaction's id (`xid8`); readers order by `(tx_id, sequence)` and read only rows
+//! whose `tx_id` is below the oldest transaction still in progress.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use super::{AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend, validate_batch};
+use crate::event::{
+    AcceptedHeads, Category, Cursor, EventName, IdempotencyKey, Source, StoredEvent, StreamName,
+};
+
+mod listener;
+mod migrations;
+mod xid8;
+
+pub use migrations::{CURRENT_VERSION, MigrationReport};
+use xid8::Xid8;
+
+/// How to reach the store.
+#[derive(Debug, Clone)]
+pub struct PostgresStoreOptions {
+    /// A `postgres://` URL or a libpq `key=value` string.
+    pub url: String,
+    /// Where the `weir_*` tables live.
+    pub schema: String,
+    pub pool_size: usize,
+    /// How long to wait for a connection, new or pooled, before failing.
+    pub connect_timeout: Duration,
+}
+
+impl PostgresStoreOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "weir".into(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    pub fn pool_size(mut self, pool_size: usize) -> Self {
+        self.pool_size = pool_size;
+        self
+    }
+}
+
+/// Retries of an operation whose connection failed, with doubling backoff: about
+/// three seconds in all before the error reaches the caller.
+const RETRY_ATTEMPTS: u32 = 6;
+const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// An event store in Postgres.
+pub struct PostgresStore {
+    pool: Pool,
+    pg_config: tokio_postgres::Config,
+    schema: String,
+    sql: Sql,
+    notifier: Notifier,
+    listener: OnceCell<listener::Listener>,
+}
+
+/// The statements, with the schema written in.
+struct Sql {
+    append: String,
+    read_log: String,
+    read_category: String,
+    read_stream: String,
+    latest: String,
+    head_log: String,
+    head_category: String,
+    channel: String,
+}
+
+const COLUMNS: &str = "tx_id, sequence, id, category, stream, position, name, payload, metadata, occurred_at, observed_at, idempotency_key";
+const BELOW_HORIZON: &str = "tx_id < pg_snapshot_xmin(pg_current_snapshot())";
+
+impl Sql {
+    fn new(schema: &str) -> Self {
+        let s = quote_identifier(schema);
+        let events = format!("{s}.weir_events");
+        Self {
+            append: format!(
+                "SELECT ord, existing, {COLUMNS} FROM {s}.weir_append($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY ord"
+            ),
+            read_log: format!(
+                "SELECT {COLUMNS} FROM {events} WHERE (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} \
+                 ORDER BY tx_id, sequence LIMIT $3"
+            ),
+            read_category: format!(
+                "SELECT {COLUMNS} FROM {events} WHERE category = $4 AND (tx_id, sequence) > ($1, $2) \
+                 AND {BELOW_HORIZON} ORDER BY tx_id, sequence LIMIT $3"
+            ),
+            // Appends to one stream are serialised, so its positions agree with read
+            // order and nothing can commit behind a reader: no horizon needed, and a
+            // writer reads its own appends at once.
+            read_stream: format!(
+                "SELECT {COLUMNS} FROM {events} WHERE category = $4 AND stream = $5 \
+                 AND (tx_id, sequence) > ($1, $2) ORDER BY position LIMIT $3"
+            ),
+            latest: format!(
+                "SELECT {COLUMNS} FROM {events} WHERE category = $1 AND stream = $2 \
+                 ORDER BY position DESC LIMIT 1"
+            ),
+            head_log: format!(
+                "SELECT {COLUMNS} FROM {events} WHERE {BELOW_HORIZON} ORDER BY tx_id DESC, sequence DESC LIMIT 1"
+            ),
+            head_category: format!(
+                "SELECT {COLUMNS} FROM {events} WHERE category = $1 AND {BELOW_HORIZON} \
+                 ORDER BY tx_id DESC, sequence DESC LIMIT 1"
+            ),
+            channel: format!("{schema}.appended"),
+        }
+    }
+}
+
+/// Quotes a schema name for SQL text. Config validation keeps schema names simple;
+/// quoting makes the SQL right whatever gets here.
+pub(crate) fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl PostgresStore {
+    /// Builds the pool. Connections are made on first use; call [`Self::check_schema`]
+    /// (or [`Self::migrate`]) to find out at once whether the database is reachable.
+    pub fn connect(options: &PostgresStoreOptions) -> Result<Self> {
+        let mut pg_config: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e| Error::Backend(format!("invalid [store] url: {e}")))?;
+        pg_config.connect_timeout(options.connect_timeout);
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("weir");
+        }
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| Error::Backend(format!("cannot build the connection pool: {e}")))?;
+        Ok(Self {
+            pool,
+            pg_config,
+            schema: options.schema.clone(),
+            sql: Sql::new(&options.schema),
+            notifier: Notifier::default(),
+            listener: OnceCell::new(),
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// A pooled connection, retried with backoff while the database is unreachable.
+    /// For tools (migrations, benchmarks); the store's own queries use it too.
+    pub async fn client(&self) -> Result<Object> {
+        retry(|| async {
+            self.pool.get().await.map_err(|e| match e {
+                deadpool_postgres::PoolError::Backend(e) => classify(e),
+                other => Error::Unavailable(other.to_string()),
+            })
+        })
+        .await
+    }
+
+    /// Runs a read-only query, retried with backoff when the connection fails.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        retry(|| async {
+            let client = self.client().await?;
+            let statement = client.prepare_cached(sql).await.map_err(classify)?;
+            client.query(&statement, params).await.map_err(classify)
+        })
+        .await
+    }
+
+    async fn append_once(
+        &self,
+        category: &Category,
+        appends: &[StreamAppend],
+    ) -> Result<AppendAttempt> {
+        let events = appends
+            .iter()
+            .flat_map(|a| a.events.iter().map(move |e| (&a.stream, e)));
+        let count = appends.iter().map(|a| a.events.len()).sum();
+        let mut streams = Vec::with_capacity(count);
+        let mut ids = Vec::with_capacity(count);
+        let mut names = Vec::with_capacity(count);
+        let mut payloads = Vec::with_capacity(count);
+        let mut metadata = Vec::with_capacity(count);
+        let mut occurred_at = Vec::with_capacity(count);
+        let mut keys = Vec::with_capacity(count);
+        for (stream, event) in events {
+            streams.push(stream.as_str());
+            ids.push(Uuid::now_v7());
+            names.push(event.name.as_str());
+            payloads.push(&event.payload);
+            metadata.push(&event.metadata);
+            occurred_at.push(event.occurred_at);
+            keys.push(event.idempotency_key.as_ref().map(IdempotencyKey::as_str));
+        }
+        let conditions: serde_json::Map<String, Value> = appends
+            .iter()
+            .filter_map(|a| match a.condition.accepted_heads() {
+                AcceptedHeads::All => None,
+                AcceptedHeads::Only(heads) => Some((
+                    a.stream.to_string(),
+                    heads
+                        .into_iter()
+                        .map(|h| h.map_or(-1, |p| p as i64))
+                        .collect(),
+                )),
+            })
+            .collect();
+        let conditions = Value::Object(conditions);
+
+        // Only failing to get a connection is retried: once the statement is sent, a
+        // lost connection leaves its outcome unknown, and retrying could write twice.
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.sql.append)
+            .await
+            .map_err(classify)?;
+        client
+            .query(
+                &statement,
+                &[
+                    &category.as_str(),
+                    &streams,
+                    &ids,
+                    &names,
+                    &payloads,
+                    &metadata,
+                    &occurred_at,
+                    &keys,
+                    &conditions,
+                ],
+            )
+            .await
+            .map(AppendAttempt::Written)
+            .or_else(|error| append_failure(error, category, appends))
+    }
+
+    async fn one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<StoredEvent>> {
+        self.query(sql, params)
+            .await?
+            .first()
+            .map(|row| event_from_row(row, 0))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append_batch(
+        &self,
+        category: &Category,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StoredEvent>> {
+        validate_batch(&appends)?;
+        // Two writers racing to store one idempotency key: the loser's insert hits the
+        // unique index and writes nothing; its retry finds the winner's event.
+        let mut attempts = 0;
+        let rows = loop {
+            attempts += 1;
+            match self.append_once(category, &appends).await? {
+                AppendAttempt::Written(rows) => break rows,
+                AppendAttempt::IdempotencyRace if attempts < 3 => continue,
+                AppendAttempt::IdempotencyRace => {
+                    return Err(Error::Backend(
+                        "an idempotency key kept colliding with concurrent appends".into(),
+                    ));
+                }
+            }
+        };
+        rows.iter().map(|row| event_from_row(row, 2)).collect()
+    }
+
+    async fn read(&self, source: &Source, after: Cursor, limit: usize) -> Result<Vec<StoredEvent>> {
+        let tx = Xid8(after.tx_id);
+        let sequence = to_i64(after.sequence);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match source {
+            Source::Log => {
+                self.query(&self.sql.read_log, &[&tx, &sequence, &limit])
+                    .await?
+            }
+            Source::Category(category) => {
+                self.query(
+                    &self.sql.read_category,
+                    &[&tx, &sequence, &limit, &category.as_str()],
+                )
+                .await?
+            }
+            Source::Stream(category, stream) => {
+                self.query(
+                    &self.sql.read_stream,
+                    &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
+                )
+                .await?
+            }
+        };
+        rows.iter().map(|row| event_from_row(row, 0)).collect()
+    }
+
+    async fn latest(
+        &self,
+        category: &Category,
+        stream: &StreamName,
+    ) -> Result<Option<StoredEvent>> {
+        self.one(&self.sql.latest, &[&category.as_str(), &stream.as_str()])
+            .await
+    }
+
+    async fn head(&self, source: &Source) -> Result<Option<StoredEvent>> {
+        match source {
+            Source::Log => self.one(&self.sql.head_log, &[]).await,
+            Source::Category(category) => {
+                self.one(&self.sql.head_category, &[&category.as_str()])
+                    .await
+            }
+            Source::Stream(category, stream) => self.latest(category, stream).await,
+        }
+    }
+
+    async fn watch(&self) -> Result<AppendWatcher> {
+        // Subscribe before LISTEN is confirmed, so no notice after it is missed.
+        let watcher = self.notifier.watch();
+        self.listener
+            .get_or_try_init(|| {
+                listener::Listener::start(
+                    self.pg_config.clone(),
+                    self.sql.channel.clone(),
+                    self.notifier.clone(),
+                )
+            })
+            .await?;
+        Ok(watcher)
+    }
+}
+
+enum AppendAttempt {
+    Written(Vec<Row>),
+    /// A concurrent append stored one of the batch's idempotency keys first; nothing
+    /// was written, and a retry returns that event.
+    IdempotencyRace,
+}
+
+fn append_failure(
+    error: tokio_postgres::Error,
+    category: &Category,
+    appends: &[StreamAppend],
+) -> Result<AppendAttempt> {
+    let Some(db) = error.as_db_error() else {
+        return Err(classify(error));
+    };
+    if db.code().code() == "WE001" {
+        let failed = appends
+            .iter()
+            .find(|a| Some(a.stream.as_str()) == db.detail())
+            .ok_or_else(|| Error::Backend(db.message().to_owned()))?;
+        return Err(Error::WriteConditionFailed {
+            category: category.clone(),
+            stream: failed.stream.clone(),
+            condition: failed.condition.clone(),
+            last_position: db
+                .hint()
+                .and_then(|h| h.parse::<i64>().ok())
+                .and_then(|p| u64::try_from(p).ok()),
+        });
+    }
+    if *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+        && db.constraint() == Some("weir_events_idempotency")
+    {
+        return Ok(AppendAttempt::IdempotencyRace);
+    }
+    Err(classify(error))
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
+    let get_u64 = |i: usize| -> Result<u64> {
+        let value: i64 = row.try_get(first + i).map_err(classify)?;
+        u64::try_from(value)
+            .map_err(|_| Error::Backend(format!("negative value {value} in the event table")))
+    };
+    let tx: Xid8 = row.try_get(first).map_err(classify)?;
+    let sequence = get_u64(1)?;
+    let text = |i: usize| -> Result<String> { row.try_get(first + i).map_err(classify) };
+    let key: Option<String> = row.try_get(first + 11).map_err(classify)?;
+    Ok(StoredEvent {
+        id: row.try_get(first + 2).map_err(classify)?,
+        category: Category::new(text(3)?)?,
+        stream: StreamName::new(text(4)?)?,
+        position: get_u64(5)?,
+        name: EventName::new(text(6)?)?,
+        payload: row.try_get(first + 7).map_err(classify)?,
+        metadata: row.try_get(first + 8).map_err(classify)?,
+        occurred_at: row
+            .try_get::<_, DateTime<Utc>>(first + 9)
+            .map_err(classify)?,
+        observed_at: row
+            .try_get::<_, DateTime<Utc>>(first + 10)
+            .map_err(classify)?,
+        idempotency_key: key.map(IdempotencyKey::new).transpose()?,
+        sequence,
+        cursor: Cursor::new(tx.0, sequence),
+    })
+}
+
+/// Maps a driver error onto the store's error kinds.
+pub(crate) fn classify(error: tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    let Some(db) = error.as_db_error() else {
+        // No server error: the connection failed or was lost.
+        return Error::Unavailable(error.to_string());
+    };
+    let code = db.code();
+    if [
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::INVALID_SCHEMA_NAME,
+    ]
+    .contains(code)
+    {
+        return Error::Backend(format!(
+            "{}: the schema looks unmigrated, run `weir migrate`",
+            db.message()
+        ));
+    }
+    if [
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::TOO_MANY_CONNECTIONS,
+        SqlState::CONNECTION_EXCEPTION,
+        SqlState::CONNECTION_FAILURE,
+    ]
+    .contains(code)
+    {
+        return Error::Unavailable(db.message().to_owned());
+    }
+    let constraint = db
+        .constraint()
+        .map(|c| format!(" (constraint {c})"))
+        .unwrap_or_default();
+    Error::Backend(format!("{}{constraint}", db.message()))
+}
+
+/// Runs `op` until it succeeds, fails with a non-retryable error, or the attempts run out.
+async fn retry<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = RETRY_FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
+                tracing::warn!(%error, attempt, "event store unavailable, retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}

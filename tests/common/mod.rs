@@ -1,0 +1,112 @@
+//! What integration tests need: service addresses from the environment, a Postgres
+//! store isolated in its own schema, and the rule that a missing service fails a
+//! test under `WEIR_REQUIRE_SERVICES=1` instead of skipping it.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::sync::Arc;
+
+use weir::store::{PostgresStore, PostgresStoreOptions};
+
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+pub fn postgres_url() -> String {
+    std::env::var("WEIR_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into())
+}
+
+pub fn services_required() -> bool {
+    std::env::var("WEIR_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Fails the test if services are required; otherwise notes the skip.
+pub fn service_missing(service: &str, error: impl std::fmt::Display) {
+    if services_required() {
+        panic!("WEIR_REQUIRE_SERVICES=1 but {service} is unreachable: {error}");
+    }
+    eprintln!("skipping: {service} is unreachable ({error}); set WEIR_REQUIRE_SERVICES=1 to fail instead");
+}
+
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A migrated Postgres store in a schema of its own, dropped with this value.
+pub struct TestPostgres {
+    pub store: Arc<PostgresStore>,
+    pub schema: String,
+    pub url: String,
+}
+
+impl TestPostgres {
+    /// `None` (after noting the skip) when Postgres is unreachable and not required.
+    pub async fn start() -> Option<Self> {
+        Self::start_with(|options| options).await
+    }
+
+    pub async fn start_with(
+        configure: impl FnOnce(PostgresStoreOptions) -> PostgresStoreOptions,
+    ) -> Option<Self> {
+        let schema = unique_name("weir_test");
+        // A distinct application name lets a test find (and terminate) its own connections.
+        let url = with_application_name(&postgres_url(), &schema);
+        let options = configure(PostgresStoreOptions::new(url.clone()).schema(&schema).pool_size(8));
+        let store = match PostgresStore::connect(&options) {
+            Ok(store) => store,
+            Err(e) => {
+                service_missing("Postgres", e);
+                return None;
+            }
+        };
+        match store.migrate().await {
+            Ok(_) => Some(Self {
+                store: Arc::new(store),
+                schema,
+                url,
+            }),
+            Err(e) if e.is_retryable() => {
+                service_missing("Postgres", e);
+                None
+            }
+            Err(e) => panic!("migrating the test schema failed: {e}"),
+        }
+    }
+
+    /// A plain connection, outside the store's pool.
+    pub async fn raw_client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to Postgres");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+fn with_application_name(url: &str, name: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={name}")
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        // Drop runs inside the test's runtime, which cannot block on itself: clean up
+        // from a thread with a runtime of its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            runtime.block_on(async {
+                let (client, connection) =
+                    tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    .await
+            })
+        });
+        if let Ok(Err(e)) = cleanup.join() {
+            eprintln!("could not drop test schema {}: {e}", self.schema);
+        }
+    }
+}

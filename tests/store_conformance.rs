@@ -1,0 +1,549 @@
+//! The event store contract, as one generic test body per clause, run against every
+//! backend: the in-memory store and Postgres (each test in its own schema).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::json;
+use uuid::Uuid;
+use weir::event::{
+    Category, Cursor, EventName, IdempotencyKey, NewEvent, Source, StoredEvent, StreamName,
+    WriteCondition,
+};
+use weir::store::{Error, EventStore, StreamAppend};
+
+type Store = Arc<dyn EventStore>;
+
+fn category(name: &str) -> Category {
+    Category::new(name).unwrap()
+}
+fn stream(name: &str) -> StreamName {
+    StreamName::new(name).unwrap()
+}
+fn event(n: u64) -> NewEvent {
+    NewEvent::new(EventName::new("Happened").unwrap(), json!({ "n": n }))
+}
+fn keyed(n: u64, key: &str) -> NewEvent {
+    event(n).with_idempotency_key(IdempotencyKey::new(key).unwrap())
+}
+fn events(range: std::ops::Range<u64>) -> Vec<NewEvent> {
+    range.map(event).collect()
+}
+
+async fn read_all(store: &Store, source: &Source) -> Vec<StoredEvent> {
+    store.read(source, Cursor::START, 1_000_000).await.unwrap()
+}
+
+/// Waits until everything up to `through` is readable from the log and categories.
+///
+/// On Postgres an append becomes readable there once every transaction older than it
+/// has ended, including other tests' transactions on the same server; stream reads
+/// need no wait.
+async fn settle(store: &Store, through: Cursor) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let head = store.head(&Source::Log).await.unwrap();
+        if head.is_some_and(|h| h.cursor >= through) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{through} never became readable");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(std::sync::Arc::new(weir::store::MemoryStore::new())).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(db) = crate::common::TestPostgres::start().await {
+                        super::$name(db.store.clone()).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    appends_number_positions_and_sequences,
+    unmet_conditions_write_nothing,
+    conditions_combine,
+    multi_stream_append_is_all_or_nothing,
+    idempotency_keys_return_the_stored_event,
+    invalid_batches_are_rejected,
+    reads_page_after_a_cursor,
+    latest_and_head,
+    watchers_wake_on_appends_to_their_source,
+    concurrent_writers_never_make_readers_skip,
+    racing_conditional_appends_let_exactly_one_win,
+    racing_appends_of_one_idempotency_key_store_it_once,
+);
+
+async fn appends_number_positions_and_sequences(store: Store) {
+    let orders = category("orders");
+    let first = store
+        .append(&orders, &stream("o-1"), WriteCondition::Any, events(0..3))
+        .await
+        .unwrap();
+    let second = store
+        .append(&orders, &stream("o-1"), WriteCondition::Any, events(3..5))
+        .await
+        .unwrap();
+    let other = store
+        .append(&orders, &stream("o-2"), WriteCondition::Any, events(0..1))
+        .await
+        .unwrap();
+
+    let positions: Vec<u64> = first.iter().chain(&second).map(|e| e.position).collect();
+    assert_eq!(positions, [0, 1, 2, 3, 4]);
+    assert_eq!(other[0].position, 0);
+    let all: Vec<&StoredEvent> = first.iter().chain(&second).chain(&other).collect();
+    assert!(all.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert_eq!(all.iter().map(|e| e.id).collect::<HashSet<_>>().len(), 6);
+    assert_eq!(first[2].payload, json!({ "n": 2 }));
+    assert_eq!(first[0].stream, stream("o-1"));
+    assert_eq!(first[0].category, orders);
+    assert_eq!(first[0].metadata, json!({}));
+    // One append is one transaction: its events share a transaction id.
+    assert_eq!(first[0].cursor.tx_id, first[2].cursor.tx_id);
+
+    let read = read_all(&store, &Source::Stream(orders, stream("o-1"))).await;
+    assert_eq!(read, first.into_iter().chain(second).collect::<Vec<_>>());
+}
+
+async fn unmet_conditions_write_nothing(store: Store) {
+    let c = category("accounts");
+    let s = stream("a-1");
+    let written = store
+        .append(&c, &s, WriteCondition::StreamIsEmpty, events(0..2))
+        .await
+        .unwrap();
+
+    let err = store
+        .append(&c, &s, WriteCondition::StreamIsEmpty, events(2..3))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::WriteConditionFailed {
+            category,
+            stream,
+            condition,
+            last_position,
+        } => {
+            assert_eq!(category, &c);
+            assert_eq!(stream, &s);
+            assert_eq!(condition, &WriteCondition::StreamIsEmpty);
+            assert_eq!(*last_position, Some(1));
+        }
+        other => panic!("expected WriteConditionFailed, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains("accounts/a-1") && message.contains("last position is 1"), "{message}");
+
+    let err = store
+        .append(&c, &s, WriteCondition::PositionIs(0), events(2..3))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WriteConditionFailed { last_position: Some(1), .. }));
+    let err = store
+        .append(&c, &stream("a-new"), WriteCondition::PositionIs(0), events(0..1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WriteConditionFailed { last_position: None, .. }));
+    assert!(err.to_string().contains("the stream is empty"), "{err}");
+
+    settle(&store, written[1].cursor).await;
+    assert_eq!(read_all(&store, &Source::Category(c.clone())).await.len(), 2);
+    let stored = store
+        .append(&c, &s, WriteCondition::PositionIs(1), events(2..3))
+        .await
+        .unwrap();
+    assert_eq!(stored[0].position, 2);
+}
+
+async fn conditions_combine(store: Store) {
+    let c = category("combos");
+    let s = stream("x");
+    let empty_or_one = WriteCondition::StreamIsEmpty.or(WriteCondition::PositionIs(1));
+    store.append(&c, &s, empty_or_one.clone(), events(0..2)).await.unwrap();
+    store.append(&c, &s, empty_or_one.clone(), events(2..3)).await.unwrap();
+    assert!(store.append(&c, &s, empty_or_one, events(3..4)).await.is_err());
+    let contradiction = WriteCondition::PositionIs(2).and(WriteCondition::StreamIsEmpty);
+    assert!(store.append(&c, &s, contradiction, events(3..4)).await.is_err());
+    let both = WriteCondition::PositionIs(2).and(WriteCondition::Any);
+    store.append(&c, &s, both, events(3..4)).await.unwrap();
+    assert_eq!(store.latest(&c, &s).await.unwrap().unwrap().position, 3);
+}
+
+async fn multi_stream_append_is_all_or_nothing(store: Store) {
+    let c = category("carts");
+    let written = store
+        .append(&c, &stream("b"), WriteCondition::Any, events(0..1))
+        .await
+        .unwrap();
+    let failing = vec![
+        StreamAppend::new(stream("a"), WriteCondition::Any, events(0..3)),
+        StreamAppend::new(stream("b"), WriteCondition::StreamIsEmpty, events(0..1)),
+    ];
+    let err = store.append_batch(&c, failing).await.unwrap_err();
+    assert!(matches!(&err, Error::WriteConditionFailed { stream, .. } if stream.as_str() == "b"));
+    assert!(store.latest(&c, &stream("a")).await.unwrap().is_none());
+    settle(&store, written[0].cursor).await;
+    assert_eq!(read_all(&store, &Source::Category(c.clone())).await.len(), 1);
+
+    let stored = store
+        .append_batch(
+            &c,
+            vec![
+                StreamAppend::new(stream("a"), WriteCondition::StreamIsEmpty, events(0..2)),
+                StreamAppend::new(stream("b"), WriteCondition::PositionIs(0), events(10..11)),
+            ],
+        )
+        .await
+        .unwrap();
+    let summary: Vec<(&str, u64)> = stored.iter().map(|e| (e.stream.as_str(), e.position)).collect();
+    assert_eq!(summary, [("a", 0), ("a", 1), ("b", 1)]);
+    assert!(stored.iter().all(|e| e.cursor.tx_id == stored[0].cursor.tx_id));
+}
+
+async fn idempotency_keys_return_the_stored_event(store: Store) {
+    let c = category("payments");
+    let s = stream("p-1");
+    let first = store
+        .append(&c, &s, WriteCondition::StreamIsEmpty, vec![keyed(1, "k1")])
+        .await
+        .unwrap();
+    // A retry of the same append (even under a condition that no longer holds)
+    // returns the stored event and writes nothing.
+    let retry = store
+        .append(&c, &s, WriteCondition::StreamIsEmpty, vec![keyed(99, "k1")])
+        .await
+        .unwrap();
+    assert_eq!(retry, first);
+    assert_eq!(retry[0].payload, json!({ "n": 1 }));
+    // The key is found whatever stream the retry names: keys belong to the category.
+    let elsewhere = store
+        .append(&c, &stream("p-2"), WriteCondition::Any, vec![keyed(5, "k1")])
+        .await
+        .unwrap();
+    assert_eq!(elsewhere, first);
+    settle(&store, first[0].cursor).await;
+    assert_eq!(read_all(&store, &Source::Category(c.clone())).await.len(), 1);
+
+    // Mixed: the known key is returned, the new event is written after it.
+    let mixed = store
+        .append(&c, &s, WriteCondition::PositionIs(0), vec![keyed(1, "k1"), keyed(2, "k2")])
+        .await
+        .unwrap();
+    assert_eq!(mixed[0], first[0]);
+    assert_eq!(mixed[1].position, 1);
+    assert_eq!(mixed[1].idempotency_key.as_ref().unwrap().as_str(), "k2");
+
+    // Keys are scoped to their category.
+    let other = store
+        .append(&category("refunds"), &s, WriteCondition::Any, vec![keyed(1, "k1")])
+        .await
+        .unwrap();
+    assert_ne!(other[0].id, first[0].id);
+    settle(&store, other[0].cursor).await;
+    assert_eq!(read_all(&store, &Source::Log).await.len(), 3);
+}
+
+async fn invalid_batches_are_rejected(store: Store) {
+    let c = category("invalid");
+    let err = store.append_batch(&c, vec![]).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidAppend(_)), "{err}");
+    let err = store
+        .append(&c, &stream("s"), WriteCondition::Any, vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidAppend(_)), "{err}");
+    let twice = vec![
+        StreamAppend::new(stream("s"), WriteCondition::Any, events(0..1)),
+        StreamAppend::new(stream("s"), WriteCondition::Any, events(1..2)),
+    ];
+    let err = store.append_batch(&c, twice).await.unwrap_err();
+    assert!(err.to_string().contains("appears twice"), "{err}");
+    let err = store
+        .append(&c, &stream("s"), WriteCondition::Any, vec![keyed(0, "k"), keyed(1, "k")])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("idempotency key"), "{err}");
+    assert!(read_all(&store, &Source::Log).await.is_empty());
+}
+
+async fn reads_page_after_a_cursor(store: Store) {
+    let (a, b) = (category("alpha"), category("beta"));
+    let mut appended = Vec::new();
+    for i in 0..25u64 {
+        let c = if i % 3 == 0 { &b } else { &a };
+        let s = stream(&format!("s-{}", i % 4));
+        appended.extend(store.append(c, &s, WriteCondition::Any, events(i..i + 1)).await.unwrap());
+    }
+
+    settle(&store, appended.last().unwrap().cursor).await;
+    for source in [
+        Source::Log,
+        Source::Category(a.clone()),
+        Source::Category(b.clone()),
+        Source::Stream(a.clone(), stream("s-1")),
+    ] {
+        let expected: Vec<&StoredEvent> = appended
+            .iter()
+            .filter(|e| match &source {
+                Source::Log => true,
+                Source::Category(c) => &e.category == c,
+                Source::Stream(c, s) => &e.category == c && &e.stream == s,
+            })
+            .collect();
+        let mut paged = Vec::new();
+        let mut cursor = Cursor::START;
+        loop {
+            let page = store.read(&source, cursor, 7).await.unwrap();
+            assert!(page.len() <= 7);
+            let Some(last) = page.last() else { break };
+            cursor = last.cursor;
+            paged.extend(page);
+        }
+        assert_eq!(paged.iter().collect::<Vec<_>>(), expected, "{source}");
+        assert!(store.read(&source, cursor, 7).await.unwrap().is_empty());
+    }
+
+    let after_tenth = store.read(&Source::Log, appended[9].cursor, 100).await.unwrap();
+    assert_eq!(after_tenth, appended[10..]);
+    assert!(store.read(&Source::Category(category("none")), Cursor::START, 10).await.unwrap().is_empty());
+}
+
+async fn latest_and_head(store: Store) {
+    let c = category("heads");
+    let s = stream("h-1");
+    assert!(store.latest(&c, &s).await.unwrap().is_none());
+    assert!(store.head(&Source::Category(c.clone())).await.unwrap().is_none());
+    store.append(&c, &s, WriteCondition::Any, events(0..3)).await.unwrap();
+    let last = store
+        .append(&c, &stream("h-2"), WriteCondition::Any, events(0..2))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(store.latest(&c, &s).await.unwrap().unwrap().position, 2);
+    settle(&store, last.cursor).await;
+    assert_eq!(store.head(&Source::Category(c.clone())).await.unwrap().unwrap(), last);
+    assert_eq!(store.head(&Source::Log).await.unwrap().unwrap(), last);
+    assert_eq!(store.head(&Source::Stream(c, s)).await.unwrap().unwrap().position, 2);
+}
+
+async fn watchers_wake_on_appends_to_their_source(store: Store) {
+    let watched = Source::Category(category("watched"));
+    let mut watcher = store.watch().await.unwrap();
+    store
+        .append(&category("ignored"), &stream("s"), WriteCondition::Any, events(0..1))
+        .await
+        .unwrap();
+    let woke = tokio::time::timeout(Duration::from_millis(300), watcher.appended(&watched)).await;
+    assert!(woke.is_err(), "woke for an append to another category");
+
+    let mut log_watcher = store.watch().await.unwrap();
+    store
+        .append(&category("watched"), &stream("s"), WriteCondition::Any, events(0..1))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), watcher.appended(&watched))
+        .await
+        .expect("a category watcher wakes on an append to its category");
+    tokio::time::timeout(Duration::from_secs(5), log_watcher.appended(&Source::Log))
+        .await
+        .expect("a log watcher wakes on any append");
+}
+
+/// The gap-free guarantee: 8 writers append to 64 streams of two categories (some
+/// batches spanning two streams) while readers tail the log and one category. Every
+/// reader must see every event exactly once, and each stream's positions in order.
+async fn concurrent_writers_never_make_readers_skip(store: Store) {
+    const WRITERS: usize = 8;
+    const APPENDS_PER_WRITER: usize = 60;
+    const STREAMS: usize = 64;
+    let categories = [category("race-a"), category("race-b")];
+
+    // Once the writers are done, the newest cursor they wrote; readers then read until
+    // the horizon has passed it and nothing is left.
+    let (writers_done, done) = tokio::sync::watch::channel(None::<Cursor>);
+    let mut readers = tokio::task::JoinSet::new();
+    for source in [Source::Log, Source::Category(categories[0].clone())] {
+        let (store, done) = (store.clone(), done.clone());
+        readers.spawn(async move {
+            let mut seen = Vec::new();
+            let mut cursor = Cursor::START;
+            loop {
+                // Checked before the read: if everything written was readable then,
+                // an empty read means this reader has seen it all.
+                let last_written = *done.borrow();
+                let settled = match last_written {
+                    Some(last) => store
+                        .head(&Source::Log)
+                        .await
+                        .unwrap()
+                        .is_some_and(|head| head.cursor >= last),
+                    None => false,
+                };
+                let page = store.read(&source, cursor, 50).await.unwrap();
+                if let Some(last) = page.last() {
+                    cursor = last.cursor;
+                }
+                let empty = page.is_empty();
+                seen.extend(page);
+                if settled && empty {
+                    return (source, seen);
+                }
+                if empty {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        });
+    }
+
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let (store, categories) = (store.clone(), categories.clone());
+        writers.spawn(async move {
+            let mut written = Vec::new();
+            for _ in 0..APPENDS_PER_WRITER {
+                let (c, first, second, size) = {
+                    let mut rng = rand::rng();
+                    (
+                        rng.random_range(0..2usize),
+                        rng.random_range(0..STREAMS),
+                        rng.random_range(0..STREAMS),
+                        rng.random_range(1..=4u64),
+                    )
+                };
+                let mut appends = vec![StreamAppend::new(
+                    stream(&format!("s-{first}")),
+                    WriteCondition::Any,
+                    events(0..size),
+                )];
+                if writer % 2 == 0 && second != first {
+                    appends.push(StreamAppend::new(
+                        stream(&format!("s-{second}")),
+                        WriteCondition::Any,
+                        events(0..1),
+                    ));
+                }
+                written.extend(store.append_batch(&categories[c], appends).await.unwrap());
+            }
+            written
+        });
+    }
+    let mut written = Vec::new();
+    while let Some(batch) = writers.join_next().await {
+        written.extend(batch.unwrap());
+    }
+    writers_done
+        .send(written.iter().map(|e| e.cursor).max())
+        .unwrap();
+
+    let written_ids: HashSet<Uuid> = written.iter().map(|e| e.id).collect();
+    assert_eq!(written_ids.len(), written.len());
+    let timeout = Duration::from_secs(60);
+    while let Some(result) = tokio::time::timeout(timeout, readers.join_next())
+        .await
+        .expect("readers caught up")
+    {
+        let (source, seen) = result.unwrap();
+        let expected: HashSet<Uuid> = written
+            .iter()
+            .filter(|e| match &source {
+                Source::Category(c) => &e.category == c,
+                _ => true,
+            })
+            .map(|e| e.id)
+            .collect();
+        let mut counts: HashMap<Uuid, usize> = HashMap::new();
+        for event in &seen {
+            *counts.entry(event.id).or_default() += 1;
+        }
+        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{source}: events seen twice: {twice:?}");
+        let seen_ids: HashSet<Uuid> = counts.into_keys().collect();
+        let missed = expected.difference(&seen_ids).count();
+        assert_eq!(missed, 0, "{source}: {missed} of {} events skipped", expected.len());
+        assert_eq!(seen_ids, expected, "{source}: saw events it should not");
+
+        // Per stream, the reader saw positions 0, 1, 2, ... in that order.
+        let mut next: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for event in &seen {
+            let expected_position = next
+                .entry((event.category.as_str(), event.stream.as_str()))
+                .or_default();
+            assert_eq!(
+                event.position, *expected_position,
+                "{source}: stream {}/{} out of order",
+                event.category, event.stream
+            );
+            *expected_position += 1;
+        }
+        assert!(seen.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    }
+}
+
+async fn racing_conditional_appends_let_exactly_one_win(store: Store) {
+    let (c, s) = (category("race-cond"), stream("only"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let (store, c, s) = (store.clone(), c.clone(), s.clone());
+        tasks.spawn(async move {
+            store
+                .append(&c, &s, WriteCondition::StreamIsEmpty, events(i..i + 2))
+                .await
+        });
+    }
+    let (mut won, mut lost) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.unwrap() {
+            Ok(stored) => {
+                won += 1;
+                assert_eq!(stored.iter().map(|e| e.position).collect::<Vec<_>>(), [0, 1]);
+            }
+            Err(Error::WriteConditionFailed { last_position, .. }) => {
+                lost += 1;
+                assert_eq!(last_position, Some(1));
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!((won, lost), (1, 7));
+    assert_eq!(store.latest(&c, &s).await.unwrap().unwrap().position, 1);
+}
+
+async fn racing_appends_of_one_idempotency_key_store_it_once(store: Store) {
+    let c = category("race-key");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let (store, c) = (store.clone(), c.clone());
+        tasks.spawn(async move {
+            // Different streams, so the writers do not serialise on a stream lock.
+            let s = stream(&format!("s-{i}"));
+            store.append(&c, &s, WriteCondition::Any, vec![keyed(i, "once")]).await
+        });
+    }
+    let mut ids = HashSet::new();
+    while let Some(result) = tasks.join_next().await {
+        ids.insert(result.unwrap().unwrap()[0].id);
+    }
+    assert_eq!(ids.len(), 1, "one key, one event");
+}
