@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs every weir test against real services. Starts PostgreSQL and NATS (with
+# JetStream) when they are not running, installing them with apt-get when absent, and
+# sets WEIR_REQUIRE_SERVICES=1 so that a test needing an unreachable service fails
+# instead of skipping. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "test.sh: $*" >&2; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        as_root apt-get update -qq
+        apt_updated=1
+    fi
+    say "installing $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_for_port() {
+    for _ in $(seq 1 120); do
+        port_open "$1" "$2" && return 0
+        sleep 0.5
+    done
+    say "nothing is listening on $1:$2"
+    return 1
+}
+
+# Everything this script starts, it stops on exit.
+started_pids=()
+cleanup() {
+    for pid in "${started_pids[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+export WEIR_TEST_POSTGRES_URL=${WEIR_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
+export WEIR_TEST_NATS_URL=${WEIR_TEST_NATS_URL:-nats://127.0.0.1:4222}
+
+start_postgres() {
+    if port_open 127.0.0.1 5432; then
+        return
+    fi
+    local installed_now=0
+    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+        apt_install postgresql
+        installed_now=1
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    if [ "$installed_now" -eq 1 ]; then
+        # A throwaway test server: let local TCP clients in without a password,
+        # as the test URLs expect.
+        local hba="/etc/postgresql/$version/main/pg_hba.conf"
+        as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    fi
+    say "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_for_port 127.0.0.1 5432
+}
+
+ensure_test_database() {
+    command -v psql >/dev/null || return 0
+    if ! psql "$WEIR_TEST_POSTGRES_URL" -qtAc 'SELECT 1' >/dev/null 2>&1; then
+        local database=${WEIR_TEST_POSTGRES_URL##*/}
+        database=${database%%\?*}
+        say "creating database $database"
+        as_root runuser -u postgres -- createdb "$database" || true
+    fi
+}
+
+start_nats() {
+    local hostport=${WEIR_TEST_NATS_URL#nats://}
+    local port=${hostport##*:}
+    if port_open 127.0.0.1 "$port"; then
+        return
+    fi
+    if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+        apt_install nats-server
+    fi
+    local server
+    server=$(command -v nats-server || echo /usr/sbin/nats-server)
+    local data
+    data=$(mktemp -d -t weir-nats.XXXXXX)
+    say "starting NATS with JetStream on port $port"
+    "$server" -a 127.0.0.1 -p "$port" -js -sd "$data" >"$data/nats.log" 2>&1 &
+    started_pids+=("$!")
+    wait_for_port 127.0.0.1 "$port"
+}
+
+# rdkafka's cmake-build feature compiles librdkafka, which needs these.
+install_kafka_build_deps() {
+    if grep -q '^rdkafka' Cargo.toml; then
+        command -v cmake >/dev/null || apt_install cmake
+        dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_install libcurl4-openssl-dev
+    fi
+}
+
+start_postgres
+ensure_test_database
+start_nats
+install_kafka_build_deps
+
+export WEIR_REQUIRE_SERVICES=1
+say "running every test (Postgres $WEIR_TEST_POSTGRES_URL, NATS $WEIR_TEST_NATS_URL)"
+cargo test --all-features "$@"
