@@ -10,7 +10,8 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    AppendNotice, AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend, validate_batch,
+    AppendNotice, AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend,
+    store_precision, validate_batch,
 };
 use crate::event::{Category, Cursor, IdempotencyKey, Source, StoredEvent, StreamName};
 
@@ -129,7 +130,7 @@ impl EventStore for MemoryStore {
 
         state.last_tx_id += 1;
         let tx_id = state.last_tx_id;
-        let observed_at = Utc::now();
+        let observed_at = store_precision(Utc::now());
         let mut stored = Vec::new();
         for append in appends {
             let mut next_position = state
@@ -156,7 +157,7 @@ impl EventStore for MemoryStore {
                     sequence,
                     payload: event.payload,
                     metadata: event.metadata,
-                    occurred_at: event.occurred_at,
+                    occurred_at: store_precision(event.occurred_at),
                     observed_at,
                     idempotency_key: event.idempotency_key,
                     cursor: Cursor::new(tx_id, sequence),

@@ -236,6 +236,15 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
 }
 
+/// Timestamps are kept to the microsecond, as Postgres keeps them, so an appended event
+/// equals the same event read back, on every backend.
+pub(crate) fn store_precision(
+    time: chrono::DateTime<chrono::Utc>,
+) -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    time.trunc_subsecs(6)
+}
+
 /// Checks what every backend must reject before touching storage: an empty append,
 /// a stream named twice, or an idempotency key used twice in one batch.
 pub(crate) fn validate_batch(appends: &[StreamAppend]) -> Result<()> {

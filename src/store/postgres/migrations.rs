@@ -68,13 +68,15 @@ impl PostgresStore {
         }
         let mut applied = Vec::new();
         for migration in MIGRATIONS.iter().filter(|m| m.version > found) {
-            tx.batch_execute(migration.sql).await.map_err(|e| match super::classify(e) {
-                Error::Backend(message) => Error::Backend(format!(
-                    "migration {} ({}) failed: {message}",
-                    migration.version, migration.name
-                )),
-                other => other,
-            })?;
+            tx.batch_execute(migration.sql)
+                .await
+                .map_err(|e| match super::classify(e) {
+                    Error::Backend(message) => Error::Backend(format!(
+                        "migration {} ({}) failed: {message}",
+                        migration.version, migration.name
+                    )),
+                    other => other,
+                })?;
             tx.execute(
                 "INSERT INTO weir_migrations (version, name) VALUES ($1, $2)",
                 &[&migration.version, &migration.name],

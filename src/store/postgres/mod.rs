@@ -6,6 +6,7 @@
 //! transaction's id (`xid8`); readers order by `(tx_id, sequence)` and read only rows
 //! whose `tx_id` is below the oldest transaction still in progress.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,11 +17,15 @@ use tokio::sync::OnceCell;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend, validate_batch};
+use super::{
+    AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend, store_precision,
+    validate_batch,
+};
 use crate::event::{
     AcceptedHeads, Category, Cursor, EventName, IdempotencyKey, Source, StoredEvent, StreamName,
 };
 
+mod announcer;
 mod listener;
 mod migrations;
 mod xid8;
@@ -74,6 +79,7 @@ pub struct PostgresStore {
     sql: Sql,
     notifier: Notifier,
     listener: OnceCell<listener::Listener>,
+    announcer: announcer::Announcer,
 }
 
 /// The statements, with the schema written in.
@@ -97,7 +103,7 @@ impl Sql {
         let events = format!("{s}.weir_events");
         Self {
             append: format!(
-                "SELECT ord, existing, {COLUMNS} FROM {s}.weir_append($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY ord"
+                "SELECT existing, {COLUMNS} FROM {s}.weir_append($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ),
             read_log: format!(
                 "SELECT {COLUMNS} FROM {events} WHERE (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} \
@@ -163,11 +169,13 @@ impl PostgresStore {
             .recycle_timeout(Some(options.connect_timeout))
             .build()
             .map_err(|e| Error::Backend(format!("cannot build the connection pool: {e}")))?;
+        let sql = Sql::new(&options.schema);
         Ok(Self {
+            announcer: announcer::Announcer::new(pool.clone(), sql.channel.clone()),
             pool,
             pg_config,
             schema: options.schema.clone(),
-            sql: Sql::new(&options.schema),
+            sql,
             notifier: Notifier::default(),
             listener: OnceCell::new(),
         })
@@ -207,13 +215,13 @@ impl PostgresStore {
         &self,
         category: &Category,
         appends: &[StreamAppend],
+        ids: &[Uuid],
     ) -> Result<AppendAttempt> {
         let events = appends
             .iter()
             .flat_map(|a| a.events.iter().map(move |e| (&a.stream, e)));
         let count = appends.iter().map(|a| a.events.len()).sum();
         let mut streams = Vec::with_capacity(count);
-        let mut ids = Vec::with_capacity(count);
         let mut names = Vec::with_capacity(count);
         let mut payloads = Vec::with_capacity(count);
         let mut metadata = Vec::with_capacity(count);
@@ -221,7 +229,6 @@ impl PostgresStore {
         let mut keys = Vec::with_capacity(count);
         for (stream, event) in events {
             streams.push(stream.as_str());
-            ids.push(Uuid::now_v7());
             names.push(event.name.as_str());
             payloads.push(&event.payload);
             metadata.push(&event.metadata);
@@ -291,12 +298,16 @@ impl EventStore for PostgresStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StoredEvent>> {
         validate_batch(&appends)?;
+        let ids: Vec<Uuid> = appends
+            .iter()
+            .flat_map(|a| a.events.iter().map(|_| Uuid::now_v7()))
+            .collect();
         // Two writers racing to store one idempotency key: the loser's insert hits the
         // unique index and writes nothing; its retry finds the winner's event.
         let mut attempts = 0;
         let rows = loop {
             attempts += 1;
-            match self.append_once(category, &appends).await? {
+            match self.append_once(category, &appends, &ids).await? {
                 AppendAttempt::Written(rows) => break rows,
                 AppendAttempt::IdempotencyRace if attempts < 3 => continue,
                 AppendAttempt::IdempotencyRace => {
@@ -306,7 +317,11 @@ impl EventStore for PostgresStore {
                 }
             }
         };
-        rows.iter().map(|row| event_from_row(row, 2)).collect()
+        let stored = assemble(category, appends, &ids, &rows)?;
+        if rows.iter().any(|row| !row.get::<_, bool>(0)) {
+            self.announcer.announce(category);
+        }
+        Ok(stored)
     }
 
     async fn read(&self, source: &Source, after: Cursor, limit: usize) -> Result<Vec<StoredEvent>> {
@@ -370,6 +385,67 @@ impl EventStore for PostgresStore {
             .await?;
         Ok(watcher)
     }
+}
+
+/// The stored events, in the order given: written ones from what the caller gave and
+/// what the store assigned, idempotent repeats as they were stored.
+fn assemble(
+    category: &Category,
+    appends: Vec<StreamAppend>,
+    ids: &[Uuid],
+    rows: &[Row],
+) -> Result<Vec<StoredEvent>> {
+    let mut written = HashMap::new();
+    let mut repeated = HashMap::new();
+    for row in rows {
+        if row.try_get::<_, bool>(0).map_err(classify)? {
+            let event = event_from_row(row, 1)?;
+            if let Some(key) = event.idempotency_key.clone() {
+                repeated.insert(key, event);
+            }
+        } else {
+            let id: Uuid = row.try_get(3).map_err(classify)?;
+            written.insert(id, row);
+        }
+    }
+    let mut ids = ids.iter();
+    let mut stored = Vec::with_capacity(ids.len());
+    for append in appends {
+        for event in append.events {
+            let id = *ids
+                .next()
+                .ok_or_else(|| Error::Backend("an event without an id".into()))?;
+            if let Some(repeat) = event.idempotency_key.as_ref().and_then(|k| repeated.get(k)) {
+                stored.push(repeat.clone());
+                continue;
+            }
+            let row = written.get(&id).ok_or_else(|| {
+                Error::Backend(format!("weir_append returned nothing for event {id}"))
+            })?;
+            let tx: Xid8 = row.try_get(1).map_err(classify)?;
+            let sequence = non_negative(row.try_get(2).map_err(classify)?)?;
+            stored.push(StoredEvent {
+                id,
+                name: event.name,
+                category: category.clone(),
+                stream: append.stream.clone(),
+                position: non_negative(row.try_get(6).map_err(classify)?)?,
+                sequence,
+                payload: event.payload,
+                metadata: event.metadata,
+                occurred_at: store_precision(event.occurred_at),
+                observed_at: row.try_get(11).map_err(classify)?,
+                idempotency_key: event.idempotency_key,
+                cursor: Cursor::new(tx.0, sequence),
+            });
+        }
+    }
+    Ok(stored)
+}
+
+fn non_negative(value: i64) -> Result<u64> {
+    u64::try_from(value)
+        .map_err(|_| Error::Backend(format!("negative value {value} in the event table")))
 }
 
 enum AppendAttempt {
