@@ -12,17 +12,20 @@
 //! - [`event`]: events, names, sources, cursors and write conditions; pure data.
 //! - [`store`]: the [`store::EventStore`] trait, the in-memory store and the Postgres
 //!   store (feature `postgres`), with its migrations.
+//! - [`broker`]: allocation of sources to subscribers: balanced, sticky, deterministic,
+//!   with two-step handover (a pure function, for now without the coordinator around it).
 //! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure
 //!   validation that reports every problem at once.
 //! - [`cli`]: one module per `weir` subcommand; `main.rs` only parses and calls it.
 //!
 //! Still to come, each with its own issue: `bus` (allocation messages over NATS or
-//! Kafka), `broker` (roles, leadership, membership, allocation), `consumer` and
+//! Kafka), the rest of `broker` (roles, leadership, membership, coordinator), `consumer` and
 //! `runtime` (processors, checkpoints, error policies), `sink` (forwarding to NATS,
 //! Kafka, stdout) and `telemetry` (metrics, HTTP endpoints).
 
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod event;
