@@ -50,23 +50,20 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         None
     };
     let mut remaining = args.limit.unwrap_or(usize::MAX);
-    let mut out = std::io::stdout().lock();
+    let mut buffer = Vec::new();
 
     while remaining > 0 && !shutdown.is_cancelled() {
-        let page = store
-            .read(&source, cursor, PAGE_SIZE.min(remaining))
-            .await?;
+        let page = store.read(&source, cursor, PAGE_SIZE.min(remaining)).await?;
+        buffer.clear();
         for event in &page {
-            let written = serde_json::to_writer(&mut out, event)
-                .map_err(std::io::Error::other)
-                .and_then(|()| out.write_all(b"\n"));
-            if is_broken_pipe(&written) {
-                return Ok(());
-            }
-            written?;
+            serde_json::to_writer(&mut buffer, event).map_err(std::io::Error::other)?;
+            buffer.push(b'\n');
         }
-        if is_broken_pipe(&out.flush().map_err(Into::into)) {
-            return Ok(());
+        let mut out = std::io::stdout().lock();
+        match out.write_all(&buffer).and_then(|()| out.flush()) {
+            // A reader that went away (`weir read | head`) is a normal end.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            written => written?,
         }
         remaining -= page.len();
         if let Some(last) = page.last() {
@@ -85,9 +82,4 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-/// A reader that went away (`weir read | head`) is a normal end, not an error.
-fn is_broken_pipe(result: &std::io::Result<()>) -> bool {
-    matches!(result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
 }
