@@ -274,8 +274,8 @@ mod raw {
         drop(client);
         let sql = format!(
             "INSERT INTO {table} (id, category, stream, position, name, payload, metadata, occurred_at) \
-             SELECT gen_random_uuid(), 'raw', $1, $2 + g, 'BenchEvent', $3, '{{}}', now() \
-             FROM generate_series(0, $4 - 1) AS g"
+             SELECT gen_random_uuid(), 'raw', $1::text, $2::bigint + g, 'BenchEvent', $3::jsonb, '{{}}', now() \
+             FROM generate_series(0, $4::bigint - 1) AS g"
         );
         let started = Instant::now();
         let mut writers = JoinSet::new();
