@@ -11,12 +11,17 @@ use weir::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, Wri
 use weir::store::{Error, EventStore, PostgresStore, PostgresStoreOptions};
 
 fn one_event() -> Vec<NewEvent> {
-    vec![NewEvent::new(EventName::new("Happened").unwrap(), json!({}))]
+    vec![NewEvent::new(
+        EventName::new("Happened").unwrap(),
+        json!({}),
+    )]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_under_concurrency() {
-    let Some(db) = TestPostgres::start().await else { return };
+    let Some(db) = TestPostgres::start().await else {
+        return;
+    };
     // The harness migrated once; four more at the same time change nothing.
     let mut runs = tokio::task::JoinSet::new();
     for _ in 0..4 {
@@ -30,7 +35,10 @@ async fn migrations_are_idempotent_under_concurrency() {
     }
     let client = db.raw_client().await;
     let rows: i64 = client
-        .query_one(&format!("SELECT count(*) FROM \"{}\".weir_migrations", db.schema), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM \"{}\".weir_migrations", db.schema),
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -40,7 +48,9 @@ async fn migrations_are_idempotent_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
-    let Some(db) = TestPostgres::start().await else { return };
+    let Some(db) = TestPostgres::start().await else {
+        return;
+    };
     let schema = common::unique_name("weir_fresh");
     let options = PostgresStoreOptions::new(common::postgres_url()).schema(&schema);
     let store = PostgresStore::connect(&options).unwrap();
@@ -49,7 +59,12 @@ async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
     assert!(matches!(err, Error::NotMigrated { found: 0, .. }), "{err}");
     assert!(err.to_string().contains("run `weir migrate`"), "{err}");
     let err = store
-        .append(&Category::new("c").unwrap(), &StreamName::new("s").unwrap(), WriteCondition::Any, one_event())
+        .append(
+            &Category::new("c").unwrap(),
+            &StreamName::new("s").unwrap(),
+            WriteCondition::Any,
+            one_event(),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("weir migrate"), "{err}");
@@ -65,7 +80,10 @@ async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
         applied.push(count.unwrap());
     }
     applied.sort();
-    assert_eq!(applied, [0, 0, 0, weir::store::postgres::CURRENT_VERSION as usize]);
+    assert_eq!(
+        applied,
+        [0, 0, 0, weir::store::postgres::CURRENT_VERSION as usize]
+    );
     store.check_schema().await.unwrap();
     db.raw_client()
         .await
@@ -79,25 +97,46 @@ async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
 /// could move past the older transaction's events before they commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_transaction_holds_log_readers_back() {
-    let Some(db) = TestPostgres::start().await else { return };
-    let (category, stream) = (Category::new("held").unwrap(), StreamName::new("s").unwrap());
+    let Some(db) = TestPostgres::start().await else {
+        return;
+    };
+    let (category, stream) = (
+        Category::new("held").unwrap(),
+        StreamName::new("s").unwrap(),
+    );
     let mut blocker = db.raw_client().await;
     let open = blocker.transaction().await.unwrap();
     // Taking a transaction id is what puts it in every snapshot's horizon.
-    open.execute("SELECT pg_current_xact_id()", &[]).await.unwrap();
+    open.execute("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
 
     let appended = db
         .store
         .append(&category, &stream, WriteCondition::Any, one_event())
         .await
         .unwrap();
-    let log = db.store.read(&Source::Log, Cursor::START, 10).await.unwrap();
+    let log = db
+        .store
+        .read(&Source::Log, Cursor::START, 10)
+        .await
+        .unwrap();
     assert!(log.is_empty(), "read past an open transaction: {log:?}");
-    assert!(db.store.head(&Source::Category(category.clone())).await.unwrap().is_none());
+    assert!(
+        db.store
+            .head(&Source::Category(category.clone()))
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A stream's appends are serialised, so its own reads need not wait.
     let own = db
         .store
-        .read(&Source::Stream(category.clone(), stream.clone()), Cursor::START, 10)
+        .read(
+            &Source::Stream(category.clone(), stream.clone()),
+            Cursor::START,
+            10,
+        )
         .await
         .unwrap();
     assert_eq!(own, appended);
@@ -105,12 +144,19 @@ async fn an_open_transaction_holds_log_readers_back() {
     open.rollback().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let log = db.store.read(&Source::Category(category.clone()), Cursor::START, 10).await.unwrap();
+        let log = db
+            .store
+            .read(&Source::Category(category.clone()), Cursor::START, 10)
+            .await
+            .unwrap();
         if !log.is_empty() {
             assert_eq!(log, appended);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never became readable");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never became readable"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -119,8 +165,13 @@ async fn an_open_transaction_holds_log_readers_back() {
 /// listener reconnects and keeps waking watchers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connections_are_restored() {
-    let Some(db) = TestPostgres::start().await else { return };
-    let (category, stream) = (Category::new("lost").unwrap(), StreamName::new("s").unwrap());
+    let Some(db) = TestPostgres::start().await else {
+        return;
+    };
+    let (category, stream) = (
+        Category::new("lost").unwrap(),
+        StreamName::new("s").unwrap(),
+    );
     let source = Source::Stream(category.clone(), stream.clone());
     let mut watcher = db.store.watch().await.unwrap();
     db.store.read(&source, Cursor::START, 10).await.unwrap();
@@ -135,9 +186,18 @@ async fn lost_connections_are_restored() {
         .await
         .unwrap()
         .get(0);
-    assert!(killed >= 2, "expected the pooled and the listening connection, killed {killed}");
+    assert!(
+        killed >= 2,
+        "expected the pooled and the listening connection, killed {killed}"
+    );
 
-    assert!(db.store.read(&source, Cursor::START, 10).await.unwrap().is_empty());
+    assert!(
+        db.store
+            .read(&source, Cursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // The listener announces the gap while it was away...
     tokio::time::timeout(Duration::from_secs(15), watcher.appended(&source))
         .await
@@ -162,5 +222,8 @@ async fn an_unreachable_database_is_a_clear_retryable_error() {
     let store = PostgresStore::connect(&options).unwrap();
     let err = store.check_schema().await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
-    assert!(err.to_string().contains("cannot reach the event store"), "{err}");
+    assert!(
+        err.to_string().contains("cannot reach the event store"),
+        "{err}"
+    );
 }

@@ -50,7 +50,10 @@ async fn settle(store: &Store, through: Cursor) {
         if head.is_some_and(|h| h.cursor >= through) {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{through} never became readable");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{through} never became readable"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -153,22 +156,45 @@ async fn unmet_conditions_write_nothing(store: Store) {
         other => panic!("expected WriteConditionFailed, got {other:?}"),
     }
     let message = err.to_string();
-    assert!(message.contains("accounts/a-1") && message.contains("last position is 1"), "{message}");
+    assert!(
+        message.contains("accounts/a-1") && message.contains("last position is 1"),
+        "{message}"
+    );
 
     let err = store
         .append(&c, &s, WriteCondition::PositionIs(0), events(2..3))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::WriteConditionFailed { last_position: Some(1), .. }));
+    assert!(matches!(
+        err,
+        Error::WriteConditionFailed {
+            last_position: Some(1),
+            ..
+        }
+    ));
     let err = store
-        .append(&c, &stream("a-new"), WriteCondition::PositionIs(0), events(0..1))
+        .append(
+            &c,
+            &stream("a-new"),
+            WriteCondition::PositionIs(0),
+            events(0..1),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::WriteConditionFailed { last_position: None, .. }));
+    assert!(matches!(
+        err,
+        Error::WriteConditionFailed {
+            last_position: None,
+            ..
+        }
+    ));
     assert!(err.to_string().contains("the stream is empty"), "{err}");
 
     settle(&store, written[1].cursor).await;
-    assert_eq!(read_all(&store, &Source::Category(c.clone())).await.len(), 2);
+    assert_eq!(
+        read_all(&store, &Source::Category(c.clone())).await.len(),
+        2
+    );
     let stored = store
         .append(&c, &s, WriteCondition::PositionIs(1), events(2..3))
         .await
@@ -180,11 +206,27 @@ async fn conditions_combine(store: Store) {
     let c = category("combos");
     let s = stream("x");
     let empty_or_one = WriteCondition::StreamIsEmpty.or(WriteCondition::PositionIs(1));
-    store.append(&c, &s, empty_or_one.clone(), events(0..2)).await.unwrap();
-    store.append(&c, &s, empty_or_one.clone(), events(2..3)).await.unwrap();
-    assert!(store.append(&c, &s, empty_or_one, events(3..4)).await.is_err());
+    store
+        .append(&c, &s, empty_or_one.clone(), events(0..2))
+        .await
+        .unwrap();
+    store
+        .append(&c, &s, empty_or_one.clone(), events(2..3))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .append(&c, &s, empty_or_one, events(3..4))
+            .await
+            .is_err()
+    );
     let contradiction = WriteCondition::PositionIs(2).and(WriteCondition::StreamIsEmpty);
-    assert!(store.append(&c, &s, contradiction, events(3..4)).await.is_err());
+    assert!(
+        store
+            .append(&c, &s, contradiction, events(3..4))
+            .await
+            .is_err()
+    );
     let both = WriteCondition::PositionIs(2).and(WriteCondition::Any);
     store.append(&c, &s, both, events(3..4)).await.unwrap();
     assert_eq!(store.latest(&c, &s).await.unwrap().unwrap().position, 3);
@@ -204,7 +246,10 @@ async fn multi_stream_append_is_all_or_nothing(store: Store) {
     assert!(matches!(&err, Error::WriteConditionFailed { stream, .. } if stream.as_str() == "b"));
     assert!(store.latest(&c, &stream("a")).await.unwrap().is_none());
     settle(&store, written[0].cursor).await;
-    assert_eq!(read_all(&store, &Source::Category(c.clone())).await.len(), 1);
+    assert_eq!(
+        read_all(&store, &Source::Category(c.clone())).await.len(),
+        1
+    );
 
     let stored = store
         .append_batch(
@@ -216,9 +261,16 @@ async fn multi_stream_append_is_all_or_nothing(store: Store) {
         )
         .await
         .unwrap();
-    let summary: Vec<(&str, u64)> = stored.iter().map(|e| (e.stream.as_str(), e.position)).collect();
+    let summary: Vec<(&str, u64)> = stored
+        .iter()
+        .map(|e| (e.stream.as_str(), e.position))
+        .collect();
     assert_eq!(summary, [("a", 0), ("a", 1), ("b", 1)]);
-    assert!(stored.iter().all(|e| e.cursor.tx_id == stored[0].cursor.tx_id));
+    assert!(
+        stored
+            .iter()
+            .all(|e| e.cursor.tx_id == stored[0].cursor.tx_id)
+    );
 }
 
 async fn idempotency_keys_return_the_stored_event(store: Store) {
@@ -238,16 +290,29 @@ async fn idempotency_keys_return_the_stored_event(store: Store) {
     assert_eq!(retry[0].payload, json!({ "n": 1 }));
     // The key is found whatever stream the retry names: keys belong to the category.
     let elsewhere = store
-        .append(&c, &stream("p-2"), WriteCondition::Any, vec![keyed(5, "k1")])
+        .append(
+            &c,
+            &stream("p-2"),
+            WriteCondition::Any,
+            vec![keyed(5, "k1")],
+        )
         .await
         .unwrap();
     assert_eq!(elsewhere, first);
     settle(&store, first[0].cursor).await;
-    assert_eq!(read_all(&store, &Source::Category(c.clone())).await.len(), 1);
+    assert_eq!(
+        read_all(&store, &Source::Category(c.clone())).await.len(),
+        1
+    );
 
     // Mixed: the known key is returned, the new event is written after it.
     let mixed = store
-        .append(&c, &s, WriteCondition::PositionIs(0), vec![keyed(1, "k1"), keyed(2, "k2")])
+        .append(
+            &c,
+            &s,
+            WriteCondition::PositionIs(0),
+            vec![keyed(1, "k1"), keyed(2, "k2")],
+        )
         .await
         .unwrap();
     assert_eq!(mixed[0], first[0]);
@@ -256,7 +321,12 @@ async fn idempotency_keys_return_the_stored_event(store: Store) {
 
     // Keys are scoped to their category.
     let other = store
-        .append(&category("refunds"), &s, WriteCondition::Any, vec![keyed(1, "k1")])
+        .append(
+            &category("refunds"),
+            &s,
+            WriteCondition::Any,
+            vec![keyed(1, "k1")],
+        )
         .await
         .unwrap();
     assert_ne!(other[0].id, first[0].id);
@@ -280,7 +350,12 @@ async fn invalid_batches_are_rejected(store: Store) {
     let err = store.append_batch(&c, twice).await.unwrap_err();
     assert!(err.to_string().contains("appears twice"), "{err}");
     let err = store
-        .append(&c, &stream("s"), WriteCondition::Any, vec![keyed(0, "k"), keyed(1, "k")])
+        .append(
+            &c,
+            &stream("s"),
+            WriteCondition::Any,
+            vec![keyed(0, "k"), keyed(1, "k")],
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("idempotency key"), "{err}");
@@ -293,7 +368,12 @@ async fn reads_page_after_a_cursor(store: Store) {
     for i in 0..25u64 {
         let c = if i % 3 == 0 { &b } else { &a };
         let s = stream(&format!("s-{}", i % 4));
-        appended.extend(store.append(c, &s, WriteCondition::Any, events(i..i + 1)).await.unwrap());
+        appended.extend(
+            store
+                .append(c, &s, WriteCondition::Any, events(i..i + 1))
+                .await
+                .unwrap(),
+        );
     }
 
     settle(&store, appended.last().unwrap().cursor).await;
@@ -324,17 +404,35 @@ async fn reads_page_after_a_cursor(store: Store) {
         assert!(store.read(&source, cursor, 7).await.unwrap().is_empty());
     }
 
-    let after_tenth = store.read(&Source::Log, appended[9].cursor, 100).await.unwrap();
+    let after_tenth = store
+        .read(&Source::Log, appended[9].cursor, 100)
+        .await
+        .unwrap();
     assert_eq!(after_tenth, appended[10..]);
-    assert!(store.read(&Source::Category(category("none")), Cursor::START, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .read(&Source::Category(category("none")), Cursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn latest_and_head(store: Store) {
     let c = category("heads");
     let s = stream("h-1");
     assert!(store.latest(&c, &s).await.unwrap().is_none());
-    assert!(store.head(&Source::Category(c.clone())).await.unwrap().is_none());
-    store.append(&c, &s, WriteCondition::Any, events(0..3)).await.unwrap();
+    assert!(
+        store
+            .head(&Source::Category(c.clone()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .append(&c, &s, WriteCondition::Any, events(0..3))
+        .await
+        .unwrap();
     let last = store
         .append(&c, &stream("h-2"), WriteCondition::Any, events(0..2))
         .await
@@ -343,16 +441,36 @@ async fn latest_and_head(store: Store) {
         .unwrap();
     assert_eq!(store.latest(&c, &s).await.unwrap().unwrap().position, 2);
     settle(&store, last.cursor).await;
-    assert_eq!(store.head(&Source::Category(c.clone())).await.unwrap().unwrap(), last);
+    assert_eq!(
+        store
+            .head(&Source::Category(c.clone()))
+            .await
+            .unwrap()
+            .unwrap(),
+        last
+    );
     assert_eq!(store.head(&Source::Log).await.unwrap().unwrap(), last);
-    assert_eq!(store.head(&Source::Stream(c, s)).await.unwrap().unwrap().position, 2);
+    assert_eq!(
+        store
+            .head(&Source::Stream(c, s))
+            .await
+            .unwrap()
+            .unwrap()
+            .position,
+        2
+    );
 }
 
 async fn watchers_wake_on_appends_to_their_source(store: Store) {
     let watched = Source::Category(category("watched"));
     let mut watcher = store.watch().await.unwrap();
     store
-        .append(&category("ignored"), &stream("s"), WriteCondition::Any, events(0..1))
+        .append(
+            &category("ignored"),
+            &stream("s"),
+            WriteCondition::Any,
+            events(0..1),
+        )
         .await
         .unwrap();
     let woke = tokio::time::timeout(Duration::from_millis(300), watcher.appended(&watched)).await;
@@ -360,7 +478,12 @@ async fn watchers_wake_on_appends_to_their_source(store: Store) {
 
     let mut log_watcher = store.watch().await.unwrap();
     store
-        .append(&category("watched"), &stream("s"), WriteCondition::Any, events(0..1))
+        .append(
+            &category("watched"),
+            &stream("s"),
+            WriteCondition::Any,
+            events(0..1),
+        )
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(5), watcher.appended(&watched))
@@ -481,7 +604,12 @@ async fn concurrent_writers_never_make_readers_skip(store: Store) {
         assert!(twice.is_empty(), "{source}: events seen twice: {twice:?}");
         let seen_ids: HashSet<Uuid> = counts.into_keys().collect();
         let missed = expected.difference(&seen_ids).count();
-        assert_eq!(missed, 0, "{source}: {missed} of {} events skipped", expected.len());
+        assert_eq!(
+            missed,
+            0,
+            "{source}: {missed} of {} events skipped",
+            expected.len()
+        );
         assert_eq!(seen_ids, expected, "{source}: saw events it should not");
 
         // Per stream, the reader saw positions 0, 1, 2, ... in that order.
@@ -517,7 +645,10 @@ async fn racing_conditional_appends_let_exactly_one_win(store: Store) {
         match result.unwrap() {
             Ok(stored) => {
                 won += 1;
-                assert_eq!(stored.iter().map(|e| e.position).collect::<Vec<_>>(), [0, 1]);
+                assert_eq!(
+                    stored.iter().map(|e| e.position).collect::<Vec<_>>(),
+                    [0, 1]
+                );
             }
             Err(Error::WriteConditionFailed { last_position, .. }) => {
                 lost += 1;
@@ -538,7 +669,9 @@ async fn racing_appends_of_one_idempotency_key_store_it_once(store: Store) {
         tasks.spawn(async move {
             // Different streams, so the writers do not serialise on a stream lock.
             let s = stream(&format!("s-{i}"));
-            store.append(&c, &s, WriteCondition::Any, vec![keyed(i, "once")]).await
+            store
+                .append(&c, &s, WriteCondition::Any, vec![keyed(i, "once")])
+                .await
         });
     }
     let mut ids = HashSet::new();

@@ -23,11 +23,16 @@ pub fn service_missing(service: &str, error: impl std::fmt::Display) {
     if services_required() {
         panic!("WEIR_REQUIRE_SERVICES=1 but {service} is unreachable: {error}");
     }
-    eprintln!("skipping: {service} is unreachable ({error}); set WEIR_REQUIRE_SERVICES=1 to fail instead");
+    eprintln!(
+        "skipping: {service} is unreachable ({error}); set WEIR_REQUIRE_SERVICES=1 to fail instead"
+    );
 }
 
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// A migrated Postgres store in a schema of its own, dropped with this value.
@@ -49,7 +54,11 @@ impl TestPostgres {
         let schema = unique_name("weir_test");
         // A distinct application name lets a test find (and terminate) its own connections.
         let url = with_application_name(&postgres_url(), &schema);
-        let options = configure(PostgresStoreOptions::new(url.clone()).schema(&schema).pool_size(8));
+        let options = configure(
+            PostgresStoreOptions::new(url.clone())
+                .schema(&schema)
+                .pool_size(8),
+        );
         let store = match PostgresStore::connect(&options) {
             Ok(store) => store,
             Err(e) => {
