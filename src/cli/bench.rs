@@ -21,6 +21,20 @@ pub enum Bench {
     /// Read one category of N events page by page; on Postgres, beside a raw `COPY`
     /// of the same rows.
     Read(ReadArgs),
+    /// Compute allocation decisions for S subscribers x N sources: from scratch, and
+    /// when one more subscriber joins the balanced group. No store needed.
+    Allocate(AllocateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AllocateArgs {
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 100_000)]
+    sources: usize,
+    /// Each case runs this many times; the best run counts.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,10 +67,10 @@ pub struct ReadArgs {
 }
 
 pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
-    let target = Target::open(config).await?;
     match bench {
-        Bench::Append(args) => append(&target, &args).await,
-        Bench::Read(args) => read(&target, &args).await,
+        Bench::Append(args) => append(&Target::open(config).await?, &args).await,
+        Bench::Read(args) => read(&Target::open(config).await?, &args).await,
+        Bench::Allocate(args) => allocate(&args),
     }
 }
 
@@ -238,6 +252,61 @@ async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
             "bench": "read_vs_raw", "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
         }));
     }
+    Ok(())
+}
+
+fn allocate(args: &AllocateArgs) -> Result<(), CliError> {
+    use crate::broker::allocation::{Allocation, AllocationInput, synthetic_input};
+    use std::collections::BTreeSet;
+
+    if args.subscribers == 0 || args.sources == 0 {
+        return Err(CliError::Usage(
+            "--subscribers and --sources must be at least 1".into(),
+        ));
+    }
+    // One member more than the group, held back to join it later.
+    let members = synthetic_input(args.subscribers + 1, args.sources);
+    let group = &members[..args.subscribers];
+    let no_tags = BTreeSet::new();
+    let nothing = BTreeSet::new();
+    let best_of = |input: &AllocationInput<'_, String>| {
+        let mut best = Duration::MAX;
+        let mut decision = Allocation::default();
+        for _ in 0..args.rounds.max(1) {
+            let started = Instant::now();
+            decision = crate::broker::allocation::allocate(input);
+            best = best.min(started.elapsed());
+        }
+        (best, decision)
+    };
+
+    let empty = Allocation::default();
+    let (initial_time, initial) = best_of(&AllocationInput {
+        members: group,
+        required_tags: &no_tags,
+        current: &empty,
+        released: &nothing,
+    });
+    let decision_bytes = serde_json::to_vec(&initial)
+        .map_err(std::io::Error::other)?
+        .len();
+    emit(json!({
+        "bench": "allocate", "case": "initial", "subscribers": args.subscribers,
+        "sources": args.sources, "millis": initial_time.as_secs_f64() * 1000.0,
+        "decision_bytes": decision_bytes,
+    }));
+
+    let (join_time, joined) = best_of(&AllocationInput {
+        members: &members,
+        required_tags: &no_tags,
+        current: &initial,
+        released: &nothing,
+    });
+    emit(json!({
+        "bench": "allocate", "case": "join", "subscribers": args.subscribers + 1,
+        "sources": args.sources, "millis": join_time.as_secs_f64() * 1000.0,
+        "handovers": joined.handovers.len(),
+    }));
     Ok(())
 }
 
