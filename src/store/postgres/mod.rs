@@ -319,7 +319,7 @@ impl EventStore for PostgresStore {
         };
         let stored = assemble(category, appends, &ids, &rows)?;
         if rows.iter().any(|row| !row.get::<_, bool>(0)) {
-            self.announcer.announce(category);
+            self.announcer.announce(category).await;
         }
         Ok(stored)
     }
