@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use figment::providers::{Format, Serialized, Toml};
@@ -226,7 +226,11 @@ impl Config {
     /// Loads the layers: defaults, the TOML file (`file`, or the embedded default when
     /// none), `WEIR_*` environment variables, then `overrides`; then validates.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        Self::load_with_env(file, overrides, std::env::vars())
+        // `vars()` panics on a variable that is not UTF-8, even one weir does not read.
+        let env = std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        });
+        Self::load_with_env(file, overrides, env)
     }
 
     /// [`Config::load`] with the environment given, so tests need not touch the process's.
@@ -240,37 +244,47 @@ impl Config {
         let figment = figment(file, overrides, &env);
         let mut config = Config::default();
 
-        if let Ok(dict) = figment.data() {
-            for key in dict.values().flat_map(|d| d.keys()) {
-                if !SECTIONS.contains(&key.as_str()) {
-                    problems.push(Problem {
-                        key: key.clone(),
-                        message: format!(
-                            "unknown section; expected one of {}",
-                            SECTIONS.join(", ")
-                        ),
-                    });
+        match figment.data() {
+            Ok(dict) => {
+                for key in dict.values().flat_map(|d| d.keys()) {
+                    if !SECTIONS.contains(&key.as_str()) {
+                        problems.push(Problem {
+                            key: key.clone(),
+                            message: format!(
+                                "unknown section; expected one of {}",
+                                SECTIONS.join(", ")
+                            ),
+                        });
+                    }
                 }
+                extract_section(&figment, "node", &mut config.node, &mut problems);
+                extract_section(&figment, "store", &mut config.store, &mut problems);
+                extract_section(&figment, "bus", &mut config.bus, &mut problems);
+                extract_section(&figment, "http", &mut config.http, &mut problems);
+                extract_section(
+                    &figment,
+                    "subscriptions",
+                    &mut config.subscriptions,
+                    &mut problems,
+                );
             }
-        }
-        extract_section(&figment, "node", &mut config.node, &mut problems);
-        extract_section(&figment, "store", &mut config.store, &mut problems);
-        extract_section(&figment, "bus", &mut config.bus, &mut problems);
-        extract_section(&figment, "http", &mut config.http, &mut problems);
-        extract_section(
-            &figment,
-            "subscriptions",
-            &mut config.subscriptions,
-            &mut problems,
-        );
-        if let Some(path) = file.filter(|p| !p.exists()) {
-            problems.insert(
-                0,
-                Problem {
-                    key: "config".into(),
-                    message: format!("file {} does not exist", path.display()),
-                },
-            );
+            // The file cannot be read or parsed: one problem, not one per section.
+            Err(error) => {
+                let message = match file {
+                    Some(path) if !path.exists() => {
+                        format!("file {} does not exist", path.display())
+                    }
+                    _ => error.to_string(),
+                };
+                problems.insert(
+                    0,
+                    Problem {
+                        key: "config".into(),
+                        message,
+                    },
+                );
+                return Err(ConfigError { problems });
+            }
         }
         problems.extend(config.validate());
         if problems.is_empty() {
@@ -409,14 +423,13 @@ fn figment(file: Option<&Path>, overrides: &Overrides, env: &[(String, String)])
         Some(path) => figment.merge(Toml::file_exact(path)),
         None => figment.merge(Toml::string(EMBEDDED_DEFAULT)),
     };
-    // The same as figment's `Env` provider (values parsed as its `Value`s), but over
-    // the environment given, and only for variables that name a config key.
     for (name, value) in env {
         if let Some(key) = config_env_key(name) {
-            let value = value
-                .parse::<figment::value::Value>()
-                .unwrap_or_else(|_| value.as_str().into());
-            figment = figment.merge(Serialized::default(&key, value));
+            figment = figment.merge(EnvVar {
+                name: name.clone(),
+                key,
+                value: value.clone(),
+            });
         }
     }
     let set = |figment: Figment, key: &str, value: &Option<String>| match value {
@@ -435,6 +448,27 @@ fn figment(file: Option<&Path>, overrides: &Overrides, env: &[(String, String)])
     figment = set(figment, "store.url", &overrides.store_url);
     figment = set(figment, "store.schema", &overrides.schema);
     set(figment, "http.listen", &overrides.listen)
+}
+
+/// One `WEIR_*` variable. Its value stays a string (extraction converts it where a
+/// number or boolean is wanted), so `WEIR_NODE__ID=42` is the id "42"; errors name the
+/// variable it came from.
+struct EnvVar {
+    name: String,
+    key: String,
+    value: String,
+}
+
+impl Provider for EnvVar {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("environment variable {}", self.name))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Serialized::default(&self.key, &self.value).data()
+    }
 }
 
 /// The config key an environment variable sets (`WEIR_STORE__URL` → `store.url`), if any.
@@ -471,27 +505,41 @@ fn extract_section<T: DeserializeOwned>(
     into: &mut T,
     problems: &mut Vec<Problem>,
 ) {
-    match figment.extract_inner::<T>(section) {
+    match figment.extract_inner_lossy::<T>(section) {
         Ok(value) => *into = value,
         // Sections absent from every layer keep their defaults.
         Err(e) if e.missing() => {}
         Err(errors) => problems.extend(errors.into_iter().map(|e| {
-            let key = if e.path.is_empty() {
-                section.to_owned()
-            } else {
-                e.path.join(".")
-            };
             let origin = e
                 .metadata
                 .as_ref()
                 .map(|m| format!(" (from {})", m.name))
                 .unwrap_or_default();
             Problem {
-                key,
+                key: key_path(section, &e.path),
                 message: format!("{}{origin}", e.kind),
             }
         })),
     }
+}
+
+/// `store.connect_timeout`, `subscriptions[0].sources[1]`: figment reports the path of
+/// an error inside a section with the section last.
+fn key_path(section: &str, path: &[String]) -> String {
+    let inner = match path.split_last() {
+        Some((last, rest)) if last == section => rest,
+        _ => path,
+    };
+    let mut key = section.to_owned();
+    for segment in inner {
+        if segment.parse::<usize>().is_ok() {
+            key.push_str(&format!("[{segment}]"));
+        } else {
+            key.push('.');
+            key.push_str(segment);
+        }
+    }
+    key
 }
 
 fn is_simple_identifier(name: &str) -> bool {
@@ -506,7 +554,7 @@ fn check_postgres_url(url: &str) -> Result<(), String> {
     {
         url.parse::<tokio_postgres::Config>()
             .map(|_| ())
-            .map_err(|e| format!("{:?} is not a Postgres URL: {e}", redact_url(url)))
+            .map_err(|e| format!("is not a valid Postgres connection string: {e}"))
     }
     #[cfg(not(feature = "postgres"))]
     {
@@ -515,25 +563,743 @@ fn check_postgres_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// Hides the password of a URL (`postgres://u:***@h/db`) or libpq string
-/// (`password=***`), for anything that prints configuration.
+/// Hides the password in a Postgres connection string, for anything that prints
+/// configuration: the user-info password and `password=` query parameters of a URL
+/// (multi-host URLs too), and the `password` value of the libpq `key=value` form
+/// (spaces around `=` and quoted values included).
 pub fn redact_url(url: &str) -> String {
-    if let Ok(mut parsed) = url::Url::parse(url) {
-        if parsed.password().is_some() && parsed.set_password(Some("***")).is_ok() {
-            return parsed.to_string();
-        }
-        return url.to_owned();
+    if url.contains("://") {
+        redact_uri(url)
+    } else {
+        redact_key_values(url)
     }
-    url.split_whitespace()
-        .map(|part| match part.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-            _ => part.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
-/// Where the config file comes from: `--config PATH`, else `WEIR_CONFIG`.
-pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
-    flag.or_else(|| std::env::var_os("WEIR_CONFIG").map(PathBuf::from))
+fn redact_uri(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let mut out = url[..scheme_end].to_owned();
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let tail = &rest[authority_end..];
+    let Some((path, query)) = tail.split_once('?') else {
+        out.push_str(tail);
+        return out;
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    out.push_str(path);
+    out.push('?');
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    out.push_str(&params.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+/// Reads `key = value` pairs as libpq does (values optionally single-quoted, with
+/// backslash escapes) and prints them back with the password hidden.
+fn redact_key_values(text: &str) -> String {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'=').is_none() {
+            pairs.push(key);
+            continue;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            value.push('\'');
+            while let Some(c) = chars.next() {
+                value.push(c);
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        if key.eq_ignore_ascii_case("password") {
+            value = "***".into();
+        }
+        pairs.push(format!("{key}={value}"));
+    }
+    pairs.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::PathBuf;
+
+    /// A directory of its own under the system temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "weir-config-test-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::create_dir_all(&path).expect("create a temp dir");
+            Self(path)
+        }
+
+        fn file(&self, name: &str, contents: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, contents).expect("write a config file");
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    /// Loads `toml` as the config file, with `pairs` as the whole environment.
+    fn load_toml(toml: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = TempDir::new();
+        let path = dir.file("weir.toml", toml);
+        Config::load_with_env(Some(&path), &Overrides::default(), env(pairs))
+    }
+
+    fn load_err(toml: &str, pairs: &[(&str, &str)]) -> ConfigError {
+        match load_toml(toml, pairs) {
+            Ok(config) => panic!("expected problems with {toml:?}, got {config:#?}"),
+            Err(error) => error,
+        }
+    }
+
+    fn keys(error: &ConfigError) -> Vec<&str> {
+        error.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    /// The problem at exactly `key`; fails listing every problem otherwise.
+    fn problem<'a>(error: &'a ConfigError, key: &str) -> &'a Problem {
+        error
+            .problems
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("no problem at {key:?} in:\n{error}"))
+    }
+
+    fn without_node_id(mut config: Config) -> Config {
+        config.node.id = None;
+        config
+    }
+
+    #[test]
+    fn embedded_default_loads_to_the_rust_defaults() {
+        let loaded = Config::load_with_env(None, &Overrides::default(), Vec::new())
+            .expect("the embedded default is valid");
+        assert_eq!(without_node_id(loaded), Config::default());
+
+        // The file agrees with the Rust defaults on its own, not only because the
+        // defaults layer lies beneath it.
+        let parsed: Config = toml::from_str(EMBEDDED_DEFAULT).expect("the embedded default parses");
+        assert_eq!(without_node_id(parsed), Config::default());
+        assert_eq!(Config::default().store.kind, StoreKind::Memory);
+        assert_eq!(Config::default().bus.kind, BusKind::Memory);
+        assert!(Config::default().validate().is_empty());
+    }
+
+    #[test]
+    fn each_layer_beats_the_one_below_on_the_same_key() {
+        let dir = TempDir::new();
+        let file = dir.file(
+            "weir.toml",
+            r#"
+                [node]
+                id = "file-node"
+                role = "observer"
+
+                [store]
+                kind = "postgres"
+                url = "postgres://file@127.0.0.1:5432/file"
+                schema = "from_file"
+                pool_size = 4
+
+                [http]
+                listen = "127.0.0.1:1001"
+            "#,
+        );
+        let environment = env(&[
+            ("WEIR_NODE__ID", "env-node"),
+            ("WEIR_NODE__ROLE", "coordinator"),
+            ("WEIR_STORE__URL", "postgres://env@127.0.0.1:5432/env"),
+            ("WEIR_STORE__SCHEMA", "from_env"),
+            ("WEIR_STORE__POOL_SIZE", "8"),
+            ("WEIR_HTTP__LISTEN", "127.0.0.1:1002"),
+        ]);
+        let overrides = Overrides {
+            node_id: Some("cli-node".into()),
+            role: Some(Role::Full),
+            store_kind: Some(StoreKind::Postgres),
+            store_url: Some("postgres://cli@127.0.0.1:5432/cli".into()),
+            schema: Some("from_cli".into()),
+            listen: Some("127.0.0.1:1003".into()),
+        };
+
+        // Defaults alone (through the embedded default).
+        let defaults = Config::load_with_env(None, &Overrides::default(), Vec::new()).unwrap();
+        assert_eq!(defaults.store.schema, "weir");
+        assert_eq!(defaults.http.listen, "127.0.0.1:9600");
+        assert_eq!(defaults.node.role, Role::Full);
+
+        // The file beats the defaults.
+        let from_file = Config::load_with_env(Some(&file), &Overrides::default(), Vec::new())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_file.node.id.as_deref(), Some("file-node"));
+        assert_eq!(from_file.node.role, Role::Observer);
+        assert_eq!(from_file.store.kind, StoreKind::Postgres);
+        assert_eq!(
+            from_file.store.url.as_deref(),
+            Some("postgres://file@127.0.0.1:5432/file")
+        );
+        assert_eq!(from_file.store.schema, "from_file");
+        assert_eq!(from_file.store.pool_size, 4);
+        assert_eq!(from_file.http.listen, "127.0.0.1:1001");
+        // Keys the file leaves out keep their defaults.
+        assert_eq!(from_file.store.connect_timeout, Duration::from_secs(5));
+
+        // The environment beats the file.
+        let from_env =
+            Config::load_with_env(Some(&file), &Overrides::default(), environment.clone())
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_env.node.id.as_deref(), Some("env-node"));
+        assert_eq!(from_env.node.role, Role::Coordinator);
+        assert_eq!(
+            from_env.store.url.as_deref(),
+            Some("postgres://env@127.0.0.1:5432/env")
+        );
+        assert_eq!(from_env.store.schema, "from_env");
+        assert_eq!(from_env.store.pool_size, 8);
+        assert_eq!(from_env.http.listen, "127.0.0.1:1002");
+
+        // The command line beats the environment; what it does not set stays as the
+        // environment had it.
+        let from_cli = Config::load_with_env(Some(&file), &overrides, environment)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_cli.node.id.as_deref(), Some("cli-node"));
+        assert_eq!(from_cli.node.role, Role::Full);
+        assert_eq!(from_cli.store.kind, StoreKind::Postgres);
+        assert_eq!(
+            from_cli.store.url.as_deref(),
+            Some("postgres://cli@127.0.0.1:5432/cli")
+        );
+        assert_eq!(from_cli.store.schema, "from_cli");
+        assert_eq!(from_cli.store.pool_size, 8);
+        assert_eq!(from_cli.http.listen, "127.0.0.1:1003");
+    }
+
+    #[test]
+    fn overrides_beat_the_embedded_default_and_the_environment_on_store_kind() {
+        // The embedded default says memory; the environment says postgres; the flag
+        // says memory again, and the url from the environment then is a problem.
+        let environment = env(&[
+            ("WEIR_STORE__KIND", "postgres"),
+            ("WEIR_STORE__URL", "postgres://env@127.0.0.1:5432/env"),
+        ]);
+        let from_env =
+            Config::load_with_env(None, &Overrides::default(), environment.clone()).unwrap();
+        assert_eq!(from_env.store.kind, StoreKind::Postgres);
+        let overrides = Overrides {
+            store_kind: Some(StoreKind::Memory),
+            ..Overrides::default()
+        };
+        let error = Config::load_with_env(None, &overrides, environment).unwrap_err();
+        assert_eq!(keys(&error), ["store.url"]);
+        assert!(problem(&error, "store.url").message.contains("memory"));
+    }
+
+    #[test]
+    fn durations_are_written_in_human_form() {
+        let config = load_toml("[store]\nconnect_timeout = \"500ms\"\n", &[]).unwrap();
+        assert_eq!(config.store.connect_timeout, Duration::from_millis(500));
+        let config = load_toml("[store]\nconnect_timeout = \"10s\"\n", &[]).unwrap();
+        assert_eq!(config.store.connect_timeout, Duration::from_secs(10));
+        let config = load_toml(
+            "[store]\nconnect_timeout = \"10s\"\n",
+            &[("WEIR_STORE__CONNECT_TIMEOUT", "2m")],
+        )
+        .unwrap();
+        assert_eq!(config.store.connect_timeout, Duration::from_secs(120));
+
+        let error = load_err("[store]\nconnect_timeout = \"soon\"\n", &[]);
+        assert_eq!(error.problems.len(), 1, "{error}");
+        let soon = problem(&error, "store.connect_timeout");
+        assert!(soon.message.contains("soon"), "{soon}");
+        assert!(soon.message.contains("duration"), "{soon}");
+
+        let error = load_err("[store]\nconnect_timeout = \"0s\"\n", &[]);
+        assert!(
+            problem(&error, "store.connect_timeout")
+                .message
+                .contains("longer than 0s")
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let error = load_err(
+            r#"
+                [store]
+                kind = "postgres"
+                schema = "Bad-Schema"
+                pool_size = 0
+
+                [bus]
+                kind = "nats"
+
+                [http]
+                listen = "nope"
+
+                [[subscriptions]]
+                group = "billing"
+                sources = []
+
+                [[subscriptions]]
+                group = "billing"
+                sources = ["log"]
+                instances = 0
+            "#,
+            &[("WEIR_STORE_URL", "postgres://misspelled@127.0.0.1/db")],
+        );
+        let mut found = keys(&error);
+        found.sort_unstable();
+        assert_eq!(
+            found,
+            [
+                "WEIR_STORE_URL",
+                "bus.kind",
+                "http.listen",
+                "store.pool_size",
+                "store.schema",
+                "store.url",
+                "subscriptions[0].sources",
+                "subscriptions[1].group",
+                "subscriptions[1].instances",
+            ],
+            "{error}"
+        );
+        assert!(problem(&error, "store.url").message.contains("required"));
+        assert!(
+            problem(&error, "store.schema")
+                .message
+                .contains("Bad-Schema")
+        );
+        assert!(
+            problem(&error, "store.pool_size")
+                .message
+                .contains("1 to 1000")
+        );
+        assert!(problem(&error, "http.listen").message.contains("\"nope\""));
+        assert!(
+            problem(&error, "subscriptions[0].sources")
+                .message
+                .contains("at least one source")
+        );
+        assert!(
+            problem(&error, "subscriptions[1].group")
+                .message
+                .contains("twice")
+        );
+        let shown = error.to_string();
+        for key in keys(&error) {
+            assert!(shown.contains(key), "{key} missing from:\n{shown}");
+        }
+    }
+
+    #[test]
+    fn schema_names_are_simple_identifiers() {
+        for good in ["weir", "_w", "weir_cli_0123456789ab", &"a".repeat(48)] {
+            let config = load_toml(&format!("[store]\nschema = {good:?}\n"), &[]);
+            assert!(config.is_ok(), "{good:?}: {}", config.unwrap_err());
+        }
+        for bad in [
+            "",
+            "Weir",
+            "1weir",
+            "we-ir",
+            "we ir",
+            "weir\"",
+            &"a".repeat(49),
+        ] {
+            let error = load_err(&format!("[store]\nschema = {bad:?}\n"), &[]);
+            assert_eq!(keys(&error), ["store.schema"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_problems_naming_the_key() {
+        let error = load_err(
+            "verbose = true\n[store]\ncolour = \"blue\"\n[stroe]\nkind = \"memory\"\n",
+            &[],
+        );
+        let colour = problem(&error, "store.colour");
+        assert!(colour.message.contains("colour"), "{colour}");
+        assert!(problem(&error, "stroe").message.contains("unknown section"));
+        assert!(
+            problem(&error, "verbose")
+                .message
+                .contains("unknown section")
+        );
+        assert_eq!(error.problems.len(), 3, "{error}");
+
+        // The same through the environment: a well-formed name with an unknown key.
+        let error = load_err("", &[("WEIR_HTTP__PORT", "9600")]);
+        let port = problem(&error, "http.port");
+        assert!(port.message.contains("port"), "{port}");
+    }
+
+    #[test]
+    fn misspelled_env_vars_suggest_the_double_underscore() {
+        let error = load_err(
+            "",
+            &[
+                ("WEIR_STORE_URL", "postgres://u@h/db"),
+                ("WEIR_STORE_CONNECT_TIMEOUT", "1s"),
+                ("WEIR_HTTP_LISTEN", "127.0.0.1:1"),
+            ],
+        );
+        assert_eq!(
+            keys(&error),
+            [
+                "WEIR_STORE_URL",
+                "WEIR_STORE_CONNECT_TIMEOUT",
+                "WEIR_HTTP_LISTEN"
+            ]
+        );
+        assert!(
+            problem(&error, "WEIR_STORE_URL")
+                .message
+                .contains("WEIR_STORE__URL")
+        );
+        assert!(
+            problem(&error, "WEIR_STORE_CONNECT_TIMEOUT")
+                .message
+                .contains("WEIR_STORE__CONNECT_TIMEOUT")
+        );
+        assert!(
+            problem(&error, "WEIR_HTTP_LISTEN")
+                .message
+                .contains("WEIR_HTTP__LISTEN")
+        );
+    }
+
+    #[test]
+    fn unrelated_env_vars_are_ignored() {
+        let environment = env(&[
+            (
+                "WEIR_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
+            ("WEIR_REQUIRE_SERVICES", "1"),
+            ("WEIR_CONFIG", "/nonexistent/weir.toml"),
+            ("WEIR_LOG", "debug"),
+            ("WEIR_", "x"),
+            ("WEIR", "x"),
+            ("STORE__URL", "postgres://not-weir@h/db"),
+            ("weir_store__url", "postgres://lowercase@h/db"),
+            ("PATH", "/usr/bin"),
+        ]);
+        let config = Config::load_with_env(None, &Overrides::default(), environment)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(without_node_id(config), Config::default());
+    }
+
+    #[test]
+    fn store_url_needs_the_postgres_store_and_only_the_memory_bus_exists() {
+        let error = load_err(
+            "[store]\nkind = \"memory\"\nurl = \"postgres://u@127.0.0.1/db\"\n",
+            &[],
+        );
+        assert_eq!(keys(&error), ["store.url"]);
+        assert!(problem(&error, "store.url").message.contains("memory"));
+
+        for bus in ["nats", "kafka"] {
+            let error = load_err(&format!("[bus]\nkind = {bus:?}\n"), &[]);
+            assert_eq!(keys(&error), ["bus.kind"], "{error}");
+            let message = &problem(&error, "bus.kind").message;
+            assert!(message.contains(bus), "{message}");
+            assert!(message.contains("not available"), "{message}");
+        }
+
+        let error = load_err("[bus]\nkind = \"carrier-pigeon\"\n", &[]);
+        assert!(
+            error.problems.iter().any(|p| p.key.contains("bus")),
+            "{error}"
+        );
+
+        let error = load_err(
+            "[store]\nkind = \"postgres\"\nurl = \"definitely not a url\"\n",
+            &[],
+        );
+        assert_eq!(keys(&error), ["store.url"], "{error}");
+        let config = load_toml(
+            "[store]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 user=postgres dbname=test\"\n",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.store.kind, StoreKind::Postgres);
+    }
+
+    #[test]
+    fn a_missing_config_file_is_a_problem() {
+        let dir = TempDir::new();
+        let missing = dir.0.join("missing.toml");
+        let error =
+            Config::load_with_env(Some(&missing), &Overrides::default(), Vec::new()).unwrap_err();
+        let problem = problem(&error, "config");
+        assert!(problem.message.contains("does not exist"), "{problem}");
+        assert!(
+            problem.message.contains(&missing.display().to_string()),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn node_ids_are_validated_and_generated_once() {
+        let error = load_err("[node]\nid = \"\"\n", &[]);
+        assert_eq!(keys(&error), ["node.id"]);
+        assert!(problem(&error, "node.id").message.contains("node id"));
+
+        let config = Config::default();
+        let id = config.node_id();
+        assert!(id.starts_with("node-"), "{id}");
+        assert_eq!(config.node_id(), id);
+        let named = load_toml("[node]\nid = \"node-7\"\n", &[]).unwrap();
+        assert_eq!(named.node_id(), "node-7");
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_and_keeps_the_rest() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("postgresql://user:secret@127.0.0.1:5432/db?sslmode=disable"),
+            "postgresql://user:***@127.0.0.1:5432/db?sslmode=disable"
+        );
+        for unchanged in [
+            "postgres://u@h/db",
+            "postgres://postgres@127.0.0.1:5432/test",
+            "host=h user=u dbname=db",
+        ] {
+            assert_eq!(redact_url(unchanged), unchanged);
+        }
+        assert_eq!(
+            redact_url("host=h password=secret user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(
+            redact_url("host=h PASSWORD=secret user=u"),
+            "host=h PASSWORD=*** user=u"
+        );
+    }
+
+    #[test]
+    fn printed_configuration_never_shows_the_password() {
+        for url in [
+            "postgres://u:hunter2hunter2@127.0.0.1:5432/db",
+            "host=127.0.0.1 password=hunter2hunter2 user=u",
+        ] {
+            let config = Config::load_with_env(
+                None,
+                &Overrides {
+                    store_kind: Some(StoreKind::Postgres),
+                    store_url: Some(url.into()),
+                    ..Overrides::default()
+                },
+                Vec::new(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(config.store.url.as_deref(), Some(url), "kept for use");
+            let printed = config.to_redacted_toml();
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(printed.contains("***"), "{printed}");
+            let debug = format!("{config:?}");
+            assert!(!debug.contains("hunter2"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn printed_configuration_loads_back_to_the_same_configuration() {
+        let config = load_toml(
+            r#"
+                [node]
+                id = "node-1"
+                role = "observer"
+
+                [store]
+                kind = "postgres"
+                url = "postgres://u@127.0.0.1:5432/db"
+                schema = "w"
+                pool_size = 3
+                connect_timeout = "1s 500ms"
+
+                [[subscriptions]]
+                group = "billing"
+                sources = ["category:orders", "stream:orders/o-1", "log"]
+                instances = 2
+            "#,
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.store.connect_timeout, Duration::from_millis(1500));
+        let printed = config.to_redacted_toml();
+        let reloaded = load_toml(&printed, &[]).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        assert_eq!(reloaded, config, "{printed}");
+    }
+
+    #[test]
+    fn config_error_display_lists_every_problem_line() {
+        let error = ConfigError {
+            problems: vec![
+                Problem {
+                    key: "store.url".into(),
+                    message: "is required".into(),
+                },
+                Problem {
+                    key: "http.listen".into(),
+                    message: "\"nope\" is not an address".into(),
+                },
+                Problem {
+                    key: "WEIR_STORE_URL".into(),
+                    message: "use WEIR_STORE__URL".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            error.to_string(),
+            "invalid configuration:\n  - store.url: is required\n  - http.listen: \"nope\" is not an address\n  - WEIR_STORE_URL: use WEIR_STORE__URL"
+        );
+
+        let error = load_err("[store]\npool_size = 0\n[http]\nlisten = \"nope\"\n", &[]);
+        let shown = error.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 1 + error.problems.len(), "{shown}");
+        assert_eq!(lines[0], "invalid configuration:");
+        for (line, problem) in lines[1..].iter().zip(&error.problems) {
+            assert_eq!(*line, format!("  - {problem}"));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn redacted_urls_never_contain_the_password(
+            password in "[A-Za-z0-9]{10,20}",
+            form in 0usize..3,
+        ) {
+            let url = match form {
+                0 => format!("postgres://user:{password}@db.example:5432/weir"),
+                1 => format!("postgresql://user:{password}@10.0.0.1/weir?sslmode=disable"),
+                _ => format!("host=db.example port=5432 password={password} user=user"),
+            };
+            let redacted = redact_url(&url);
+            prop_assert!(!redacted.contains(&password), "{}", redacted);
+            prop_assert!(redacted.contains("user"), "{}", redacted);
+        }
+    }
+
+    #[test]
+    fn deserialisation_problems_are_keyed_section_first() {
+        let error = load_err("[store]\nconnect_timeout = \"soon\"\n", &[]);
+        assert_eq!(keys(&error), ["store.connect_timeout"]);
+        let error = load_err("[store]\ncolour = \"blue\"\n", &[]);
+        assert!(
+            keys(&error)
+                .iter()
+                .all(|k| *k == "store" || *k == "store.colour"),
+            "{error}"
+        );
+        let error = load_err(
+            "[[subscriptions]]\ngroup = \"g\"\nsources = [\"bogus\"]\n",
+            &[],
+        );
+        assert_eq!(keys(&error), ["subscriptions[0].sources[0]"]);
+    }
+
+    #[test]
+    fn an_unreadable_file_is_reported_once() {
+        let dir = TempDir::new();
+        let missing = dir.0.join("missing.toml");
+        let error =
+            Config::load_with_env(Some(&missing), &Overrides::default(), Vec::new()).unwrap_err();
+        assert_eq!(keys(&error), ["config"], "{error}");
+        let error = load_err("[store\n", &[]);
+        assert_eq!(error.problems.len(), 1, "{error}");
+    }
+
+    #[test]
+    fn env_values_that_look_like_numbers_can_set_string_keys() {
+        let config = load_toml("", &[("WEIR_NODE__ID", "42")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.node.id.as_deref(), Some("42"));
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_in_every_form_postgres_accepts() {
+        for url in [
+            "postgres://u:hunter2@h1:5432,h2:5433/db",
+            "postgres://u@h/db?password=hunter2",
+            "host=h password = hunter2 user=u",
+            "host=h password='hunter2 hunter2' user=u",
+            "postgres://u:hunter2@h:badport/db",
+        ] {
+            let redacted = redact_url(url);
+            assert!(!redacted.contains("hunter2"), "{url:?} -> {redacted:?}");
+        }
+    }
 }
