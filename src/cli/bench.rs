@@ -17,6 +17,7 @@ use crate::store::{EventStore, MemoryStore};
 pub enum Bench {
     /// Append N events in batches of B from W concurrent writers; on Postgres, beside
     /// a raw `INSERT … SELECT generate_series` of the same rows, batches and writers.
+    /// On Postgres both run in a scratch schema created and dropped by the bench.
     Append(AppendArgs),
     /// Read one category of N events page by page; on Postgres, beside a raw `COPY`
     /// of the same rows.
@@ -50,6 +51,9 @@ pub struct AppendArgs {
     streams: usize,
     #[arg(long, default_value_t = 100)]
     payload_bytes: usize,
+    /// Rounds of each side, alternating; the median counts.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,11 +71,21 @@ pub struct ReadArgs {
 }
 
 pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
-    match bench {
-        Bench::Append(args) => append(&Target::open(config).await?, &args).await,
-        Bench::Read(args) => read(&Target::open(config).await?, &args).await,
-        Bench::Allocate(args) => allocate(&args),
-    }
+    let (target, outcome) = match bench {
+        Bench::Allocate(args) => return allocate(&args),
+        Bench::Append(args) => {
+            let target = Target::open(config).await?;
+            let outcome = append(&target, &args).await;
+            (target, outcome)
+        }
+        Bench::Read(args) => {
+            let target = Target::open(config).await?;
+            let outcome = read(&target, &args).await;
+            (target, outcome)
+        }
+    };
+    target.close().await?;
+    outcome
 }
 
 /// The store under test, and on Postgres the raw access the baselines need.
@@ -93,8 +107,15 @@ impl Target {
             }),
             #[cfg(feature = "postgres")]
             StoreKind::Postgres => {
-                let store = Arc::new(super::open_postgres(config)?);
-                store.check_schema().await?;
+                // A scratch schema of its own, so weir and the raw baseline both start
+                // from empty tables, whatever earlier runs left in the configured one.
+                let mut scratch = config.clone();
+                scratch.store.schema = format!(
+                    "weir_bench_{}",
+                    &uuid::Uuid::new_v4().simple().to_string()[..12]
+                );
+                let store = Arc::new(super::open_postgres(&scratch)?);
+                store.migrate().await?;
                 Ok(Self {
                     store: store.clone(),
                     backend: "postgres",
@@ -106,6 +127,23 @@ impl Target {
                 "this weir was built without the `postgres` feature".into(),
             )),
         }
+    }
+}
+
+impl Target {
+    /// Drops the scratch schema, if any.
+    async fn close(&self) -> Result<(), CliError> {
+        #[cfg(feature = "postgres")]
+        if let Some(postgres) = &self.postgres {
+            let schema = crate::store::postgres::quote_identifier(postgres.schema());
+            postgres
+                .client()
+                .await?
+                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await
+                .map_err(|e| CliError::Store(crate::store::Error::Backend(e.to_string())))?;
+        }
+        Ok(())
     }
 }
 
@@ -141,10 +179,67 @@ fn check_sizes(events: usize, batch: usize, writers: usize) -> Result<(), CliErr
 async fn append(target: &Target, args: &AppendArgs) -> Result<(), CliError> {
     check_sizes(args.events, args.batch, args.writers)?;
     let batches = args.events.div_ceil(args.batch);
+    let appended = batches * args.batch;
+    let payload = payload(args.payload_bytes);
+    #[cfg(feature = "postgres")]
+    if let Some(postgres) = &target.postgres {
+        raw::create_table(postgres).await?;
+    }
+
+    // Rounds alternate weir and raw, so both meet tables grown alike and the same
+    // moods of a shared machine; the median of each side counts.
+    let mut weir_rates = Vec::new();
+    let mut raw_rates = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        let elapsed = append_round(target, args, batches, &payload).await?;
+        weir_rates.push(rate(appended, elapsed));
+        #[cfg(feature = "postgres")]
+        if let Some(postgres) = &target.postgres {
+            let elapsed = raw::insert(postgres, args, batches, &payload, round).await?;
+            raw_rates.push(rate(appended, elapsed));
+        }
+        #[cfg(not(feature = "postgres"))]
+        let _ = round;
+    }
+    let weir_rate = median(&weir_rates);
+    emit(json!({
+        "bench": "append", "backend": target.backend, "events": appended,
+        "batch": args.batch, "writers": args.writers, "events_per_sec": weir_rate,
+        "rounds": weir_rates,
+    }));
+    if !raw_rates.is_empty() {
+        let raw_rate = median(&raw_rates);
+        emit(json!({
+            "bench": "append_raw_insert", "backend": "postgres", "events": appended,
+            "batch": args.batch, "writers": args.writers, "events_per_sec": raw_rate,
+            "rounds": raw_rates,
+        }));
+        emit(json!({
+            "bench": "append_vs_raw", "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
+        }));
+    }
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// One round of appends, into a category of its own.
+async fn append_round(
+    target: &Target,
+    args: &AppendArgs,
+    batches: usize,
+    payload: &Value,
+) -> Result<Duration, CliError> {
     let category = bench_category();
     let name = EventName::new("BenchEvent").expect("a valid literal name");
-    let payload = payload(args.payload_bytes);
-
     let started = Instant::now();
     let mut writers = JoinSet::new();
     for writer in 0..args.writers {
@@ -168,29 +263,7 @@ async fn append(target: &Target, args: &AppendArgs) -> Result<(), CliError> {
     while let Some(joined) = writers.join_next().await {
         joined.map_err(|e| CliError::Io(std::io::Error::other(e)))??;
     }
-    let weir = started.elapsed();
-    let appended = batches * args.batch;
-    let weir_rate = rate(appended, weir);
-    emit(json!({
-        "bench": "append", "backend": target.backend, "events": appended,
-        "batch": args.batch, "writers": args.writers, "seconds": weir.as_secs_f64(),
-        "events_per_sec": weir_rate,
-    }));
-
-    #[cfg(feature = "postgres")]
-    if let Some(postgres) = &target.postgres {
-        let raw = raw::insert(postgres, args, batches, &payload).await?;
-        let raw_rate = rate(appended, raw);
-        emit(json!({
-            "bench": "append_raw_insert", "backend": "postgres", "events": appended,
-            "batch": args.batch, "writers": args.writers, "seconds": raw.as_secs_f64(),
-            "events_per_sec": raw_rate,
-        }));
-        emit(json!({
-            "bench": "append_vs_raw", "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
-        }));
-    }
-    Ok(())
+    Ok(started.elapsed())
 }
 
 async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
@@ -321,35 +394,46 @@ mod raw {
         CliError::Store(crate::store::Error::Backend(e.to_string()))
     }
 
-    /// The same rows, batches and writers as the weir run, inserted by
-    /// `INSERT … SELECT generate_series` into a copy of the event table (same columns,
-    /// defaults and indexes).
+    fn raw_table(store: &PostgresStore) -> String {
+        let schema = crate::store::postgres::quote_identifier(store.schema());
+        format!("{schema}.weir_bench_raw")
+    }
+
+    /// A copy of the event table (same columns, defaults and indexes) for the raw side.
+    pub(super) async fn create_table(store: &PostgresStore) -> Result<(), CliError> {
+        let schema = crate::store::postgres::quote_identifier(store.schema());
+        store
+            .client()
+            .await?
+            .batch_execute(&format!(
+                "CREATE TABLE {} (LIKE {schema}.weir_events INCLUDING ALL)",
+                raw_table(store)
+            ))
+            .await
+            .map_err(backend)
+    }
+
+    /// The same rows, batches and writers as a weir round, inserted by
+    /// `INSERT … SELECT generate_series` into the copy of the event table.
     pub(super) async fn insert(
         store: &Arc<PostgresStore>,
         args: &AppendArgs,
         batches: usize,
         payload: &Value,
+        round: usize,
     ) -> Result<Duration, CliError> {
-        let schema = crate::store::postgres::quote_identifier(store.schema());
-        let table = format!("{schema}.weir_bench_raw");
-        let client = store.client().await?;
-        client
-            .batch_execute(&format!(
-                "DROP TABLE IF EXISTS {table};
-                 CREATE TABLE {table} (LIKE {schema}.weir_events INCLUDING ALL);"
-            ))
-            .await
-            .map_err(backend)?;
-        drop(client);
         let sql = format!(
-            "INSERT INTO {table} (id, category, stream, position, name, payload, metadata, occurred_at) \
-             SELECT gen_random_uuid(), 'raw', $1::text, $2::bigint + g, 'BenchEvent', $3::jsonb, '{{}}', now() \
-             FROM generate_series(0, $4::bigint - 1) AS g"
+            "INSERT INTO {} (id, category, stream, position, name, payload, metadata, occurred_at) \
+             SELECT gen_random_uuid(), $5::text, $1::text, $2::bigint + g, 'BenchEvent', $3::json, '{{}}', now() \
+             FROM generate_series(0, $4::bigint - 1) AS g",
+            raw_table(store)
         );
+        let category = format!("raw-{round}");
         let started = Instant::now();
         let mut writers = JoinSet::new();
         for writer in 0..args.writers {
             let (store, sql, payload) = (store.clone(), sql.clone(), payload.clone());
+            let category = category.clone();
             let (count, batch, streams) = (args.writers, args.batch as i64, args.streams.max(1));
             writers.spawn(async move {
                 let client = store.client().await?;
@@ -358,7 +442,7 @@ mod raw {
                     let stream = format!("s-{}", index % streams);
                     let first = (index / streams) as i64 * batch;
                     client
-                        .execute(&statement, &[&stream, &first, &payload, &batch])
+                        .execute(&statement, &[&stream, &first, &payload, &batch, &category])
                         .await
                         .map_err(backend)?;
                 }
@@ -368,14 +452,7 @@ mod raw {
         while let Some(joined) = writers.join_next().await {
             joined.map_err(backend)??;
         }
-        let elapsed = started.elapsed();
-        store
-            .client()
-            .await?
-            .batch_execute(&format!("DROP TABLE {table}"))
-            .await
-            .map_err(backend)?;
-        Ok(elapsed)
+        Ok(started.elapsed())
     }
 
     /// The category's rows, in read order, through `COPY … TO STDOUT`; best of `rounds`.
