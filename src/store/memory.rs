@@ -63,39 +63,34 @@ impl State {
             .map(|&i| self.log[i].position)
     }
 
-    /// The indexes into `log` that make up `source`, in read order.
-    fn source_indexes<'a>(
-        &'a self,
-        source: &Source,
-    ) -> Box<dyn DoubleEndedIterator<Item = usize> + 'a> {
+    /// The indexes into `log` that make up a category or stream source, in read order.
+    fn indexes(&self, source: &Source) -> &[usize] {
         match source {
-            Source::Log => Box::new(0..self.log.len()),
-            Source::Category(category) => Box::new(
-                self.categories
-                    .get(category)
-                    .map_or(&[][..], Vec::as_slice)
-                    .iter()
-                    .copied(),
-            ),
-            Source::Stream(category, stream) => {
-                Box::new(self.stream_indexes(category, stream).iter().copied())
-            }
+            Source::Log => &[],
+            Source::Category(category) => self.categories.get(category).map_or(&[], Vec::as_slice),
+            Source::Stream(category, stream) => self.stream_indexes(category, stream),
         }
     }
 
     fn read_after(&self, source: &Source, after: Cursor, limit: usize) -> Vec<StoredEvent> {
-        let indexes: Vec<usize> = match source {
-            Source::Log => {
-                let start = self.log.partition_point(|e| e.cursor <= after);
-                (start..self.log.len()).take(limit).collect()
-            }
-            _ => {
-                let all: Vec<usize> = self.source_indexes(source).collect();
-                let start = all.partition_point(|&i| self.log[i].cursor <= after);
-                all[start..].iter().copied().take(limit).collect()
-            }
-        };
-        indexes.into_iter().map(|i| self.log[i].clone()).collect()
+        if let Source::Log = source {
+            let start = self.log.partition_point(|e| e.cursor <= after);
+            return self.log[start..].iter().take(limit).cloned().collect();
+        }
+        let indexes = self.indexes(source);
+        let start = indexes.partition_point(|&i| self.log[i].cursor <= after);
+        indexes[start..]
+            .iter()
+            .take(limit)
+            .map(|&i| self.log[i].clone())
+            .collect()
+    }
+
+    fn last(&self, source: &Source) -> Option<&StoredEvent> {
+        match source {
+            Source::Log => self.log.last(),
+            _ => self.indexes(source).last().map(|&i| &self.log[i]),
+        }
     }
 }
 
@@ -195,17 +190,12 @@ impl EventStore for MemoryStore {
         category: &Category,
         stream: &StreamName,
     ) -> Result<Option<StoredEvent>> {
-        let state = self.read_state();
-        Ok(state
-            .stream_indexes(category, stream)
-            .last()
-            .map(|&i| state.log[i].clone()))
+        let source = Source::Stream(category.clone(), stream.clone());
+        Ok(self.read_state().last(&source).cloned())
     }
 
     async fn head(&self, source: &Source) -> Result<Option<StoredEvent>> {
-        let state = self.read_state();
-        let last = state.source_indexes(source).next_back();
-        Ok(last.map(|i| state.log[i].clone()))
+        Ok(self.read_state().last(source).cloned())
     }
 
     async fn watch(&self) -> Result<AppendWatcher> {
