@@ -186,13 +186,25 @@ impl PostgresStore {
     }
 
     /// A pooled connection, retried with backoff while the database is unreachable.
-    /// For tools (migrations, benchmarks); the store's own queries use it too.
+    /// For tools (migrations, benchmarks).
     pub async fn client(&self) -> Result<Object> {
+        retry(|| self.connection()).await
+    }
+
+    /// One attempt at a pooled connection.
+    async fn connection(&self) -> Result<Object> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => classify(e),
+            other => Error::Unavailable(other.to_string()),
+        })
+    }
+
+    /// A connection with `sql` prepared on it, retried with backoff: nothing has run yet.
+    async fn prepared(&self, sql: &str) -> Result<(Object, tokio_postgres::Statement)> {
         retry(|| async {
-            self.pool.get().await.map_err(|e| match e {
-                deadpool_postgres::PoolError::Backend(e) => classify(e),
-                other => Error::Unavailable(other.to_string()),
-            })
+            let client = self.connection().await?;
+            let statement = client.prepare_cached(sql).await.map_err(classify)?;
+            Ok((client, statement))
         })
         .await
     }
@@ -204,7 +216,7 @@ impl PostgresStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         retry(|| async {
-            let client = self.client().await?;
+            let client = self.connection().await?;
             let statement = client.prepare_cached(sql).await.map_err(classify)?;
             client.query(&statement, params).await.map_err(classify)
         })
@@ -241,22 +253,16 @@ impl PostgresStore {
                 AcceptedHeads::All => None,
                 AcceptedHeads::Only(heads) => Some((
                     a.stream.to_string(),
-                    heads
-                        .into_iter()
-                        .map(|h| h.map_or(-1, |p| p as i64))
-                        .collect(),
+                    heads.into_iter().map(|h| h.map_or(-1, to_i64)).collect(),
                 )),
             })
             .collect();
         let conditions = Value::Object(conditions);
 
-        // Only failing to get a connection is retried: once the statement is sent, a
-        // lost connection leaves its outcome unknown, and retrying could write twice.
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.sql.append)
-            .await
-            .map_err(classify)?;
+        // Only getting a connection and preparing are retried: once the append is
+        // sent, a lost connection leaves its outcome unknown, and a retry could write
+        // twice (idempotency keys make such retries safe for callers).
+        let (client, statement) = self.prepared(&self.sql.append).await?;
         client
             .query(
                 &statement,
