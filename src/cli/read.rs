@@ -53,7 +53,9 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let mut buffer = Vec::new();
 
     while remaining > 0 && !shutdown.is_cancelled() {
-        let page = store.read(&source, cursor, PAGE_SIZE.min(remaining)).await?;
+        let page = store
+            .read(&source, cursor, PAGE_SIZE.min(remaining))
+            .await?;
         buffer.clear();
         for event in &page {
             serde_json::to_writer(&mut buffer, event).map_err(std::io::Error::other)?;
