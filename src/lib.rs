@@ -14,6 +14,8 @@
 //!   store (feature `postgres`), with its migrations.
 //! - [`broker`]: allocation of sources to subscribers: balanced, sticky, deterministic,
 //!   with two-step handover (a pure function, for now without the coordinator around it).
+//! - [`bus`]: the allocation bus: the versioned wire format of decisions and signals,
+//!   the [`bus::AllocationBus`] trait and the in-process [`bus::MemoryBus`].
 //! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure
 //!   validation that reports every problem at once.
 //! - [`cli`]: one module per `weir` subcommand; `main.rs` only parses and calls it.
@@ -26,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod event;

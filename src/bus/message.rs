@@ -1,0 +1,1080 @@
+//! The allocation bus wire format: what a coordinator publishes and observers read.
+//!
+//! Every payload is one JSON object carrying `"v": 1` (the format version) and a
+//! `"kind"`. Readers check `v` before anything else, so a payload from a newer weir
+//! is reported as [`DecodeError::UnknownVersion`] rather than as garbage, and within
+//! version 1 unknown fields are ignored, so fields can be added without a new version.
+//! Sources are written in their canonical text form and cursors as `TX:SEQUENCE`.
+//!
+//! A decision (`kind` `"decision"`); `part` counts from 1 up to `parts`:
+//!
+//! ```json
+//! {"v":1,"kind":"decision","group":"billing","epoch":3,"revision":17,
+//!  "coordinator":"node-a","issued_at":"2026-11-22T10:00:00Z","part":1,"parts":1,
+//!  "owners":{"billing-1":["category:invoices","stream:orders/order-42"],
+//!            "billing-2":["category:payments"]},
+//!  "handovers":{"category:refunds":{"from":"billing-1","to":"billing-2"}}}
+//! ```
+//!
+//! Signals (`kind` `"signal"`), told apart by `"signal"`:
+//!
+//! ```json
+//! {"v":1,"kind":"signal","signal":"joined","group":"billing","subscriber":"billing-3","node":"node-c"}
+//! {"v":1,"kind":"signal","signal":"leaving","group":"billing","subscriber":"billing-3","node":"node-c"}
+//! {"v":1,"kind":"signal","signal":"released","group":"billing","subscriber":"billing-1","source":"category:refunds","cursor":"981:3"}
+//! ```
+//!
+//! `cursor` is omitted (or `null`) when the subscriber released a source it had not
+//! read from yet.
+//!
+//! A decision for a large group does not fit a broker's payload limit (1,000
+//! subscribers over 100,000 sources is about 1.7 MB; NATS accepts 1 MiB by default).
+//! [`encode_decision_parts`] splits it into several decision payloads that share
+//! `group`, `epoch`, `revision`, `coordinator` and `issued_at` and each carry some of
+//! the owners and handovers; a subscriber's sources may be spread over several parts.
+//! [`DecisionAssembler`] puts them back together. Decisions that fit are one payload
+//! with `"parts": 1`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::broker::allocation::{Allocation, Handover};
+use crate::event::{Cursor, Source};
+
+/// The wire format version this weir writes and the only one it reads.
+pub const WIRE_VERSION: u64 = 1;
+
+/// One allocation decision of a group's coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub group: String,
+    /// The coordinator's leadership term; a new leader starts a higher one.
+    pub epoch: u64,
+    /// Counts decisions within an epoch.
+    pub revision: u64,
+    /// Node id of the coordinator that issued the decision.
+    pub coordinator: String,
+    pub issued_at: DateTime<Utc>,
+    /// Subscriber id to the sources it owns.
+    pub owners: BTreeMap<String, BTreeSet<Source>>,
+    /// Sources owned by nobody until their old owner releases them.
+    pub handovers: BTreeMap<Source, Handover>,
+}
+
+impl Decision {
+    /// A decision carrying `allocation`, issued now.
+    pub fn from_allocation(
+        group: impl Into<String>,
+        epoch: u64,
+        revision: u64,
+        coordinator: impl Into<String>,
+        allocation: &Allocation<Source>,
+    ) -> Self {
+        Self {
+            group: group.into(),
+            epoch,
+            revision,
+            coordinator: coordinator.into(),
+            issued_at: Utc::now(),
+            owners: allocation.owners.clone(),
+            handovers: allocation.handovers.clone(),
+        }
+    }
+
+    /// The allocation this decision carries, e.g. to feed the next `allocate`.
+    pub fn allocation(&self) -> Allocation<Source> {
+        Allocation {
+            owners: self.owners.clone(),
+            handovers: self.handovers.clone(),
+        }
+    }
+
+    /// `(epoch, revision)`: decisions of one group are ordered by it.
+    pub fn version(&self) -> (u64, u64) {
+        (self.epoch, self.revision)
+    }
+
+    /// Whether this decision supersedes `other`: a higher epoch wins whatever the
+    /// revisions, so a deposed coordinator's late decisions lose to the new leader's.
+    pub fn is_newer_than(&self, other: &Decision) -> bool {
+        self.version() > other.version()
+    }
+
+    /// The subscriber owning `source` under this decision, if any.
+    pub fn owner_of(&self, source: &Source) -> Option<&str> {
+        self.owners
+            .iter()
+            .find(|(_, sources)| sources.contains(source))
+            .map(|(id, _)| id.as_str())
+    }
+}
+
+/// Membership and handover news from subscribers to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "signal", rename_all = "snake_case")]
+pub enum Signal {
+    /// A subscriber has started on `node` and wants its share.
+    Joined {
+        group: String,
+        subscriber: String,
+        node: String,
+    },
+    /// A subscriber is shutting down cleanly; its sources can move at once.
+    Leaving {
+        group: String,
+        subscriber: String,
+        node: String,
+    },
+    /// A subscriber has stopped consuming `source` (a handover's first step);
+    /// `cursor` is where it stopped, `None` if it never read from it.
+    Released {
+        group: String,
+        subscriber: String,
+        source: Source,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
+    },
+}
+
+impl Signal {
+    pub fn group(&self) -> &str {
+        match self {
+            Signal::Joined { group, .. }
+            | Signal::Leaving { group, .. }
+            | Signal::Released { group, .. } => group,
+        }
+    }
+}
+
+/// A complete message on the allocation bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusMessage {
+    Decision(Decision),
+    Signal(Signal),
+}
+
+impl From<Decision> for BusMessage {
+    fn from(decision: Decision) -> Self {
+        BusMessage::Decision(decision)
+    }
+}
+
+impl From<Signal> for BusMessage {
+    fn from(signal: Signal) -> Self {
+        BusMessage::Signal(signal)
+    }
+}
+
+/// One payload's worth of a decision: part `part` of `parts` (counted from 1).
+/// `decision` holds only this part's owners and handovers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionPart {
+    pub part: u32,
+    pub parts: u32,
+    pub decision: Decision,
+}
+
+/// What one payload carries: a signal, or a whole decision or part of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Decision(DecisionPart),
+    Signal(Signal),
+}
+
+/// Why a payload could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error(
+        "bus message has format version {found}, this weir reads only version {WIRE_VERSION}: upgrade this node to the version the coordinator runs"
+    )]
+    UnknownVersion { found: u64 },
+    #[error("bus message is not a valid version-{WIRE_VERSION} message: {0}")]
+    Malformed(String),
+    #[error(
+        "bus message is part {part} of {parts} of decision {epoch}.{revision} for group {group:?}: read it with decode_frame and a DecisionAssembler"
+    )]
+    Partial {
+        group: String,
+        epoch: u64,
+        revision: u64,
+        part: u32,
+        parts: u32,
+    },
+}
+
+/// The fields every payload's envelope has, read before the rest so that the
+/// version is checked first whatever else the payload holds.
+#[derive(Deserialize)]
+struct Probe {
+    v: Option<u64>,
+    kind: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct DecisionOut<'a, O, H> {
+    v: u64,
+    kind: &'static str,
+    group: &'a str,
+    epoch: u64,
+    revision: u64,
+    coordinator: &'a str,
+    issued_at: &'a DateTime<Utc>,
+    part: u32,
+    parts: u32,
+    owners: O,
+    handovers: H,
+}
+
+impl<'a, O: Serialize, H: Serialize> DecisionOut<'a, O, H> {
+    fn new(decision: &'a Decision, part: u32, parts: u32, owners: O, handovers: H) -> Self {
+        Self {
+            v: WIRE_VERSION,
+            kind: "decision",
+            group: &decision.group,
+            epoch: decision.epoch,
+            revision: decision.revision,
+            coordinator: &decision.coordinator,
+            issued_at: &decision.issued_at,
+            part,
+            parts,
+            owners,
+            handovers,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DecisionIn {
+    group: String,
+    epoch: u64,
+    revision: u64,
+    coordinator: String,
+    issued_at: DateTime<Utc>,
+    part: u32,
+    parts: u32,
+    owners: BTreeMap<String, BTreeSet<Source>>,
+    handovers: BTreeMap<Source, Handover>,
+}
+
+#[derive(Serialize)]
+struct SignalOut<'a> {
+    v: u64,
+    kind: &'static str,
+    #[serde(flatten)]
+    signal: &'a Signal,
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Every type written here is made of strings, integers, timestamps and maps
+    // with string keys, which serde_json always serialises.
+    serde_json::to_vec(value).expect("bus messages always serialise to JSON")
+}
+
+/// The payload for `message`. A decision becomes one payload with `"parts": 1`
+/// however large it is; use [`encode_decision_parts`] to respect a size limit.
+pub fn encode(message: &BusMessage) -> Vec<u8> {
+    match message {
+        BusMessage::Decision(decision) => to_json(&DecisionOut::new(
+            decision,
+            1,
+            1,
+            &decision.owners,
+            &decision.handovers,
+        )),
+        BusMessage::Signal(signal) => to_json(&SignalOut {
+            v: WIRE_VERSION,
+            kind: "signal",
+            signal,
+        }),
+    }
+}
+
+/// Reads one payload that is a whole message. A part of a split decision is
+/// [`DecodeError::Partial`]: subscribers read payloads with [`decode_frame`].
+pub fn decode(bytes: &[u8]) -> Result<BusMessage, DecodeError> {
+    match decode_frame(bytes)? {
+        Frame::Signal(signal) => Ok(BusMessage::Signal(signal)),
+        Frame::Decision(DecisionPart {
+            part: 1,
+            parts: 1,
+            decision,
+        }) => Ok(BusMessage::Decision(decision)),
+        Frame::Decision(DecisionPart {
+            part,
+            parts,
+            decision,
+        }) => Err(DecodeError::Partial {
+            group: decision.group,
+            epoch: decision.epoch,
+            revision: decision.revision,
+            part,
+            parts,
+        }),
+    }
+}
+
+/// Reads one payload: a signal or a decision part (a whole decision is part 1 of 1).
+pub fn decode_frame(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    let malformed = |e: serde_json::Error| DecodeError::Malformed(e.to_string());
+    let probe: Probe = serde_json::from_slice(bytes).map_err(malformed)?;
+    match probe.v {
+        None => {
+            return Err(DecodeError::Malformed(
+                "no format version field \"v\"".into(),
+            ));
+        }
+        Some(WIRE_VERSION) => {}
+        Some(found) => return Err(DecodeError::UnknownVersion { found }),
+    }
+    match probe.kind.as_ref().and_then(serde_json::Value::as_str) {
+        Some("decision") => {
+            let d: DecisionIn = serde_json::from_slice(bytes).map_err(malformed)?;
+            if d.parts == 0 || d.part == 0 || d.part > d.parts {
+                return Err(DecodeError::Malformed(format!(
+                    "decision part {} of {} is out of range",
+                    d.part, d.parts
+                )));
+            }
+            Ok(Frame::Decision(DecisionPart {
+                part: d.part,
+                parts: d.parts,
+                decision: Decision {
+                    group: d.group,
+                    epoch: d.epoch,
+                    revision: d.revision,
+                    coordinator: d.coordinator,
+                    issued_at: d.issued_at,
+                    owners: d.owners,
+                    handovers: d.handovers,
+                },
+            }))
+        }
+        Some("signal") => Ok(Frame::Signal(
+            serde_json::from_slice(bytes).map_err(malformed)?,
+        )),
+        Some(other) => Err(DecodeError::Malformed(format!(
+            "unknown message kind {other:?}"
+        ))),
+        None => Err(DecodeError::Malformed(
+            "no message kind: \"kind\" must be \"decision\" or \"signal\"".into(),
+        )),
+    }
+}
+
+/// What one part will carry, borrowed from the decision being split.
+#[derive(Default)]
+struct PartPlan<'a> {
+    owners: BTreeMap<&'a str, Vec<&'a Source>>,
+    handovers: BTreeMap<&'a Source, &'a Handover>,
+    /// Encoded size of `owners` and `handovers` as JSON objects.
+    owners_bytes: usize,
+    handovers_bytes: usize,
+}
+
+impl PartPlan<'_> {
+    fn new() -> Self {
+        Self {
+            owners_bytes: 2,
+            handovers_bytes: 2,
+            ..Self::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.owners.is_empty() && self.handovers.is_empty()
+    }
+
+    fn bytes(&self) -> usize {
+        self.owners_bytes + self.handovers_bytes
+    }
+}
+
+fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    to_json(&value).len()
+}
+
+/// Encodes `decision` as payloads of at most `max_bytes` each: one payload if it
+/// fits, otherwise as many parts as needed, every one carrying the header and a
+/// share of the owners and handovers. A subscriber whose sources do not fit one
+/// part is spread over several.
+///
+/// Parts are filled greedily in order, so their number is close to the least
+/// possible. Only if `max_bytes` is too small for the header plus a single source
+/// or handover (a few hundred bytes for sensible names) are parts larger than
+/// `max_bytes`: each then carries one source or handover, and the transport
+/// reports them as too large.
+pub fn encode_decision_parts(decision: &Decision, max_bytes: usize) -> Vec<Vec<u8>> {
+    let whole = encode(&BusMessage::Decision(decision.clone()));
+    if whole.len() <= max_bytes {
+        return vec![whole];
+    }
+    // The header with the widest part numbers possible, so a part's size is never
+    // underestimated however many parts there turn out to be.
+    let empty: BTreeMap<&str, ()> = BTreeMap::new();
+    let header = json_len(&DecisionOut::new(
+        decision,
+        u32::MAX,
+        u32::MAX,
+        &empty,
+        &empty,
+    )) - 4;
+    let budget = max_bytes.saturating_sub(header);
+
+    let mut plans = vec![PartPlan::new()];
+    for (subscriber, sources) in &decision.owners {
+        let key = json_len(subscriber.as_str()) + 1; // `"id":`
+        let whole_entry = key + json_len(sources);
+        let current = plans.last_mut().expect("plans starts non-empty");
+        let comma = usize::from(!current.owners.is_empty());
+        let fits_here = current.bytes() + comma + whole_entry <= budget;
+        if !fits_here && !current.is_empty() && PartPlan::new().bytes() + whole_entry <= budget {
+            // Whole in a fresh part rather than split: fewer subscribers straddle parts.
+            plans.push(PartPlan::new());
+        }
+        if sources.is_empty() {
+            let current = plans.last_mut().expect("plans is non-empty");
+            let cost = usize::from(!current.owners.is_empty()) + key + 2;
+            let current = if current.bytes() + cost > budget && !current.is_empty() {
+                plans.push(PartPlan::new());
+                plans.last_mut().expect("a part was just pushed")
+            } else {
+                current
+            };
+            current.owners_bytes += usize::from(!current.owners.is_empty()) + key + 2;
+            current.owners.insert(subscriber, Vec::new());
+            continue;
+        }
+        for source in sources {
+            let size = json_len(source);
+            let current = plans.last_mut().expect("plans is non-empty");
+            let cost = match current.owners.get(subscriber.as_str()) {
+                Some(_) => 1 + size,
+                None => usize::from(!current.owners.is_empty()) + key + 2 + size,
+            };
+            let current = if current.bytes() + cost > budget && !current.is_empty() {
+                plans.push(PartPlan::new());
+                plans.last_mut().expect("a part was just pushed")
+            } else {
+                current
+            };
+            match current.owners.get_mut(subscriber.as_str()) {
+                Some(list) => {
+                    current.owners_bytes += 1 + size;
+                    list.push(source);
+                }
+                None => {
+                    current.owners_bytes +=
+                        usize::from(!current.owners.is_empty()) + key + 2 + size;
+                    current.owners.insert(subscriber, vec![source]);
+                }
+            }
+        }
+    }
+    for (source, handover) in &decision.handovers {
+        let entry = json_len(source) + 1 + json_len(handover);
+        let current = plans.last_mut().expect("plans is non-empty");
+        let cost = usize::from(!current.handovers.is_empty()) + entry;
+        let current = if current.bytes() + cost > budget && !current.is_empty() {
+            plans.push(PartPlan::new());
+            plans.last_mut().expect("a part was just pushed")
+        } else {
+            current
+        };
+        current.handovers_bytes += usize::from(!current.handovers.is_empty()) + entry;
+        current.handovers.insert(source, handover);
+    }
+
+    let parts = u32::try_from(plans.len()).unwrap_or(u32::MAX);
+    plans
+        .iter()
+        .zip(1..=parts)
+        .map(|(plan, part)| {
+            to_json(&DecisionOut::new(
+                decision,
+                part,
+                parts,
+                &plan.owners,
+                &plan.handovers,
+            ))
+        })
+        .collect()
+}
+
+/// How many incomplete decisions per group an assembler keeps. Parts of one
+/// decision normally arrive together; more than a few incomplete ones means parts
+/// were lost, and only the newest can still matter.
+const MAX_PENDING_PER_GROUP: usize = 4;
+
+/// Puts split decisions back together.
+///
+/// Takes decision parts in any order, mixed with parts of other groups and other
+/// revisions, and yields each decision once all its parts are in. Decisions are
+/// state, so it only ever yields a decision newer (by `(epoch, revision)`) than
+/// the last one it yielded for that group: duplicates and stale decisions are
+/// dropped, and so are incomplete older ones once a newer one completes.
+#[derive(Debug, Default)]
+pub struct DecisionAssembler {
+    groups: HashMap<String, GroupAssembly>,
+}
+
+#[derive(Debug, Default)]
+struct GroupAssembly {
+    /// `(epoch, revision)` of the last decision yielded.
+    yielded: Option<(u64, u64)>,
+    pending: BTreeMap<(u64, u64), Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    parts: u32,
+    received: BTreeSet<u32>,
+    decision: Decision,
+}
+
+impl DecisionAssembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one part; returns the decision it completes, if any.
+    pub fn push(&mut self, part: DecisionPart) -> Option<Decision> {
+        let DecisionPart {
+            part,
+            parts,
+            decision,
+        } = part;
+        let version = decision.version();
+        let group = self.groups.entry(decision.group.clone()).or_default();
+        if group.yielded.is_some_and(|yielded| version <= yielded) {
+            tracing::debug!(
+                group = %decision.group, epoch = decision.epoch, revision = decision.revision,
+                "dropped a decision part not newer than the decision already delivered"
+            );
+            return None;
+        }
+        let complete = if parts <= 1 {
+            decision
+        } else {
+            let pending = group.pending.entry(version).or_insert_with(|| Pending {
+                parts,
+                received: BTreeSet::new(),
+                decision: Decision {
+                    group: decision.group.clone(),
+                    epoch: decision.epoch,
+                    revision: decision.revision,
+                    coordinator: decision.coordinator.clone(),
+                    issued_at: decision.issued_at,
+                    owners: BTreeMap::new(),
+                    handovers: BTreeMap::new(),
+                },
+            });
+            if pending.parts != parts || part == 0 || part > parts {
+                tracing::warn!(
+                    group = %decision.group, epoch = decision.epoch, revision = decision.revision,
+                    part, parts, expected_parts = pending.parts,
+                    "dropped a decision part that disagrees with its siblings on the number of parts"
+                );
+                return None;
+            }
+            if !pending.received.insert(part) {
+                return None;
+            }
+            for (subscriber, sources) in decision.owners {
+                pending
+                    .decision
+                    .owners
+                    .entry(subscriber)
+                    .or_default()
+                    .extend(sources);
+            }
+            pending.decision.handovers.extend(decision.handovers);
+            if pending.received.len() < pending.parts as usize {
+                while group.pending.len() > MAX_PENDING_PER_GROUP {
+                    group.pending.pop_first();
+                }
+                return None;
+            }
+            group.pending.remove(&version)?.decision
+        };
+        // Anything pending for this group is older or newer; older can never be
+        // delivered any more, newer may still complete.
+        group.pending = group.pending.split_off(&version);
+        group.yielded = Some(version);
+        Some(complete)
+    }
+
+    /// How many decisions are waiting for parts, over all groups.
+    pub fn pending(&self) -> usize {
+        self.groups.values().map(|g| g.pending.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::allocation::{AllocationInput, allocate, synthetic_input};
+    use crate::event::{Category, StreamName};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn source(text: &str) -> Source {
+        text.parse().expect("test sources are valid")
+    }
+
+    fn issued() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+            .expect("valid timestamp")
+            .with_timezone(&Utc)
+    }
+
+    fn small_decision(group: &str, epoch: u64, revision: u64) -> Decision {
+        Decision {
+            group: group.into(),
+            epoch,
+            revision,
+            coordinator: "node-a".into(),
+            issued_at: issued(),
+            owners: [
+                (
+                    "billing-1".to_owned(),
+                    [
+                        source("category:invoices"),
+                        source("stream:orders/order-42"),
+                    ]
+                    .into(),
+                ),
+                ("billing-2".to_owned(), [source("log")].into()),
+            ]
+            .into(),
+            handovers: [(
+                source("category:refunds"),
+                Handover {
+                    from: "billing-1".into(),
+                    to: "billing-2".into(),
+                },
+            )]
+            .into(),
+        }
+    }
+
+    /// A decision too big for 600 bytes: it travels in several parts.
+    fn split_decision(group: &str, epoch: u64, revision: u64) -> Decision {
+        let mut decision = small_decision(group, epoch, revision);
+        decision.owners.insert(
+            "billing-3".to_owned(),
+            (0..30)
+                .map(|i| source(&format!("stream:orders/order-{i:03}")))
+                .collect(),
+        );
+        decision
+    }
+
+    fn signals() -> Vec<Signal> {
+        vec![
+            Signal::Joined {
+                group: "billing".into(),
+                subscriber: "billing-3".into(),
+                node: "node-c".into(),
+            },
+            Signal::Leaving {
+                group: "billing".into(),
+                subscriber: "billing-3".into(),
+                node: "node-c".into(),
+            },
+            Signal::Released {
+                group: "billing".into(),
+                subscriber: "billing-1".into(),
+                source: source("category:refunds"),
+                cursor: Some(Cursor::new(981, 3)),
+            },
+            Signal::Released {
+                group: "billing".into(),
+                subscriber: "billing-1".into(),
+                source: source("log"),
+                cursor: None,
+            },
+        ]
+    }
+
+    fn part_of(bytes: &[u8]) -> DecisionPart {
+        match decode_frame(bytes) {
+            Ok(Frame::Decision(part)) => part,
+            other => panic!("expected a decision part, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_message_kind_round_trips() {
+        let mut messages: Vec<BusMessage> = signals().into_iter().map(Into::into).collect();
+        messages.push(small_decision("billing", 3, 17).into());
+        let mut empty = small_decision("empty", 0, 0);
+        empty.owners.clear();
+        empty.handovers.clear();
+        messages.push(empty.into());
+        for message in messages {
+            let bytes = encode(&message);
+            assert_eq!(decode(&bytes), Ok(message.clone()), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let decision = encode(&small_decision("billing", 3, 17).into());
+        let value: serde_json::Value = serde_json::from_slice(&decision).expect("JSON");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "v": 1, "kind": "decision", "group": "billing", "epoch": 3, "revision": 17,
+                "coordinator": "node-a", "issued_at": "2026-11-22T10:00:00Z",
+                "part": 1, "parts": 1,
+                "owners": {
+                    "billing-1": ["category:invoices", "stream:orders/order-42"],
+                    "billing-2": ["log"],
+                },
+                "handovers": {"category:refunds": {"from": "billing-1", "to": "billing-2"}},
+            })
+        );
+        let released = encode(&signals()[2].clone().into());
+        assert_eq!(
+            String::from_utf8(released).expect("UTF-8"),
+            r#"{"v":1,"kind":"signal","signal":"released","group":"billing","subscriber":"billing-1","source":"category:refunds","cursor":"981:3"}"#
+        );
+        let joined = encode(&signals()[0].clone().into());
+        assert_eq!(
+            String::from_utf8(joined).expect("UTF-8"),
+            r#"{"v":1,"kind":"signal","signal":"joined","group":"billing","subscriber":"billing-3","node":"node-c"}"#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_within_version_one_are_ignored() {
+        let bytes = br#"{"v":1,"kind":"signal","signal":"joined","group":"g","subscriber":"s","node":"n","zone":"eu"}"#;
+        assert_eq!(
+            decode(bytes),
+            Ok(BusMessage::Signal(Signal::Joined {
+                group: "g".into(),
+                subscriber: "s".into(),
+                node: "n".into(),
+            }))
+        );
+    }
+
+    #[test]
+    fn a_newer_version_is_unknown_version_not_malformed() {
+        for bytes in [
+            &br#"{"v":2,"kind":"decision","group":"g"}"#[..],
+            br#"{"kind":{"nested":true},"v":2,"whatever":[1,2]}"#,
+            br#"{"v":7}"#,
+        ] {
+            assert_eq!(
+                decode(bytes),
+                Err(DecodeError::UnknownVersion {
+                    found: bytes_version(bytes)
+                })
+            );
+        }
+        let message = DecodeError::UnknownVersion { found: 2 }.to_string();
+        assert!(message.contains("upgrade"), "{message}");
+    }
+
+    fn bytes_version(bytes: &[u8]) -> u64 {
+        let value: serde_json::Value = serde_json::from_slice(bytes).expect("JSON");
+        value["v"].as_u64().expect("v")
+    }
+
+    #[test]
+    fn malformed_payloads_are_malformed() {
+        for bytes in [
+            &b""[..],
+            b"not json",
+            b"{\"v\":1,\"kind\":\"decision\"",
+            b"[1,2,3]",
+            b"{\"kind\":\"signal\"}",
+            b"{\"v\":\"1\",\"kind\":\"signal\"}",
+            b"{\"v\":1}",
+            b"{\"v\":1,\"kind\":\"gossip\"}",
+            b"{\"v\":1,\"kind\":\"signal\",\"signal\":\"waved\",\"group\":\"g\"}",
+            br#"{"v":1,"kind":"signal","signal":"released","group":"g","subscriber":"s","source":"nowhere:x"}"#,
+            br#"{"v":1,"kind":"signal","signal":"released","group":"g","subscriber":"s","source":"log","cursor":"x"}"#,
+            br#"{"v":1,"kind":"decision","group":"g","epoch":1,"revision":1,"coordinator":"n","issued_at":"2026-11-22T10:00:00Z","part":3,"parts":2,"owners":{},"handovers":{}}"#,
+            br#"{"v":1,"kind":"decision","group":"g","epoch":-1,"revision":1,"coordinator":"n","issued_at":"2026-11-22T10:00:00Z","part":1,"parts":1,"owners":{},"handovers":{}}"#,
+        ] {
+            assert!(
+                matches!(decode(bytes), Err(DecodeError::Malformed(_))),
+                "{:?} gave {:?}",
+                String::from_utf8_lossy(bytes),
+                decode(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn a_part_of_a_split_decision_is_not_a_whole_message() {
+        let parts = encode_decision_parts(&split_decision("billing", 1, 1), 600);
+        assert!(parts.len() > 1);
+        assert!(matches!(
+            decode(&parts[0]),
+            Err(DecodeError::Partial { part: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn newer_compares_epoch_then_revision() {
+        let d = |epoch, revision| small_decision("g", epoch, revision);
+        assert!(d(1, 2).is_newer_than(&d(1, 1)));
+        assert!(d(2, 0).is_newer_than(&d(1, 99)));
+        assert!(!d(1, 99).is_newer_than(&d(2, 0)));
+        assert!(!d(1, 1).is_newer_than(&d(1, 1)));
+        assert!(!d(1, 1).is_newer_than(&d(1, 2)));
+    }
+
+    #[test]
+    fn owner_of_finds_owners_but_not_handovers() {
+        let d = small_decision("g", 1, 1);
+        assert_eq!(d.owner_of(&source("log")), Some("billing-2"));
+        assert_eq!(
+            d.owner_of(&source("stream:orders/order-42")),
+            Some("billing-1")
+        );
+        assert_eq!(d.owner_of(&source("category:refunds")), None);
+    }
+
+    #[test]
+    fn from_allocation_carries_the_allocation() {
+        let d = small_decision("g", 1, 1);
+        let made = Decision::from_allocation("g", 4, 5, "node-b", &d.allocation());
+        assert_eq!(
+            (made.epoch, made.revision, made.coordinator.as_str()),
+            (4, 5, "node-b")
+        );
+        assert_eq!(made.allocation(), d.allocation());
+    }
+
+    /// 1,000 subscribers over 100,000 stream sources, as `allocate` decides it
+    /// once a newcomer has joined (so there are handovers too).
+    fn large_decision(group: &str) -> Decision {
+        let synthetic = synthetic_input(1_001, 100_000);
+        let orders = Category::new("orders").expect("valid");
+        // One set shared by every member, as the allocator is fastest with.
+        let shared: Arc<BTreeSet<Source>> = Arc::new(
+            synthetic[0]
+                .sources
+                .iter()
+                .map(|s| {
+                    Source::Stream(orders.clone(), StreamName::new(s.as_str()).expect("valid"))
+                })
+                .collect(),
+        );
+        let mut members: Vec<_> = synthetic
+            .into_iter()
+            .map(|m| crate::broker::allocation::Member::new(m.id, m.node, Arc::clone(&shared)))
+            .collect();
+        let newcomer = members.pop().expect("1,001 members");
+        let none = BTreeSet::new();
+        let first = allocate(&AllocationInput {
+            members: &members,
+            required_tags: &none,
+            current: &Allocation::default(),
+            released: &BTreeSet::new(),
+        });
+        members.push(newcomer);
+        let second = allocate(&AllocationInput {
+            members: &members,
+            required_tags: &none,
+            current: &first,
+            released: &BTreeSet::new(),
+        });
+        Decision {
+            issued_at: issued(),
+            ..Decision::from_allocation(group, 2, 41, "node-a", &second)
+        }
+    }
+
+    /// A small deterministic shuffle, so the test needs no random source.
+    fn shuffle<T>(items: &mut [T], mut seed: u64) {
+        for i in (1..items.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            items.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+    }
+
+    #[test]
+    fn a_large_decision_splits_under_one_mebibyte_and_reassembles() {
+        const MIB: usize = 1 << 20;
+        let big = large_decision("orders");
+        let other = Decision {
+            group: "payments".into(),
+            revision: 7,
+            ..big.clone()
+        };
+        assert_eq!(big.handovers.len(), 99);
+        let whole = encode(&big.clone().into());
+        assert!(whole.len() > MIB, "only {} bytes", whole.len());
+
+        let parts = encode_decision_parts(&big, MIB);
+        let other_parts = encode_decision_parts(&other, MIB);
+        assert!(parts.len() >= 2);
+        for bytes in parts.iter().chain(&other_parts) {
+            assert!(bytes.len() <= MIB, "a part has {} bytes", bytes.len());
+        }
+        // Parts are close to full: no more than one part more than needed.
+        assert!(parts.len() <= whole.len().div_ceil(MIB) + 1);
+
+        let mut mixed: Vec<&Vec<u8>> = parts.iter().chain(&other_parts).collect();
+        shuffle(&mut mixed, 0x9e37_79b9_7f4a_7c15);
+        let mut assembler = DecisionAssembler::new();
+        let mut done = Vec::new();
+        for bytes in mixed {
+            done.extend(assembler.push(part_of(bytes)));
+        }
+        assert_eq!(done.len(), 2);
+        let got_big = done.iter().find(|d| d.group == "orders").expect("orders");
+        let got_other = done
+            .iter()
+            .find(|d| d.group == "payments")
+            .expect("payments");
+        assert_eq!(got_big, &big);
+        assert_eq!(got_other, &other);
+        assert_eq!(assembler.pending(), 0);
+    }
+
+    #[test]
+    fn one_subscribers_sources_are_split_across_parts_when_they_must() {
+        let decision = Decision {
+            owners: [(
+                "only".to_owned(),
+                (0..500)
+                    .map(|i| source(&format!("stream:orders/order-{i:05}")))
+                    .collect(),
+            )]
+            .into(),
+            handovers: BTreeMap::new(),
+            ..small_decision("g", 1, 1)
+        };
+        let parts = encode_decision_parts(&decision, 2_000);
+        assert!(parts.len() > 5);
+        let mut assembler = DecisionAssembler::new();
+        let mut done = None;
+        for bytes in parts.iter().rev() {
+            assert!(bytes.len() <= 2_000);
+            assert!(done.is_none());
+            done = assembler.push(part_of(bytes));
+        }
+        assert_eq!(done, Some(decision));
+    }
+
+    #[test]
+    fn a_decision_that_fits_is_one_part() {
+        let decision = small_decision("g", 1, 1);
+        let parts = encode_decision_parts(&decision, 1 << 20);
+        assert_eq!(parts, vec![encode(&decision.clone().into())]);
+        assert_eq!(decode(&parts[0]), Ok(BusMessage::Decision(decision)));
+    }
+
+    #[test]
+    fn older_incomplete_assemblies_are_dropped_when_a_newer_one_completes() {
+        let old = split_decision("g", 1, 1);
+        let new = split_decision("g", 1, 2);
+        let old_parts = encode_decision_parts(&old, 600);
+        let new_parts = encode_decision_parts(&new, 600);
+        assert!(old_parts.len() > 1);
+        let mut assembler = DecisionAssembler::new();
+        assert_eq!(assembler.push(part_of(&old_parts[0])), None);
+        let mut done = None;
+        for bytes in &new_parts {
+            done = assembler.push(part_of(bytes));
+        }
+        assert_eq!(done, Some(new.clone()));
+        assert_eq!(assembler.pending(), 0);
+        for bytes in &old_parts[1..] {
+            assert_eq!(assembler.push(part_of(bytes)), None);
+        }
+        // A duplicate of the delivered decision is not delivered twice.
+        for bytes in &new_parts {
+            assert_eq!(assembler.push(part_of(bytes)), None);
+        }
+        assert_eq!(assembler.pending(), 0);
+    }
+
+    #[test]
+    fn pending_assemblies_are_bounded() {
+        let mut assembler = DecisionAssembler::new();
+        for revision in 0..20 {
+            let parts = encode_decision_parts(&split_decision("g", 1, revision), 600);
+            assert_eq!(assembler.push(part_of(&parts[0])), None);
+        }
+        assert_eq!(assembler.pending(), MAX_PENDING_PER_GROUP);
+    }
+
+    fn arbitrary_source() -> impl Strategy<Value = Source> {
+        prop_oneof![
+            1 => Just(Source::Log),
+            3 => "[a-z]{1,6}".prop_map(|c| Source::Category(Category::new(c).expect("valid"))),
+            6 => ("[a-z]{1,4}", "[a-z0-9é-]{1,12}").prop_map(|(c, s)| {
+                Source::Stream(Category::new(c).expect("valid"), StreamName::new(s).expect("valid"))
+            }),
+        ]
+    }
+
+    fn arbitrary_decision() -> impl Strategy<Value = Decision> {
+        let id = "[a-z\"\\\\]{1,8}";
+        (
+            "[a-z]{1,10}",
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::btree_map(
+                id,
+                proptest::collection::btree_set(arbitrary_source(), 0..30),
+                0..8,
+            ),
+            proptest::collection::btree_map(
+                arbitrary_source(),
+                (id, id).prop_map(|(from, to)| Handover { from, to }),
+                0..10,
+            ),
+        )
+            .prop_map(|(group, epoch, revision, owners, handovers)| Decision {
+                group,
+                epoch,
+                revision,
+                coordinator: "node-a".into(),
+                issued_at: issued(),
+                owners,
+                handovers,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn split_then_reassemble_is_the_identity(
+            decision in arbitrary_decision(),
+            max_bytes in 0usize..3_000,
+            seed in any::<u64>(),
+        ) {
+            let mut parts = encode_decision_parts(&decision, max_bytes);
+            let whole_len = encode(&decision.clone().into()).len();
+            if whole_len <= max_bytes {
+                prop_assert_eq!(parts.len(), 1);
+            }
+            for bytes in &parts {
+                let part = part_of(bytes);
+                prop_assert_eq!(part.parts as usize, parts.len());
+                let items = part.decision.owners.values().map(|s| s.len().max(1)).sum::<usize>()
+                    + part.decision.handovers.len();
+                // Over the limit only when one source or handover alone is too big.
+                prop_assert!(bytes.len() <= max_bytes || items <= 1, "{} > {}", bytes.len(), max_bytes);
+            }
+            shuffle(&mut parts, seed | 1);
+            let mut assembler = DecisionAssembler::new();
+            let mut done = Vec::new();
+            for bytes in &parts {
+                done.extend(assembler.push(part_of(bytes)));
+            }
+            prop_assert_eq!(done, vec![decision]);
+        }
+    }
+}

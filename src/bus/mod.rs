@@ -1,0 +1,178 @@
+//! The allocation bus: how a group's coordinator tells observers which subscriber
+//! owns which source, and how subscribers tell the coordinator they joined, are
+//! leaving or released a source.
+//!
+//! [`AllocationBus`] is the trait every backend implements; [`message`] is the wire
+//! format they all share, so nodes on different backends' clients agree on bytes.
+//! Backends: [`memory`] (one process, always built); NATS and Kafka follow.
+//!
+//! Decisions are state, signals are events: a bus retains the newest decision of
+//! each group and hands it to every new subscriber, while a signal reaches only
+//! those subscribed when it was published.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+pub mod memory;
+pub mod message;
+
+pub use memory::MemoryBus;
+pub use message::{
+    BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,
+    decode_frame, encode, encode_decision_parts,
+};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot reach the allocation bus: {0}; check the [bus] settings and that the broker is running"
+    )]
+    Unavailable(String),
+    #[error(
+        "a bus message of {size} bytes exceeds the broker's limit of {limit} bytes: raise the broker's payload limit or shorten subscriber ids and source names"
+    )]
+    TooLarge { size: usize, limit: usize },
+    #[error("the allocation bus has shut down: restart the node")]
+    Closed,
+    #[error("the allocation bus failed: {0}")]
+    Backend(String),
+}
+
+impl Error {
+    /// Retrying may succeed (the broker could not be reached); other errors will
+    /// fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+}
+
+/// A transport for [`BusMessage`]s. Object safe, so nodes hold an
+/// `Arc<dyn AllocationBus>` chosen by configuration.
+#[async_trait]
+pub trait AllocationBus: Send + Sync + 'static {
+    /// Publishes `message` to every subscriber. A decision too large for one
+    /// payload is split into parts ([`encode_decision_parts`]) by the backend.
+    async fn publish(&self, message: &BusMessage) -> Result<()>;
+
+    /// Starts receiving: first the retained decision of every group, then
+    /// messages as they are published.
+    async fn subscribe(&self) -> Result<BusSubscription>;
+}
+
+/// Messages from one subscription, decoded and with split decisions reassembled.
+///
+/// Payloads that do not decode (malformed, or from a weir with a newer wire
+/// format) are dropped and counted; they never end the subscription, because one
+/// bad publisher must not cut every observer off from decisions.
+pub struct BusSubscription {
+    payloads: BoxStream<'static, Vec<u8>>,
+    assembler: DecisionAssembler,
+    invalid: u64,
+    invalid_total: Arc<AtomicU64>,
+}
+
+impl BusSubscription {
+    /// Wraps a backend's raw payloads. Invalid payloads are also added to
+    /// `invalid_total`, which a backend shares between its subscriptions so that
+    /// one counter can be exported as a metric.
+    pub fn new(payloads: BoxStream<'static, Vec<u8>>, invalid_total: Arc<AtomicU64>) -> Self {
+        Self {
+            payloads,
+            assembler: DecisionAssembler::new(),
+            invalid: 0,
+            invalid_total,
+        }
+    }
+
+    /// The next message; `None` once the bus has shut down.
+    ///
+    /// A decision is delivered only if it is newer than the last one delivered
+    /// for its group, so a stale coordinator's late decision or a redelivery
+    /// never takes an observer back.
+    pub async fn next(&mut self) -> Option<BusMessage> {
+        loop {
+            let payload = self.payloads.next().await?;
+            match decode_frame(&payload) {
+                Ok(Frame::Signal(signal)) => return Some(BusMessage::Signal(signal)),
+                Ok(Frame::Decision(part)) => {
+                    if let Some(decision) = self.assembler.push(part) {
+                        return Some(BusMessage::Decision(decision));
+                    }
+                }
+                Err(error) => {
+                    self.invalid += 1;
+                    self.invalid_total.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        %error,
+                        bytes = payload.len(),
+                        "dropped an allocation bus message that cannot be read"
+                    );
+                    tracing::debug!(
+                        payload = %String::from_utf8_lossy(&payload[..payload.len().min(512)]),
+                        "start of the dropped bus message"
+                    );
+                }
+            }
+        }
+    }
+
+    /// How many payloads this subscription dropped because they did not decode.
+    pub fn invalid_messages(&self) -> u64 {
+        self.invalid
+    }
+
+    /// The counter shared with the bus (over all its subscriptions), for metrics.
+    pub fn invalid_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.invalid_total)
+    }
+}
+
+impl std::fmt::Debug for BusSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusSubscription")
+            .field("invalid", &self.invalid)
+            .field("pending_decisions", &self.assembler.pending())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unreachable_is_retryable() {
+        assert!(Error::Unavailable("connection refused".into()).is_retryable());
+        assert!(!Error::Closed.is_retryable());
+        assert!(!Error::TooLarge { size: 2, limit: 1 }.is_retryable());
+        assert!(!Error::Backend("boom".into()).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn invalid_payloads_are_counted_and_skipped() {
+        let signal = Signal::Joined {
+            group: "g".into(),
+            subscriber: "s".into(),
+            node: "n".into(),
+        };
+        let payloads = vec![
+            b"garbage".to_vec(),
+            br#"{"v":9,"kind":"signal"}"#.to_vec(),
+            encode(&signal.clone().into()),
+        ];
+        let total = Arc::new(AtomicU64::new(5));
+        let mut subscription =
+            BusSubscription::new(futures::stream::iter(payloads).boxed(), Arc::clone(&total));
+        assert_eq!(subscription.next().await, Some(BusMessage::Signal(signal)));
+        assert_eq!(subscription.invalid_messages(), 2);
+        assert_eq!(total.load(Ordering::Relaxed), 7);
+        assert_eq!(subscription.next().await, None);
+    }
+}
