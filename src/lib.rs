@@ -12,8 +12,9 @@
 //! - [`event`]: events, names, sources, cursors and write conditions; pure data.
 //! - [`store`]: the [`store::EventStore`] trait, the in-memory store and the Postgres
 //!   store (feature `postgres`), with its migrations.
-//! - [`broker`]: allocation of sources to subscribers: balanced, sticky, deterministic,
-//!   with two-step handover (a pure function, for now without the coordinator around it).
+//! - [`broker`]: allocation of sources to subscribers (balanced, sticky, deterministic,
+//!   with two-step handover), the leadership lease with epochs, and membership; the
+//!   coordinator and observer around them are still to come.
 //! - [`bus`]: the allocation bus: the versioned wire format of decisions and signals,
 //!   the [`bus::AllocationBus`] trait and the in-process [`bus::MemoryBus`].
 //! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure

@@ -1,4 +1,7 @@
-//! The broker: who owns which source. For now the pure allocation function; roles,
-//! membership, the leadership lease, the coordinator and the observer build on it.
+//! The broker: who owns which source. The pure allocation function, the leadership
+//! lease with epochs, and the membership registry; the coordinator, the observer and
+//! the roles that wire them together build on these.
 
 pub mod allocation;
+pub mod lease;
+pub mod membership;

@@ -12,11 +12,18 @@ pub(crate) struct Migration {
     pub sql: &'static str,
 }
 
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events",
-    sql: include_str!("migrations/0001_events.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events",
+        sql: include_str!("migrations/0001_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "broker",
+        sql: include_str!("migrations/0002_broker.sql"),
+    },
+];
 
 /// The schema version this build of weir needs.
 pub const CURRENT_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;

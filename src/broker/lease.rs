@@ -1,0 +1,774 @@
+//! The leadership lease: a named, expiring claim that at most one node holds at a time,
+//! with an epoch that grows with every change of hands, and the [`Leadership`] driver
+//! that keeps a node's claim alive and reports whether it is the leader.
+//!
+//! The epoch is a fencing token: whatever the leader does on the lease's behalf carries
+//! it, so that a deposed leader that has not yet noticed is recognisably stale.
+//!
+//! Backends: [`MemoryLeaseStore`] (one process, for tests and single-node runs) and
+//! `PostgresLeaseStore` (feature `postgres`), which compares every expiry on the
+//! database's clock so that the nodes' clocks never need to agree.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The longest ttl (and member timeout) accepted: far beyond any sensible setting,
+/// and small enough that adding it to a timestamp never leaves the timestamp range.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// Why a lease operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease ttl {ttl:?} is out of range: give a ttl above zero and at most 100 years")]
+    InvalidTtl { ttl: Duration },
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+}
+
+pub type Result<T, E = LeaseError> = std::result::Result<T, E>;
+
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(LeaseError::InvalidTtl { ttl });
+    }
+    Ok(())
+}
+
+/// A lease as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    /// Grows by one with every new acquisition; never reused for a name.
+    pub epoch: u64,
+    /// On the store's clock; after this instant anyone may take the lease.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Where leases live. Object safe, so a node can hold `Arc<dyn LeaseStore>`.
+///
+/// Contract (checked on every backend by `tests/broker_stores.rs`):
+/// - At most one node holds a live lease of a name at any instant of the store's clock.
+/// - A new acquisition (of a free or expired lease, or of one another node held)
+///   increments the epoch; re-acquiring one's own live lease keeps it.
+/// - Operations naming a holder and epoch change nothing unless both match a live lease.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Takes `name` for `node` for `ttl` if it is free, expired or already `node`'s.
+    /// `None`: another node holds it.
+    async fn try_acquire(&self, name: &str, node: &str, ttl: Duration) -> Result<Option<Lease>>;
+
+    /// Extends `node`'s live lease of `name` at `epoch` to `ttl` from now. `None`, and
+    /// nothing changed, if the lease has expired or is held by anyone else or at
+    /// another epoch.
+    async fn renew(
+        &self,
+        name: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Option<Lease>>;
+
+    /// Expires `name` now if `node` holds it live at `epoch`, so that another node can
+    /// take it without waiting out the ttl. Otherwise does nothing.
+    async fn release(&self, name: &str, node: &str, epoch: u64) -> Result<()>;
+
+    /// The lease as last written, live or expired; `None` if it was never taken.
+    async fn current(&self, name: &str) -> Result<Option<Lease>>;
+}
+
+/// Maps the tokio clock onto wall-clock timestamps, so that the memory backends can
+/// run on `tokio::time::Instant` (which tests may pause and advance) yet report
+/// `DateTime<Utc>` like the database does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MemoryClock {
+    origin: Instant,
+    origin_utc: DateTime<Utc>,
+}
+
+impl MemoryClock {
+    pub(crate) fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            origin_utc: Utc::now(),
+        }
+    }
+
+    pub(crate) fn to_utc(self, instant: Instant) -> DateTime<Utc> {
+        // Both arms stay in range: instants come from this process's lifetime plus at
+        // most MAX_TTL.
+        let offset = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let utc = if instant >= self.origin {
+            self.origin_utc
+                .checked_add_signed(offset(instant - self.origin))
+        } else {
+            self.origin_utc
+                .checked_sub_signed(offset(self.origin - instant))
+        };
+        crate::store::store_precision(utc.unwrap_or(self.origin_utc))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct HeldLease {
+    holder: String,
+    epoch: u64,
+    expires: Instant,
+}
+
+/// Leases in this process's memory, on the tokio clock.
+#[derive(Debug)]
+pub struct MemoryLeaseStore {
+    clock: MemoryClock,
+    leases: Mutex<HashMap<String, HeldLease>>,
+}
+
+impl Default for MemoryLeaseStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryLeaseStore {
+    pub fn new() -> Self {
+        Self {
+            clock: MemoryClock::new(),
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lease(&self, name: &str, held: &HeldLease) -> Lease {
+        Lease {
+            name: name.to_owned(),
+            holder: held.holder.clone(),
+            epoch: held.epoch,
+            expires_at: self.clock.to_utc(held.expires),
+        }
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldLease>> {
+        // A panic while holding the lock cannot leave a lease half-written (every
+        // update is a single assignment), so a poisoned map is still consistent.
+        self.leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for MemoryLeaseStore {
+    async fn try_acquire(&self, name: &str, node: &str, ttl: Duration) -> Result<Option<Lease>> {
+        check_ttl(ttl)?;
+        let now = Instant::now();
+        let mut leases = self.leases();
+        let epoch = match leases.get(name) {
+            None => 1,
+            Some(held) if held.expires <= now => held.epoch + 1,
+            Some(held) if held.holder == node => held.epoch,
+            Some(_) => return Ok(None),
+        };
+        let held = HeldLease {
+            holder: node.to_owned(),
+            epoch,
+            expires: now + ttl,
+        };
+        let lease = self.lease(name, &held);
+        leases.insert(name.to_owned(), held);
+        Ok(Some(lease))
+    }
+
+    async fn renew(
+        &self,
+        name: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        check_ttl(ttl)?;
+        let now = Instant::now();
+        let mut leases = self.leases();
+        match leases.get_mut(name) {
+            Some(held) if held.holder == node && held.epoch == epoch && held.expires > now => {
+                held.expires = now + ttl;
+                let held = held.clone();
+                Ok(Some(self.lease(name, &held)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn release(&self, name: &str, node: &str, epoch: u64) -> Result<()> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        match leases.get_mut(name) {
+            Some(held) if held.holder == node && held.epoch == epoch && held.expires > now => {
+                held.expires = now;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn current(&self, name: &str) -> Result<Option<Lease>> {
+        Ok(self.leases().get(name).map(|held| self.lease(name, held)))
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresLeaseStore;
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::{DateTime, Utc};
+    use tokio_postgres::Row;
+    use tokio_postgres::types::ToSql;
+
+    use super::{Lease, LeaseStore, Result, check_ttl};
+    use crate::store::Error;
+    use crate::store::PostgresStore;
+    use crate::store::postgres::{classify, quote_identifier};
+
+    /// Leases in the `weir_leases` table of a Postgres store's schema.
+    ///
+    /// Every operation is one statement, and every expiry is compared on the database
+    /// clock with `clock_timestamp()`: `now()` is the transaction's start, which for a
+    /// statement that waited on a row lock is earlier than the moment it decides, and
+    /// would let a renewal extend a lease that had already expired while it waited.
+    pub struct PostgresLeaseStore {
+        store: Arc<PostgresStore>,
+        sql: Sql,
+    }
+
+    struct Sql {
+        acquire: String,
+        renew: String,
+        release: String,
+        current: String,
+    }
+
+    impl PostgresLeaseStore {
+        pub fn new(store: Arc<PostgresStore>) -> Self {
+            let table = format!("{}.weir_leases", quote_identifier(store.schema()));
+            let sql = Sql {
+                // On conflict, the row is locked and re-read before the WHERE is
+                // evaluated, so of racing acquirers exactly one sees the lease free.
+                acquire: format!(
+                    "INSERT INTO {table} AS l (name, holder, epoch, expires_at) \
+                     VALUES ($1, $2, 1, clock_timestamp() + $3::bigint * interval '1 microsecond') \
+                     ON CONFLICT (name) DO UPDATE SET \
+                       holder = EXCLUDED.holder, \
+                       epoch = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at > clock_timestamp() \
+                                    THEN l.epoch ELSE l.epoch + 1 END, \
+                       expires_at = clock_timestamp() + $3::bigint * interval '1 microsecond' \
+                     WHERE l.holder = EXCLUDED.holder OR l.expires_at <= clock_timestamp() \
+                     RETURNING name, holder, epoch, expires_at"
+                ),
+                renew: format!(
+                    "UPDATE {table} SET expires_at = clock_timestamp() + $4::bigint * interval '1 microsecond' \
+                     WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp() \
+                     RETURNING name, holder, epoch, expires_at"
+                ),
+                release: format!(
+                    "UPDATE {table} SET expires_at = clock_timestamp() \
+                     WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp()"
+                ),
+                current: format!(
+                    "SELECT name, holder, epoch, expires_at FROM {table} WHERE name = $1"
+                ),
+            };
+            Self { store, sql }
+        }
+
+        /// Runs one statement. Only getting the connection is retried: once a statement
+        /// was sent its outcome is unknown, and the caller's next attempt (acquire or
+        /// renew) is the right retry for a lease.
+        async fn query_opt(
+            &self,
+            sql: &str,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Option<Row>> {
+            let client = self.store.client().await?;
+            let statement = client.prepare_cached(sql).await.map_err(classify)?;
+            Ok(client
+                .query_opt(&statement, params)
+                .await
+                .map_err(classify)?)
+        }
+    }
+
+    fn micros(ttl: Duration) -> i64 {
+        // check_ttl bounds ttl far below i64::MAX microseconds.
+        i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)
+    }
+
+    fn epoch_param(epoch: u64) -> i64 {
+        // An epoch beyond i64::MAX was never stored, so it matches no row.
+        i64::try_from(epoch).unwrap_or(-1)
+    }
+
+    fn lease(row: &Row) -> Result<Lease> {
+        let epoch: i64 = row.try_get(2).map_err(classify)?;
+        Ok(Lease {
+            name: row.try_get(0).map_err(classify)?,
+            holder: row.try_get(1).map_err(classify)?,
+            epoch: u64::try_from(epoch).map_err(|_| {
+                Error::Backend(format!("weir_leases holds a negative epoch {epoch}"))
+            })?,
+            expires_at: row.try_get::<_, DateTime<Utc>>(3).map_err(classify)?,
+        })
+    }
+
+    #[async_trait]
+    impl LeaseStore for PostgresLeaseStore {
+        async fn try_acquire(
+            &self,
+            name: &str,
+            node: &str,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            check_ttl(ttl)?;
+            self.query_opt(&self.sql.acquire, &[&name, &node, &micros(ttl)])
+                .await?
+                .as_ref()
+                .map(lease)
+                .transpose()
+        }
+
+        async fn renew(
+            &self,
+            name: &str,
+            node: &str,
+            epoch: u64,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            check_ttl(ttl)?;
+            self.query_opt(
+                &self.sql.renew,
+                &[&name, &node, &epoch_param(epoch), &micros(ttl)],
+            )
+            .await?
+            .as_ref()
+            .map(lease)
+            .transpose()
+        }
+
+        async fn release(&self, name: &str, node: &str, epoch: u64) -> Result<()> {
+            self.query_opt(&self.sql.release, &[&name, &node, &epoch_param(epoch)])
+                .await?;
+            Ok(())
+        }
+
+        async fn current(&self, name: &str) -> Result<Option<Lease>> {
+            self.query_opt(&self.sql.current, &[&name])
+                .await?
+                .as_ref()
+                .map(lease)
+                .transpose()
+        }
+    }
+}
+
+/// Whether this node leads, as [`Leadership`] last knew it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderState {
+    Follower,
+    Leader { epoch: u64 },
+}
+
+impl LeaderState {
+    pub fn is_leader(&self) -> bool {
+        matches!(self, LeaderState::Leader { .. })
+    }
+}
+
+/// Keeps a node's claim on a lease: tries to acquire it every `ttl / 3` while a
+/// follower, renews it as often while leader, and demotes the moment a renewal fails
+/// or the local deadline passes. Spawn [`Leadership::run`]; watch [`Leadership::subscribe`].
+///
+/// The local deadline is the start of the last successful acquire or renew call plus
+/// the ttl, on this node's monotonic clock. The store set the expiry after that call
+/// started, so the node gives up leading no later than the store frees the lease, even
+/// if the store stops answering.
+pub struct Leadership {
+    store: Arc<dyn LeaseStore>,
+    name: String,
+    node: String,
+    ttl: Duration,
+    state: watch::Sender<LeaderState>,
+}
+
+impl Leadership {
+    pub fn new(
+        store: Arc<dyn LeaseStore>,
+        name: impl Into<String>,
+        node: impl Into<String>,
+        ttl: Duration,
+    ) -> Result<Self> {
+        check_ttl(ttl)?;
+        Ok(Self {
+            store,
+            name: name.into(),
+            node: node.into(),
+            ttl,
+            state: watch::channel(LeaderState::Follower).0,
+        })
+    }
+
+    /// The node's state, updated at every promotion and demotion.
+    pub fn subscribe(&self) -> watch::Receiver<LeaderState> {
+        self.state.subscribe()
+    }
+
+    fn attempt_interval(&self) -> Duration {
+        // A floor keeps a tiny ttl from turning the loop into a busy spin.
+        (self.ttl / 3).max(Duration::from_millis(1))
+    }
+
+    fn set(&self, state: LeaderState) {
+        self.state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+    }
+
+    /// Runs until `cancel` is cancelled, then releases the lease if it holds it.
+    pub async fn run(self, cancel: CancellationToken) {
+        let interval = self.attempt_interval();
+        // (epoch, local deadline) while leader.
+        let mut held: Option<(u64, Instant)> = None;
+        loop {
+            let started = Instant::now();
+            let outcome = match held {
+                None => tokio::select! {
+                    () = cancel.cancelled() => break,
+                    outcome = self.store.try_acquire(&self.name, &self.node, self.ttl) => outcome,
+                },
+                // Biased: a deadline that passed while this node waited to renew
+                // demotes it before it asks the store, never after.
+                Some((epoch, deadline)) => tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep_until(deadline) => {
+                        self.demote(&mut held, "the lease's local deadline passed during a renewal");
+                        continue;
+                    }
+                    outcome = self.store.renew(&self.name, &self.node, epoch, self.ttl) => outcome,
+                },
+            };
+            match outcome {
+                // An answer that came after the local deadline cannot be relied on:
+                // the lease may already be someone else's.
+                Ok(Some(_)) if Instant::now() >= started + self.ttl => {
+                    self.demote(
+                        &mut held,
+                        "the lease store answered after the local deadline",
+                    );
+                }
+                Ok(Some(lease)) => {
+                    // Deadline from the call's start: the store's expiry is later.
+                    held = Some((lease.epoch, started + self.ttl));
+                    if !self.state.borrow().is_leader() {
+                        tracing::info!(lease = %self.name, node = %self.node, epoch = lease.epoch, "became leader");
+                    }
+                    self.set(LeaderState::Leader { epoch: lease.epoch });
+                }
+                Ok(None) => self.demote(&mut held, "another node holds the lease"),
+                Err(error) => {
+                    tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
+                    self.demote(&mut held, "the lease store failed");
+                }
+            }
+            let next = started + interval;
+            // While leader the deadline (start + ttl) is always after the next
+            // renewal (start + ttl / 3), so this wait never outlasts leadership.
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep_until(next) => {}
+            }
+        }
+        // Stop claiming to lead before giving the lease away, so that nobody watching
+        // both nodes ever sees two leaders.
+        self.set(LeaderState::Follower);
+        if let Some((epoch, _)) = held {
+            let release = self.store.release(&self.name, &self.node, epoch);
+            // Bounded: a store that does not answer lets the lease expire on its own.
+            match tokio::time::timeout(self.ttl, release).await {
+                Ok(Ok(())) => {
+                    tracing::info!(lease = %self.name, node = %self.node, epoch, "released the lease");
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(lease = %self.name, node = %self.node, %error, "could not release the lease; it expires on its own");
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.name, node = %self.node, "releasing the lease timed out; it expires on its own");
+                }
+            }
+        }
+    }
+
+    fn demote(&self, held: &mut Option<(u64, Instant)>, reason: &str) {
+        if let Some((epoch, _)) = held.take() {
+            tracing::warn!(lease = %self.name, node = %self.node, epoch, reason, "no longer leader");
+        }
+        self.set(LeaderState::Follower);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    // Tokio's paused clock: time moves only when every task waits, so the timing
+    // bounds below hold exactly, however loaded the machine is.
+    const TTL: Duration = Duration::from_millis(600);
+    /// Allowance for scheduling delays in the few assertions about timing.
+    const SLACK: Duration = Duration::from_millis(150);
+
+    /// A memory store whose renewals can be switched to fail, as when the database
+    /// becomes unreachable.
+    #[derive(Default)]
+    struct FlakyStore {
+        inner: MemoryLeaseStore,
+        fail_renewals: AtomicBool,
+    }
+
+    #[async_trait]
+    impl LeaseStore for FlakyStore {
+        async fn try_acquire(
+            &self,
+            name: &str,
+            node: &str,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            self.inner.try_acquire(name, node, ttl).await
+        }
+        async fn renew(
+            &self,
+            name: &str,
+            node: &str,
+            epoch: u64,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            if self.fail_renewals.load(Ordering::SeqCst) {
+                return Err(
+                    crate::store::Error::Unavailable("switched off by the test".into()).into(),
+                );
+            }
+            self.inner.renew(name, node, epoch, ttl).await
+        }
+        async fn release(&self, name: &str, node: &str, epoch: u64) -> Result<()> {
+            self.inner.release(name, node, epoch).await
+        }
+        async fn current(&self, name: &str) -> Result<Option<Lease>> {
+            self.inner.current(name).await
+        }
+    }
+
+    /// Waits until `state` satisfies `want`, at most `within`.
+    async fn wait_for(
+        state: &mut watch::Receiver<LeaderState>,
+        within: Duration,
+        want: impl Fn(&LeaderState) -> bool,
+    ) -> LeaderState {
+        tokio::time::timeout(within, state.wait_for(|s| want(s)))
+            .await
+            .expect("state not reached in time")
+            .map(|s| *s)
+            .expect("the driver stopped")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_node_becomes_leader_and_releases_when_cancelled() {
+        let store = Arc::new(MemoryLeaseStore::new());
+        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
+        let mut state = leadership.subscribe();
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(leadership.run(cancel.clone()));
+
+        let led = wait_for(&mut state, TTL, LeaderState::is_leader).await;
+        assert_eq!(led, LeaderState::Leader { epoch: 1 });
+        // Renewals keep it leader well past the ttl.
+        tokio::time::sleep(TTL * 5).await;
+        assert_eq!(*state.borrow(), LeaderState::Leader { epoch: 1 });
+
+        cancel.cancel();
+        driver.await.unwrap();
+        assert_eq!(*state.borrow(), LeaderState::Follower);
+        // Released: another node takes it at once, under a new epoch.
+        let taken = store.try_acquire("coordinator", "b", TTL).await.unwrap();
+        assert_eq!(taken.map(|l| l.epoch), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_renewals_demote_at_once() {
+        let store = Arc::new(FlakyStore::default());
+        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
+        let mut state = leadership.subscribe();
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        wait_for(&mut state, TTL, LeaderState::is_leader).await;
+
+        store.fail_renewals.store(true, Ordering::SeqCst);
+        let lease = store.inner.current("coordinator").await.unwrap().unwrap();
+        wait_for(&mut state, TTL, |s| !s.is_leader()).await;
+        // Demoted at the first failing renewal, well before the lease (and with it the
+        // local deadline) ran out.
+        let demoted_at = store.inner.clock.to_utc(Instant::now());
+        assert!(
+            demoted_at < lease.expires_at,
+            "{demoted_at} >= {}",
+            lease.expires_at
+        );
+
+        cancel.cancel();
+        driver.await.unwrap();
+    }
+
+    /// A store whose renewals never answer: only the local deadline can demote.
+    #[derive(Default)]
+    struct SilentStore {
+        inner: MemoryLeaseStore,
+        silent: AtomicBool,
+    }
+
+    #[async_trait]
+    impl LeaseStore for SilentStore {
+        async fn try_acquire(
+            &self,
+            name: &str,
+            node: &str,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            if self.silent.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.try_acquire(name, node, ttl).await
+        }
+        async fn renew(
+            &self,
+            name: &str,
+            node: &str,
+            epoch: u64,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            if self.silent.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.renew(name, node, epoch, ttl).await
+        }
+        async fn release(&self, name: &str, node: &str, epoch: u64) -> Result<()> {
+            self.inner.release(name, node, epoch).await
+        }
+        async fn current(&self, name: &str) -> Result<Option<Lease>> {
+            self.inner.current(name).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_stops_answering_demotes_by_the_local_deadline() {
+        let store = Arc::new(SilentStore::default());
+        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
+        let mut state = leadership.subscribe();
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        wait_for(&mut state, TTL, LeaderState::is_leader).await;
+
+        store.silent.store(true, Ordering::SeqCst);
+        let lease = store.inner.current("coordinator").await.unwrap().unwrap();
+        wait_for(&mut state, TTL * 2, |s| !s.is_leader()).await;
+        // The node stopped leading no later than the store's lease expired.
+        let demoted_at = store.inner.clock.to_utc(Instant::now());
+        // The deadline and the store's expiry both count from the renewal's start, so
+        // the demotion is seen within scheduling slack of the expiry, not a renewal later.
+        assert!(
+            demoted_at <= lease.expires_at + SLACK,
+            "{demoted_at} > {} + {SLACK:?}",
+            lease.expires_at
+        );
+        // No renewal got through since.
+        assert_eq!(
+            store.inner.current("coordinator").await.unwrap(),
+            Some(lease)
+        );
+
+        cancel.cancel();
+        driver.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_drivers_never_lead_together_and_hand_over_on_cancel() {
+        let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+        let cancel_a = CancellationToken::new();
+        let cancel_b = CancellationToken::new();
+        let a = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
+        let b = Leadership::new(store.clone(), "coordinator", "b", TTL).unwrap();
+        let (mut state_a, mut state_b) = (a.subscribe(), b.subscribe());
+        let driver_a = tokio::spawn(a.run(cancel_a.clone()));
+        let driver_b = tokio::spawn(b.run(cancel_b.clone()));
+
+        // Every change on either side is checked against the other side's state.
+        let both = {
+            let (mut a, mut b) = (state_a.clone(), state_b.clone());
+            tokio::spawn(async move {
+                let mut both_led = false;
+                loop {
+                    tokio::select! {
+                        changed = a.changed() => if changed.is_err() { break },
+                        changed = b.changed() => if changed.is_err() { break },
+                    }
+                    both_led |= a.borrow().is_leader() && b.borrow().is_leader();
+                }
+                both_led
+            })
+        };
+
+        let first = tokio::select! {
+            s = wait_for(&mut state_a, TTL, LeaderState::is_leader) => s,
+            s = wait_for(&mut state_b, TTL, LeaderState::is_leader) => s,
+        };
+        let LeaderState::Leader { epoch: first_epoch } = first else {
+            unreachable!()
+        };
+        // Sample through several renewal rounds.
+        for _ in 0..60 {
+            tokio::time::sleep(TTL / 20).await;
+            assert!(!(state_a.borrow().is_leader() && state_b.borrow().is_leader()));
+        }
+        let (cancel_leader, driver_leader, follower_state) = if state_a.borrow().is_leader() {
+            (cancel_a.clone(), driver_a, &mut state_b)
+        } else {
+            (cancel_b.clone(), driver_b, &mut state_a)
+        };
+        assert!(!follower_state.borrow().is_leader());
+
+        cancel_leader.cancel();
+        driver_leader.await.unwrap();
+        // Released, so the follower takes over at its next attempt.
+        let next = wait_for(follower_state, TTL / 3 + SLACK, LeaderState::is_leader).await;
+        let LeaderState::Leader { epoch } = next else {
+            unreachable!()
+        };
+        assert!(epoch > first_epoch);
+
+        cancel_a.cancel();
+        cancel_b.cancel();
+        tokio::time::sleep(TTL).await;
+        drop((state_a, state_b));
+        // Both drivers are done, so their senders are gone and the checker ends.
+        assert!(!both.await.unwrap(), "both nodes reported leader at once");
+    }
+}

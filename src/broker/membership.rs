@@ -1,0 +1,550 @@
+//! The membership registry: which subscribers exist, in which groups, on which node,
+//! asking for which sources, and whether they are alive (they heartbeat; the
+//! coordinator counts only those heard from within the member timeout).
+//!
+//! Backends: [`MemoryMembershipStore`] (on the tokio clock) and
+//! `PostgresMembershipStore` (feature `postgres`, on the database clock). [`Membership`]
+//! keeps one node's subscribers registered.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+
+use super::lease::{MAX_TTL, MemoryClock};
+use crate::event::Source;
+use crate::store::Result;
+
+/// A subscriber as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub group: String,
+    pub subscriber: String,
+    /// The node the subscriber runs on, which heartbeats for it.
+    pub node: String,
+    /// What the subscriber asks to be allocated.
+    pub sources: BTreeSet<Source>,
+    pub tags: BTreeSet<String>,
+    /// On the store's clock.
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+/// What a node registers for one of its subscribers: a [`MemberRecord`] less the
+/// heartbeat time, which the store sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub group: String,
+    pub subscriber: String,
+    pub node: String,
+    pub sources: BTreeSet<Source>,
+    pub tags: BTreeSet<String>,
+}
+
+impl Registration {
+    pub fn key(&self) -> SubscriberKey {
+        SubscriberKey::new(&self.group, &self.subscriber)
+    }
+}
+
+/// A subscriber's identity: unique within its group.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubscriberKey {
+    pub group: String,
+    pub subscriber: String,
+}
+
+impl SubscriberKey {
+    pub fn new(group: impl Into<String>, subscriber: impl Into<String>) -> Self {
+        Self {
+            group: group.into(),
+            subscriber: subscriber.into(),
+        }
+    }
+}
+
+/// Where membership lives. Object safe, so a node can hold `Arc<dyn MembershipStore>`.
+///
+/// Durations beyond [`MAX_TTL`] are taken as [`MAX_TTL`]: longer means "forever" anyway.
+#[async_trait]
+pub trait MembershipStore: Send + Sync + 'static {
+    /// Inserts or replaces the subscriber's record, heartbeat now.
+    async fn register(&self, registration: &Registration) -> Result<MemberRecord>;
+
+    /// Refreshes the heartbeat of `node`'s records among `subscribers`, and returns
+    /// those that have no record at all (e.g. purged while the node was unreachable),
+    /// for the node to register again. A record another node registered under the
+    /// same key is neither refreshed nor returned: it stays that node's until it stops
+    /// heartbeating and is purged.
+    async fn heartbeat(
+        &self,
+        node: &str,
+        subscribers: &[SubscriberKey],
+    ) -> Result<Vec<SubscriberKey>>;
+
+    /// Removes the subscriber's record; `false` if it had none.
+    async fn leave(&self, group: &str, subscriber: &str) -> Result<bool>;
+
+    /// The group's members heard from within `member_timeout`, ordered by subscriber.
+    async fn live(&self, group: &str, member_timeout: Duration) -> Result<Vec<MemberRecord>>;
+
+    /// Every group with at least one record, live or not, in order.
+    async fn groups(&self) -> Result<Vec<String>>;
+
+    /// Removes records not heard from for longer than `older_than`; returns how many.
+    async fn purge(&self, older_than: Duration) -> Result<u64>;
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    node: String,
+    sources: BTreeSet<Source>,
+    tags: BTreeSet<String>,
+    heartbeat: Instant,
+}
+
+/// Membership in this process's memory, on the tokio clock.
+#[derive(Debug)]
+pub struct MemoryMembershipStore {
+    clock: MemoryClock,
+    members: Mutex<HashMap<SubscriberKey, Entry>>,
+}
+
+impl Default for MemoryMembershipStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryMembershipStore {
+    pub fn new() -> Self {
+        Self {
+            clock: MemoryClock::new(),
+            members: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, HashMap<SubscriberKey, Entry>> {
+        // Every update is a single insert, assignment or removal, so a map whose lock
+        // was poisoned by a panic elsewhere is still consistent.
+        self.members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, key: &SubscriberKey, entry: &Entry) -> MemberRecord {
+        MemberRecord {
+            group: key.group.clone(),
+            subscriber: key.subscriber.clone(),
+            node: entry.node.clone(),
+            sources: entry.sources.clone(),
+            tags: entry.tags.clone(),
+            heartbeat_at: self.clock.to_utc(entry.heartbeat),
+        }
+    }
+}
+
+/// How long ago `instant` was, zero if it is in the future.
+fn age(now: Instant, instant: Instant) -> Duration {
+    now.saturating_duration_since(instant)
+}
+
+#[async_trait]
+impl MembershipStore for MemoryMembershipStore {
+    async fn register(&self, registration: &Registration) -> Result<MemberRecord> {
+        let key = registration.key();
+        let entry = Entry {
+            node: registration.node.clone(),
+            sources: registration.sources.clone(),
+            tags: registration.tags.clone(),
+            heartbeat: Instant::now(),
+        };
+        let record = self.record(&key, &entry);
+        self.members().insert(key, entry);
+        Ok(record)
+    }
+
+    async fn heartbeat(
+        &self,
+        node: &str,
+        subscribers: &[SubscriberKey],
+    ) -> Result<Vec<SubscriberKey>> {
+        let now = Instant::now();
+        let mut members = self.members();
+        let mut missing = Vec::new();
+        for key in subscribers {
+            match members.get_mut(key) {
+                Some(entry) if entry.node == node => entry.heartbeat = now,
+                Some(_) => {}
+                None => missing.push(key.clone()),
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn leave(&self, group: &str, subscriber: &str) -> Result<bool> {
+        Ok(self
+            .members()
+            .remove(&SubscriberKey::new(group, subscriber))
+            .is_some())
+    }
+
+    async fn live(&self, group: &str, member_timeout: Duration) -> Result<Vec<MemberRecord>> {
+        let now = Instant::now();
+        let timeout = member_timeout.min(MAX_TTL);
+        let members = self.members();
+        let mut live: Vec<MemberRecord> = members
+            .iter()
+            .filter(|(key, entry)| key.group == group && age(now, entry.heartbeat) < timeout)
+            .map(|(key, entry)| self.record(key, entry))
+            .collect();
+        live.sort_by(|a, b| a.subscriber.cmp(&b.subscriber));
+        Ok(live)
+    }
+
+    async fn groups(&self) -> Result<Vec<String>> {
+        let groups: BTreeSet<String> = self.members().keys().map(|k| k.group.clone()).collect();
+        Ok(groups.into_iter().collect())
+    }
+
+    async fn purge(&self, older_than: Duration) -> Result<u64> {
+        let now = Instant::now();
+        let older_than = older_than.min(MAX_TTL);
+        let mut members = self.members();
+        let before = members.len();
+        members.retain(|_, entry| age(now, entry.heartbeat) <= older_than);
+        Ok((before - members.len()) as u64)
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresMembershipStore;
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::{DateTime, Utc};
+    use tokio_postgres::Row;
+    use tokio_postgres::types::ToSql;
+
+    use super::{MemberRecord, MembershipStore, Registration, SubscriberKey};
+    use crate::broker::lease::MAX_TTL;
+    use crate::event::Source;
+    use crate::store::postgres::{classify, quote_identifier};
+    use crate::store::{Error, PostgresStore, Result};
+
+    const COLUMNS: &str = "group_name, subscriber, node, sources, tags, heartbeat_at";
+
+    /// Membership in the `weir_members` table of a Postgres store's schema. Heartbeat
+    /// times are the database's `clock_timestamp()`, so nodes' clocks need not agree.
+    pub struct PostgresMembershipStore {
+        store: Arc<PostgresStore>,
+        sql: Sql,
+    }
+
+    struct Sql {
+        register: String,
+        heartbeat: String,
+        leave: String,
+        live: String,
+        groups: String,
+        purge: String,
+    }
+
+    impl PostgresMembershipStore {
+        pub fn new(store: Arc<PostgresStore>) -> Self {
+            let table = format!("{}.weir_members", quote_identifier(store.schema()));
+            let sql = Sql {
+                register: format!(
+                    "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, clock_timestamp()) \
+                     ON CONFLICT (group_name, subscriber) DO UPDATE SET \
+                       node = EXCLUDED.node, sources = EXCLUDED.sources, tags = EXCLUDED.tags, \
+                       heartbeat_at = EXCLUDED.heartbeat_at \
+                     RETURNING {COLUMNS}"
+                ),
+                // The outer SELECT sees the table as the statement began, so a record
+                // purged concurrently may be reported missing only at the next heartbeat.
+                heartbeat: format!(
+                    "WITH wanted AS ( \
+                       SELECT * FROM unnest($2::text[], $3::text[]) AS w(group_name, subscriber) \
+                     ), touched AS ( \
+                       UPDATE {table} m SET heartbeat_at = clock_timestamp() FROM wanted w \
+                       WHERE m.group_name = w.group_name AND m.subscriber = w.subscriber AND m.node = $1 \
+                       RETURNING 1 \
+                     ) \
+                     SELECT w.group_name, w.subscriber FROM wanted w \
+                     WHERE NOT EXISTS (SELECT 1 FROM {table} m \
+                                        WHERE m.group_name = w.group_name AND m.subscriber = w.subscriber)"
+                ),
+                leave: format!("DELETE FROM {table} WHERE group_name = $1 AND subscriber = $2"),
+                live: format!(
+                    "SELECT {COLUMNS} FROM {table} WHERE group_name = $1 \
+                     AND heartbeat_at > clock_timestamp() - $2::bigint * interval '1 microsecond' \
+                     ORDER BY subscriber"
+                ),
+                groups: format!("SELECT DISTINCT group_name FROM {table} ORDER BY group_name"),
+                purge: format!(
+                    "DELETE FROM {table} WHERE heartbeat_at < clock_timestamp() - $1::bigint * interval '1 microsecond'"
+                ),
+            };
+            Self { store, sql }
+        }
+
+        /// Runs one statement. Only getting the connection is retried: heartbeats and
+        /// registrations are repeated by their callers anyway.
+        async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+            let client = self.store.client().await?;
+            let statement = client.prepare_cached(sql).await.map_err(classify)?;
+            client.query(&statement, params).await.map_err(classify)
+        }
+
+        async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+            let client = self.store.client().await?;
+            let statement = client.prepare_cached(sql).await.map_err(classify)?;
+            client.execute(&statement, params).await.map_err(classify)
+        }
+    }
+
+    fn micros(duration: Duration) -> i64 {
+        i64::try_from(duration.min(MAX_TTL).as_micros()).unwrap_or(i64::MAX)
+    }
+
+    fn record(row: &Row) -> Result<MemberRecord> {
+        let sources: Vec<String> = row.try_get(3).map_err(classify)?;
+        let tags: Vec<String> = row.try_get(4).map_err(classify)?;
+        Ok(MemberRecord {
+            group: row.try_get(0).map_err(classify)?,
+            subscriber: row.try_get(1).map_err(classify)?,
+            node: row.try_get(2).map_err(classify)?,
+            sources: sources
+                .iter()
+                .map(|s| s.parse::<Source>().map_err(Error::from))
+                .collect::<Result<BTreeSet<_>>>()?,
+            tags: tags.into_iter().collect(),
+            heartbeat_at: row.try_get::<_, DateTime<Utc>>(5).map_err(classify)?,
+        })
+    }
+
+    #[async_trait]
+    impl MembershipStore for PostgresMembershipStore {
+        async fn register(&self, registration: &Registration) -> Result<MemberRecord> {
+            let sources: Vec<String> = registration.sources.iter().map(Source::to_string).collect();
+            let tags: Vec<&str> = registration.tags.iter().map(String::as_str).collect();
+            let rows = self
+                .query(
+                    &self.sql.register,
+                    &[
+                        &registration.group,
+                        &registration.subscriber,
+                        &registration.node,
+                        &sources,
+                        &tags,
+                    ],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| Error::Backend("registering a member returned no row".to_owned()))?;
+            record(row)
+        }
+
+        async fn heartbeat(
+            &self,
+            node: &str,
+            subscribers: &[SubscriberKey],
+        ) -> Result<Vec<SubscriberKey>> {
+            if subscribers.is_empty() {
+                return Ok(Vec::new());
+            }
+            let groups: Vec<&str> = subscribers.iter().map(|k| k.group.as_str()).collect();
+            let names: Vec<&str> = subscribers.iter().map(|k| k.subscriber.as_str()).collect();
+            let rows = self
+                .query(&self.sql.heartbeat, &[&node, &groups, &names])
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(SubscriberKey {
+                        group: row.try_get(0).map_err(classify)?,
+                        subscriber: row.try_get(1).map_err(classify)?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn leave(&self, group: &str, subscriber: &str) -> Result<bool> {
+            Ok(self
+                .execute(&self.sql.leave, &[&group, &subscriber])
+                .await?
+                > 0)
+        }
+
+        async fn live(&self, group: &str, member_timeout: Duration) -> Result<Vec<MemberRecord>> {
+            self.query(&self.sql.live, &[&group, &micros(member_timeout)])
+                .await?
+                .iter()
+                .map(record)
+                .collect()
+        }
+
+        async fn groups(&self) -> Result<Vec<String>> {
+            self.query(&self.sql.groups, &[])
+                .await?
+                .iter()
+                .map(|row| row.try_get(0).map_err(classify))
+                .collect()
+        }
+
+        async fn purge(&self, older_than: Duration) -> Result<u64> {
+            self.execute(&self.sql.purge, &[&micros(older_than)]).await
+        }
+    }
+}
+
+/// One node's subscribers and their registrations: registers them, and keeps them
+/// registered through heartbeats, re-registering any whose record was purged.
+pub struct Membership {
+    store: Arc<dyn MembershipStore>,
+    node: String,
+    subscribers: BTreeMap<SubscriberKey, Registration>,
+}
+
+impl Membership {
+    pub fn new(store: Arc<dyn MembershipStore>, node: impl Into<String>) -> Self {
+        Self {
+            store,
+            node: node.into(),
+            subscribers: BTreeMap::new(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Adds (or replaces) a local subscriber; registers nothing yet.
+    pub fn add(
+        &mut self,
+        group: impl Into<String>,
+        subscriber: impl Into<String>,
+        sources: BTreeSet<Source>,
+        tags: BTreeSet<String>,
+    ) -> SubscriberKey {
+        let registration = Registration {
+            group: group.into(),
+            subscriber: subscriber.into(),
+            node: self.node.clone(),
+            sources,
+            tags,
+        };
+        let key = registration.key();
+        self.subscribers.insert(key.clone(), registration);
+        key
+    }
+
+    /// Forgets a local subscriber and removes its record.
+    pub async fn remove(&mut self, key: &SubscriberKey) -> Result<()> {
+        if self.subscribers.remove(key).is_some() {
+            self.store.leave(&key.group, &key.subscriber).await?;
+        }
+        Ok(())
+    }
+
+    pub fn subscribers(&self) -> impl Iterator<Item = &Registration> {
+        self.subscribers.values()
+    }
+
+    /// Registers every local subscriber.
+    pub async fn register_all(&self) -> Result<()> {
+        for registration in self.subscribers.values() {
+            self.store.register(registration).await?;
+        }
+        Ok(())
+    }
+
+    /// Heartbeats for every local subscriber and registers again those whose record
+    /// has gone. Returns the ones registered again.
+    pub async fn heartbeat_once(&self) -> Result<Vec<SubscriberKey>> {
+        let keys: Vec<SubscriberKey> = self.subscribers.keys().cloned().collect();
+        let missing = self.store.heartbeat(&self.node, &keys).await?;
+        for key in &missing {
+            if let Some(registration) = self.subscribers.get(key) {
+                tracing::info!(group = %key.group, subscriber = %key.subscriber, "member record gone, registering again");
+                self.store.register(registration).await?;
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Removes every local subscriber's record, for a clean shutdown.
+    pub async fn leave_all(&self) -> Result<()> {
+        for key in self.subscribers.keys() {
+            self.store.leave(&key.group, &key.subscriber).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(list: &[&str]) -> BTreeSet<Source> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    // Tokio's paused clock, which the memory store reads: sleeps are exact.
+    const SHORT: Duration = Duration::from_millis(50);
+    const LONG: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_live_follows_the_clock() {
+        let store = Arc::new(MemoryMembershipStore::new());
+        let mut membership = Membership::new(store.clone(), "node-a");
+        membership.add("g", "s1", sources(&["log"]), BTreeSet::new());
+        membership.register_all().await.unwrap();
+        assert_eq!(store.live("g", LONG).await.unwrap().len(), 1);
+
+        tokio::time::sleep(SHORT * 2).await;
+        assert!(store.live("g", SHORT).await.unwrap().is_empty());
+        assert_eq!(store.live("g", LONG).await.unwrap().len(), 1);
+
+        assert!(membership.heartbeat_once().await.unwrap().is_empty());
+        assert_eq!(store.live("g", SHORT).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_once_registers_purged_subscribers_again() {
+        let store = Arc::new(MemoryMembershipStore::new());
+        let mut membership = Membership::new(store.clone(), "node-a");
+        let key = membership.add("g", "s1", sources(&["category:orders"]), BTreeSet::new());
+        membership.register_all().await.unwrap();
+        tokio::time::sleep(SHORT * 2).await;
+        assert_eq!(store.purge(SHORT).await.unwrap(), 1);
+        assert!(store.live("g", LONG).await.unwrap().is_empty());
+
+        assert_eq!(membership.heartbeat_once().await.unwrap(), vec![key]);
+        let live = store.live("g", LONG).await.unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].sources, sources(&["category:orders"]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_nodes_record_is_left_alone() {
+        let store = Arc::new(MemoryMembershipStore::new());
+        let mut theirs = Membership::new(store.clone(), "node-b");
+        theirs.add("g", "s1", BTreeSet::new(), BTreeSet::new());
+        theirs.register_all().await.unwrap();
+        let mut ours = Membership::new(store.clone(), "node-a");
+        ours.add("g", "s1", BTreeSet::new(), BTreeSet::new());
+
+        assert!(ours.heartbeat_once().await.unwrap().is_empty());
+        let live = store.live("g", Duration::from_secs(10)).await.unwrap();
+        assert_eq!(live[0].node, "node-b");
+    }
+}
