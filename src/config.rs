@@ -12,6 +12,7 @@ use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::broker::BrokerSettings;
 use crate::event::{Category, Source};
 
 /// The embedded default: memory store and bus. Used when no config file is given.
@@ -23,7 +24,7 @@ pub const ENV_PREFIX: &str = "WEIR_";
 /// The exit code for invalid configuration or usage (BSD `EX_USAGE`).
 pub const EXIT_INVALID_CONFIG: i32 = 64;
 
-const SECTIONS: &[&str] = &["node", "store", "bus", "http", "subscriptions"];
+const SECTIONS: &[&str] = &["node", "store", "bus", "broker", "http", "subscriptions"];
 
 /// The whole configuration of one weir node.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub bus: BusConfig,
+    #[serde(default)]
+    pub broker: BrokerSettings,
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -260,6 +263,7 @@ impl Config {
                 extract_section(&figment, "node", &mut config.node, &mut problems);
                 extract_section(&figment, "store", &mut config.store, &mut problems);
                 extract_section(&figment, "bus", &mut config.bus, &mut problems);
+                extract_section(&figment, "broker", &mut config.broker, &mut problems);
                 extract_section(&figment, "http", &mut config.http, &mut problems);
                 extract_section(
                     &figment,
@@ -361,6 +365,10 @@ impl Config {
                 )
                 .to_lowercase(),
             );
+        }
+
+        for (key, message) in self.broker.validate() {
+            problem(&format!("broker.{key}"), message);
         }
 
         if let Err(e) = self.http.listen.parse::<SocketAddr>() {
@@ -712,6 +720,27 @@ mod tests {
         let dir = TempDir::new();
         let path = dir.file("weir.toml", toml);
         Config::load_with_env(Some(&path), &Overrides::default(), env(pairs))
+    }
+
+    #[test]
+    fn broker_settings_layer_like_every_section() {
+        let config = load_toml(
+            "[broker]\nheartbeat_interval = \"1s\"\n",
+            &[("WEIR_BROKER__LEASE_TTL", "30s")],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.broker.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(config.broker.lease_ttl, Duration::from_secs(30));
+        assert_eq!(
+            config.broker.member_timeout,
+            BrokerSettings::default().member_timeout
+        );
+        let error = load_err(
+            "[broker]\nheartbeat_interval = \"5s\"\n",
+            &[("WEIR_BROKER__HANDOVER_TIMEOUT", "0s")],
+        );
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["broker.handover_timeout", "broker.member_timeout"]);
     }
 
     fn load_err(toml: &str, pairs: &[(&str, &str)]) -> ConfigError {

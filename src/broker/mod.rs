@@ -5,3 +5,6 @@
 pub mod allocation;
 pub mod lease;
 pub mod membership;
+pub mod settings;
+
+pub use settings::BrokerSettings;
