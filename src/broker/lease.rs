@@ -591,13 +591,27 @@ mod tests {
             .expect("the driver stopped")
     }
 
+    /// A `Leadership` driver for `node` on `store`, running: its state, its cancel
+    /// token and its task.
+    fn start_driver(
+        store: Arc<dyn LeaseStore>,
+        node: &str,
+    ) -> (
+        watch::Receiver<LeaderState>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let leadership = Leadership::new(store, "coordinator", node, TTL).unwrap();
+        let state = leadership.subscribe();
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        (state, cancel, driver)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_single_node_becomes_leader_and_releases_when_cancelled() {
         let store = Arc::new(MemoryLeaseStore::new());
-        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
-        let mut state = leadership.subscribe();
-        let cancel = CancellationToken::new();
-        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        let (mut state, cancel, driver) = start_driver(store.clone(), "a");
 
         let led = wait_for(&mut state, TTL, LeaderState::is_leader).await;
         assert_eq!(led, LeaderState::Leader { epoch: 1 });
@@ -616,10 +630,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failing_renewals_demote_at_once() {
         let store = Arc::new(FlakyStore::default());
-        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
-        let mut state = leadership.subscribe();
-        let cancel = CancellationToken::new();
-        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        let (mut state, cancel, driver) = start_driver(store.clone(), "a");
         wait_for(&mut state, TTL, LeaderState::is_leader).await;
 
         store.fail_renewals.store(true, Ordering::SeqCst);
@@ -681,10 +692,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_store_that_stops_answering_demotes_by_the_local_deadline() {
         let store = Arc::new(SilentStore::default());
-        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
-        let mut state = leadership.subscribe();
-        let cancel = CancellationToken::new();
-        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        let (mut state, cancel, driver) = start_driver(store.clone(), "a");
         wait_for(&mut state, TTL, LeaderState::is_leader).await;
 
         store.silent.store(true, Ordering::SeqCst);
@@ -712,13 +720,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn two_drivers_never_lead_together_and_hand_over_on_cancel() {
         let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
-        let cancel_a = CancellationToken::new();
-        let cancel_b = CancellationToken::new();
-        let a = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
-        let b = Leadership::new(store.clone(), "coordinator", "b", TTL).unwrap();
-        let (mut state_a, mut state_b) = (a.subscribe(), b.subscribe());
-        let driver_a = tokio::spawn(a.run(cancel_a.clone()));
-        let driver_b = tokio::spawn(b.run(cancel_b.clone()));
+        let (mut state_a, cancel_a, driver_a) = start_driver(store.clone(), "a");
+        let (mut state_b, cancel_b, driver_b) = start_driver(store.clone(), "b");
 
         // Every change on either side is checked against the other side's state.
         let both = {
