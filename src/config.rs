@@ -12,8 +12,8 @@ use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::BrokerSettings;
-use crate::event::{Category, Source};
+use crate::broker::{BrokerRole, BrokerSettings};
+use crate::event::{NameKind, Source, validate_name};
 
 /// The embedded default: memory store and bus. Used when no config file is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/weir.toml");
@@ -52,30 +52,7 @@ pub struct NodeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     #[serde(default)]
-    pub role: Role,
-}
-
-/// What a node does in the fleet.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Elects and allocates; runs no subscribers.
-    Coordinator,
-    /// Runs subscribers; never coordinates.
-    Observer,
-    /// Both.
-    #[default]
-    Full,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Coordinator => "coordinator",
-            Role::Observer => "observer",
-            Role::Full => "full",
-        })
-    }
+    pub role: BrokerRole,
 }
 
 /// Which event store backend to use.
@@ -198,7 +175,7 @@ fn default_instances() -> usize {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub node_id: Option<String>,
-    pub role: Option<Role>,
+    pub role: Option<BrokerRole>,
     pub store_kind: Option<StoreKind>,
     pub store_url: Option<String>,
     pub schema: Option<String>,
@@ -384,11 +361,8 @@ impl Config {
         let mut groups = std::collections::HashSet::new();
         for (i, subscription) in self.subscriptions.iter().enumerate() {
             let key = |field: &str| format!("subscriptions[{i}].{field}");
-            if let Err(e) = Category::new(subscription.group.as_str()) {
-                problem(
-                    &key("group"),
-                    e.to_string().replace("category name", "group name"),
-                );
+            if let Err(e) = validate_name(NameKind::Group, &subscription.group) {
+                problem(&key("group"), e.to_string());
             } else if !groups.insert(subscription.group.as_str()) {
                 problem(
                     &key("group"),
@@ -813,7 +787,7 @@ mod tests {
         ]);
         let overrides = Overrides {
             node_id: Some("cli-node".into()),
-            role: Some(Role::Full),
+            role: Some(BrokerRole::Full),
             store_kind: Some(StoreKind::Postgres),
             store_url: Some("postgres://cli@127.0.0.1:5432/cli".into()),
             schema: Some("from_cli".into()),
@@ -824,13 +798,13 @@ mod tests {
         let defaults = Config::load_with_env(None, &Overrides::default(), Vec::new()).unwrap();
         assert_eq!(defaults.store.schema, "weir");
         assert_eq!(defaults.http.listen, "127.0.0.1:9600");
-        assert_eq!(defaults.node.role, Role::Full);
+        assert_eq!(defaults.node.role, BrokerRole::Full);
 
         // The file beats the defaults.
         let from_file = Config::load_with_env(Some(&file), &Overrides::default(), Vec::new())
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(from_file.node.id.as_deref(), Some("file-node"));
-        assert_eq!(from_file.node.role, Role::Observer);
+        assert_eq!(from_file.node.role, BrokerRole::Observer);
         assert_eq!(from_file.store.kind, StoreKind::Postgres);
         assert_eq!(
             from_file.store.url.as_deref(),
@@ -847,7 +821,7 @@ mod tests {
             Config::load_with_env(Some(&file), &Overrides::default(), environment.clone())
                 .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(from_env.node.id.as_deref(), Some("env-node"));
-        assert_eq!(from_env.node.role, Role::Coordinator);
+        assert_eq!(from_env.node.role, BrokerRole::Coordinator);
         assert_eq!(
             from_env.store.url.as_deref(),
             Some("postgres://env@127.0.0.1:5432/env")
@@ -861,7 +835,7 @@ mod tests {
         let from_cli = Config::load_with_env(Some(&file), &overrides, environment)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(from_cli.node.id.as_deref(), Some("cli-node"));
-        assert_eq!(from_cli.node.role, Role::Full);
+        assert_eq!(from_cli.node.role, BrokerRole::Full);
         assert_eq!(from_cli.store.kind, StoreKind::Postgres);
         assert_eq!(
             from_cli.store.url.as_deref(),

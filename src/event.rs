@@ -46,6 +46,8 @@ pub enum NameKind {
     Stream,
     Event,
     IdempotencyKey,
+    Group,
+    Subscriber,
 }
 
 impl fmt::Display for NameKind {
@@ -55,11 +57,15 @@ impl fmt::Display for NameKind {
             NameKind::Stream => "stream",
             NameKind::Event => "event",
             NameKind::IdempotencyKey => "idempotency key",
+            NameKind::Group => "group",
+            NameKind::Subscriber => "subscriber",
         })
     }
 }
 
-fn validate_name(kind: NameKind, name: &str) -> Result<(), ValidationError> {
+/// Checks the rules every name follows: non-empty, at most [`MAX_NAME_BYTES`], no
+/// control characters.
+pub fn validate_name(kind: NameKind, name: &str) -> Result<(), ValidationError> {
     if name.is_empty() {
         return Err(ValidationError::Empty { kind });
     }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, Config, ConfigError, Overrides, Role, StoreKind};
+use crate::broker::BrokerRole;
+use crate::config::{self, Config, ConfigError, Overrides, StoreKind};
 use crate::store::{self, EventStore, MemoryStore};
 
 mod append;
@@ -97,9 +98,9 @@ impl Cli {
         Overrides {
             node_id: self.node_id.clone(),
             role: self.role.map(|r| match r {
-                RoleArg::Coordinator => Role::Coordinator,
-                RoleArg::Observer => Role::Observer,
-                RoleArg::Full => Role::Full,
+                RoleArg::Coordinator => BrokerRole::Coordinator,
+                RoleArg::Observer => BrokerRole::Observer,
+                RoleArg::Full => BrokerRole::Full,
             }),
             store_kind: self.store.map(|s| match s {
                 StoreArg::Memory => StoreKind::Memory,

@@ -1,0 +1,76 @@
+//! The contract between a broker and the subscribers of its node: what a subscriber
+//! asks for ([`SubscriberSpec`]) and how the broker tells it which sources it owns
+//! ([`Subscriber::accept`], [`Subscriber::withdraw`]).
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+
+use crate::event::{Cursor, NameKind, Source, ValidationError, validate_name};
+
+/// Why a subscriber could not take or give up a source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SubscriberError(pub String);
+
+impl SubscriberError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// One instance of a subscriber group on this node.
+///
+/// The broker calls these one source at a time and never accepts a source twice
+/// without a withdraw in between. A failed accept is tried again later; a failed
+/// withdraw is taken as done once the call returns, since the broker cannot make a
+/// subscriber hold on to a source.
+#[async_trait]
+pub trait Subscriber: Send + Sync + 'static {
+    /// Starts consuming `source`.
+    async fn accept(&self, source: &Source) -> Result<(), SubscriberError>;
+
+    /// Stops consuming `source`. Returns only once nothing more will be processed
+    /// from it and its checkpoint is stored, with the cursor it stopped at (`None`
+    /// if it read nothing). This is what makes the two-step handover safe: the
+    /// broker tells the coordinator the source is released only after this returns.
+    async fn withdraw(&self, source: &Source) -> Result<Option<Cursor>, SubscriberError>;
+}
+
+/// What a subscriber requests: its group, its id within the group, the sources it
+/// wants a share of and the placement tags it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberSpec {
+    pub group: String,
+    pub id: String,
+    pub sources: BTreeSet<Source>,
+    pub tags: BTreeSet<String>,
+}
+
+impl SubscriberSpec {
+    pub fn new(
+        group: impl Into<String>,
+        id: impl Into<String>,
+        sources: impl IntoIterator<Item = Source>,
+    ) -> Self {
+        Self {
+            group: group.into(),
+            id: id.into(),
+            sources: sources.into_iter().collect(),
+            tags: BTreeSet::new(),
+        }
+    }
+
+    /// Checks the group and subscriber names; the error says what is wrong.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate_name(NameKind::Group, &self.group)?;
+        validate_name(NameKind::Subscriber, &self.id)
+    }
+
+    /// The same spec carrying `tags` as well.
+    #[must_use]
+    pub fn with_tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
+        self.tags.extend(tags.into_iter().map(Into::into));
+        self
+    }
+}
