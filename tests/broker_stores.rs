@@ -78,6 +78,7 @@ conformance!(
     zero_ttl_is_rejected,
     register_live_and_leave,
     stale_members_are_not_live,
+    live_all_lists_every_groups_live_members,
     heartbeats_keep_members_live,
     purge_removes_old_records,
     purged_subscribers_register_again_at_their_next_heartbeat,
@@ -309,6 +310,37 @@ async fn stale_members_are_not_live(backend: Backend) {
     // Still registered, just not live within the short timeout.
     assert_eq!(members.live("g", LONG).await.unwrap().len(), 1);
     assert_eq!(members.groups().await.unwrap(), ["g"]);
+}
+
+async fn live_all_lists_every_groups_live_members(backend: Backend) {
+    let members = &backend.members;
+    for (group, subscriber) in [("h", "s1"), ("g", "s2"), ("g", "s1")] {
+        members
+            .register(&registration(group, subscriber, "n1"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(SHORT * 3).await;
+    members
+        .register(&registration("h", "s2", "n2"))
+        .await
+        .unwrap();
+    let keys = |records: &[weir::broker::membership::MemberRecord]| -> Vec<(String, String)> {
+        records
+            .iter()
+            .map(|r| (r.group.clone(), r.subscriber.clone()))
+            .collect()
+    };
+    let all = members.live_all(LONG).await.unwrap();
+    let expected = [("g", "s1"), ("g", "s2"), ("h", "s1"), ("h", "s2")];
+    assert_eq!(
+        keys(&all),
+        expected.map(|(g, s)| (g.to_owned(), s.to_owned()))
+    );
+    assert_eq!(all[3].node, "n2");
+    // Only the fresh registration is live within the short timeout.
+    let fresh = members.live_all(SHORT * 2).await.unwrap();
+    assert_eq!(keys(&fresh), [("h".to_owned(), "s2".to_owned())]);
 }
 
 async fn heartbeats_keep_members_live(backend: Backend) {

@@ -127,7 +127,7 @@ async fn a_stale_decision_does_not_replace_a_newer_retained_one() {
     bus.publish(&decision("orders", 5, 1).into())
         .await
         .expect("publish");
-    assert_eq!(bus.retained("orders"), Some(current.clone()));
+    assert_eq!(bus.retained_decision("orders"), Some(current.clone()));
 
     let mut late = bus.subscribe().await.expect("subscribe");
     let (decisions, _) = drain(&mut late).await;
@@ -210,7 +210,10 @@ async fn publishers_are_never_held_up_by_a_subscriber_that_does_not_read() {
     tokio::time::timeout(Duration::from_secs(10), publishing)
         .await
         .expect("publishing finishes although nobody reads");
-    assert_eq!(bus.retained("orders").map(|d| d.version()), Some((1, 999)));
+    assert_eq!(
+        bus.retained_decision("orders").map(|d| d.version()),
+        Some((1, 999))
+    );
 }
 
 #[tokio::test]

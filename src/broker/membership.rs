@@ -90,6 +90,10 @@ pub trait MembershipStore: Send + Sync + 'static {
     /// The group's members heard from within `member_timeout`, ordered by subscriber.
     async fn live(&self, group: &str, member_timeout: Duration) -> Result<Vec<MemberRecord>>;
 
+    /// Every group's members heard from within `member_timeout`, ordered by group,
+    /// then subscriber: what a coordinator reads on each tick, in one round trip.
+    async fn live_all(&self, member_timeout: Duration) -> Result<Vec<MemberRecord>>;
+
     /// Every group with at least one record, live or not, in order.
     async fn groups(&self) -> Result<Vec<String>>;
 
@@ -146,6 +150,26 @@ impl MemoryMembershipStore {
     }
 }
 
+impl MemoryMembershipStore {
+    /// Live records whose key passes `wanted`, ordered by group, then subscriber.
+    fn live_where(
+        &self,
+        member_timeout: Duration,
+        wanted: impl Fn(&SubscriberKey) -> bool,
+    ) -> Vec<MemberRecord> {
+        let now = Instant::now();
+        let timeout = member_timeout.min(MAX_TTL);
+        let members = self.members();
+        let mut live: Vec<MemberRecord> = members
+            .iter()
+            .filter(|(key, entry)| wanted(key) && age(now, entry.heartbeat) < timeout)
+            .map(|(key, entry)| self.record(key, entry))
+            .collect();
+        live.sort_by(|a, b| (&a.group, &a.subscriber).cmp(&(&b.group, &b.subscriber)));
+        live
+    }
+}
+
 /// How long ago `instant` was, zero if it is in the future.
 fn age(now: Instant, instant: Instant) -> Duration {
     now.saturating_duration_since(instant)
@@ -192,16 +216,11 @@ impl MembershipStore for MemoryMembershipStore {
     }
 
     async fn live(&self, group: &str, member_timeout: Duration) -> Result<Vec<MemberRecord>> {
-        let now = Instant::now();
-        let timeout = member_timeout.min(MAX_TTL);
-        let members = self.members();
-        let mut live: Vec<MemberRecord> = members
-            .iter()
-            .filter(|(key, entry)| key.group == group && age(now, entry.heartbeat) < timeout)
-            .map(|(key, entry)| self.record(key, entry))
-            .collect();
-        live.sort_by(|a, b| a.subscriber.cmp(&b.subscriber));
-        Ok(live)
+        Ok(self.live_where(member_timeout, |key| key.group == group))
+    }
+
+    async fn live_all(&self, member_timeout: Duration) -> Result<Vec<MemberRecord>> {
+        Ok(self.live_where(member_timeout, |_| true))
     }
 
     async fn groups(&self) -> Result<Vec<String>> {
@@ -253,6 +272,7 @@ mod postgres {
         heartbeat: String,
         leave: String,
         live: String,
+        live_all: String,
         groups: String,
         purge: String,
     }
@@ -286,7 +306,12 @@ mod postgres {
                 live: format!(
                     "SELECT {COLUMNS} FROM {table} WHERE group_name = $1 \
                      AND heartbeat_at > clock_timestamp() - $2::bigint * interval '1 microsecond' \
-                     ORDER BY subscriber"
+                     ORDER BY subscriber COLLATE \"C\""
+                ),
+                live_all: format!(
+                    "SELECT {COLUMNS} FROM {table} \
+                     WHERE heartbeat_at > clock_timestamp() - $1::bigint * interval '1 microsecond' \
+                     ORDER BY group_name COLLATE \"C\", subscriber COLLATE \"C\""
                 ),
                 groups: format!("SELECT DISTINCT group_name FROM {table} ORDER BY group_name"),
                 purge: format!(
@@ -386,6 +411,14 @@ mod postgres {
 
         async fn live(&self, group: &str, member_timeout: Duration) -> Result<Vec<MemberRecord>> {
             self.query(&self.sql.live, &[&group, &micros(member_timeout)])
+                .await?
+                .iter()
+                .map(record)
+                .collect()
+        }
+
+        async fn live_all(&self, member_timeout: Duration) -> Result<Vec<MemberRecord>> {
+            self.query(&self.sql.live_all, &[&micros(member_timeout)])
                 .await?
                 .iter()
                 .map(record)

@@ -92,7 +92,7 @@ impl MemoryBus {
     }
 
     /// The decision retained for `group`: the newest published.
-    pub fn retained(&self, group: &str) -> Option<Decision> {
+    pub fn retained_decision(&self, group: &str) -> Option<Decision> {
         self.inner
             .lock()
             .get(group)
@@ -181,6 +181,15 @@ impl AllocationBus for MemoryBus {
                 Ok(())
             }
         }
+    }
+
+    async fn retained(&self) -> Result<Vec<Decision>> {
+        Ok(self
+            .inner
+            .lock()
+            .values()
+            .map(|retained| Decision::clone(&retained.decision))
+            .collect())
     }
 
     async fn subscribe(&self) -> Result<BusSubscription> {
@@ -311,6 +320,6 @@ mod tests {
         let d = decision("g", 1, 1, 3);
         bus.publish(&d.clone().into()).await.expect("publish");
         bus.publish_raw(b"nobody listens".to_vec());
-        assert_eq!(bus.retained("g"), Some(d));
+        assert_eq!(bus.retained_decision("g"), Some(d));
     }
 }

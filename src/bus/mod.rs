@@ -64,6 +64,11 @@ pub trait AllocationBus: Send + Sync + 'static {
     /// Starts receiving: first the retained decision of every group, then
     /// messages as they are published.
     async fn subscribe(&self) -> Result<BusSubscription>;
+
+    /// The newest decision of every group, as the bus retains them now. A newly
+    /// promoted coordinator starts from these, so that leadership changing hands
+    /// moves no source.
+    async fn retained(&self) -> Result<Vec<Decision>>;
 }
 
 /// Messages from one subscription, decoded and with split decisions reassembled.
