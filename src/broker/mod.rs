@@ -1,10 +1,115 @@
-//! The broker: who owns which source. The pure allocation function, the leadership
-//! lease with epochs, and the membership registry; the coordinator, the observer and
-//! the roles that wire them together build on these.
+//! The broker: who owns which source.
+//!
+//! - [`allocation`]: the pure allocation function (balanced, sticky, deterministic,
+//!   two-step handover).
+//! - [`lease`]: the leadership lease with epochs and the [`lease::Leadership`] driver.
+//! - [`membership`]: the registry of subscribers and their heartbeats.
+//! - [`coordinator`]: decides and publishes allocations while its node leads.
+//! - [`observer`]: applies decisions to this node's subscribers.
+//! - [`role`]: what a node does ([`BrokerRole`]) and how it is doing ([`BrokerStatus`]).
+//! - [`subscriber`]: the [`Subscriber`] interface a broker drives.
+//! - [`distributed`] and [`singleton`]: the two [`Broker`]s: a fleet coordinated over
+//!   a bus, and one process that needs no coordination.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
 
 pub mod allocation;
+pub mod coordinator;
+pub mod distributed;
 pub mod lease;
 pub mod membership;
+pub mod observer;
+pub mod role;
 pub mod settings;
+pub mod singleton;
+pub mod subscriber;
 
+pub use distributed::DistributedBroker;
+pub use role::{BrokerRole, BrokerStatus};
 pub use settings::BrokerSettings;
+pub use singleton::SingletonBroker;
+pub use subscriber::{Subscriber, SubscriberError, SubscriberSpec};
+
+use crate::event::ValidationError;
+
+/// Why a broker refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "node {node} has the coordinator role, which runs no subscribers: set node.role to `full` or `observer` to run subscriber {group}/{subscriber} here"
+    )]
+    CoordinatorOnly {
+        node: String,
+        group: String,
+        subscriber: String,
+    },
+    #[error(
+        "subscriber {group}/{subscriber} is registered twice on this node: give each instance its own id"
+    )]
+    Duplicate { group: String, subscriber: String },
+    #[error("subscriber {group}/{subscriber} cannot be registered: {source}")]
+    Invalid {
+        group: String,
+        subscriber: String,
+        source: ValidationError,
+    },
+    #[error("invalid broker settings: {0}")]
+    InvalidSettings(String),
+    #[error("the broker has already started: register subscribers before starting it")]
+    AlreadyStarted,
+    #[error("the broker has stopped; build a new one to start again")]
+    Stopped,
+}
+
+/// Decides which of this node's subscribers consume which sources, and tells them.
+/// Object safe, so a runtime holds an `Arc<dyn Broker>` of either kind.
+///
+/// Subscribers are registered before [`Broker::start`]; [`Broker::stop`] withdraws
+/// every source from them before it returns.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// This node's role.
+    fn role(&self) -> BrokerRole;
+
+    /// Adds a local subscriber. Refused once started, for a duplicate id, and on a
+    /// coordinator-only node.
+    fn register(
+        &self,
+        spec: SubscriberSpec,
+        subscriber: Arc<dyn Subscriber>,
+    ) -> Result<(), BrokerError>;
+
+    /// Starts the broker's work in the background; returns at once.
+    async fn start(&self) -> Result<(), BrokerError>;
+
+    /// How the broker is doing now.
+    fn status(&self) -> BrokerStatus;
+
+    /// Withdraws every source from the local subscribers, leaves the fleet and, if
+    /// leading, gives up leadership. Returns once all of that is done.
+    async fn stop(&self);
+}
+
+/// The registration checks both brokers share: a valid name, not already taken.
+fn check_registration(
+    spec: &SubscriberSpec,
+    registered: &[(SubscriberSpec, Arc<dyn Subscriber>)],
+) -> Result<(), BrokerError> {
+    spec.validate().map_err(|source| BrokerError::Invalid {
+        group: spec.group.clone(),
+        subscriber: spec.id.clone(),
+        source,
+    })?;
+    if registered
+        .iter()
+        .any(|(other, _)| other.group == spec.group && other.id == spec.id)
+    {
+        return Err(BrokerError::Duplicate {
+            group: spec.group.clone(),
+            subscriber: spec.id.clone(),
+        });
+    }
+    Ok(())
+}

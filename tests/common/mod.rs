@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use weir::store::{PostgresStore, PostgresStoreOptions};
 
+pub mod fleet;
+
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 pub fn postgres_url() -> String {
@@ -26,6 +28,17 @@ pub fn service_missing(service: &str, error: impl std::fmt::Display) {
     eprintln!(
         "skipping: {service} is unreachable ({error}); set WEIR_REQUIRE_SERVICES=1 to fail instead"
     );
+}
+
+/// Sends the library's logs to the test output when `WEIR_TEST_LOG` holds a filter
+/// (e.g. `WEIR_TEST_LOG=weir=debug`), for looking into a failing test.
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("WEIR_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
 }
 
 pub fn unique_name(prefix: &str) -> String {

@@ -1,0 +1,301 @@
+//! [`DistributedBroker`]: a node of a fleet that coordinates over a bus. It runs
+//! what its role asks for: the leadership driver and the coordinator (roles
+//! `coordinator` and `full`), the observer with the local subscribers (roles
+//! `observer` and `full`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::coordinator::Coordinator;
+use super::lease::{Leadership, LeaseStore};
+use super::membership::MembershipStore;
+use super::observer::Observer;
+use super::{
+    Broker, BrokerError, BrokerRole, BrokerSettings, BrokerStatus, Subscriber, SubscriberSpec,
+    check_registration,
+};
+use crate::bus::AllocationBus;
+
+/// The name of the lease whose holder coordinates the fleet. Fleets are told
+/// apart by their store schema, so one name serves.
+pub const COORDINATOR_LEASE: &str = "coordinator";
+
+/// The services a fleet shares: membership and leases (in the store) and the bus.
+#[derive(Clone)]
+pub struct FleetServices {
+    pub membership: Arc<dyn MembershipStore>,
+    pub leases: Arc<dyn LeaseStore>,
+    pub bus: Arc<dyn AllocationBus>,
+}
+
+/// One node of a coordinated fleet.
+pub struct DistributedBroker {
+    node: String,
+    role: BrokerRole,
+    settings: BrokerSettings,
+    services: FleetServices,
+    required_tags: BTreeMap<String, BTreeSet<String>>,
+    state: Mutex<State>,
+}
+
+enum State {
+    Configured(Vec<(SubscriberSpec, Arc<dyn Subscriber>)>),
+    Started(Started),
+    Stopping(Vec<watch::Receiver<BrokerStatus>>),
+    Stopped,
+}
+
+/// The running halves; the observer is stopped before the coordinator, so that a
+/// full node's own `leaving` is still decided on by itself if it leads.
+struct Started {
+    observer: Option<Half>,
+    coordinator: Option<Half>,
+}
+
+struct Half {
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    status: watch::Receiver<BrokerStatus>,
+}
+
+impl Half {
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    async fn abort(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+impl DistributedBroker {
+    pub fn new(
+        node: impl Into<String>,
+        role: BrokerRole,
+        settings: BrokerSettings,
+        services: FleetServices,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            role,
+            settings,
+            services,
+            required_tags: BTreeMap::new(),
+            state: Mutex::new(State::Configured(Vec::new())),
+        }
+    }
+
+    /// Placement tags a subscriber of `group` must carry to own its sources. Only
+    /// coordinating nodes use them; every node of a fleet should be given the same.
+    #[must_use]
+    pub fn with_required_tags<T: Into<String>>(
+        mut self,
+        group: impl Into<String>,
+        tags: impl IntoIterator<Item = T>,
+    ) -> Self {
+        self.required_tags
+            .entry(group.into())
+            .or_default()
+            .extend(tags.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stops every task at once, without withdrawing, leaving or releasing the
+    /// lease: to the fleet this looks like the process died, and it recovers the
+    /// same way (member timeout, lease expiry). For tests of failure and for a
+    /// process that must exit immediately.
+    pub async fn abort(&self) {
+        let previous = std::mem::replace(&mut *self.lock(), State::Stopped);
+        if let State::Started(started) = previous {
+            for half in [started.observer, started.coordinator]
+                .into_iter()
+                .flatten()
+            {
+                half.abort().await;
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change of state is a single assignment, so a poisoned lock still
+        // guards a whole value.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn start_coordinator(&self) -> Result<Half, BrokerError> {
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let leadership = Leadership::new(
+            Arc::clone(&self.services.leases),
+            COORDINATOR_LEASE,
+            &self.node,
+            self.settings.lease_ttl,
+        )
+        .map_err(|error| BrokerError::InvalidSettings(error.to_string()))?;
+        let coordinator = Coordinator::new(
+            &self.node,
+            self.settings.clone(),
+            Arc::clone(&self.services.membership),
+            Arc::clone(&self.services.bus),
+        )
+        .with_required_tags(self.required_tags.clone());
+        let status = coordinator.status();
+        tasks.spawn(coordinator.run(leadership.subscribe(), cancel.clone()));
+        tasks.spawn(leadership.run(cancel.clone()));
+        Ok(Half {
+            cancel,
+            tasks,
+            status,
+        })
+    }
+
+    fn start_observer(&self, subscribers: Vec<(SubscriberSpec, Arc<dyn Subscriber>)>) -> Half {
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut observer = Observer::new(
+            &self.node,
+            self.settings.clone(),
+            Arc::clone(&self.services.membership),
+            Arc::clone(&self.services.bus),
+        );
+        for (spec, subscriber) in subscribers {
+            observer.add(spec, subscriber);
+        }
+        let status = observer.status();
+        tasks.spawn(observer.run(cancel.clone()));
+        Half {
+            cancel,
+            tasks,
+            status,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for DistributedBroker {
+    fn role(&self) -> BrokerRole {
+        self.role
+    }
+
+    fn register(
+        &self,
+        spec: SubscriberSpec,
+        subscriber: Arc<dyn Subscriber>,
+    ) -> Result<(), BrokerError> {
+        if !self.role.observes() {
+            return Err(BrokerError::CoordinatorOnly {
+                node: self.node.clone(),
+                group: spec.group,
+                subscriber: spec.id,
+            });
+        }
+        match &mut *self.lock() {
+            State::Configured(subscribers) => {
+                check_registration(&spec, subscribers)?;
+                subscribers.push((spec, subscriber));
+                Ok(())
+            }
+            State::Started(_) => Err(BrokerError::AlreadyStarted),
+            State::Stopping(_) | State::Stopped => Err(BrokerError::Stopped),
+        }
+    }
+
+    async fn start(&self) -> Result<(), BrokerError> {
+        let problems = self.settings.validate();
+        if !problems.is_empty() {
+            let problems: Vec<String> = problems
+                .into_iter()
+                .map(|(key, message)| format!("{key}: {message}"))
+                .collect();
+            return Err(BrokerError::InvalidSettings(problems.join("; ")));
+        }
+        let mut state = self.lock();
+        let subscribers = match &mut *state {
+            State::Configured(subscribers) => std::mem::take(subscribers),
+            State::Started(_) => return Err(BrokerError::AlreadyStarted),
+            State::Stopping(_) | State::Stopped => return Err(BrokerError::Stopped),
+        };
+        let coordinator = match self.role.coordinates() {
+            true => Some(self.start_coordinator()?),
+            false => None,
+        };
+        let started = Started {
+            coordinator,
+            observer: self
+                .role
+                .observes()
+                .then(|| self.start_observer(subscribers)),
+        };
+        tracing::info!(node = %self.node, role = %self.role, "broker started");
+        *state = State::Started(started);
+        Ok(())
+    }
+
+    fn status(&self) -> BrokerStatus {
+        match &*self.lock() {
+            State::Configured(_) => BrokerStatus::Starting,
+            State::Started(started) => {
+                let statuses: Vec<BrokerStatus> = [&started.coordinator, &started.observer]
+                    .into_iter()
+                    .flatten()
+                    .map(|half| half.status.borrow().clone())
+                    .collect();
+                BrokerStatus::combine(&statuses)
+            }
+            State::Stopping(statuses) => {
+                let statuses: Vec<BrokerStatus> = statuses
+                    .iter()
+                    .map(|status| status.borrow().clone())
+                    .collect();
+                // Stopping until stop() returns, even if both halves are done.
+                match BrokerStatus::combine(&statuses) {
+                    BrokerStatus::Stopped => BrokerStatus::Stopping,
+                    other => other,
+                }
+            }
+            State::Stopped => BrokerStatus::Stopped,
+        }
+    }
+
+    async fn stop(&self) {
+        let started = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, State::Stopped) {
+                State::Started(started) => {
+                    let statuses = [&started.coordinator, &started.observer]
+                        .into_iter()
+                        .flatten()
+                        .map(|half| half.status.clone())
+                        .collect();
+                    *state = State::Stopping(statuses);
+                    started
+                }
+                // Never started, or already stopped (or stopping elsewhere).
+                other => {
+                    if matches!(other, State::Stopping(_)) {
+                        *state = other;
+                    }
+                    return;
+                }
+            }
+        };
+        if let Some(observer) = started.observer {
+            observer.stop().await;
+        }
+        if let Some(coordinator) = started.coordinator {
+            coordinator.stop().await;
+        }
+        *self.lock() = State::Stopped;
+        tracing::info!(node = %self.node, "broker stopped");
+    }
+}
