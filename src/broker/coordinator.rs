@@ -88,23 +88,39 @@ impl Coordinator {
     /// whenever `leader` says this node leads.
     pub async fn run(self, mut leader: watch::Receiver<LeaderState>, cancel: CancellationToken) {
         if let Some(mut subscription) = self.subscribe(&cancel).await {
-            // Epochs of decisions by other nodes: a lease of an epoch at or below the
-            // newest of them is already lost, whatever this node last heard.
             let mut following = Following::default();
+            let mut previous: Option<Term> = None;
             while let Some(epoch) = self
                 .await_leadership(&mut leader, &mut subscription, &mut following, &cancel)
                 .await
             {
                 tracing::info!(node = %self.node, epoch, "coordinating");
-                let releases = std::mem::take(&mut following.releases);
-                match self
-                    .lead(epoch, releases, &mut leader, &mut subscription, &cancel)
-                    .await
-                {
+                let term = match previous.take() {
+                    // The lease came back under the same epoch (a renewal failed and
+                    // this node acquired it again before it expired). Nobody else
+                    // decided meanwhile, so the term goes on where it stopped and its
+                    // revisions keep counting up.
+                    Some(term) if term.epoch == epoch => term,
+                    _ => match self.begin_term(epoch, &mut leader, &cancel).await {
+                        Ok(term) => term,
+                        Err(TermEnd::Cancelled) => break,
+                        Err(TermEnd::Deposed) => continue,
+                    },
+                };
+                let (end, term) = self
+                    .lead(
+                        term,
+                        &mut following,
+                        &mut leader,
+                        &mut subscription,
+                        &cancel,
+                    )
+                    .await;
+                previous = Some(term);
+                match end {
                     TermEnd::Cancelled => break,
                     TermEnd::Deposed => {
                         tracing::info!(node = %self.node, epoch, "stopped coordinating");
-                        following.newest_epoch = following.newest_epoch.max(epoch);
                     }
                 }
             }
@@ -143,36 +159,47 @@ impl Coordinator {
         }
     }
 
-    /// One term as leader under `epoch`.
-    async fn lead(
+    /// A new term under `epoch`, starting from the decisions the bus retains.
+    async fn begin_term(
         &self,
         epoch: u64,
-        releases: Vec<Signal>,
         leader: &mut watch::Receiver<LeaderState>,
-        subscription: &mut BusSubscription,
         cancel: &CancellationToken,
-    ) -> TermEnd {
-        let still_leading = |state: &LeaderState| *state == LeaderState::Leader { epoch };
-        let inherited = loop {
+    ) -> Result<Term, TermEnd> {
+        loop {
             match self.bus.retained().await {
-                Ok(decisions) => break decisions,
+                Ok(decisions) => return Ok(Term::new(epoch, decisions)),
                 Err(error) => {
                     self.status
                         .error(format!("cannot read the retained decisions: {error}"));
                     tokio::select! {
-                        () = cancel.cancelled() => return TermEnd::Cancelled,
+                        () = cancel.cancelled() => return Err(TermEnd::Cancelled),
                         changed = leader.changed() => {
-                            if changed.is_err() || !still_leading(&leader.borrow_and_update()) {
-                                return TermEnd::Deposed;
+                            let still_leading = *leader.borrow_and_update() == LeaderState::Leader { epoch };
+                            if changed.is_err() || !still_leading {
+                                return Err(TermEnd::Deposed);
                             }
                         }
                         () = tokio::time::sleep(RETRY_DELAY) => {}
                     }
                 }
             }
-        };
-        let mut term = Term::new(epoch, inherited);
-        for release in releases {
+        }
+    }
+
+    /// Leads for as long as `term`'s epoch holds the lease. Returns why it ended,
+    /// and the term, which goes on should the lease come back under that epoch.
+    async fn lead(
+        &self,
+        mut term: Term,
+        following: &mut Following,
+        leader: &mut watch::Receiver<LeaderState>,
+        subscription: &mut BusSubscription,
+        cancel: &CancellationToken,
+    ) -> (TermEnd, Term) {
+        let epoch = term.epoch;
+        let still_leading = |state: &LeaderState| *state == LeaderState::Leader { epoch };
+        for release in std::mem::take(&mut following.releases) {
             term.note(release);
         }
         self.status.set(BrokerStatus::Running);
@@ -188,17 +215,17 @@ impl Coordinator {
             tokio::select! {
                 // Losing the lease is noticed before anything else is decided.
                 biased;
-                () = cancel.cancelled() => return TermEnd::Cancelled,
+                () = cancel.cancelled() => return (TermEnd::Cancelled, term),
                 changed = leader.changed() => {
                     if changed.is_err() || !still_leading(&leader.borrow_and_update()) {
-                        return TermEnd::Deposed;
+                        return (TermEnd::Deposed, term);
                     }
                 }
                 message = subscription.next() => {
                     let Some(message) = message else {
                         match self.subscribe(cancel).await {
                             Some(fresh) => *subscription = fresh,
-                            None => return TermEnd::Cancelled,
+                            None => return (TermEnd::Cancelled, term),
                         }
                         continue;
                     };
@@ -214,7 +241,8 @@ impl Coordinator {
                                     coordinator = %decision.coordinator,
                                     "another node decides under a newer epoch; stepping down"
                                 );
-                                return TermEnd::Deposed;
+                                following.newest_epoch = following.newest_epoch.max(decision.epoch);
+                                return (TermEnd::Deposed, term);
                             }
                             BusMessage::Decision(_) => {}
                             BusMessage::Signal(signal) => {
@@ -338,14 +366,9 @@ impl Coordinator {
             .publish(&BusMessage::Decision(decision.clone()))
             .await
         {
-            Ok(()) => {
-                state.unpublished = false;
-                // A group nobody is in any more needs no more decisions; the bus
-                // keeps its last, empty one.
-                if decision.owners.is_empty() && decision.handovers.is_empty() {
-                    term.groups.remove(group);
-                }
-            }
+            // A group's state is kept even when nobody is in it any more: should
+            // it come back, its revisions must go on counting up.
+            Ok(()) => state.unpublished = false,
             Err(error) => {
                 tracing::warn!(group, %error, "could not publish a decision; trying again at the next tick");
             }
@@ -569,4 +592,175 @@ fn members_of(records: &[MemberRecord]) -> Vec<Member<Source>> {
                 .with_tags(record.tags.iter().cloned())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::broker::membership::{MemoryMembershipStore, Registration};
+    use crate::bus::MemoryBus;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn settings() -> BrokerSettings {
+        BrokerSettings {
+            heartbeat_interval: Duration::from_millis(20),
+            member_timeout: Duration::from_secs(60),
+            refresh_interval: Duration::from_millis(100),
+            lease_ttl: Duration::from_secs(1),
+            handover_timeout: Duration::from_secs(60),
+        }
+    }
+
+    struct Harness {
+        membership: Arc<MemoryMembershipStore>,
+        bus: MemoryBus,
+        leader: watch::Sender<LeaderState>,
+        status: watch::Receiver<BrokerStatus>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Harness {
+        fn start() -> Self {
+            let membership = Arc::new(MemoryMembershipStore::new());
+            let bus = MemoryBus::new();
+            let coordinator = Coordinator::new(
+                "node-a",
+                settings(),
+                Arc::clone(&membership) as Arc<dyn MembershipStore>,
+                Arc::new(bus.clone()),
+            );
+            let status = coordinator.status();
+            let (leader, following) = watch::channel(LeaderState::Follower);
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(coordinator.run(following, cancel.clone()));
+            Self {
+                membership,
+                bus,
+                leader,
+                status,
+                cancel,
+                task,
+            }
+        }
+
+        async fn join(&self, subscriber: &str) {
+            let registration = Registration {
+                group: "g".into(),
+                subscriber: subscriber.into(),
+                node: "node-a".into(),
+                sources: ["log".parse().unwrap(), "category:orders".parse().unwrap()].into(),
+                tags: BTreeSet::new(),
+            };
+            self.membership.register(&registration).await.unwrap();
+        }
+
+        /// Waits until the retained decision of group `g` satisfies `wanted`.
+        async fn decision(&self, wanted: impl Fn(&Decision) -> bool) -> Decision {
+            let started = Instant::now();
+            loop {
+                if let Some(decision) = self.bus.retained_decision("g") {
+                    if wanted(&decision) {
+                        return decision;
+                    }
+                }
+                assert!(
+                    started.elapsed() < WAIT,
+                    "no such decision: {:?}",
+                    self.bus.retained_decision("g")
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    fn owners(decision: &Decision) -> Vec<&str> {
+        decision.owners.keys().map(String::as_str).collect()
+    }
+
+    #[tokio::test]
+    async fn a_group_that_empties_and_comes_back_keeps_counting_revisions() {
+        let harness = Harness::start();
+        harness
+            .leader
+            .send_replace(LeaderState::Leader { epoch: 1 });
+        harness.join("s1").await;
+        let first = harness.decision(|d| owners(d) == ["s1"]).await;
+        harness.membership.leave("g", "s1").await.unwrap();
+        let empty = harness.decision(|d| d.owners.is_empty()).await;
+        assert!(empty.is_newer_than(&first));
+        harness.join("s1").await;
+        let back = harness
+            .decision(|d| owners(d) == ["s1"] && d.is_newer_than(&empty))
+            .await;
+        assert_eq!(back.epoch, 1);
+        harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_lease_regained_under_the_same_epoch_resumes_the_term() {
+        let harness = Harness::start();
+        harness
+            .leader
+            .send_replace(LeaderState::Leader { epoch: 3 });
+        harness.join("s1").await;
+        let first = harness.decision(|d| owners(d) == ["s1"]).await;
+        assert_eq!(first.version(), (3, 1));
+
+        // A failed renewal demotes the node; it regains the lease before it expires.
+        harness.leader.send_replace(LeaderState::Follower);
+        let mut status = harness.status.clone();
+        status
+            .wait_for(|s| *s == BrokerStatus::Waiting)
+            .await
+            .unwrap();
+        harness.join("s2").await;
+        harness
+            .leader
+            .send_replace(LeaderState::Leader { epoch: 3 });
+        // The newcomer's share is handed over, in a decision of the same epoch.
+        let resumed = harness.decision(|d| d.handovers.len() == 1).await;
+        assert_eq!(resumed.epoch, 3);
+        assert!(resumed.is_newer_than(&first), "{resumed:?} after {first:?}");
+        harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_newer_epoch_on_the_bus_makes_the_leader_step_down() {
+        let harness = Harness::start();
+        harness
+            .leader
+            .send_replace(LeaderState::Leader { epoch: 2 });
+        harness.join("s1").await;
+        let mine = harness.decision(|d| owners(d) == ["s1"]).await;
+        let newer = Decision {
+            epoch: 5,
+            revision: 1,
+            coordinator: "node-b".into(),
+            ..mine.clone()
+        };
+        harness
+            .bus
+            .publish(&BusMessage::Decision(newer.clone()))
+            .await
+            .unwrap();
+        let mut status = harness.status.clone();
+        status
+            .wait_for(|s| *s == BrokerStatus::Waiting)
+            .await
+            .unwrap();
+        // Membership changes, but this node no longer decides.
+        harness.join("s2").await;
+        tokio::time::sleep(settings().refresh_interval * 3).await;
+        assert_eq!(harness.bus.retained_decision("g"), Some(newer));
+        harness.stop().await;
+    }
 }
