@@ -335,6 +335,83 @@ fn random_hex(len: usize) -> String {
     uuid::Uuid::new_v4().simple().to_string()[..len].to_owned()
 }
 
+const BILLING: &str = r#"
+[[subscriptions]]
+group = "billing"
+sources = ["category:invoices", "category:refunds"]
+instances = 2
+"#;
+
+/// Waits for `count` stderr lines containing `needle` and returns them.
+#[track_caller]
+fn wait_for_stderr_lines(node: &mut Running, needle: &str, count: usize) -> Vec<String> {
+    for _ in 0..count {
+        node.wait_for_stderr(needle, START_TIMEOUT);
+    }
+    node.stderr_so_far()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn run_allocates_the_configured_subscriptions_and_withdraws_them_on_sigterm() {
+    let dir = TempDir::new();
+    let config = dir.file("weir.toml", BILLING);
+    let config = config.to_str().unwrap();
+    let mut node = Running::start(weir(&["run", "--config", config, "--node-id", "node-a"]));
+    let allocated = wait_for_stderr_lines(&mut node, "source allocated", 2);
+    // Two instances share the two sources, one each.
+    for (source, instances) in [("category:invoices", 1), ("category:refunds", 1)] {
+        let lines = allocated.iter().filter(|l| l.contains(source)).count();
+        assert_eq!(lines, instances, "{allocated:#?}");
+    }
+    assert!(
+        allocated.iter().any(|l| l.contains("node-a/1")),
+        "{allocated:#?}"
+    );
+    assert!(
+        allocated.iter().any(|l| l.contains("node-a/2")),
+        "{allocated:#?}"
+    );
+
+    node.terminate();
+    let status = node.expect_exit(EXIT_TIMEOUT);
+    let stderr = node.stderr_so_far();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{stderr}");
+    assert_eq!(stderr.matches("source withdrawn").count(), 2, "{stderr}");
+}
+
+#[test]
+fn run_as_coordinator_runs_no_subscribers() {
+    let dir = TempDir::new();
+    let config = dir.file("weir.toml", BILLING);
+    let mut node = Running::start(weir(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--role",
+        "coordinator",
+    ]));
+    node.wait_for_stderr("runs no subscribers", START_TIMEOUT);
+    node.wait_for_stderr("started", START_TIMEOUT);
+    node.terminate();
+    let status = node.expect_exit(EXIT_TIMEOUT);
+    let stderr = node.stderr_so_far();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{stderr}");
+    assert!(!stderr.contains("source allocated"), "{stderr}");
+}
+
+#[test]
+fn run_on_a_bus_of_a_later_release_says_so() {
+    let mut command = weir(&["run"]);
+    command.env("WEIR_BUS__KIND", "nats");
+    let out = finish(command, None);
+    assert_eq!(out.code(), Some(64), "{}", out.context());
+    assert!(out.stderr.contains("bus.kind"), "{}", out.context());
+}
+
 // ---------------------------------------------------------------------------------
 // Postgres
 
@@ -1106,4 +1183,36 @@ fn pg_run_stops_cleanly_on_sigterm() {
     let stderr = node.stderr_so_far();
     assert_eq!(status.code(), Some(0), "{status:?}\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn pg_run_registers_its_subscribers_and_removes_them_on_sigterm() {
+    let pg = pg_schema!("pg_run_registers_its_subscribers_and_removes_them_on_sigterm");
+    pg.migrate();
+    let dir = TempDir::new();
+    let config = dir.file("weir.toml", BILLING);
+    let mut node = Running::start(pg.weir(&["run", "--config", config.to_str().unwrap()]));
+    wait_for_stderr_lines(&mut node, "source allocated", 2);
+    let members = format!("SELECT count(*) FROM \"{}\".weir_members", pg.schema);
+    let count = |sql: String| {
+        block_on(async {
+            let client = pg_connect(&pg.url).await?;
+            let row = client
+                .query_one(&sql, &[])
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok::<i64, String>(row.get(0))
+        })
+        .unwrap()
+    };
+    assert_eq!(count(members.clone()), 2);
+    node.terminate();
+    let status = node.expect_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{status:?}\n{}",
+        node.stderr_so_far()
+    );
+    assert_eq!(count(members), 0, "a stopped node leaves the registry");
 }
