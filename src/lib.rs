@@ -12,19 +12,21 @@
 //! - [`event`]: events, names, sources, cursors and write conditions; pure data.
 //! - [`store`]: the [`store::EventStore`] trait, the in-memory store and the Postgres
 //!   store (feature `postgres`), with its migrations.
-//! - [`broker`]: allocation of sources to subscribers (balanced, sticky, deterministic,
-//!   with two-step handover), the leadership lease with epochs, and membership; the
-//!   coordinator and observer around them are still to come.
 //! - [`bus`]: the allocation bus: the versioned wire format of decisions and signals,
-//!   the [`bus::AllocationBus`] trait and the in-process [`bus::MemoryBus`].
+//!   the [`bus::AllocationBus`] trait and the in-process [`bus::MemoryBus`]. It
+//!   borrows only the plain data types of `broker::allocation`.
+//! - [`broker`]: who owns which source. The pure allocation function (balanced,
+//!   sticky, deterministic, two-step handover), the leadership lease with epochs,
+//!   membership, the coordinator that decides while its node leads, the observer that
+//!   applies decisions to local subscribers, node roles, and the two brokers:
+//!   distributed (a fleet over a bus) and singleton (one process).
 //! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure
 //!   validation that reports every problem at once.
 //! - [`cli`]: one module per `weir` subcommand; `main.rs` only parses and calls it.
 //!
-//! Still to come, each with its own issue: `bus` (allocation messages over NATS or
-//! Kafka), the rest of `broker` (roles, leadership, membership, coordinator), `consumer` and
-//! `runtime` (processors, checkpoints, error policies), `sink` (forwarding to NATS,
-//! Kafka, stdout) and `telemetry` (metrics, HTTP endpoints).
+//! Still to come, each with its own issue: NATS and Kafka backends of `bus`,
+//! `consumer` and `runtime` (processors, checkpoints, error policies), `sink`
+//! (forwarding to NATS, Kafka, stdout) and `telemetry` (metrics, HTTP endpoints).
 
 #![forbid(unsafe_code)]
 

@@ -360,13 +360,12 @@ fn allocate(args: &AllocateArgs) -> Result<(), CliError> {
         current: &empty,
         released: &nothing,
     });
-    let decision_bytes = serde_json::to_vec(&initial)
-        .map_err(std::io::Error::other)?
-        .len();
+    let wire = wire_size(&initial)?;
     emit(json!({
         "bench": "allocate", "case": "initial", "subscribers": args.subscribers,
         "sources": args.sources, "millis": initial_time.as_secs_f64() * 1000.0,
-        "decision_bytes": decision_bytes,
+        "wire_bytes": wire.bytes, "wire_parts": wire.parts,
+        "largest_part_bytes": wire.largest_part, "encode_millis": wire.encode_millis,
     }));
 
     let (join_time, joined) = best_of(&AllocationInput {
@@ -381,6 +380,44 @@ fn allocate(args: &AllocateArgs) -> Result<(), CliError> {
         "handovers": joined.handovers.len(),
     }));
     Ok(())
+}
+
+/// What a decision costs on the bus.
+struct WireSize {
+    bytes: usize,
+    parts: usize,
+    largest_part: usize,
+    encode_millis: f64,
+}
+
+/// Encodes `allocation` as the bus would (its synthetic sources named as streams of
+/// one category), split at the memory and NATS bus's default payload limit.
+fn wire_size(
+    allocation: &crate::broker::allocation::Allocation<String>,
+) -> Result<WireSize, CliError> {
+    use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
+    use crate::bus::{Decision, encode_decision_parts};
+    use crate::event::Source;
+
+    let as_source = |name: &String| -> Result<Source, CliError> {
+        format!("stream:bench/{name}")
+            .parse()
+            .map_err(|e: crate::event::ValidationError| CliError::Input(e.to_string()))
+    };
+    let mut decision = Decision::from_allocation("bench", 1, 1, "bench-node", &Default::default());
+    for (owner, sources) in &allocation.owners {
+        let sources = sources.iter().map(as_source).collect::<Result<_, _>>()?;
+        decision.owners.insert(owner.clone(), sources);
+    }
+    let started = Instant::now();
+    let parts = encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD);
+    let encode_millis = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(WireSize {
+        bytes: parts.iter().map(Vec::len).sum(),
+        parts: parts.len(),
+        largest_part: parts.iter().map(Vec::len).max().unwrap_or(0),
+        encode_millis,
+    })
 }
 
 /// The raw baselines: plain SQL against the same table shape, no weir in between.
