@@ -34,5 +34,6 @@ pub mod broker;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod event;
 pub mod store;

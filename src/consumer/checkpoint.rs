@@ -1,0 +1,207 @@
+//! Checkpoints: the cursor each group's consumer of a source has reached, one row per
+//! (group, source), fenced by owner.
+//!
+//! Accepting a source *claims* its row: the claim gets a fresh token and every later
+//! save must present it. A consumer that lost its source without knowing (its node
+//! was partitioned, or paused past the member timeout) finds its next save refused
+//! with [`CheckpointError::Fenced`] and stops, so it can neither move the new
+//! owner's cursor nor go on processing unchecked.
+//!
+//! Backends: [`MemoryCheckpointStore`] and `PostgresCheckpointStore` (feature
+//! `postgres`, table `weir_checkpoints`).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::event::{Cursor, Source};
+use crate::store;
+
+/// Why a checkpoint operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(
+        "the checkpoint of {consumed} in group {group} was claimed by {owner} after {claimant} claimed it: {claimant} no longer owns the source and stops consuming it"
+    )]
+    Fenced {
+        group: String,
+        /// The source whose checkpoint it is (`source` would read as the error's cause).
+        consumed: Source,
+        /// Whoever holds the row now.
+        owner: String,
+        /// The subscriber whose claim was refused.
+        claimant: String,
+    },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+impl CheckpointError {
+    /// Retrying may succeed; a fenced claim never will.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CheckpointError::Store(error) if error.is_retryable())
+    }
+}
+
+/// Proof that a subscriber holds a checkpoint row, handed out by
+/// [`CheckpointStore::claim`] and checked by [`CheckpointStore::save`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub group: String,
+    pub source: Source,
+    /// The subscriber that claimed the row, for operators.
+    pub owner: String,
+    /// Unique to this claim: a second claim by the same subscriber (say, a restarted
+    /// process with the same id) fences the first.
+    pub token: Uuid,
+}
+
+/// A stored checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub group: String,
+    pub source: Source,
+    /// The subscriber holding the row (the last to claim it).
+    pub owner: String,
+    /// Where the group has got to in the source; [`Cursor::START`] before any event.
+    pub cursor: Cursor,
+    /// On the store's clock.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Where checkpoints live. Object safe, so a runtime holds `Arc<dyn CheckpointStore>`.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// Claims the (group, source) row for `owner`, creating it at [`Cursor::START`]
+    /// if there is none, and returns the claim with the stored cursor. Every earlier
+    /// claim is fenced from now on.
+    async fn claim(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+    ) -> Result<(Claim, Cursor), CheckpointError>;
+
+    /// Stores `cursor` if `claim` still holds the row; [`CheckpointError::Fenced`]
+    /// if another claim has taken it since.
+    async fn save(&self, claim: &Claim, cursor: Cursor) -> Result<(), CheckpointError>;
+
+    /// The checkpoint of (group, source), if it was ever claimed.
+    async fn load(
+        &self,
+        group: &str,
+        source: &Source,
+    ) -> Result<Option<Checkpoint>, CheckpointError>;
+
+    /// Every checkpoint, or one group's, ordered by group, then source text.
+    async fn list(&self, group: Option<&str>) -> Result<Vec<Checkpoint>, CheckpointError>;
+}
+
+/// Checkpoints in this process's memory.
+#[derive(Debug, Default)]
+pub struct MemoryCheckpointStore {
+    rows: Mutex<BTreeMap<(String, String), Row>>,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    source: Source,
+    owner: String,
+    token: Uuid,
+    cursor: Cursor,
+    updated_at: DateTime<Utc>,
+}
+
+impl MemoryCheckpointStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn rows(&self) -> MutexGuard<'_, BTreeMap<(String, String), Row>> {
+        // Every update is a single insert or assignment, so a poisoned map is whole.
+        self.rows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checkpoint(group: &str, row: &Row) -> Checkpoint {
+        Checkpoint {
+            group: group.to_owned(),
+            source: row.source.clone(),
+            owner: row.owner.clone(),
+            cursor: row.cursor,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+fn key(group: &str, source: &Source) -> (String, String) {
+    (group.to_owned(), source.to_string())
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryCheckpointStore {
+    async fn claim(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+    ) -> Result<(Claim, Cursor), CheckpointError> {
+        let claim = Claim {
+            group: group.to_owned(),
+            source: source.clone(),
+            owner: owner.to_owned(),
+            token: Uuid::new_v4(),
+        };
+        let mut rows = self.rows();
+        let row = rows.entry(key(group, source)).or_insert_with(|| Row {
+            source: source.clone(),
+            owner: String::new(),
+            token: Uuid::nil(),
+            cursor: Cursor::START,
+            updated_at: Utc::now(),
+        });
+        row.owner = owner.to_owned();
+        row.token = claim.token;
+        row.updated_at = Utc::now();
+        Ok((claim, row.cursor))
+    }
+
+    async fn save(&self, claim: &Claim, cursor: Cursor) -> Result<(), CheckpointError> {
+        let mut rows = self.rows();
+        match rows.get_mut(&key(&claim.group, &claim.source)) {
+            Some(row) if row.token == claim.token => {
+                row.cursor = cursor;
+                row.updated_at = Utc::now();
+                Ok(())
+            }
+            row => Err(CheckpointError::Fenced {
+                group: claim.group.clone(),
+                consumed: claim.source.clone(),
+                owner: row.map(|row| row.owner.clone()).unwrap_or_default(),
+                claimant: claim.owner.clone(),
+            }),
+        }
+    }
+
+    async fn load(
+        &self,
+        group: &str,
+        source: &Source,
+    ) -> Result<Option<Checkpoint>, CheckpointError> {
+        Ok(self
+            .rows()
+            .get(&key(group, source))
+            .map(|row| Self::checkpoint(group, row)))
+    }
+
+    async fn list(&self, group: Option<&str>) -> Result<Vec<Checkpoint>, CheckpointError> {
+        Ok(self
+            .rows()
+            .iter()
+            .filter(|((g, _), _)| group.is_none_or(|wanted| g == wanted))
+            .map(|((g, _), row)| Self::checkpoint(g, row))
+            .collect())
+    }
+}
