@@ -23,6 +23,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "broker",
         sql: include_str!("migrations/0002_broker.sql"),
     },
+    Migration {
+        version: 3,
+        name: "consumers",
+        sql: include_str!("migrations/0003_consumers.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.
