@@ -16,3 +16,8 @@ pub mod dead_letter;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
 pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
+
+#[cfg(feature = "postgres")]
+pub use checkpoint::PostgresCheckpointStore;
+#[cfg(feature = "postgres")]
+pub use dead_letter::PostgresDeadLetterStore;
