@@ -231,18 +231,32 @@ impl Running {
         self.stderr_seen.join("\n")
     }
 
-    /// The next stdout line, parsed as JSON; fails after `timeout`.
+    /// The next stdout line, parsed as JSON; fails after `timeout`. While no line
+    /// comes, calls `meanwhile` every `every`.
     #[track_caller]
-    fn next_json(&mut self, timeout: Duration, waiting_for: &str) -> Value {
-        match self.stdout.recv_timeout(timeout) {
-            Ok(line) => serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("{}: not JSON: {line:?}: {e}", self.what)),
-            Err(_) => {
-                let stderr = self.stderr_so_far();
-                panic!(
-                    "{}: no stdout line within {timeout:?} ({waiting_for}); stderr:\n{stderr}",
-                    self.what
-                )
+    fn next_json(
+        &mut self,
+        timeout: Duration,
+        waiting_for: &str,
+        every: Duration,
+        mut meanwhile: impl FnMut(),
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let wait = every.min(deadline.saturating_duration_since(Instant::now()));
+            match self.stdout.recv_timeout(wait) {
+                Ok(line) => {
+                    return serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("{}: not JSON: {line:?}: {e}", self.what));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => meanwhile(),
+                Err(_) => {
+                    let stderr = self.stderr_so_far();
+                    panic!(
+                        "{}: no stdout line within {timeout:?} ({waiting_for}); stderr:\n{stderr}",
+                        self.what
+                    )
+                }
             }
         }
     }
@@ -509,6 +523,63 @@ impl PgSchema {
     #[track_caller]
     fn migrate(&self) {
         self.run(&["migrate"]).expect_success();
+    }
+
+    /// Sends the notice an append to `category` sends after it commits.
+    #[track_caller]
+    fn notify_appended(&self, category: &str) {
+        let channel = format!("{}.appended", self.schema);
+        block_on(async {
+            let client = pg_connect(&self.url).await?;
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&channel, &category])
+                .await
+                .map_err(|e| describe(&e))
+        })
+        .unwrap();
+    }
+
+    /// The store's append notices, each payload (a category) in the order heard, on a
+    /// connection of its own that is listening when this returns. It closes at the
+    /// first notice after the receiver is dropped, or when the test process ends.
+    fn listen_appended(&self) -> mpsc::Receiver<String> {
+        use futures::StreamExt;
+
+        let (notices, heard) = mpsc::channel();
+        let (listening, ready) = mpsc::channel();
+        let url = self.url.clone();
+        let listen = format!("LISTEN \"{}.appended\"", self.schema);
+        std::thread::spawn(move || {
+            block_on(async move {
+                let (client, mut connection) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                // The connection makes progress only while polled, LISTEN included.
+                let (messages, mut received) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    let mut stream =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = stream.next().await {
+                        if messages.send(message).is_err() {
+                            break;
+                        }
+                    }
+                });
+                client.batch_execute(&listen).await?;
+                let _ = listening.send(());
+                while let Some(message) = received.recv().await {
+                    if let tokio_postgres::AsyncMessage::Notification(notice) = message {
+                        if notices.send(notice.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok::<(), tokio_postgres::Error>(())
+            })
+        });
+        ready
+            .recv_timeout(FINISH_TIMEOUT)
+            .expect("listening on the store's append channel");
+        heard
     }
 
     /// The events of a source, read with `weir read`.
@@ -1127,6 +1198,29 @@ fn pg_a_bad_stdin_line_appends_nothing() {
     assert_eq!(positions(&out.json_lines()), [0, 1, 2]);
 }
 
+/// How often [`next_followed`] repeats the append notice while it waits.
+const NOTICE_REPEAT: Duration = Duration::from_millis(500);
+
+/// The next event a `weir read --follow` of category `orders` prints, within `timeout`.
+///
+/// An appended event becomes readable only once every transaction that began before
+/// its append has ended. One running alongside (another test's, say) can outlast the
+/// notice, so the read the notice wakes finds nothing and the follower waits for the
+/// next notice. While no line comes, this sends that notice again every
+/// [`NOTICE_REPEAT`], on the store's channel, as a later append would: the follower
+/// still learns of the event through NOTIFY, not by polling.
+#[track_caller]
+fn next_followed(
+    follower: &mut Running,
+    pg: &PgSchema,
+    timeout: Duration,
+    waiting_for: &str,
+) -> Value {
+    follower.next_json(timeout, waiting_for, NOTICE_REPEAT, || {
+        pg.notify_appended("orders")
+    })
+}
+
 #[test]
 fn pg_follow_prints_new_events_until_sigterm() {
     let pg = pg_schema!("pg_follow_prints_new_events_until_sigterm");
@@ -1147,18 +1241,34 @@ fn pg_follow_prints_new_events_until_sigterm() {
         "60s",
     ]));
     for n in 0..2 {
-        let event = follower.next_json(FINISH_TIMEOUT, "an existing event");
+        let event = next_followed(&mut follower, &pg, FINISH_TIMEOUT, "an existing event");
         assert_eq!(event["payload"]["n"], n, "{event}");
     }
 
     // Events of another category do not show; the next one of this category does.
+    let notices = pg.listen_appended();
     pg.run(&append_args("invoices", "invoice-1", "Issued", "{}"))
         .expect_success();
     let appended = pg
         .run(&append_args("orders", "order-2", "Placed", "{\"n\":2}"))
         .expect_success()
         .json_lines();
-    let event = follower.next_json(FOLLOW_TIMEOUT, "the event appended after it started");
+    // Each `weir append` sent its notice before it exited (next_followed below may
+    // repeat a notice, so this is where the appends' own are checked).
+    let heard: Vec<String> = (0..2)
+        .map(|_| {
+            notices
+                .recv_timeout(FOLLOW_TIMEOUT)
+                .expect("the append's notice")
+        })
+        .collect();
+    assert_eq!(heard, ["invoices", "orders"]);
+    let event = next_followed(
+        &mut follower,
+        &pg,
+        FOLLOW_TIMEOUT,
+        "the event appended after it started",
+    );
     assert_eq!(event["id"], appended[0]["id"], "{event}");
     assert_eq!(event["stream"], "order-2");
     cursor(&event);
