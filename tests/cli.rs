@@ -1016,6 +1016,27 @@ fn append_on_the_memory_store_prints_the_stored_event() {
 }
 
 #[test]
+fn dead_letters_list_on_the_memory_store_prints_nothing() {
+    // Nothing is persisted in memory, so a fresh process has no dead letters.
+    let out = run(&["dead-letters", "list"]).expect_success();
+    assert!(out.stdout.is_empty(), "{}", out.context());
+}
+
+#[test]
+fn dead_letters_list_rejects_a_bad_limit_with_exit_64() {
+    for limit in ["abc", "0", "-1", "1.5", ""] {
+        let out = run(&["dead-letters", "list", "--limit", limit])
+            .expect_code(EXIT_CONFIG)
+            .expect_stderr("--limit")
+            .expect_stderr("a whole number of at least 1");
+        assert!(out.stdout.is_empty(), "{}", out.context());
+    }
+    run(&["dead-letters", "list", "--group", ""])
+        .expect_code(EXIT_INPUT)
+        .expect_stderr("--group");
+}
+
+#[test]
 fn migrate_on_the_memory_store_has_nothing_to_do() {
     let out = run(&["migrate"]).expect_success();
     assert!(
@@ -1056,6 +1077,7 @@ fn pg_using_the_store_before_migrate_says_to_run_migrate() {
     for args in [
         &append_args("orders", "order-1", "Placed", "{}")[..],
         &["read", "--source", "log"],
+        &["dead-letters", "list"],
         &["run"],
     ] {
         let out = pg.run(args).expect_stderr("weir migrate");
@@ -1325,4 +1347,105 @@ fn pg_run_registers_its_subscribers_and_removes_them_on_sigterm() {
         node.stderr_so_far()
     );
     assert_eq!(count(members), 0, "a stopped node leaves the registry");
+}
+
+#[test]
+fn pg_dead_letters_list_prints_json_lines_by_group_and_limit() {
+    use weir::consumer::{DeadLetterStore, NewDeadLetter, PostgresDeadLetterStore};
+
+    let pg = pg_schema!("pg_dead_letters_list_prints_json_lines_by_group_and_limit");
+    pg.migrate();
+    let letters = [
+        ("billing", "category:orders", 10),
+        ("audit", "log", 11),
+        ("billing", "stream:orders/order-1", 12),
+    ];
+    let recorded: Vec<Value> = block_on(async {
+        let options =
+            weir::store::PostgresStoreOptions::new(pg.url.clone()).schema(pg.schema.clone());
+        let store = weir::store::PostgresStore::connect(&options).expect("a store");
+        let dead_letters = PostgresDeadLetterStore::new(std::sync::Arc::new(store));
+        let mut recorded = Vec::new();
+        for (group, source, sequence) in letters {
+            let letter = NewDeadLetter {
+                group: group.into(),
+                source: source.parse().unwrap(),
+                event_id: uuid::Uuid::now_v7(),
+                sequence,
+                kind: "timeout".into(),
+                error: format!("event {sequence} timed out"),
+                attempts: 3,
+            };
+            let stored = dead_letters.record(&letter).await.expect("recorded");
+            recorded.push(serde_json::to_value(&stored).unwrap());
+        }
+        recorded
+    });
+    let ids: Vec<u64> = recorded.iter().map(|l| l["id"].as_u64().unwrap()).collect();
+    let list = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["dead-letters", "list"];
+        all.extend_from_slice(args);
+        pg.run(&all).expect_success().json_lines()
+    };
+
+    // Every field as the store holds it, the source in its text form.
+    let all = list(&[]);
+    assert_eq!(all, recorded);
+    assert_eq!(all[2]["source"], "stream:orders/order-1");
+    assert_eq!(all[2]["sequence"], 12);
+    assert_eq!(all[2]["group"], "billing");
+    assert_eq!(all[2]["kind"], "timeout");
+    assert_eq!(all[2]["attempts"], 3);
+    assert!(all[2]["recorded_at"].is_string(), "{}", all[2]);
+
+    assert_eq!(
+        list(&["--group", "billing"]),
+        [recorded[0].clone(), recorded[2].clone()]
+    );
+    assert_eq!(list(&["--group", "audit"]), [recorded[1].clone()]);
+    assert!(list(&["--group", "nobody"]).is_empty());
+    assert_eq!(list(&["--limit", "2"]), recorded[..2]);
+    assert_eq!(
+        list(&["--group", "billing", "--limit", "1"]),
+        [recorded[0].clone()]
+    );
+    let first = ids[0].to_string();
+    assert_eq!(list(&["--after", &first]), recorded[1..]);
+    assert_eq!(
+        list(&["--group", "billing", "--after", &first]),
+        [recorded[2].clone()]
+    );
+
+    // More than one page of the store (1000), and the default limit of 100.
+    let insert = format!(
+        "INSERT INTO \"{}\".weir_dead_letters \
+           (group_name, source, event_id, sequence, kind, error, attempts, recorded_at) \
+         SELECT 'bulk', 'log', gen_random_uuid(), n, 'timeout', 'timed out', 1, now() \
+         FROM generate_series(1, 1200) AS n",
+        pg.schema
+    );
+    block_on(async {
+        let client = pg_connect(&pg.url).await?;
+        client
+            .batch_execute(&insert)
+            .await
+            .map_err(|e| describe(&e))
+    })
+    .unwrap();
+    let ids_of = |letters: &[Value]| -> Vec<u64> {
+        letters.iter().map(|l| l["id"].as_u64().unwrap()).collect()
+    };
+    let bulk = ids_of(&list(&["--group", "bulk", "--limit", "1100"]));
+    assert_eq!(bulk.len(), 1100);
+    assert!(
+        bulk.windows(2).all(|w| w[0] < w[1]),
+        "each letter once, in order"
+    );
+    assert_eq!(
+        ids_of(&list(&["--group", "bulk", "--limit", "5000"])).len(),
+        1200
+    );
+    let first_page = ids_of(&list(&[]));
+    assert_eq!(first_page.len(), 100);
+    assert_eq!(first_page[..3], ids);
 }

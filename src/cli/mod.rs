@@ -14,6 +14,7 @@ use crate::store::{self, EventStore, MemoryStore};
 mod append;
 mod bench;
 mod config_check;
+mod dead_letters;
 mod migrate;
 mod read;
 mod run;
@@ -66,6 +67,9 @@ pub enum Command {
     Append(append::Args),
     /// Print events of a source as JSON lines, optionally following new ones.
     Read(read::Args),
+    /// Inspect the events consumers skipped (dead letters).
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLetters),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -155,6 +159,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate => migrate::run(&config).await,
         Command::Append(args) => append::run(&config, args).await,
         Command::Read(args) => read::run(&config, args).await,
+        Command::DeadLetters(command) => dead_letters::run(&config, command).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&config),
         Command::Bench(bench) => bench::run(&config, bench).await,
     }
