@@ -79,8 +79,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = watcher.appended(&source) => {}
-            _ = tokio::time::sleep(args.poll_interval) => {}
+            _ = watcher.wait(&source, args.poll_interval) => {}
         }
     }
     Ok(())

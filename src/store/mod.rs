@@ -4,6 +4,7 @@
 //! against each.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -109,12 +110,35 @@ pub enum AppendNotice {
 /// How many notices a slow listener may fall behind before it sees [`AppendNotice::Any`].
 const NOTICE_CAPACITY: usize = 1024;
 
+/// The first quick look again after a notice whose read found nothing.
+const FIRST_RECHECK: Duration = Duration::from_millis(5);
+
 /// Append notices for one source; what a consumer waits on between reads.
 pub struct AppendWatcher {
     receiver: broadcast::Receiver<AppendNotice>,
+    /// Armed by a notice: the next waits are this short, doubling up to the poll
+    /// interval, because the append may not be readable yet.
+    recheck: Option<Duration>,
 }
 
 impl AppendWatcher {
+    /// Waits, after a read of `source` found nothing new, until it is worth reading
+    /// again: an append that may concern it was announced, or `poll` passed.
+    ///
+    /// A notice can arrive before its append is readable: log and category reads
+    /// stay below the oldest transaction still in progress, and another writer's
+    /// transaction may hold that back a little longer. So after a notice the next
+    /// waits are short (5 ms, doubling up to `poll`) instead of a whole `poll`.
+    pub async fn wait(&mut self, source: &Source, poll: Duration) {
+        let timeout = self.recheck.map_or(poll, |recheck| recheck.min(poll));
+        tokio::select! {
+            () = self.appended(source) => self.recheck = Some(FIRST_RECHECK),
+            () = tokio::time::sleep(timeout) => {
+                self.recheck = self.recheck.map(|d| d * 2).filter(|d| *d < poll);
+            }
+        }
+    }
+
     /// Returns once an append that may concern `source` has been announced.
     /// Returns at once, as a wake-up, if notices were missed; never returns if the
     /// store has gone, so callers pair it with a poll timeout.
@@ -155,6 +179,7 @@ impl Notifier {
     pub(crate) fn watch(&self) -> AppendWatcher {
         AppendWatcher {
             receiver: self.sender.subscribe(),
+            recheck: None,
         }
     }
 }
@@ -279,4 +304,42 @@ pub(crate) fn validate_batch(appends: &[StreamAppend]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_notice_the_watcher_looks_again_soon_then_less_often() {
+        let notifier = Notifier::default();
+        let mut watcher = notifier.watch();
+        let orders: Source = "category:orders".parse().unwrap();
+        let poll = Duration::from_millis(100);
+        let waited = |started: tokio::time::Instant| started.elapsed().as_millis();
+
+        // Nothing announced: a whole poll interval.
+        let started = tokio::time::Instant::now();
+        watcher.wait(&orders, poll).await;
+        assert_eq!(waited(started), 100);
+
+        // A notice wakes it at once; the reads after it find nothing (the append is
+        // not readable yet), so it looks again after 5, 10, 20, 40, 80 ms (capped
+        // at the poll interval), then goes back to polling.
+        notifier.notify(AppendNotice::Category(Category::new("orders").unwrap()));
+        let started = tokio::time::Instant::now();
+        watcher.wait(&orders, poll).await;
+        assert_eq!(waited(started), 0);
+        for expected in [5, 10, 20, 40, 80, 100, 100] {
+            let started = tokio::time::Instant::now();
+            watcher.wait(&orders, poll).await;
+            assert_eq!(waited(started), expected);
+        }
+
+        // Notices for other categories do not wake it.
+        notifier.notify(AppendNotice::Category(Category::new("refunds").unwrap()));
+        let started = tokio::time::Instant::now();
+        watcher.wait(&orders, poll).await;
+        assert_eq!(waited(started), 100);
+    }
 }
