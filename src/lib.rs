@@ -36,4 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod runtime;
+pub mod sink;
 pub mod store;
+pub mod telemetry;

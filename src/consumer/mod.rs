@@ -13,11 +13,42 @@
 
 pub mod checkpoint;
 pub mod dead_letter;
-
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
-pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
+pub mod policy;
+pub mod processor;
+pub mod settings;
+pub mod source;
+pub mod subscription;
 
 #[cfg(feature = "postgres")]
 pub use checkpoint::PostgresCheckpointStore;
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
 #[cfg(feature = "postgres")]
 pub use dead_letter::PostgresDeadLetterStore;
+pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
+pub use policy::ErrorPolicy;
+pub use processor::{EventHandler, EventProcessor, PerEvent, ProcessError, from_fn};
+pub use settings::{ConsumerSettings, Isolation};
+pub use source::{ConsumerState, Halt};
+pub use subscription::SubscriptionConsumer;
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::event::{Category, EventName, NewEvent, StoredEvent, StreamName, WriteCondition};
+    use crate::store::{EventStore, MemoryStore};
+
+    /// `count` events of one stream, as a store returns them.
+    pub(crate) async fn events(count: u64) -> Vec<StoredEvent> {
+        let events = (0..count)
+            .map(|n| NewEvent::new(EventName::new("Happened").unwrap(), serde_json::json!(n)))
+            .collect();
+        MemoryStore::new()
+            .append(
+                &Category::new("things").unwrap(),
+                &StreamName::new("thing-1").unwrap(),
+                WriteCondition::Any,
+                events,
+            )
+            .await
+            .unwrap()
+    }
+}

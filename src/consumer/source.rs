@@ -1,0 +1,549 @@
+//! The consumer of one source: claims the source's checkpoint, reads batches after
+//! its cursor, hands them to the processor under the error policy, stores the
+//! checkpoint every `checkpoint_every` events or `checkpoint_interval`, and between
+//! batches waits for an append notification or the poll interval.
+//!
+//! Asked to stop, it finishes the batch in hand, stores its checkpoint and returns
+//! the cursor it stopped at: that is what lets a handover process no event twice. A
+//! consumer whose checkpoint write is refused because another subscriber claimed the
+//! source stops at once, without touching the checkpoint again.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::checkpoint::{CheckpointError, CheckpointStore, Claim};
+use super::dead_letter::{DeadLetterStore, NewDeadLetter};
+use super::policy::Action;
+use super::processor::{EventProcessor, ProcessError};
+use super::settings::{ConsumerSettings, Executor};
+use crate::event::{Cursor, Source, StoredEvent};
+use crate::store::{AppendWatcher, EventStore};
+use crate::telemetry::metrics as names;
+
+/// How long to wait before trying an unreachable store again.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// What every source consumer of one registered consumer shares.
+pub struct ConsumerContext {
+    pub group: String,
+    /// Who claims checkpoints: the subscriber id, or the node id for a consumer of
+    /// a fixed source.
+    pub owner: String,
+    pub events: Arc<dyn EventStore>,
+    pub checkpoints: Arc<dyn CheckpointStore>,
+    pub dead_letters: Arc<dyn DeadLetterStore>,
+    pub processor: Arc<dyn EventProcessor>,
+    pub settings: ConsumerSettings,
+    pub executor: Executor,
+    pub board: Board,
+}
+
+/// How one source consumer is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
+pub enum ConsumerState {
+    Starting,
+    Running,
+    /// Stopped when asked to (a withdraw, or the node stopping).
+    Stopped,
+    /// Stopped by its error policy, or because the runtime was halted by another
+    /// consumer's; the reason says which event and why.
+    Failed(String),
+    /// Another subscriber claimed the source; this one stopped at once.
+    Fenced(String),
+}
+
+impl ConsumerState {
+    /// Running, starting or stopped on request.
+    pub fn is_healthy(&self) -> bool {
+        !matches!(self, ConsumerState::Failed(_) | ConsumerState::Fenced(_))
+    }
+}
+
+/// A failure that stops the whole runtime, by an error policy's `Exit` or `Raise`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    Exit { code: i32, error: ProcessError },
+    Raise(ProcessError),
+}
+
+/// Identifies one source consumer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ConsumerKey {
+    pub group: String,
+    pub owner: String,
+    pub source: Source,
+}
+
+/// Where source consumers report how they are doing, and where the first halting
+/// failure is kept for the runtime. Clones share the board.
+#[derive(Clone)]
+pub struct Board {
+    states: Arc<Mutex<BTreeMap<ConsumerKey, ConsumerState>>>,
+    halt: Arc<watch::Sender<Option<Halt>>>,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Self {
+            states: Arc::default(),
+            halt: Arc::new(watch::channel(None).0),
+        }
+    }
+}
+
+impl Board {
+    fn states(&self) -> MutexGuard<'_, BTreeMap<ConsumerKey, ConsumerState>> {
+        // Every update is one insert, so a poisoned map is whole.
+        self.states.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, key: &ConsumerKey, state: ConsumerState) {
+        self.states().insert(key.clone(), state);
+    }
+
+    /// Every source consumer's state.
+    pub fn states_now(&self) -> Vec<(ConsumerKey, ConsumerState)> {
+        self.states()
+            .iter()
+            .map(|(key, state)| (key.clone(), state.clone()))
+            .collect()
+    }
+
+    /// Keeps `halt` unless an earlier one is kept already.
+    fn halt(&self, halt: Halt) {
+        self.halt.send_if_modified(|kept| {
+            let first = kept.is_none();
+            if first {
+                *kept = Some(halt);
+            }
+            first
+        });
+    }
+
+    /// Watches for the first halting failure.
+    pub fn halted(&self) -> watch::Receiver<Option<Halt>> {
+        self.halt.subscribe()
+    }
+}
+
+/// A source consumer running as a task. Stop it with [`RunningConsumer::stop`] or
+/// [`RunningConsumer::abort`]; dropping it aborts the task, so that no consumer
+/// goes on unowned.
+pub struct RunningConsumer {
+    stop: CancellationToken,
+    /// Taken by `stop` and `abort`; still here when dropped otherwise.
+    task: Option<JoinHandle<Option<Cursor>>>,
+    key: ConsumerKey,
+    board: Board,
+}
+
+impl Drop for RunningConsumer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl RunningConsumer {
+    pub fn spawn(context: Arc<ConsumerContext>, source: Source) -> Self {
+        let key = ConsumerKey {
+            group: context.group.clone(),
+            owner: context.owner.clone(),
+            source: source.clone(),
+        };
+        let stop = CancellationToken::new();
+        let board = context.board.clone();
+        let consumer = SourceConsumer {
+            context,
+            source,
+            key: key.clone(),
+            stop: stop.clone(),
+        };
+        Self {
+            stop,
+            task: Some(tokio::spawn(consumer.run())),
+            key,
+            board,
+        }
+    }
+
+    /// Asks the consumer to stop after the batch in hand and store its checkpoint;
+    /// waits up to `grace` for that. Returns the cursor it stopped and checkpointed
+    /// at, or `None` if it never got going, was fenced, or had to be aborted after
+    /// `grace` (then the events since its last checkpoint will be processed again).
+    pub async fn stop(mut self, grace: Duration) -> Option<Cursor> {
+        self.stop.cancel();
+        let mut task = self.task.take()?;
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(Ok(cursor)) => cursor,
+            Ok(Err(error)) => {
+                tracing::error!(group = %self.key.group, source = %self.key.source, %error, "source consumer task failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    group = %self.key.group, source = %self.key.source, ?grace,
+                    "source consumer did not finish its batch within the grace period; aborted it, so events after its last checkpoint will be processed again"
+                );
+                task.abort();
+                let _ = task.await;
+                self.board.set(&self.key, ConsumerState::Stopped);
+                None
+            }
+        }
+    }
+
+    /// Stops the consumer at once, storing nothing: what a crash does.
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Why consuming ended.
+enum End {
+    /// Asked to stop.
+    Stopped,
+    /// The error policy said stop.
+    Failed(ProcessError, StoredEvent),
+    /// The error policy halted the runtime.
+    Halted(ProcessError, StoredEvent),
+    /// Another claim holds the checkpoint now.
+    Fenced(CheckpointError),
+}
+
+/// Where a consumer stands.
+struct Progress {
+    claim: Claim,
+    cursor: Cursor,
+    /// The cursor last stored.
+    saved: Cursor,
+    /// Events consumed since the last store.
+    unsaved: u64,
+    saved_at: Instant,
+}
+
+struct SourceConsumer {
+    context: Arc<ConsumerContext>,
+    source: Source,
+    key: ConsumerKey,
+    stop: CancellationToken,
+}
+
+impl SourceConsumer {
+    async fn run(self) -> Option<Cursor> {
+        self.report(ConsumerState::Starting);
+        let Some(mut progress) = self.claim().await else {
+            self.report(ConsumerState::Stopped);
+            return None;
+        };
+        self.report(ConsumerState::Running);
+        tracing::info!(group = %self.key.group, owner = %self.key.owner, source = %self.source, cursor = %progress.cursor, "consuming");
+        let end = self.consume(&mut progress).await;
+        let end = match end {
+            End::Fenced(error) => End::Fenced(error),
+            // Whatever else ended it, what was processed is stored.
+            other => match self.save(&mut progress).await {
+                Err(error @ CheckpointError::Fenced { .. }) => End::Fenced(error),
+                Err(error) => {
+                    tracing::warn!(group = %self.key.group, source = %self.source, %error, "could not store the final checkpoint; events after the last one will be processed again");
+                    other
+                }
+                Ok(()) => other,
+            },
+        };
+        let group = self.key.group.clone();
+        match end {
+            End::Stopped => {
+                tracing::info!(group = %self.key.group, owner = %self.key.owner, source = %self.source, cursor = %progress.cursor, "stopped consuming");
+                self.report(ConsumerState::Stopped);
+                Some(progress.cursor)
+            }
+            End::Failed(error, event) => {
+                metrics::counter!(names::STOPPED_CONSUMERS, "group" => group).increment(1);
+                let reason = format!(
+                    "stopped by its error policy at event {} (sequence {}): {error}",
+                    event.id, event.sequence
+                );
+                tracing::error!(group = %self.key.group, source = %self.source, "{reason}");
+                self.report(ConsumerState::Failed(reason));
+                Some(progress.cursor)
+            }
+            End::Halted(error, event) => {
+                let reason = format!(
+                    "halted the runtime at event {} (sequence {}): {error}",
+                    event.id, event.sequence
+                );
+                tracing::error!(group = %self.key.group, source = %self.source, "{reason}");
+                self.report(ConsumerState::Failed(reason));
+                Some(progress.cursor)
+            }
+            End::Fenced(error) => {
+                metrics::counter!(names::FENCED_CONSUMERS, "group" => group).increment(1);
+                tracing::error!(group = %self.key.group, source = %self.source, %error, "stopped consuming");
+                self.report(ConsumerState::Fenced(error.to_string()));
+                None
+            }
+        }
+    }
+
+    fn report(&self, state: ConsumerState) {
+        self.context.board.set(&self.key, state);
+    }
+
+    /// Claims the checkpoint, trying again while the store is unreachable; `None`
+    /// if asked to stop first.
+    async fn claim(&self) -> Option<Progress> {
+        loop {
+            match self
+                .context
+                .checkpoints
+                .claim(&self.context.group, &self.source, &self.context.owner)
+                .await
+            {
+                Ok((claim, cursor)) => {
+                    return Some(Progress {
+                        claim,
+                        cursor,
+                        saved: cursor,
+                        unsaved: 0,
+                        saved_at: Instant::now(),
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot claim the checkpoint; trying again");
+                }
+            }
+            if self.pause(RETRY_DELAY).await {
+                return None;
+            }
+        }
+    }
+
+    async fn consume(&self, progress: &mut Progress) -> End {
+        // Watching starts before the first read, so no append goes unannounced.
+        let mut watcher = loop {
+            match self.context.events.watch().await {
+                Ok(watcher) => break watcher,
+                Err(error) => {
+                    tracing::warn!(group = %self.key.group, %error, "cannot watch for appends; trying again");
+                    if self.pause(RETRY_DELAY).await {
+                        return End::Stopped;
+                    }
+                }
+            }
+        };
+        let settings = &self.context.settings;
+        loop {
+            if self.stop.is_cancelled() {
+                return End::Stopped;
+            }
+            let batch = match self
+                .context
+                .events
+                .read(&self.source, progress.cursor, settings.batch_size)
+                .await
+            {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot read events; trying again");
+                    if self.pause(RETRY_DELAY).await {
+                        return End::Stopped;
+                    }
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                if let Err(end) = self.save_if_due(progress).await {
+                    return end;
+                }
+                if self.wait_for_appends(&mut watcher).await {
+                    return End::Stopped;
+                }
+                continue;
+            }
+            if let Err(end) = self.process(batch.into(), progress).await {
+                return end;
+            }
+            if let Err(end) = self.save_if_due(progress).await {
+                return end;
+            }
+        }
+    }
+
+    /// Waits for an append to the source, the poll interval, or a stop; `true` if
+    /// asked to stop.
+    async fn wait_for_appends(&self, watcher: &mut AppendWatcher) -> bool {
+        tokio::select! {
+            () = self.stop.cancelled() => true,
+            () = watcher.wait(&self.source, self.context.settings.poll_interval) => false,
+        }
+    }
+
+    /// Processes a batch under the error policy, moving the cursor past every event
+    /// processed or skipped.
+    async fn process(&self, batch: Arc<[StoredEvent]>, progress: &mut Progress) -> Result<(), End> {
+        let context = &self.context;
+        let mut start = 0;
+        // Once a batch fails without saying where, its events go one at a time.
+        let mut one_at_a_time = false;
+        let mut attempts = 0;
+        while start < batch.len() {
+            let end = if one_at_a_time {
+                start + 1
+            } else {
+                batch.len()
+            };
+            let error = match context
+                .executor
+                .process(&context.processor, &batch, start..end)
+                .await
+            {
+                Ok(()) => {
+                    self.advance(progress, &batch[start..end]);
+                    start = end;
+                    attempts = 0;
+                    continue;
+                }
+                Err(error) => error,
+            };
+            metrics::counter!(names::PROCESSING_ERRORS, "group" => context.group.clone(), "kind" => error.kind().to_owned()).increment(1);
+            let failed = match error.index() {
+                Some(index) if start + index < end => start + index,
+                _ if end - start > 1 => {
+                    one_at_a_time = true;
+                    continue;
+                }
+                _ => start,
+            };
+            self.advance(progress, &batch[start..failed]);
+            start = failed;
+            attempts += 1;
+            let event = &batch[start];
+            match context.settings.error_policy.decide(&error, attempts) {
+                Action::RetryAfter(wait) => {
+                    tracing::warn!(group = %context.group, source = %self.source, event = %event.id, attempts, ?wait, %error, "processing failed; retrying");
+                    if self.pause(wait).await {
+                        return Err(End::Stopped);
+                    }
+                }
+                Action::Skip => {
+                    self.dead_letter(event, &error, attempts).await?;
+                    progress.cursor = event.cursor;
+                    progress.unsaved += 1;
+                    start += 1;
+                    attempts = 0;
+                }
+                Action::Stop => return Err(End::Failed(error, event.clone())),
+                Action::Exit(code) => {
+                    context.board.halt(Halt::Exit {
+                        code,
+                        error: error.clone(),
+                    });
+                    return Err(End::Halted(error, event.clone()));
+                }
+                Action::Raise => {
+                    context.board.halt(Halt::Raise(error.clone()));
+                    return Err(End::Halted(error, event.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn advance(&self, progress: &mut Progress, processed: &[StoredEvent]) {
+        if let Some(last) = processed.last() {
+            progress.cursor = last.cursor;
+            progress.unsaved += processed.len() as u64;
+            metrics::counter!(names::EVENTS_PROCESSED, "group" => self.context.group.clone())
+                .increment(processed.len() as u64);
+        }
+    }
+
+    /// Records `event` as a dead letter, trying again while the store is
+    /// unreachable: the event is skipped only once it is recorded.
+    async fn dead_letter(
+        &self,
+        event: &StoredEvent,
+        error: &ProcessError,
+        attempts: u32,
+    ) -> Result<(), End> {
+        let letter = NewDeadLetter {
+            group: self.context.group.clone(),
+            source: self.source.clone(),
+            event_id: event.id,
+            sequence: event.sequence,
+            kind: error.kind().to_owned(),
+            error: error.message().to_owned(),
+            attempts,
+        };
+        loop {
+            match self.context.dead_letters.record(&letter).await {
+                Ok(_) => {
+                    metrics::counter!(names::DEAD_LETTERS, "group" => self.context.group.clone())
+                        .increment(1);
+                    tracing::warn!(group = %self.context.group, source = %self.source, event = %event.id, attempts, %error, "skipped an event; kept as a dead letter");
+                    return Ok(());
+                }
+                Err(store_error) => {
+                    tracing::warn!(group = %self.context.group, %store_error, "cannot record a dead letter; trying again");
+                    if self.pause(RETRY_DELAY).await {
+                        return Err(End::Stopped);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the checkpoint if `checkpoint_every` events or `checkpoint_interval`
+    /// have passed since the last store. Only a fenced claim ends consuming; a
+    /// store that cannot be reached is tried again next time.
+    async fn save_if_due(&self, progress: &mut Progress) -> Result<(), End> {
+        let settings = &self.context.settings;
+        let due = progress.unsaved >= settings.checkpoint_every
+            || progress.saved_at.elapsed() >= settings.checkpoint_interval;
+        if !due {
+            return Ok(());
+        }
+        match self.save(progress).await {
+            Err(error @ CheckpointError::Fenced { .. }) => Err(End::Fenced(error)),
+            Err(error) => {
+                tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot store the checkpoint; trying again later");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn save(&self, progress: &mut Progress) -> Result<(), CheckpointError> {
+        if progress.cursor != progress.saved {
+            self.context
+                .checkpoints
+                .save(&progress.claim, progress.cursor)
+                .await?;
+            progress.saved = progress.cursor;
+        }
+        progress.unsaved = 0;
+        progress.saved_at = Instant::now();
+        Ok(())
+    }
+
+    /// Waits `wait`; `true` if asked to stop meanwhile.
+    async fn pause(&self, wait: Duration) -> bool {
+        tokio::select! {
+            () = self.stop.cancelled() => true,
+            () = tokio::time::sleep(wait) => false,
+        }
+    }
+}
