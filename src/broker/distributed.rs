@@ -110,22 +110,6 @@ impl DistributedBroker {
         &self.node
     }
 
-    /// Stops every task at once, without withdrawing, leaving or releasing the
-    /// lease: to the fleet this looks like the process died, and it recovers the
-    /// same way (member timeout, lease expiry). For tests of failure and for a
-    /// process that must exit immediately.
-    pub async fn abort(&self) {
-        let previous = std::mem::replace(&mut *self.lock(), State::Stopped);
-        if let State::Started(started) = previous {
-            for half in [started.observer, started.coordinator]
-                .into_iter()
-                .flatten()
-            {
-                half.abort().await;
-            }
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every change of state is a single assignment, so a poisoned lock still
         // guards a whole value.
@@ -297,5 +281,17 @@ impl Broker for DistributedBroker {
         }
         *self.lock() = State::Stopped;
         tracing::info!(node = %self.node, "broker stopped");
+    }
+
+    async fn abort(&self) {
+        let previous = std::mem::replace(&mut *self.lock(), State::Stopped);
+        if let State::Started(started) = previous {
+            for half in [started.observer, started.coordinator]
+                .into_iter()
+                .flatten()
+            {
+                half.abort().await;
+            }
+        }
     }
 }

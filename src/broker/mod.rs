@@ -90,6 +90,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Withdraws every source from the local subscribers, leaves the fleet and, if
     /// leading, gives up leadership. Returns once all of that is done.
     async fn stop(&self);
+
+    /// Stops at once, without withdrawing, leaving or giving up leadership: to the
+    /// fleet this looks like the process died, and it recovers the same way (member
+    /// timeout, lease expiry). For tests of failure and for a process that must
+    /// exit immediately.
+    async fn abort(&self);
 }
 
 /// The registration checks both brokers share: a valid name, not already taken.

@@ -154,4 +154,9 @@ impl Broker for SingletonBroker {
         join_all(withdrawals).await;
         *self.lock() = State::Stopped;
     }
+
+    /// Forgets every subscriber without withdrawing anything.
+    async fn abort(&self) {
+        *self.lock() = State::Stopped;
+    }
 }

@@ -1,0 +1,390 @@
+//! [`EventRuntime`]: one node's consumers and its broker, started and stopped
+//! together.
+//!
+//! Register, then [`EventRuntime::start`]:
+//! - [`EventRuntime::register_subscriber`]: a plain [`Subscriber`], handed to the broker;
+//! - [`EventRuntime::register_consumer`]: a processor consuming one fixed source on
+//!   this node, with error handling and polling around it, and no broker involved;
+//! - [`EventRuntime::register_subscription_consumer`]: both at once: a subscriber
+//!   that consumes, with a processor, whatever sources the broker gives it.
+//!
+//! [`EventRuntime::stop`] withdraws every source (each consumer finishes its batch
+//! within the grace period and stores its checkpoint), leaves the fleet and gives
+//! up leadership. [`EventRuntime::run_until`] does all of it around a shutdown
+//! signal, and also stops when an error policy says `Exit` or `Raise`.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::broker::{Broker, BrokerError, BrokerStatus, Subscriber, SubscriberSpec};
+use crate::consumer::checkpoint::{CheckpointStore, MemoryCheckpointStore};
+use crate::consumer::dead_letter::{DeadLetterStore, MemoryDeadLetterStore};
+use crate::consumer::processor::{EventProcessor, ProcessError};
+use crate::consumer::settings::{ConsumerSettings, Executor, IsolatedThread};
+use crate::consumer::source::{
+    Board, ConsumerContext, ConsumerKey, ConsumerState, Halt, RunningConsumer,
+};
+use crate::consumer::subscription::SubscriptionConsumer;
+use crate::event::Source;
+use crate::store::EventStore;
+
+/// How long stopping waits for each consumer's batch in hand, by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the runtime refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the runtime has already started: register everything before starting it")]
+    AlreadyStarted,
+    #[error("the runtime has stopped; build a new one to start again")]
+    Stopped,
+    #[error("invalid consumer settings for group {group}: {problems}")]
+    InvalidSettings { group: String, problems: String },
+    #[error("cannot start a processing thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("a processor's error stopped the runtime (error policy `raise`): {0}")]
+    Raised(ProcessError),
+}
+
+/// Where consumers read events and keep checkpoints and dead letters.
+#[derive(Clone)]
+pub struct ConsumerStores {
+    pub events: Arc<dyn EventStore>,
+    pub checkpoints: Arc<dyn CheckpointStore>,
+    pub dead_letters: Arc<dyn DeadLetterStore>,
+}
+
+impl ConsumerStores {
+    /// Events, checkpoints and dead letters in one Postgres schema.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(store: Arc<crate::store::PostgresStore>) -> Self {
+        use crate::consumer::checkpoint::PostgresCheckpointStore;
+        use crate::consumer::dead_letter::PostgresDeadLetterStore;
+        Self {
+            checkpoints: Arc::new(PostgresCheckpointStore::new(Arc::clone(&store))),
+            dead_letters: Arc::new(PostgresDeadLetterStore::new(Arc::clone(&store))),
+            events: store,
+        }
+    }
+
+    /// Checkpoints and dead letters in memory, beside `events`.
+    pub fn in_memory(events: Arc<dyn EventStore>) -> Self {
+        Self {
+            events,
+            checkpoints: Arc::new(MemoryCheckpointStore::new()),
+            dead_letters: Arc::new(MemoryDeadLetterStore::new()),
+        }
+    }
+}
+
+/// How a runtime that was run to the end ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped on request.
+    Stopped,
+    /// An error policy said `Exit`: the process should exit with this code.
+    Exit(i32),
+}
+
+/// The runtime's status: the broker's and every source consumer's.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuntimeStatus {
+    pub broker: BrokerStatus,
+    pub consumers: Vec<ConsumerReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerReport {
+    #[serde(flatten)]
+    pub key: ConsumerKey,
+    #[serde(flatten)]
+    pub state: ConsumerState,
+}
+
+impl RuntimeStatus {
+    /// The broker does what its role asks and no consumer has failed or been fenced.
+    pub fn is_healthy(&self) -> bool {
+        self.broker.is_healthy() && self.consumers.iter().all(|c| c.state.is_healthy())
+    }
+}
+
+/// One node's consumers and broker.
+pub struct EventRuntime {
+    node: String,
+    broker: Arc<dyn Broker>,
+    stores: ConsumerStores,
+    defaults: ConsumerSettings,
+    grace: Duration,
+    board: Board,
+    /// The thread `SharedThread` consumers share, started by the first of them.
+    shared_thread: Mutex<Option<Executor>>,
+    state: Mutex<State>,
+}
+
+enum State {
+    Configured(Registered),
+    Started(Registered, Vec<RunningConsumer>),
+    Stopped,
+}
+
+#[derive(Default)]
+struct Registered {
+    /// Consumers of a fixed source, started with the runtime.
+    fixed: Vec<(Arc<ConsumerContext>, Source)>,
+    /// Subscription consumers, registered with the broker; kept to abort them.
+    subscriptions: Vec<Arc<SubscriptionConsumer>>,
+}
+
+impl EventRuntime {
+    /// A runtime for node `node` driving `broker`, whose consumers use `stores` and,
+    /// unless given their own, `defaults`.
+    pub fn new(
+        node: impl Into<String>,
+        broker: Arc<dyn Broker>,
+        stores: ConsumerStores,
+        defaults: ConsumerSettings,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            broker,
+            stores,
+            defaults,
+            grace: DEFAULT_SHUTDOWN_GRACE,
+            board: Board::default(),
+            shared_thread: Mutex::new(None),
+            state: Mutex::new(State::Configured(Registered::default())),
+        }
+    }
+
+    /// How long stopping (or withdrawing a source) waits for a consumer to finish
+    /// its batch in hand before aborting it.
+    #[must_use]
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The settings consumers get unless registered with their own.
+    pub fn default_settings(&self) -> &ConsumerSettings {
+        &self.defaults
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change of state is a single assignment, so a poisoned lock still
+        // guards a whole value.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `register` on the registrations, if the runtime has not started.
+    fn registering<T>(
+        &self,
+        register: impl FnOnce(&mut Registered) -> Result<T, RuntimeError>,
+    ) -> Result<T, RuntimeError> {
+        match &mut *self.lock() {
+            State::Configured(registered) => register(registered),
+            State::Started(..) => Err(RuntimeError::AlreadyStarted),
+            State::Stopped => Err(RuntimeError::Stopped),
+        }
+    }
+
+    /// Hands a plain subscriber to the broker. A coordinator-only broker refuses.
+    pub fn register_subscriber(
+        &self,
+        spec: SubscriberSpec,
+        subscriber: Arc<dyn Subscriber>,
+    ) -> Result<(), RuntimeError> {
+        self.registering(|_| Ok(self.broker.register(spec, subscriber)?))
+    }
+
+    /// Consumes `source` on this node for `group`, whatever the broker decides:
+    /// for work that one node does alone. Its checkpoint is claimed by the node id.
+    pub fn register_consumer(
+        &self,
+        group: impl Into<String>,
+        source: Source,
+        processor: Arc<dyn EventProcessor>,
+        settings: Option<ConsumerSettings>,
+    ) -> Result<(), RuntimeError> {
+        let group = group.into();
+        let context = self.context(group, self.node.clone(), processor, settings)?;
+        self.registering(|registered| {
+            registered.fixed.push((context, source));
+            Ok(())
+        })
+    }
+
+    /// Registers with the broker a subscriber that consumes, with `processor`,
+    /// every source the broker gives it. A coordinator-only broker refuses.
+    pub fn register_subscription_consumer(
+        &self,
+        spec: SubscriberSpec,
+        processor: Arc<dyn EventProcessor>,
+        settings: Option<ConsumerSettings>,
+    ) -> Result<(), RuntimeError> {
+        let context = self.context(spec.group.clone(), spec.id.clone(), processor, settings)?;
+        let consumer = Arc::new(SubscriptionConsumer::new(context, self.grace));
+        self.registering(|registered| {
+            self.broker
+                .register(spec, Arc::clone(&consumer) as Arc<dyn Subscriber>)?;
+            registered.subscriptions.push(consumer);
+            Ok(())
+        })
+    }
+
+    fn context(
+        &self,
+        group: String,
+        owner: String,
+        processor: Arc<dyn EventProcessor>,
+        settings: Option<ConsumerSettings>,
+    ) -> Result<Arc<ConsumerContext>, RuntimeError> {
+        let settings = settings.unwrap_or_else(|| self.defaults.clone());
+        let problems = settings.validate();
+        if !problems.is_empty() {
+            let problems: Vec<String> = problems
+                .into_iter()
+                .map(|(key, message)| format!("{key}: {message}"))
+                .collect();
+            return Err(RuntimeError::InvalidSettings {
+                group,
+                problems: problems.join("; "),
+            });
+        }
+        let executor =
+            Executor::for_isolation(settings.isolation, &group, || self.shared_executor())?;
+        Ok(Arc::new(ConsumerContext {
+            group,
+            owner,
+            events: Arc::clone(&self.stores.events),
+            checkpoints: Arc::clone(&self.stores.checkpoints),
+            dead_letters: Arc::clone(&self.stores.dead_letters),
+            processor,
+            settings,
+            executor,
+            board: self.board.clone(),
+        }))
+    }
+
+    fn shared_executor(&self) -> std::io::Result<Executor> {
+        let mut shared = self
+            .shared_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(executor) = shared.as_ref() {
+            return Ok(executor.clone());
+        }
+        let executor = Executor::Thread(Arc::new(IsolatedThread::start("shared")?));
+        *shared = Some(executor.clone());
+        Ok(executor)
+    }
+
+    /// Starts the broker and the consumers of fixed sources; returns at once.
+    pub async fn start(&self) -> Result<(), RuntimeError> {
+        let registered = match std::mem::replace(&mut *self.lock(), State::Stopped) {
+            State::Configured(registered) => registered,
+            State::Started(registered, running) => {
+                *self.lock() = State::Started(registered, running);
+                return Err(RuntimeError::AlreadyStarted);
+            }
+            State::Stopped => return Err(RuntimeError::Stopped),
+        };
+        if let Err(error) = self.broker.start().await {
+            *self.lock() = State::Configured(registered);
+            return Err(error.into());
+        }
+        let running = registered
+            .fixed
+            .iter()
+            .map(|(context, source)| RunningConsumer::spawn(Arc::clone(context), source.clone()))
+            .collect();
+        *self.lock() = State::Started(registered, running);
+        Ok(())
+    }
+
+    /// Withdraws every source (consumers finish their batch within the grace
+    /// period and store their checkpoints), stops the consumers of fixed sources,
+    /// leaves the fleet and gives up leadership.
+    pub async fn stop(&self) {
+        let State::Started(registered, running) =
+            std::mem::replace(&mut *self.lock(), State::Stopped)
+        else {
+            return;
+        };
+        self.broker.stop().await;
+        // The broker withdrew what it gave; this catches anything it could not.
+        for subscription in &registered.subscriptions {
+            subscription.stop().await;
+        }
+        futures::future::join_all(running.into_iter().map(|c| c.stop(self.grace))).await;
+    }
+
+    /// Stops every consumer and the broker at once, storing no checkpoint: what a
+    /// crash does. For tests of failure.
+    pub async fn abort(&self) {
+        let State::Started(registered, running) =
+            std::mem::replace(&mut *self.lock(), State::Stopped)
+        else {
+            return;
+        };
+        // The broker first, so that it hands out nothing more while consumers go.
+        self.broker.abort().await;
+        for subscription in &registered.subscriptions {
+            subscription.abort().await;
+        }
+        for consumer in running {
+            consumer.abort().await;
+        }
+    }
+
+    /// Starts, runs until `shutdown` completes or an error policy halts the
+    /// runtime, then stops gracefully. A `Raise` comes back as the error.
+    pub async fn run_until(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Outcome, RuntimeError> {
+        self.start().await?;
+        self.wait_until(shutdown).await
+    }
+
+    /// For a started runtime: waits until `shutdown` completes or an error policy
+    /// halts the runtime, then stops gracefully. A `Raise` comes back as the error.
+    pub async fn wait_until(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Outcome, RuntimeError> {
+        let mut halted = self.board.halted();
+        tokio::select! {
+            () = shutdown => {}
+            _ = halted.wait_for(Option::is_some) => {
+                tracing::warn!(node = %self.node, "an error policy halted the runtime; stopping");
+            }
+        }
+        self.stop().await;
+        let halt = halted.borrow().clone();
+        match halt {
+            None => Ok(Outcome::Stopped),
+            Some(Halt::Exit { code, .. }) => Ok(Outcome::Exit(code)),
+            Some(Halt::Raise(error)) => Err(RuntimeError::Raised(error)),
+        }
+    }
+
+    pub fn status(&self) -> RuntimeStatus {
+        RuntimeStatus {
+            broker: self.broker.status(),
+            consumers: self
+                .board
+                .states_now()
+                .into_iter()
+                .map(|(key, state)| ConsumerReport { key, state })
+                .collect(),
+        }
+    }
+}
