@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{BrokerRole, BrokerSettings};
+use crate::consumer::ConsumerSettings;
 use crate::event::{NameKind, Source, validate_name};
 
 /// The embedded default: memory store and bus. Used when no config file is given.
@@ -45,7 +46,7 @@ pub struct Config {
 }
 
 /// `[node]`
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Unique within the fleet. Generated at start when not set.
@@ -53,6 +54,23 @@ pub struct NodeConfig {
     pub id: Option<String>,
     #[serde(default)]
     pub role: BrokerRole,
+    /// How long stopping waits for each consumer's batch in hand.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_shutdown_grace() -> Duration {
+    crate::runtime::DEFAULT_SHUTDOWN_GRACE
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            role: BrokerRole::default(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
 }
 
 /// Which event store backend to use.
@@ -155,8 +173,8 @@ impl Default for HttpConfig {
     }
 }
 
-/// `[[subscriptions]]`: one subscriber group and the sources it consumes. Sinks and
-/// consumer settings arrive with the runtime.
+/// `[[subscriptions]]`: one subscriber group, the sources it consumes and how.
+/// Sinks arrive with their release.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionConfig {
@@ -165,6 +183,9 @@ pub struct SubscriptionConfig {
     /// Subscriber instances of this group on each node.
     #[serde(default = "default_instances")]
     pub instances: usize,
+    /// How its consumers read, checkpoint and handle failures; every key optional.
+    #[serde(default)]
+    pub consumer: ConsumerSettings,
 }
 
 fn default_instances() -> usize {
@@ -374,6 +395,9 @@ impl Config {
             }
             if subscription.instances == 0 {
                 problem(&key("instances"), "must be at least 1".into());
+            }
+            for (field, message) in subscription.consumer.validate() {
+                problem(&key(&format!("consumer.{field}")), message);
             }
         }
         problems

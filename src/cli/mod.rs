@@ -135,11 +135,16 @@ pub enum CliError {
     Store(#[from] store::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("stopped by an error policy (exit code {0})")]
+    Halted(i32),
+    #[error("{0}")]
+    Raised(String),
 }
 
 impl CliError {
     /// BSD sysexits: 64 usage or config, 65 bad input data, 69 a service is unavailable,
-    /// 74 I/O; 1 for anything else (e.g. a write condition that does not hold).
+    /// 74 I/O; an error policy's `exit` code; 1 for anything else (e.g. a write
+    /// condition that does not hold, or an error policy's `raise`).
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) | CliError::Usage(_) => config::EXIT_INVALID_CONFIG,
@@ -147,6 +152,8 @@ impl CliError {
             CliError::Store(store::Error::Unavailable(_)) => 69,
             CliError::Store(_) => 1,
             CliError::Io(_) => 74,
+            CliError::Halted(code) => *code,
+            CliError::Raised(_) => 1,
         }
     }
 }

@@ -1,25 +1,29 @@
 //! `weir run`: start a node in its configured role and stop cleanly on a signal.
 //!
 //! The node opens its store, joins the fleet through the configured bus and runs
-//! its broker: a `coordinator` or `full` node competes for leadership and
-//! allocates, an `observer` or `full` node runs `instances` subscribers of every
-//! `[[subscriptions]]` group. Until consumers land, a subscriber logs the sources
-//! it is given and withdrawn instead of processing their events.
+//! its broker and consumers: a `coordinator` or `full` node competes for leadership
+//! and allocates, an `observer` or `full` node runs `instances` subscription
+//! consumers of every `[[subscriptions]]` group. Until sinks are configurable, each
+//! prints the events of the sources it is given to standard output as JSON lines.
+//!
+//! The first SIGINT or SIGTERM stops gracefully: sources are withdrawn, in-flight
+//! batches finish within `node.shutdown_grace`, checkpoints are stored, the node
+//! leaves the fleet and gives up leadership, and weir exits 0. A second signal
+//! exits at once. An error policy's `exit` ends the node the same way, with its code.
 
 use std::sync::Arc;
-
-use async_trait::async_trait;
 
 use super::CliError;
 use crate::broker::distributed::FleetServices;
 use crate::broker::lease::MemoryLeaseStore;
 use crate::broker::membership::MemoryMembershipStore;
-use crate::broker::{
-    Broker, BrokerRole, DistributedBroker, Subscriber, SubscriberError, SubscriberSpec,
-};
+use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::MemoryBus;
 use crate::config::{BusKind, Config, StoreKind};
-use crate::event::{Cursor, Source};
+use crate::consumer::{ConsumerSettings, EventProcessor};
+use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
+use crate::sink::StdoutSink;
+use crate::store::MemoryStore;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -28,14 +32,12 @@ pub async fn run(config: &Config, _args: Args) -> Result<(), CliError> {
     let shutdown = super::signal::shutdown_token()?;
     let node = config.node_id();
     let role = config.node.role;
-    let broker = DistributedBroker::new(
-        &node,
-        role,
-        config.broker.clone(),
-        fleet_services(config).await?,
-    );
-    register_subscriptions(config, &node, &broker)?;
-    broker
+    let (services, stores) = services(config).await?;
+    let broker = DistributedBroker::new(&node, role, config.broker.clone(), services);
+    let runtime = EventRuntime::new(&node, Arc::new(broker), stores, ConsumerSettings::default())
+        .with_shutdown_grace(config.node.shutdown_grace);
+    register_subscriptions(config, &node, &runtime)?;
+    runtime
         .start()
         .await
         .map_err(|error| CliError::Usage(error.to_string()))?;
@@ -46,14 +48,19 @@ pub async fn run(config: &Config, _args: Args) -> Result<(), CliError> {
         bus = ?config.bus.kind,
         "weir node started; stop it with Ctrl-C or SIGTERM"
     );
-    shutdown.cancelled().await;
-    broker.stop().await;
+    let outcome = runtime.wait_until(shutdown.cancelled()).await;
     tracing::info!(node = %node, "weir node stopped");
-    Ok(())
+    match outcome {
+        Ok(Outcome::Stopped) => Ok(()),
+        Ok(Outcome::Exit(code)) => Err(CliError::Halted(code)),
+        Err(RuntimeError::Raised(error)) => Err(CliError::Raised(error.to_string())),
+        Err(error) => Err(CliError::Usage(error.to_string())),
+    }
 }
 
-/// Membership and leases in the configured store, and the configured bus.
-async fn fleet_services(config: &Config) -> Result<FleetServices, CliError> {
+/// Membership and leases in the configured store with the configured bus, and
+/// where consumers read events and keep checkpoints and dead letters.
+async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), CliError> {
     let bus = match config.bus.kind {
         BusKind::Memory => {
             if config.store.kind != StoreKind::Memory {
@@ -69,23 +76,29 @@ async fn fleet_services(config: &Config) -> Result<FleetServices, CliError> {
             )));
         }
     };
-    let services = match config.store.kind {
-        StoreKind::Memory => FleetServices {
-            membership: Arc::new(MemoryMembershipStore::new()),
-            leases: Arc::new(MemoryLeaseStore::new()),
-            bus,
-        },
+    Ok(match config.store.kind {
+        StoreKind::Memory => (
+            FleetServices {
+                membership: Arc::new(MemoryMembershipStore::new()),
+                leases: Arc::new(MemoryLeaseStore::new()),
+                bus,
+            },
+            ConsumerStores::in_memory(Arc::new(MemoryStore::new())),
+        ),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
             use crate::broker::lease::PostgresLeaseStore;
             use crate::broker::membership::PostgresMembershipStore;
             let store = Arc::new(super::open_postgres(config)?);
             store.check_schema().await?;
-            FleetServices {
-                membership: Arc::new(PostgresMembershipStore::new(Arc::clone(&store))),
-                leases: Arc::new(PostgresLeaseStore::new(store)),
-                bus,
-            }
+            (
+                FleetServices {
+                    membership: Arc::new(PostgresMembershipStore::new(Arc::clone(&store))),
+                    leases: Arc::new(PostgresLeaseStore::new(Arc::clone(&store))),
+                    bus,
+                },
+                ConsumerStores::postgres(store),
+            )
         }
         #[cfg(not(feature = "postgres"))]
         StoreKind::Postgres => {
@@ -93,62 +106,41 @@ async fn fleet_services(config: &Config) -> Result<FleetServices, CliError> {
                 "this weir was built without the `postgres` feature".into(),
             ));
         }
-    };
-    Ok(services)
+    })
 }
 
-/// Registers `instances` subscribers of every configured group, named
+/// Registers `instances` subscription consumers of every configured group, named
 /// `NODE/N`, unless the node only coordinates.
 fn register_subscriptions(
     config: &Config,
     node: &str,
-    broker: &dyn Broker,
+    runtime: &EventRuntime,
 ) -> Result<(), CliError> {
-    if !broker.role().observes() {
+    if !config.node.role.observes() {
         if !config.subscriptions.is_empty() {
             tracing::info!(
-                role = %BrokerRole::Coordinator,
+                role = %config.node.role,
                 "this node runs no subscribers; observer and full nodes run the [[subscriptions]]"
             );
         }
         return Ok(());
     }
+    let sink: Arc<dyn EventProcessor> = Arc::new(StdoutSink::new());
     for subscription in &config.subscriptions {
         for instance in 1..=subscription.instances {
-            let id = format!("{node}/{instance}");
             let spec = SubscriberSpec::new(
                 &subscription.group,
-                &id,
+                format!("{node}/{instance}"),
                 subscription.sources.iter().cloned(),
             );
-            let subscriber = LoggingSubscriber {
-                group: subscription.group.clone(),
-                id,
-            };
-            broker
-                .register(spec, Arc::new(subscriber))
+            runtime
+                .register_subscription_consumer(
+                    spec,
+                    Arc::clone(&sink),
+                    Some(subscription.consumer.clone()),
+                )
                 .map_err(|error| CliError::Usage(error.to_string()))?;
         }
     }
     Ok(())
-}
-
-/// Logs what the broker gives and takes away; the stand-in for a consumer until
-/// the runtime processes events.
-struct LoggingSubscriber {
-    group: String,
-    id: String,
-}
-
-#[async_trait]
-impl Subscriber for LoggingSubscriber {
-    async fn accept(&self, source: &Source) -> Result<(), SubscriberError> {
-        tracing::info!(group = %self.group, subscriber = %self.id, %source, "source allocated to this node");
-        Ok(())
-    }
-
-    async fn withdraw(&self, source: &Source) -> Result<Option<Cursor>, SubscriberError> {
-        tracing::info!(group = %self.group, subscriber = %self.id, %source, "source withdrawn from this node");
-        Ok(None)
-    }
 }
