@@ -62,6 +62,11 @@ impl Services {
         })
     }
 
+    /// The fleet's services, as every node shares them.
+    pub fn fleet(&self) -> FleetServices {
+        self.for_node(Arc::clone(&self.leases))
+    }
+
     fn for_node(&self, leases: Arc<dyn LeaseStore>) -> FleetServices {
         FleetServices {
             membership: Arc::clone(&self.membership),
