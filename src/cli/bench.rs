@@ -25,6 +25,33 @@ pub enum Bench {
     /// Compute allocation decisions for S subscribers x N sources: from scratch, and
     /// when one more subscriber joins the balanced group. No store needed.
     Allocate(AllocateArgs),
+    /// Consume N events of one category with a no-op processor through the
+    /// runtime, beside a raw COPY of the same rows; then time single appends from
+    /// the append call to the processor (woken by notification).
+    Consume(ConsumeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per batch handed to the processor.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Store the checkpoint after this many events.
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Each side runs this many times; the best run counts.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Single events appended one after another for the latency measurement.
+    #[arg(long, default_value_t = 500)]
+    latency_events: usize,
+    /// Pause between those appends.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    latency_interval: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,6 +108,11 @@ pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
         Bench::Read(args) => {
             let target = Target::open(config).await?;
             let outcome = read(&target, &args).await;
+            (target, outcome)
+        }
+        Bench::Consume(args) => {
+            let target = Target::open(config).await?;
+            let outcome = consume::run(&target, &args).await;
             (target, outcome)
         }
     };
@@ -266,12 +298,12 @@ async fn append_round(
     Ok(started.elapsed())
 }
 
-async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
-    check_sizes(args.events, args.page, 1)?;
+/// A new category holding `events` events, appended 1,000 to a stream.
+async fn fill(target: &Target, events: usize, payload_bytes: usize) -> Result<Category, CliError> {
     let category = bench_category();
     let name = EventName::new("BenchEvent").expect("a valid literal name");
-    let payload = payload(args.payload_bytes);
-    let mut left = args.events;
+    let payload = payload(payload_bytes);
+    let mut left = events;
     let mut stream_index = 0;
     while left > 0 {
         let batch = left.min(1000);
@@ -286,6 +318,12 @@ async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
         left -= batch;
         stream_index += 1;
     }
+    Ok(category)
+}
+
+async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
+    check_sizes(args.events, args.page, 1)?;
+    let category = fill(target, args.events, args.payload_bytes).await?;
 
     let source = Source::Category(category.clone());
     let mut best = Duration::MAX;
@@ -418,6 +456,206 @@ fn wire_size(
         largest_part: parts.iter().map(Vec::len).max().unwrap_or(0),
         encode_millis,
     })
+}
+
+/// `weir bench consume`: the runtime end to end, with a processor that only counts.
+mod consume {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::broker::{SingletonBroker, SubscriberSpec};
+    use crate::consumer::{ConsumerSettings, EventProcessor, ProcessError};
+    use crate::event::StoredEvent;
+    use crate::runtime::{ConsumerStores, EventRuntime};
+
+    /// Counts events and notes when each was first seen.
+    #[derive(Default)]
+    struct Counter {
+        seen: AtomicUsize,
+        wanted: AtomicUsize,
+        done: Notify,
+        first_seen: Mutex<HashMap<uuid::Uuid, Instant>>,
+        timing: bool,
+    }
+
+    #[async_trait]
+    impl EventProcessor for Counter {
+        async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
+            if self.timing {
+                let now = Instant::now();
+                let mut first_seen = self.first_seen.lock().unwrap_or_else(|e| e.into_inner());
+                for event in events {
+                    first_seen.entry(event.id).or_insert(now);
+                }
+            }
+            let seen = self.seen.fetch_add(events.len(), Ordering::SeqCst) + events.len();
+            if seen >= self.wanted.load(Ordering::SeqCst) {
+                self.done.notify_one();
+            }
+            Ok(())
+        }
+    }
+
+    impl Counter {
+        async fn wait_for(&self, count: usize) {
+            self.wanted.store(count, Ordering::SeqCst);
+            while self.seen.load(Ordering::SeqCst) < count {
+                // Notified, or a poll, should the notification come between the
+                // check and the wait.
+                let _ = tokio::time::timeout(Duration::from_millis(50), self.done.notified()).await;
+            }
+        }
+    }
+
+    fn stores(target: &Target) -> ConsumerStores {
+        #[cfg(feature = "postgres")]
+        if let Some(postgres) = &target.postgres {
+            return ConsumerStores::postgres(Arc::clone(postgres));
+        }
+        ConsumerStores::in_memory(Arc::clone(&target.store))
+    }
+
+    /// A runtime consuming `source` as group `group` with `processor`.
+    async fn start(
+        target: &Target,
+        group: &str,
+        source: Source,
+        processor: Arc<Counter>,
+        settings: ConsumerSettings,
+    ) -> Result<EventRuntime, CliError> {
+        let runtime = EventRuntime::new(
+            "bench",
+            Arc::new(SingletonBroker::new()),
+            stores(target),
+            settings,
+        );
+        let spec = SubscriberSpec::new(group, "bench-1", [source]);
+        runtime
+            .register_subscription_consumer(spec, processor, None)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        runtime
+            .start()
+            .await
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        Ok(runtime)
+    }
+
+    pub(super) async fn run(target: &Target, args: &ConsumeArgs) -> Result<(), CliError> {
+        check_sizes(args.events, args.batch, 1)?;
+        let settings = ConsumerSettings {
+            batch_size: args.batch,
+            checkpoint_every: args.checkpoint_every.max(1),
+            ..ConsumerSettings::default()
+        };
+        let category = fill(target, args.events, args.payload_bytes).await?;
+        let source = Source::Category(category.clone());
+
+        let mut best = Duration::MAX;
+        for round in 0..args.rounds.max(1) {
+            // A group of its own per round: it starts from the first event.
+            let counter = Arc::new(Counter::default());
+            let started = Instant::now();
+            let runtime = start(
+                target,
+                &format!("bench-{round}"),
+                source.clone(),
+                Arc::clone(&counter),
+                settings.clone(),
+            )
+            .await?;
+            counter.wait_for(args.events).await;
+            best = best.min(started.elapsed());
+            runtime.stop().await;
+        }
+        let weir_rate = rate(args.events, best);
+        emit(json!({
+            "bench": "consume", "backend": target.backend, "events": args.events,
+            "batch": args.batch, "checkpoint_every": args.checkpoint_every,
+            "seconds": best.as_secs_f64(), "events_per_sec": weir_rate,
+        }));
+        #[cfg(feature = "postgres")]
+        if let Some(postgres) = &target.postgres {
+            let raw = raw::copy(postgres, &category, args.rounds.max(1)).await?;
+            let raw_rate = rate(args.events, raw);
+            emit(json!({
+                "bench": "consume_raw_copy", "backend": "postgres", "events": args.events,
+                "seconds": raw.as_secs_f64(), "events_per_sec": raw_rate,
+            }));
+            emit(json!({
+                "bench": "consume_vs_raw", "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
+            }));
+        }
+        if args.latency_events > 0 {
+            latency(target, args, settings).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends single events one after another to a consumed category and times
+    /// each from the start of its append to its arrival at the processor.
+    async fn latency(
+        target: &Target,
+        args: &ConsumeArgs,
+        settings: ConsumerSettings,
+    ) -> Result<(), CliError> {
+        let category = bench_category();
+        let counter = Arc::new(Counter {
+            timing: true,
+            ..Counter::default()
+        });
+        let runtime = start(
+            target,
+            "bench-latency",
+            Source::Category(category.clone()),
+            Arc::clone(&counter),
+            settings,
+        )
+        .await?;
+        // Let the consumer claim its checkpoint and settle into waiting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let name = EventName::new("BenchEvent").expect("a valid literal name");
+        let stream = StreamName::new("latency").expect("a valid literal name");
+        let mut sent = Vec::with_capacity(args.latency_events);
+        for _ in 0..args.latency_events {
+            let started = Instant::now();
+            let stored = target
+                .store
+                .append(
+                    &category,
+                    &stream,
+                    WriteCondition::Any,
+                    vec![NewEvent::new(name.clone(), json!({}))],
+                )
+                .await?;
+            sent.extend(stored.iter().map(|event| (event.id, started)));
+            tokio::time::sleep(args.latency_interval).await;
+        }
+        counter.wait_for(args.latency_events).await;
+        runtime.stop().await;
+        let first_seen = counter.first_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut millis: Vec<f64> = sent
+            .iter()
+            .filter_map(|(id, started)| {
+                first_seen
+                    .get(id)
+                    .map(|seen| seen.duration_since(*started).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        millis.sort_by(f64::total_cmp);
+        let at =
+            |q: f64| millis[((millis.len() as f64 * q).ceil() as usize).clamp(1, millis.len()) - 1];
+        emit(json!({
+            "bench": "consume_latency", "backend": target.backend, "events": millis.len(),
+            "interval_ms": args.latency_interval.as_secs_f64() * 1000.0,
+            "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": at(1.0),
+        }));
+        Ok(())
+    }
 }
 
 /// The raw baselines: plain SQL against the same table shape, no weir in between.
