@@ -290,20 +290,14 @@ mod postgres {
             Self { store, sql }
         }
 
-        /// Runs one statement. Only getting the connection is retried: once a statement
-        /// was sent its outcome is unknown, and the caller's next attempt (acquire or
-        /// renew) is the right retry for a lease.
+        /// The lease's caller tries again anyway (the next acquire or renew), so a
+        /// statement is sent once.
         async fn query_opt(
             &self,
             sql: &str,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Option<Row>> {
-            let client = self.store.client().await?;
-            let statement = client.prepare_cached(sql).await.map_err(classify)?;
-            Ok(client
-                .query_opt(&statement, params)
-                .await
-                .map_err(classify)?)
+            Ok(self.store.query_once(sql, params).await?.into_iter().next())
         }
     }
 

@@ -321,18 +321,14 @@ mod postgres {
             Self { store, sql }
         }
 
-        /// Runs one statement. Only getting the connection is retried: heartbeats and
-        /// registrations are repeated by their callers anyway.
+        /// Heartbeats and registrations are repeated by their callers anyway, so a
+        /// statement is sent once.
         async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-            let client = self.store.client().await?;
-            let statement = client.prepare_cached(sql).await.map_err(classify)?;
-            client.query(&statement, params).await.map_err(classify)
+            self.store.query_once(sql, params).await
         }
 
         async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-            let client = self.store.client().await?;
-            let statement = client.prepare_cached(sql).await.map_err(classify)?;
-            client.execute(&statement, params).await.map_err(classify)
+            self.store.execute_once(sql, params).await
         }
     }
 

@@ -65,6 +65,18 @@ pub struct Claim {
     pub token: Uuid,
 }
 
+impl Claim {
+    /// A new claim of (group, source) for `owner`, with a token of its own.
+    pub fn new(group: &str, source: &Source, owner: &str) -> Self {
+        Self {
+            group: group.to_owned(),
+            source: source.clone(),
+            owner: owner.to_owned(),
+            token: Uuid::new_v4(),
+        }
+    }
+}
+
 /// A stored checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -154,12 +166,7 @@ impl CheckpointStore for MemoryCheckpointStore {
         source: &Source,
         owner: &str,
     ) -> Result<(Claim, Cursor), CheckpointError> {
-        let claim = Claim {
-            group: group.to_owned(),
-            source: source.clone(),
-            owner: owner.to_owned(),
-            token: Uuid::new_v4(),
-        };
+        let claim = Claim::new(group, source, owner);
         let mut rows = self.rows();
         let row = rows.entry(key(group, source)).or_insert_with(|| Row {
             source: source.clone(),

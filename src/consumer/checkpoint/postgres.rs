@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use uuid::Uuid;
 
 use super::{Checkpoint, CheckpointError, CheckpointStore, Claim};
 use crate::event::{Cursor, Source};
@@ -68,16 +67,14 @@ impl PostgresCheckpointStore {
         Self { store, sql }
     }
 
-    /// Runs one statement. Only getting the connection is retried: a consumer treats
-    /// a retryable error as a reason to try the claim or save again itself.
+    /// A consumer treats a retryable error as a reason to try the claim or save
+    /// again itself, so a statement is sent once.
     async fn query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, CheckpointError> {
-        let client = self.store.client().await?;
-        let statement = client.prepare_cached(sql).await.map_err(classify)?;
-        Ok(client.query(&statement, params).await.map_err(classify)?)
+        Ok(self.store.query_once(sql, params).await?)
     }
 
     async fn execute(
@@ -85,9 +82,7 @@ impl PostgresCheckpointStore {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, CheckpointError> {
-        let client = self.store.client().await?;
-        let statement = client.prepare_cached(sql).await.map_err(classify)?;
-        Ok(client.execute(&statement, params).await.map_err(classify)?)
+        Ok(self.store.execute_once(sql, params).await?)
     }
 }
 
@@ -134,12 +129,7 @@ impl CheckpointStore for PostgresCheckpointStore {
         source: &Source,
         owner: &str,
     ) -> Result<(Claim, Cursor), CheckpointError> {
-        let claim = Claim {
-            group: group.to_owned(),
-            source: source.clone(),
-            owner: owner.to_owned(),
-            token: Uuid::new_v4(),
-        };
+        let claim = Claim::new(group, source, owner);
         let rows = self
             .query(
                 &self.sql.claim,

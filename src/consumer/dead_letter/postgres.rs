@@ -48,12 +48,10 @@ impl PostgresDeadLetterStore {
         Self { store, sql }
     }
 
-    /// Runs one statement. Only getting the connection is retried: an insert whose
-    /// outcome is unknown could be recorded twice if sent again.
+    /// An insert whose outcome is unknown could be recorded twice if sent again, so
+    /// a statement is sent once.
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let client = self.store.client().await?;
-        let statement = client.prepare_cached(sql).await.map_err(classify)?;
-        client.query(&statement, params).await.map_err(classify)
+        self.store.query_once(sql, params).await
     }
 }
 

@@ -209,6 +209,29 @@ impl PostgresStore {
         .await
     }
 
+    /// Runs one statement on a pooled connection. Only getting the connection and
+    /// preparing are retried: once sent, a statement's outcome is unknown, so its
+    /// caller decides whether sending it again is safe (a lease renewal is tried
+    /// again anyway; an insert is not).
+    pub(crate) async fn query_once(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        let (client, statement) = self.prepared(sql).await?;
+        client.query(&statement, params).await.map_err(classify)
+    }
+
+    /// As [`PostgresStore::query_once`], returning how many rows it changed.
+    pub(crate) async fn execute_once(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64> {
+        let (client, statement) = self.prepared(sql).await?;
+        client.execute(&statement, params).await.map_err(classify)
+    }
+
     /// Runs a read-only query, retried with backoff when the connection fails.
     async fn query(
         &self,
