@@ -1,7 +1,6 @@
 //! `weir dead-letters`: inspect the events consumers skipped. `list` prints dead
 //! letters as JSON lines, oldest first, each with the `id` to page on with `--after`.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use super::CliError;
@@ -67,16 +66,8 @@ async fn list(config: &Config, args: ListArgs) -> Result<(), CliError> {
     while remaining > 0 {
         let wanted = PAGE_SIZE.min(remaining);
         let page = store.list(args.group.as_deref(), after, wanted).await?;
-        buffer.clear();
-        for letter in &page {
-            serde_json::to_writer(&mut buffer, letter).map_err(std::io::Error::other)?;
-            buffer.push(b'\n');
-        }
-        let mut out = std::io::stdout().lock();
-        match out.write_all(&buffer).and_then(|()| out.flush()) {
-            // A reader that went away (`weir dead-letters list | head`) is a normal end.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            written => written?,
+        if !super::print_json_lines(&page, &mut buffer)? {
+            return Ok(());
         }
         remaining -= page.len();
         match page.last() {

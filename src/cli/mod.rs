@@ -172,6 +172,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// Prints `items` to stdout as JSON lines, in one write. Returns `false` once the
+/// reader has gone away (`weir read | head`), which is a normal end, not an error.
+pub(crate) fn print_json_lines<T: serde::Serialize>(
+    items: &[T],
+    buffer: &mut Vec<u8>,
+) -> Result<bool, CliError> {
+    use std::io::Write;
+    buffer.clear();
+    crate::sink::stdout::json_lines(items, buffer).map_err(std::io::Error::other)?;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(buffer).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        written => written.map(|()| true).map_err(CliError::from),
+    }
+}
+
 /// The configured store, with its schema checked, ready for use.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn EventStore>, CliError> {
     match config.store.kind {

@@ -1,7 +1,6 @@
 //! `weir read`: print a source's events after a cursor as JSON lines, each with its
 //! `cursor`; with `--follow`, keep printing new events as they commit until stopped.
 
-use std::io::Write;
 use std::time::Duration;
 
 use super::CliError;
@@ -56,16 +55,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         let page = store
             .read(&source, cursor, PAGE_SIZE.min(remaining))
             .await?;
-        buffer.clear();
-        for event in &page {
-            serde_json::to_writer(&mut buffer, event).map_err(std::io::Error::other)?;
-            buffer.push(b'\n');
-        }
-        let mut out = std::io::stdout().lock();
-        match out.write_all(&buffer).and_then(|()| out.flush()) {
-            // A reader that went away (`weir read | head`) is a normal end.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            written => written?,
+        if !super::print_json_lines(&page, &mut buffer)? {
+            return Ok(());
         }
         remaining -= page.len();
         if let Some(last) = page.last() {

@@ -5,6 +5,7 @@
 use std::io::Write;
 
 use async_trait::async_trait;
+use serde::Serialize;
 
 use crate::consumer::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
@@ -19,14 +20,20 @@ impl StdoutSink {
     }
 }
 
+/// `items` as JSON lines, appended to `buffer`: what the sink and the CLI's
+/// listings print.
+pub fn json_lines<T: Serialize>(items: &[T], buffer: &mut Vec<u8>) -> serde_json::Result<()> {
+    for item in items {
+        serde_json::to_writer(&mut *buffer, item)?;
+        buffer.push(b'\n');
+    }
+    Ok(())
+}
+
 /// The batch as JSON lines.
 fn render(events: &[StoredEvent]) -> Result<Vec<u8>, ProcessError> {
     let mut buffer = Vec::with_capacity(events.len() * 256);
-    for event in events {
-        serde_json::to_writer(&mut buffer, event)
-            .map_err(|error| ProcessError::new("encode", error))?;
-        buffer.push(b'\n');
-    }
+    json_lines(events, &mut buffer).map_err(|error| ProcessError::new("encode", error))?;
     Ok(buffer)
 }
 
