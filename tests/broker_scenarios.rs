@@ -27,30 +27,8 @@ const SOURCES: usize = 6;
 /// for a loaded machine.
 const SETTLE_BOUND: Duration = Duration::from_secs(15);
 
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Services::memory()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(services) = super::Services::postgres().await {
-                        super::$name(services).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-scenarios!(
+on_every_backend!(
+    Services:
     three_nodes_own_every_source_once,
     a_node_is_replaced,
     every_node_is_replaced_in_turn,

@@ -46,30 +46,8 @@ impl Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::memory()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    if let Some(backend) = super::Backend::postgres().await {
-                        super::$name(backend).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_every_backend!(
+    Backend, workers = 4:
     racing_acquirers_let_exactly_one_win,
     holder_reacquires_under_the_same_epoch,
     expired_lease_is_taken_over_with_a_higher_epoch,

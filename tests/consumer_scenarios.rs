@@ -59,30 +59,8 @@ impl Backend {
     }
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::memory()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(backend) = super::Backend::postgres().await {
-                        super::$name(backend).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_every_backend!(
+    Backend:
     planned_handovers_process_every_event_exactly_once,
     a_crash_reprocesses_exactly_what_followed_its_checkpoints,
 );

@@ -46,30 +46,8 @@ impl Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::memory()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    if let Some(backend) = super::Backend::postgres().await {
-                        super::$name(backend).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_every_backend!(
+    Backend, workers = 4:
     claim_creates_the_row_at_start,
     save_then_load_returns_the_saved_cursor,
     a_claim_by_another_owner_fences_the_earlier_claim,

@@ -47,30 +47,8 @@ impl Backend {
     }
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::memory()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(backend) = super::Backend::postgres().await {
-                        super::$name(backend).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_every_backend!(
+    Backend:
     subscription_consumers_process_every_event_once_in_stream_order,
     consumers_wake_on_appends_without_polling,
     a_restarted_consumer_resumes_after_its_checkpoint,

@@ -10,6 +10,38 @@ use weir::store::{PostgresStore, PostgresStoreOptions};
 
 pub mod fleet;
 
+/// Defines, for each test body `NAME(backend)` of the file, a test `memory::NAME`
+/// run with `BACKEND::memory()` and a test `postgres::NAME` run with
+/// `BACKEND::postgres().await`, which returns `None` (after noting the skip, or
+/// failing under `WEIR_REQUIRE_SERVICES=1`) when Postgres is unreachable. Each test
+/// gets a multi-threaded runtime of `workers` threads (default 2).
+#[macro_export]
+macro_rules! on_every_backend {
+    ($backend:ident: $($name:ident),* $(,)?) => {
+        $crate::on_every_backend!($backend, workers = 2: $($name),*);
+    };
+    ($backend:ident, workers = $workers:literal: $($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = $workers)]
+                async fn $name() {
+                    super::$name(super::$backend::memory()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = $workers)]
+                async fn $name() {
+                    if let Some(backend) = super::$backend::postgres().await {
+                        super::$name(backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 pub fn postgres_url() -> String {
