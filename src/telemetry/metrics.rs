@@ -3,11 +3,11 @@
 //! an error kind, never a stream).
 
 /// Events a consumer handed to its processor successfully. Labels: `group`.
-pub const EVENTS_PROCESSED: &str = "weir_consumer_events_processed_total";
+pub const EVENTS_PROCESSED: &str = "weir_consumer_events_total";
 /// Processing failures, before the error policy decides. Labels: `group`, `kind`.
 pub const PROCESSING_ERRORS: &str = "weir_consumer_errors_total";
 /// Events skipped under the `Continue` policy and kept as dead letters. Labels: `group`.
-pub const DEAD_LETTERS: &str = "weir_consumer_dead_letters_total";
+pub const DEAD_LETTERS: &str = "weir_dead_letters_total";
 /// Checkpoint writes refused because another subscriber claimed the source; each
 /// stops a consumer. Labels: `group`.
 pub const FENCED_CONSUMERS: &str = "weir_consumer_fenced_total";
