@@ -858,3 +858,78 @@ async fn isolated_consumers_process_on_their_own_threads() {
     assert_eq!(thread("shared-2"), "weir-shared");
     assert_eq!(thread("dedicated"), "weir-dedicated");
 }
+
+/// Checkpoint saves fail while `failing` is set, as when the database is briefly
+/// unreachable.
+struct FlakyCheckpoints {
+    inner: weir::consumer::MemoryCheckpointStore,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl weir::consumer::CheckpointStore for FlakyCheckpoints {
+    async fn claim(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+    ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
+        self.inner.claim(group, source, owner).await
+    }
+    async fn save(
+        &self,
+        claim: &weir::consumer::Claim,
+        cursor: Cursor,
+    ) -> Result<(), weir::consumer::CheckpointError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(weir::store::Error::Unavailable("switched off by the test".into()).into());
+        }
+        self.inner.save(claim, cursor).await
+    }
+    async fn load(
+        &self,
+        group: &str,
+        source: &Source,
+    ) -> Result<Option<weir::consumer::Checkpoint>, weir::consumer::CheckpointError> {
+        self.inner.load(group, source).await
+    }
+    async fn list(
+        &self,
+        group: Option<&str>,
+    ) -> Result<Vec<weir::consumer::Checkpoint>, weir::consumer::CheckpointError> {
+        self.inner.list(group).await
+    }
+}
+
+#[tokio::test]
+async fn stopping_keeps_trying_to_store_the_final_checkpoint_within_the_grace_period() {
+    let checkpoints = Arc::new(FlakyCheckpoints {
+        inner: weir::consumer::MemoryCheckpointStore::new(),
+        failing: std::sync::atomic::AtomicBool::new(false),
+    });
+    let mut backend = Backend::memory();
+    backend.stores.checkpoints = checkpoints.clone();
+    let store = Arc::clone(&backend.stores.events);
+    let runtime = Arc::new(runtime(&backend, Arc::new(SingletonBroker::new())));
+    let recorder = Arc::new(Recorder::default());
+    runtime
+        .register_consumer("g", source("category:orders"), recorder.clone(), None)
+        .unwrap();
+    runtime.start().await.unwrap();
+    let events = append(store.as_ref(), "orders", "order-1", 5, &[]).await;
+    recorder.wait_for(5).await;
+
+    checkpoints.failing.store(true, Ordering::SeqCst);
+    let stopping = tokio::spawn({
+        let runtime = Arc::clone(&runtime);
+        async move { runtime.stop().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "stop gave up on the checkpoint");
+    checkpoints.failing.store(false, Ordering::SeqCst);
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    assert_eq!(
+        checkpoint(&backend, "g", "category:orders").await,
+        events[4].cursor
+    );
+}

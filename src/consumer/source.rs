@@ -253,14 +253,23 @@ impl SourceConsumer {
         let end = self.consume(&mut progress).await;
         let end = match end {
             End::Fenced(error) => End::Fenced(error),
-            // Whatever else ended it, what was processed is stored.
-            other => match self.save(&mut progress).await {
-                Err(error @ CheckpointError::Fenced { .. }) => End::Fenced(error),
-                Err(error) => {
-                    tracing::warn!(group = %self.key.group, source = %self.source, %error, "could not store the final checkpoint; events after the last one will be processed again");
-                    other
+            // Whatever else ended it, what was processed is stored: this is what
+            // lets the next owner start right after it. A store that cannot be
+            // reached is tried again until whoever stops this consumer stops
+            // waiting (the grace period).
+            other => loop {
+                match self.save(&mut progress).await {
+                    Ok(()) => break other,
+                    Err(error @ CheckpointError::Fenced { .. }) => break End::Fenced(error),
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot store the final checkpoint; trying again");
+                        tokio::time::sleep(RETRY_DELAY).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(group = %self.key.group, source = %self.source, %error, "could not store the final checkpoint; events after the last one will be processed again");
+                        break other;
+                    }
                 }
-                Ok(()) => other,
             },
         };
         let group = self.key.group.clone();
