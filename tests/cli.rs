@@ -261,36 +261,29 @@ impl Running {
         }
     }
 
-    /// Waits for a stderr line containing `needle`.
+    /// Waits for a new stderr line containing `needle`.
     #[track_caller]
     fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    self.stderr_seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: stderr showed no {needle:?} within {timeout:?}:\n{}",
-                    self.what,
-                    self.stderr_seen.join("\n")
-                ),
-            }
-        }
+        self.wait_for_new_stderr_line(|line| line.contains(needle), timeout, needle);
     }
 
     /// Waits for a stderr line, seen already or new, that `wanted` accepts.
     #[track_caller]
     fn wait_for_stderr_line(&mut self, wanted: impl Fn(&str) -> bool, timeout: Duration) {
         self.stderr_seen.extend(self.stderr.try_iter());
-        if self.stderr_seen.iter().any(|line| wanted(line)) {
-            return;
+        if !self.stderr_seen.iter().any(|line| wanted(line)) {
+            self.wait_for_new_stderr_line(wanted, timeout, "such line");
         }
+    }
+
+    /// Reads stderr until a line that `wanted` accepts, failing after `timeout`.
+    #[track_caller]
+    fn wait_for_new_stderr_line(
+        &mut self,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -303,7 +296,7 @@ impl Running {
                     }
                 }
                 Err(_) => panic!(
-                    "{}: stderr showed no such line within {timeout:?}:\n{}",
+                    "{}: stderr showed no {what:?} within {timeout:?}:\n{}",
                     self.what,
                     self.stderr_seen.join("\n")
                 ),

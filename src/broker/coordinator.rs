@@ -658,6 +658,15 @@ mod tests {
             self.membership.register(&registration).await.unwrap();
         }
 
+        fn lead(&self, epoch: u64) {
+            self.leader.send_replace(LeaderState::Leader { epoch });
+        }
+
+        async fn wait_for_status(&self, wanted: BrokerStatus) {
+            let mut status = self.status.clone();
+            status.wait_for(|s| *s == wanted).await.unwrap();
+        }
+
         /// Waits until the retained decision of group `g` satisfies `wanted`.
         async fn decision(&self, wanted: impl Fn(&Decision) -> bool) -> Decision {
             let started = Instant::now();
@@ -689,9 +698,7 @@ mod tests {
     #[tokio::test]
     async fn a_group_that_empties_and_comes_back_keeps_counting_revisions() {
         let harness = Harness::start();
-        harness
-            .leader
-            .send_replace(LeaderState::Leader { epoch: 1 });
+        harness.lead(1);
         harness.join("s1").await;
         let first = harness.decision(|d| owners(d) == ["s1"]).await;
         harness.membership.leave("g", "s1").await.unwrap();
@@ -708,24 +715,16 @@ mod tests {
     #[tokio::test]
     async fn a_lease_regained_under_the_same_epoch_resumes_the_term() {
         let harness = Harness::start();
-        harness
-            .leader
-            .send_replace(LeaderState::Leader { epoch: 3 });
+        harness.lead(3);
         harness.join("s1").await;
         let first = harness.decision(|d| owners(d) == ["s1"]).await;
         assert_eq!(first.version(), (3, 1));
 
         // A failed renewal demotes the node; it regains the lease before it expires.
         harness.leader.send_replace(LeaderState::Follower);
-        let mut status = harness.status.clone();
-        status
-            .wait_for(|s| *s == BrokerStatus::Waiting)
-            .await
-            .unwrap();
+        harness.wait_for_status(BrokerStatus::Waiting).await;
         harness.join("s2").await;
-        harness
-            .leader
-            .send_replace(LeaderState::Leader { epoch: 3 });
+        harness.lead(3);
         // The newcomer's share is handed over, in a decision of the same epoch.
         let resumed = harness.decision(|d| d.handovers.len() == 1).await;
         assert_eq!(resumed.epoch, 3);
@@ -736,9 +735,7 @@ mod tests {
     #[tokio::test]
     async fn a_newer_epoch_on_the_bus_makes_the_leader_step_down() {
         let harness = Harness::start();
-        harness
-            .leader
-            .send_replace(LeaderState::Leader { epoch: 2 });
+        harness.lead(2);
         harness.join("s1").await;
         let mine = harness.decision(|d| owners(d) == ["s1"]).await;
         let newer = Decision {
@@ -752,11 +749,7 @@ mod tests {
             .publish(&BusMessage::Decision(newer.clone()))
             .await
             .unwrap();
-        let mut status = harness.status.clone();
-        status
-            .wait_for(|s| *s == BrokerStatus::Waiting)
-            .await
-            .unwrap();
+        harness.wait_for_status(BrokerStatus::Waiting).await;
         // Membership changes, but this node no longer decides.
         harness.join("s2").await;
         tokio::time::sleep(settings().refresh_interval * 3).await;

@@ -75,6 +75,16 @@ impl Claim {
             token: Uuid::new_v4(),
         }
     }
+
+    /// The error for this claim's save refused because `owner` holds the row now.
+    pub fn fenced_by(&self, owner: String) -> CheckpointError {
+        CheckpointError::Fenced {
+            group: self.group.clone(),
+            consumed: self.source.clone(),
+            owner,
+            claimant: self.owner.clone(),
+        }
+    }
 }
 
 /// A stored checkpoint.
@@ -189,12 +199,7 @@ impl CheckpointStore for MemoryCheckpointStore {
                 row.updated_at = Utc::now();
                 Ok(())
             }
-            row => Err(CheckpointError::Fenced {
-                group: claim.group.clone(),
-                consumed: claim.source.clone(),
-                owner: row.map(|row| row.owner.clone()).unwrap_or_default(),
-                claimant: claim.owner.clone(),
-            }),
+            row => Err(claim.fenced_by(row.map(|row| row.owner.clone()).unwrap_or_default())),
         }
     }
 

@@ -163,12 +163,7 @@ impl CheckpointStore for PostgresCheckpointStore {
             .map(|row| row.try_get::<_, String>(0).map_err(classify))
             .transpose()?
             .unwrap_or_default();
-        Err(CheckpointError::Fenced {
-            group: claim.group.clone(),
-            consumed: claim.source.clone(),
-            owner,
-            claimant: claim.owner.clone(),
-        })
+        Err(claim.fenced_by(owner))
     }
 
     async fn load(
