@@ -15,6 +15,7 @@ mod append;
 mod bench;
 mod config_check;
 mod dead_letters;
+mod demo;
 mod migrate;
 mod read;
 mod run;
@@ -133,6 +134,10 @@ pub enum CliError {
     Input(String),
     #[error(transparent)]
     Store(#[from] store::Error),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::Error),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("stopped by an error policy (exit code {0})")]
@@ -149,7 +154,10 @@ impl CliError {
         match self {
             CliError::Config(_) | CliError::Usage(_) => config::EXIT_INVALID_CONFIG,
             CliError::Input(_) | CliError::Store(store::Error::Validation(_)) => 65,
-            CliError::Store(store::Error::Unavailable(_)) => 69,
+            CliError::Store(store::Error::Unavailable(_))
+            | CliError::Bus(crate::bus::Error::Unavailable(_))
+            | CliError::Sink(crate::sink::SinkError::Unavailable(_)) => 69,
+            CliError::Bus(_) | CliError::Sink(_) => 1,
             CliError::Store(_) => 1,
             CliError::Io(_) => 74,
             CliError::Halted(code) => *code,

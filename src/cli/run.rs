@@ -3,8 +3,9 @@
 //! The node opens its store, joins the fleet through the configured bus and runs
 //! its broker and consumers: a `coordinator` or `full` node competes for leadership
 //! and allocates, an `observer` or `full` node runs `instances` subscription
-//! consumers of every `[[subscriptions]]` group. Until sinks are configurable, each
-//! prints the events of the sources it is given to standard output as JSON lines.
+//! consumers of every `[[subscriptions]]` group, each forwarding the events of the
+//! sources it is given to the group's sink. `--demo` (or `[demo] enabled`) also
+//! appends sample events, so the embedded default shows events flowing.
 //!
 //! The first SIGINT or SIGTERM stops gracefully: sources are withdrawn, in-flight
 //! batches finish within `node.shutdown_grace`, checkpoints are stored, the node
@@ -18,29 +19,53 @@ use crate::broker::distributed::FleetServices;
 use crate::broker::lease::MemoryLeaseStore;
 use crate::broker::membership::MemoryMembershipStore;
 use crate::broker::{DistributedBroker, SubscriberSpec};
-use crate::bus::MemoryBus;
+use crate::bus::{AllocationBus, MemoryBus};
 use crate::config::{BusKind, Config, StoreKind};
 use crate::consumer::{ConsumerSettings, EventProcessor};
 use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
-use crate::sink::StdoutSink;
 use crate::store::MemoryStore;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Append a trickle of sample events (see `[demo]`); with no
+    /// `[[subscriptions]]` configured, also print them with a `demo` subscription.
+    #[arg(long)]
+    pub demo: bool,
+}
 
-pub async fn run(config: &Config, _args: Args) -> Result<(), CliError> {
+pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
+    let mut config = config.clone();
+    if args.demo {
+        super::demo::enable(&mut config);
+    }
+    let config = &config;
     let shutdown = super::signal::shutdown_token()?;
     let node = config.node_id();
     let role = config.node.role;
     let (services, stores) = services(config).await?;
-    let broker = DistributedBroker::new(&node, role, config.broker.clone(), services);
+    let events = Arc::clone(&stores.events);
+    let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services);
+    for subscription in &config.subscriptions {
+        broker = broker.with_required_tags(
+            &subscription.group,
+            subscription.required_tags.iter().cloned(),
+        );
+    }
     let runtime = EventRuntime::new(&node, Arc::new(broker), stores, ConsumerSettings::default())
         .with_shutdown_grace(config.node.shutdown_grace);
-    register_subscriptions(config, &node, &runtime)?;
+    register_subscriptions(config, &node, &runtime).await?;
     runtime
         .start()
         .await
         .map_err(|error| CliError::Usage(error.to_string()))?;
+    let demo_stop = shutdown.child_token();
+    let demo = config.demo.enabled.then(|| {
+        tokio::spawn(super::demo::run(
+            events,
+            config.demo.clone(),
+            demo_stop.clone(),
+        ))
+    });
     tracing::info!(
         node = %node,
         %role,
@@ -49,6 +74,10 @@ pub async fn run(config: &Config, _args: Args) -> Result<(), CliError> {
         "weir node started; stop it with Ctrl-C or SIGTERM"
     );
     let outcome = runtime.wait_until(shutdown.cancelled()).await;
+    demo_stop.cancel();
+    if let Some(demo) = demo {
+        let _ = demo.await;
+    }
     tracing::info!(node = %node, "weir node stopped");
     match outcome {
         Ok(Outcome::Stopped) => Ok(()),
@@ -61,21 +90,7 @@ pub async fn run(config: &Config, _args: Args) -> Result<(), CliError> {
 /// Membership and leases in the configured store with the configured bus, and
 /// where consumers read events and keep checkpoints and dead letters.
 async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), CliError> {
-    let bus = match config.bus.kind {
-        BusKind::Memory => {
-            if config.store.kind != StoreKind::Memory {
-                tracing::warn!(
-                    "bus.kind is memory: decisions reach only this process, so nodes in other processes will not coordinate with it"
-                );
-            }
-            Arc::new(MemoryBus::new())
-        }
-        other => {
-            return Err(CliError::Usage(format!(
-                "bus.kind {other:?} is not available in this release of weir; use \"memory\""
-            )));
-        }
-    };
+    let bus = bus(config).await?;
     Ok(match config.store.kind {
         StoreKind::Memory => (
             FleetServices {
@@ -109,9 +124,30 @@ async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), Cl
     })
 }
 
+/// The configured allocation bus, connected.
+async fn bus(config: &Config) -> Result<Arc<dyn AllocationBus>, CliError> {
+    Ok(match config.bus.kind {
+        BusKind::Memory => {
+            if config.store.kind != StoreKind::Memory {
+                tracing::warn!(
+                    "bus.kind is memory: decisions reach only this process, so nodes in other processes will not coordinate with it"
+                );
+            }
+            Arc::new(MemoryBus::new())
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            return Err(CliError::Usage(format!(
+                "this weir was built without the `{}` feature needed by bus.kind",
+                other.missing_feature().unwrap_or("?")
+            )));
+        }
+    })
+}
+
 /// Registers `instances` subscription consumers of every configured group, named
 /// `NODE/N`, unless the node only coordinates.
-fn register_subscriptions(
+async fn register_subscriptions(
     config: &Config,
     node: &str,
     runtime: &EventRuntime,
@@ -125,14 +161,17 @@ fn register_subscriptions(
         }
         return Ok(());
     }
-    let sink: Arc<dyn EventProcessor> = Arc::new(StdoutSink::new());
     for subscription in &config.subscriptions {
+        // One sink per group, shared by its instances: one connection, and the
+        // instances' publishes pipeline together.
+        let sink: Arc<dyn EventProcessor> = crate::sink::build(&subscription.sink, config).await?;
         for instance in 1..=subscription.instances {
             let spec = SubscriberSpec::new(
                 &subscription.group,
                 format!("{node}/{instance}"),
                 subscription.sources.iter().cloned(),
-            );
+            )
+            .with_tags(config.node.tags.iter().cloned());
             runtime
                 .register_subscription_consumer(
                     spec,

