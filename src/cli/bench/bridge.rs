@@ -1,0 +1,270 @@
+//! `weir bench bridge --sink nats|kafka`: events per second from the store to the
+//! broker through a running consumer and its sink, beside a plain client
+//! publishing the same messages (same subjects or topics, headers and bodies,
+//! serialised beforehand) with the same pipelining, in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::consume::{Counter, start};
+use super::{CliError, Target, check_sizes, emit, fill, rate};
+use crate::config::{Config, SinkConfig};
+use crate::consumer::{ConsumerSettings, EventProcessor, ProcessError};
+use crate::event::{Cursor, Source, StoredEvent};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    Nats,
+    Kafka,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BridgeArgs {
+    /// Where the events go; connection settings come from `[nats]` / `[kafka]`.
+    #[arg(long, value_enum)]
+    sink: SinkKind,
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Events per batch handed to the sink.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Publishes awaiting acknowledgement at once, for the sink and the raw client.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Each side runs this many times, alternating; the best run counts.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+}
+
+/// The sink under test, counting what it delivered.
+struct Counted {
+    sink: Arc<dyn EventProcessor>,
+    counter: Arc<Counter>,
+}
+
+#[async_trait]
+impl EventProcessor for Counted {
+    async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
+        self.sink.process(events).await?;
+        self.counter.process(events).await
+    }
+}
+
+/// Destination names unique to one round, so that neither side's messages are
+/// deduplicated against the other's.
+fn prefix(round: usize, side: &str) -> String {
+    format!(
+        "bench_{}_{side}{round}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+fn sink_config(kind: SinkKind, prefix: &str, max_in_flight: usize) -> SinkConfig {
+    match kind {
+        SinkKind::Nats => SinkConfig::Nats {
+            subject: format!("{prefix}.{{category}}.{{stream}}"),
+            stream: Some(prefix.to_uppercase()),
+            max_in_flight,
+        },
+        SinkKind::Kafka => SinkConfig::Kafka {
+            topic: format!("{prefix}.{{category}}"),
+        },
+    }
+}
+
+pub(super) async fn run(config: &Config, target: &Target, args: &BridgeArgs) -> Result<(), CliError> {
+    check_sizes(args.events, args.batch, 1)?;
+    if args.max_in_flight == 0 {
+        return Err(CliError::Usage("--max-in-flight must be at least 1".into()));
+    }
+    let category = fill(target, args.events, args.payload_bytes).await?;
+    let source = Source::Category(category.clone());
+    let events = target.store.read(&source, Cursor::START, args.events).await?;
+    let bytes = events
+        .iter()
+        .map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(0))
+        .sum::<usize>()
+        / events.len().max(1);
+    let settings = ConsumerSettings {
+        batch_size: args.batch,
+        checkpoint_every: args.batch as u64,
+        ..ConsumerSettings::default()
+    };
+    let sink_name = match args.sink {
+        SinkKind::Nats => "nats",
+        SinkKind::Kafka => "kafka",
+    };
+
+    let mut weir_best = Duration::MAX;
+    let mut raw_best = Duration::MAX;
+    for round in 0..args.rounds.max(1) {
+        let prefix_weir = prefix(round, "weir");
+        let sink = crate::sink::build(&sink_config(args.sink, &prefix_weir, args.max_in_flight), config).await?;
+        // Built (connected, stream or topics ready) before the clock starts.
+        let counter = Arc::new(Counter::default());
+        let processor = Arc::new(Counted {
+            sink,
+            counter: Arc::clone(&counter),
+        });
+        let started = Instant::now();
+        let runtime = start(target, &format!("bridge-{round}"), source.clone(), processor, settings.clone()).await?;
+        counter.wait_for(args.events).await;
+        weir_best = weir_best.min(started.elapsed());
+        runtime.stop().await;
+
+        let prefix_raw = prefix(round, "raw");
+        let elapsed = match args.sink {
+            #[cfg(feature = "nats")]
+            SinkKind::Nats => raw::nats(config, &prefix_raw, &events, args.max_in_flight).await?,
+            #[cfg(feature = "kafka")]
+            SinkKind::Kafka => raw::kafka(config, &prefix_raw, &events).await?,
+            #[allow(unreachable_patterns)]
+            _ => return Err(CliError::Usage(format!("this weir was built without the `{sink_name}` feature"))),
+        };
+        raw_best = raw_best.min(elapsed);
+    }
+    let weir_rate = rate(args.events, weir_best);
+    let raw_rate = rate(args.events, raw_best);
+    emit(json!({
+        "bench": "bridge", "sink": sink_name, "backend": target.backend, "events": args.events,
+        "batch": args.batch, "max_in_flight": args.max_in_flight, "message_bytes": bytes,
+        "seconds": weir_best.as_secs_f64(), "events_per_sec": weir_rate,
+    }));
+    emit(json!({
+        "bench": "bridge_raw_publish", "sink": sink_name, "events": args.events,
+        "max_in_flight": args.max_in_flight, "message_bytes": bytes,
+        "seconds": raw_best.as_secs_f64(), "events_per_sec": raw_rate,
+    }));
+    emit(json!({
+        "bench": "bridge_vs_raw", "sink": sink_name,
+        "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
+    }));
+    Ok(())
+}
+
+/// The plain clients: messages built first, then only the publishing is timed.
+mod raw {
+    #[allow(unused_imports)]
+    use super::*;
+
+    fn unavailable(error: impl std::fmt::Display) -> CliError {
+        CliError::Bus(crate::bus::Error::Unavailable(error.to_string()))
+    }
+
+    #[cfg(feature = "nats")]
+    pub(super) async fn nats(
+        config: &Config,
+        prefix: &str,
+        events: &[StoredEvent],
+        max_in_flight: usize,
+    ) -> Result<Duration, CliError> {
+        use futures::StreamExt;
+        use futures::stream::FuturesOrdered;
+
+        let client = crate::bus::nats::connect(&config.nats, "weir-bench-raw").await?;
+        let jetstream = async_nats::jetstream::new(client);
+        let stream_name = prefix.to_uppercase();
+        jetstream
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: stream_name.clone(),
+                subjects: vec![format!("{prefix}.>")],
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let messages: Vec<(String, async_nats::HeaderMap, bytes::Bytes)> = events
+            .iter()
+            .map(|event| {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+                headers.insert("Weir-Event-Name", event.name.as_str());
+                headers.insert("Weir-Category", event.category.as_str());
+                headers.insert("Weir-Stream", event.stream.as_str());
+                headers.insert("Weir-Position", event.position.to_string().as_str());
+                headers.insert("Weir-Sequence", event.sequence.to_string().as_str());
+                headers.insert("Content-Type", "application/json");
+                let subject = format!(
+                    "{prefix}.{}.{}",
+                    crate::bus::nats::subject_token(event.category.as_str()),
+                    crate::bus::nats::subject_token(event.stream.as_str())
+                );
+                let body = serde_json::to_vec(event).unwrap_or_default();
+                (subject, headers, bytes::Bytes::from(body))
+            })
+            .collect();
+        let started = Instant::now();
+        let mut in_flight = FuturesOrdered::new();
+        for (subject, headers, body) in messages {
+            if in_flight.len() >= max_in_flight {
+                if let Some(ack) = in_flight.next().await {
+                    ack.map_err(unavailable)?;
+                }
+            }
+            let ack = jetstream
+                .publish_with_headers(subject, headers, body)
+                .await
+                .map_err(unavailable)?;
+            in_flight.push_back(ack.into_future());
+        }
+        while let Some(ack) = in_flight.next().await {
+            ack.map_err(unavailable)?;
+        }
+        let elapsed = started.elapsed();
+        let _ = jetstream.delete_stream(&stream_name).await;
+        Ok(elapsed)
+    }
+
+    #[cfg(feature = "kafka")]
+    pub(super) async fn kafka(
+        config: &Config,
+        prefix: &str,
+        events: &[StoredEvent],
+    ) -> Result<Duration, CliError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+        let mut client = crate::bus::kafka::client_config(&config.kafka);
+        client.set("enable.idempotence", "true");
+        let producer: FutureProducer = client.create().map_err(unavailable)?;
+        let messages: Vec<(String, String, OwnedHeaders, Vec<u8>)> = events
+            .iter()
+            .map(|event| {
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "Weir-Event-Id", value: Some(&event.id.to_string()) })
+                    .insert(Header { key: "Weir-Event-Name", value: Some(event.name.as_str()) })
+                    .insert(Header { key: "Weir-Category", value: Some(event.category.as_str()) })
+                    .insert(Header { key: "Weir-Stream", value: Some(event.stream.as_str()) })
+                    .insert(Header { key: "Weir-Position", value: Some(&event.position.to_string()) })
+                    .insert(Header { key: "Weir-Sequence", value: Some(&event.sequence.to_string()) })
+                    .insert(Header { key: "Content-Type", value: Some("application/json") });
+                (
+                    format!("{prefix}.{}", event.category.as_str()),
+                    format!("{}/{}", event.category, event.stream),
+                    headers,
+                    serde_json::to_vec(event).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        let deliveries: Vec<_> = messages
+            .iter()
+            .map(|(topic, key, headers, body)| {
+                producer.send(
+                    FutureRecord::to(topic).key(key).headers(headers.clone()).payload(body),
+                    Duration::from_secs(30),
+                )
+            })
+            .collect();
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.map_err(|(error, _)| unavailable(error))?;
+        }
+        let elapsed = started.elapsed();
+        let _ = producer.flush(Duration::from_secs(5));
+        Ok(elapsed)
+    }
+}
