@@ -443,12 +443,32 @@ fn run_as_coordinator_runs_no_subscribers() {
 }
 
 #[test]
-fn run_on_a_bus_of_a_later_release_says_so() {
-    let mut command = weir(&["run"]);
-    command.env("WEIR_BUS__KIND", "nats");
-    let out = finish(command, None);
-    assert_eq!(out.code(), Some(64), "{}", out.context());
-    assert!(out.stderr.contains("bus.kind"), "{}", out.context());
+fn run_with_an_unreachable_bus_says_what_to_check_and_exits_69() {
+    for (kind, key, address) in [
+        ("nats", "WEIR_NATS__URL", "nats://127.0.0.1:1"),
+        ("kafka", "WEIR_KAFKA__BROKERS", "127.0.0.1:1"),
+    ] {
+        let mut command = weir(&["run"]);
+        command.env("WEIR_BUS__KIND", kind).env(key, address);
+        let out = finish(command, None);
+        assert_eq!(out.code(), Some(69), "{kind}: {}", out.context());
+        assert!(out.stderr.contains("bus"), "{kind}: {}", out.context());
+    }
+}
+
+#[test]
+fn run_demo_shows_events_flowing_on_the_embedded_default() {
+    let mut node = Running::start(weir(&["run", "--demo"]));
+    let mut streams = std::collections::BTreeSet::new();
+    while streams.len() < 3 {
+        let event = node.next_json(FOLLOW_TIMEOUT, "a demo event", FOLLOW_TIMEOUT, || {});
+        assert!(event["cursor"].is_string(), "{event}");
+        streams.insert(format!("{}/{}", event["category"], event["stream"]));
+    }
+    node.terminate();
+    let status = node.expect_exit(EXIT_TIMEOUT);
+    let stderr = node.stderr_so_far();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{stderr}");
 }
 
 // ---------------------------------------------------------------------------------
