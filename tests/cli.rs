@@ -715,6 +715,7 @@ fn config_check_with_a_bad_file_exits_64_naming_every_key() {
 
             [bus]
             kind = "nats"
+            namespace = "not.a.token"
 
             [http]
             listen = "nope"
@@ -731,7 +732,7 @@ fn config_check_with_a_bad_file_exits_64_naming_every_key() {
         "store.url",
         "store.schema",
         "store.pool_size",
-        "bus.kind",
+        "bus.namespace",
         "http.listen",
         "subscriptions[0].sources",
     ] {
