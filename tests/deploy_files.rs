@@ -955,7 +955,10 @@ fn kustomization_lists_every_manifest() {
         .filter_map(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
         .filter(|name| name != "kustomization.yaml")
         .collect();
-    assert_eq!(listed, present);
+    assert_eq!(
+        listed, present,
+        "kustomization.yaml must list every manifest of deploy/k8s, and only those"
+    );
 }
 
 #[test]
