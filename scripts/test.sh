@@ -102,6 +102,18 @@ install_kafka_build_deps() {
     fi
 }
 
+# --- Prometheus: scrape config, alert rules and their unit tests (deploy/prometheus) ---
+check_prometheus_files() {
+    # promtool ships with the server; its recommends (node exporter and more) are not needed.
+    command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
+    say "checking deploy/prometheus with promtool"
+    promtool check config deploy/prometheus/prometheus.yml
+    promtool check rules deploy/prometheus/alerts.yml
+    promtool test rules deploy/prometheus/alerts.test.yml
+}
+# --- end of Prometheus ---
+
+check_prometheus_files
 start_postgres
 ensure_test_database
 start_nats
