@@ -50,7 +50,7 @@ fn node_metrics(config: &Config) -> NodeMetrics {
         config
             .subscriptions
             .iter()
-            .map(|s| (s.group.clone(), s.sources.iter().cloned().collect()))
+            .map(|s| (s.group.clone(), s.sources.clone()))
             .collect()
     } else {
         Vec::new()

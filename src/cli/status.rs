@@ -90,7 +90,7 @@ fn status_url(base: &str) -> Result<url::Url, CliError> {
 async fn get(url: &url::Url) -> Result<Bytes, CliError> {
     let host = url.host_str().unwrap_or("127.0.0.1");
     let port = url.port_or_known_default().unwrap_or(80);
-    let unreachable = |error: &dyn std::fmt::Display| {
+    let unreachable = move |error: &dyn std::fmt::Display| {
         CliError::Unreachable(format!(
             "cannot reach a weir node at {url}: {error}; is `weir run` running, and is --url (or http.listen) its address?"
         ))
@@ -108,9 +108,11 @@ async fn get(url: &url::Url) -> Result<Bytes, CliError> {
     let request = hyper::Request::get(url.path())
         .header(hyper::header::HOST, url.authority())
         .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    let exchange = async {
+    // Owns the sender, so that the connection closes once the answer is read.
+    let exchange = async move {
         let response = sender
             .send_request(request)
             .await
