@@ -698,6 +698,21 @@ async fn weir_run_serves_metrics_status_and_readiness_on_postgres() {
 }
 
 #[test]
+fn the_readme_documents_every_metric_as_the_catalogue_declares_it() {
+    let readme = include_str!("../README.md");
+    for info in CATALOG {
+        let row = readme
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{}` |", info.name)))
+            .unwrap_or_else(|| panic!("README.md has no row for {}", info.name));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], info.kind.as_str(), "{row}");
+        let labels: Vec<String> = info.labels.iter().map(|l| format!("`{l}`")).collect();
+        assert_eq!(cells[3], labels.join(", "), "{row}");
+    }
+}
+
+#[test]
 fn weir_status_explains_when_nothing_listens() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = free.local_addr().unwrap();
