@@ -147,9 +147,16 @@ struct SamplerTask {
 }
 
 impl SamplerTask {
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for SamplerTask {
+    /// A runtime dropped without stopping takes its sampler with it.
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 

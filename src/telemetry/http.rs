@@ -155,8 +155,15 @@ impl HttpServer {
     }
 
     /// Stops serving; requests in flight finish first.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for HttpServer {
+    /// A server dropped without stopping stops serving too.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
