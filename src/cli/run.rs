@@ -5,7 +5,9 @@
 //! and allocates, an `observer` or `full` node runs `instances` subscription
 //! consumers of every `[[subscriptions]]` group, each forwarding the events of the
 //! sources it is given to the group's sink. `--demo` (or `[demo] enabled`) also
-//! appends sample events, so the embedded default shows events flowing.
+//! appends sample events, so the embedded default shows events flowing. The node
+//! serves `/metrics`, `/livez`, `/readyz` and `/status` on `http.listen`
+//! (`cli/observe.rs`).
 //!
 //! The first SIGINT or SIGTERM stops gracefully: sources are withdrawn, in-flight
 //! batches finish within `node.shutdown_grace`, checkpoints are stored, the node
