@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{BrokerRole, BrokerSettings};
 use crate::consumer::ConsumerSettings;
 use crate::event::{NameKind, Source, validate_name};
+pub use crate::telemetry::logging::LogFormat;
 
 /// The embedded default: memory store and bus. Used when no config file is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/weir.toml");
@@ -34,6 +35,7 @@ const SECTIONS: &[&str] = &[
     "kafka",
     "broker",
     "http",
+    "log",
     "demo",
     "subscriptions",
 ];
@@ -56,6 +58,8 @@ pub struct Config {
     pub broker: BrokerSettings,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     #[serde(default)]
     pub demo: DemoConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -367,6 +371,31 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[log]`: what is logged, and how. `RUST_LOG` and `--log` override `level`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A filter: a level (`info`) or directives (`info,weir::broker=debug`).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `pretty` lines for a person, `json` lines for a log pipeline.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
 /// `[demo]`: an appender that writes a trickle of sample events into the store,
 /// so that a newcomer sees events flow. Also switched on by `weir run --demo`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -537,6 +566,7 @@ impl Config {
                 extract_section(&figment, "kafka", &mut config.kafka, &mut problems);
                 extract_section(&figment, "broker", &mut config.broker, &mut problems);
                 extract_section(&figment, "http", &mut config.http, &mut problems);
+                extract_section(&figment, "log", &mut config.log, &mut problems);
                 extract_section(&figment, "demo", &mut config.demo, &mut problems);
                 extract_section(
                     &figment,
@@ -678,6 +708,10 @@ impl Config {
                     self.http.listen
                 ),
             );
+        }
+
+        if let Err(error) = crate::telemetry::logging::parse_filter(&self.log.level, "log.level") {
+            problem("log.level", error.reason);
         }
 
         let mut groups = std::collections::HashSet::new();
@@ -1606,6 +1640,25 @@ mod tests {
                 .message
                 .contains("longer than 0s")
         );
+    }
+
+    #[test]
+    fn log_settings_are_read_and_checked() {
+        let config = load_ok(
+            "[log]\nlevel = \"warn,weir=debug\"\nformat = \"json\"\n",
+            &[],
+        );
+        assert_eq!(config.log.level, "warn,weir=debug");
+        assert_eq!(config.log.format, LogFormat::Json);
+        let from_env = load_ok("", &[("WEIR_LOG__FORMAT", "json")]);
+        assert_eq!(from_env.log.format, LogFormat::Json);
+
+        let error = load_err("[log]\nlevel = \"[\"\nformat = \"xml\"\n", &[]);
+        let mut found = keys(&error);
+        found.sort_unstable();
+        assert_eq!(found, ["log.format"], "{error}");
+        let error = load_err("[log]\nlevel = \"info,[\"\n", &[]);
+        assert_eq!(keys(&error), ["log.level"], "{error}");
     }
 
     #[test]

@@ -22,11 +22,14 @@
 //!   distributed (a fleet over a bus) and singleton (one process).
 //! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure
 //!   validation that reports every problem at once.
+//! - [`telemetry`]: metric names in one catalogue, the Prometheus recorder, the
+//!   lag sampler, the HTTP endpoints (`/metrics`, `/livez`, `/readyz`, `/status`)
+//!   and logging. Every layer records metrics through its names.
 //! - [`cli`]: one module per `weir` subcommand; `main.rs` only parses and calls it.
 //!
 //! Still to come, each with its own issue: NATS and Kafka backends of `bus`,
-//! `consumer` and `runtime` (processors, checkpoints, error policies), `sink`
-//! (forwarding to NATS, Kafka, stdout) and `telemetry` (metrics, HTTP endpoints).
+//! `consumer` and `runtime` (processors, checkpoints, error policies) and `sink`
+//! (forwarding to NATS, Kafka, stdout).
 
 #![forbid(unsafe_code)]
 

@@ -39,13 +39,17 @@ const EXIT_STORE: i32 = 1;
 // Running the binary
 
 /// `weir` with no inherited `WEIR_*` variable, so the developer's environment cannot
-/// change the outcome, and with stdin closed.
+/// change the outcome, and with stdin closed. A node (`run`) serves its HTTP
+/// endpoints on a free port, so that tests can run nodes side by side.
 fn weir(args: &[&str]) -> Command {
     let mut command = Command::new(WEIR);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("WEIR_") {
             command.env_remove(name);
         }
+    }
+    if args.contains(&"run") {
+        command.env("WEIR_HTTP__LISTEN", "127.0.0.1:0");
     }
     command.args(args).stdin(Stdio::null());
     command

@@ -30,6 +30,7 @@ use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::Source;
+use crate::telemetry::metrics;
 
 /// Records silent for this many member timeouts are deleted from the registry.
 /// Long after they stopped counting, so a node back from a short partition finds
@@ -116,6 +117,12 @@ impl Coordinator {
                         &cancel,
                     )
                     .await;
+                // Only the leader counts a group's subscribers; a former leader's
+                // count would go stale.
+                for group in term.groups.keys() {
+                    ::metrics::gauge!(metrics::GROUP_SUBSCRIBERS, "group" => group.clone())
+                        .set(0.0);
+                }
                 previous = Some(term);
                 match end {
                     TermEnd::Cancelled => break,
@@ -334,9 +341,12 @@ impl Coordinator {
             current: &current,
             released: &released,
         });
+        ::metrics::gauge!(metrics::GROUP_SUBSCRIBERS, "group" => group.to_owned())
+            .set(records.len() as f64);
         if state.revision > 0 && next == current {
             return;
         }
+        state.measure(group, &current, &next, now);
         state.track_handovers(&next, now);
         state.revision += 1;
         let decision =
@@ -349,6 +359,7 @@ impl Coordinator {
             handovers = decision.handovers.len(),
             "decided"
         );
+        metrics::decision_seen(group, term.epoch, state.revision);
         state.decision = Some(decision);
         state.unpublished = true;
         self.publish_pending_group(term, group).await;
@@ -432,6 +443,7 @@ impl Following {
     fn note(&mut self, node: &str, message: BusMessage) {
         match message {
             BusMessage::Decision(decision) => {
+                metrics::decision_seen(&decision.group, decision.epoch, decision.revision);
                 if decision.coordinator != node {
                     self.newest_epoch = self.newest_epoch.max(decision.epoch);
                 }
@@ -555,6 +567,37 @@ impl GroupState {
             })
             .map(|(source, _)| source.clone())
             .collect()
+    }
+
+    /// Counts a decision that takes sources from their owners as a rebalance, and
+    /// records how long each source that `next` hands to its new owner was in
+    /// handover. Measured here, where both decisions are made, with one clock.
+    fn measure(
+        &self,
+        group: &str,
+        current: &Allocation<Source>,
+        next: &Allocation<Source>,
+        now: Instant,
+    ) {
+        let moved = current.owners.iter().any(|(owner, sources)| {
+            sources
+                .iter()
+                .any(|source| next.owner_of(source) != Some(owner.as_str()))
+        });
+        if moved {
+            ::metrics::counter!(metrics::REBALANCES, "group" => group.to_owned()).increment(1);
+        }
+        for (source, handover) in &current.handovers {
+            if next.handovers.contains_key(source) {
+                continue;
+            }
+            if let Some((_, since)) = self.handovers_since.get(source) {
+                let elapsed = now.duration_since(*since);
+                ::metrics::histogram!(metrics::HANDOVER_DURATION, "group" => group.to_owned())
+                    .record(elapsed.as_secs_f64());
+                tracing::debug!(group, %source, from = %handover.from, to = %handover.to, ?elapsed, "handover complete");
+            }
+        }
     }
 
     /// Starts the clock on handovers that `next` begins, keeps it on those that go

@@ -430,11 +430,19 @@ impl Leadership {
     }
 
     fn set(&self, state: LeaderState) {
-        self.state.send_if_modified(|current| {
+        let changed = self.state.send_if_modified(|current| {
             let changed = *current != state;
             *current = state;
             changed
         });
+        if changed {
+            match state {
+                LeaderState::Leader { epoch } => {
+                    crate::telemetry::metrics::leadership(true, Some(epoch));
+                }
+                LeaderState::Follower => crate::telemetry::metrics::leadership(false, None),
+            }
+        }
     }
 
     /// Runs until `cancel` is cancelled, then releases the lease if it holds it.

@@ -28,6 +28,7 @@ use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use super::subscriber::{Subscriber, SubscriberSpec};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::{Cursor, Source};
+use crate::telemetry::metrics;
 
 /// Applies decisions to this node's subscribers. Add subscribers, take
 /// [`Observer::status`], then spawn [`Observer::run`].
@@ -194,6 +195,7 @@ impl Observer {
                                     .as_ref()
                                     .is_none_or(|seen| decision.is_newer_than(seen));
                                 if newer {
+                                    metrics::decision_seen(&decision.group, decision.epoch, decision.revision);
                                     target.decision = Some(Arc::new(decision));
                                 }
                                 newer
@@ -400,6 +402,8 @@ impl GroupApplier {
                 }
             }
         }
+        let owned: usize = self.held.values().map(BTreeSet::len).sum();
+        ::metrics::gauge!(metrics::SOURCES_OWNED, "group" => self.group.clone()).set(owned as f64);
         complete
     }
 }

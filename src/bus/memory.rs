@@ -24,6 +24,7 @@ use tokio::sync::broadcast;
 
 use super::message::{BusMessage, Decision, encode, encode_decision_parts};
 use super::{AllocationBus, BusSubscription, Error, Result};
+use crate::telemetry::metrics as names;
 
 /// How many payloads a subscriber may fall behind by default.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -171,6 +172,7 @@ impl AllocationBus for MemoryBus {
                 // subscriptions drop decisions older than what they have seen.
                 for payload in payloads.iter() {
                     let _ = self.inner.sender.send(Payload::clone(payload));
+                    names::bus_message("decision", "sent");
                 }
                 Ok(())
             }
@@ -178,6 +180,7 @@ impl AllocationBus for MemoryBus {
                 let payload = encode(message);
                 self.check_size(&payload)?;
                 let _ = self.inner.sender.send(payload.into());
+                names::bus_message("signal", "sent");
                 Ok(())
             }
         }

@@ -20,6 +20,8 @@ use futures::stream::BoxStream;
 pub mod memory;
 pub mod message;
 
+use crate::telemetry::metrics as names;
+
 pub use memory::MemoryBus;
 pub use message::{
     BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,
@@ -55,8 +57,20 @@ impl Error {
 
 /// A transport for [`BusMessage`]s. Object safe, so nodes hold an
 /// `Arc<dyn AllocationBus>` chosen by configuration.
+///
+/// Metrics: a backend counts each payload it sends with
+/// [`bus_message`](crate::telemetry::metrics::bus_message)`(kind, "sent")`;
+/// [`BusSubscription`] counts what is received and what cannot be read, for every
+/// backend alike.
 #[async_trait]
 pub trait AllocationBus: Send + Sync + 'static {
+    /// Answers once the bus is reachable, for the node's readiness check: one
+    /// quick round trip to the broker where the backend has one. The default
+    /// says yes, for backends with nothing to reach.
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Publishes `message` to every subscriber. A decision too large for one
     /// payload is split into parts ([`encode_decision_parts`]) by the backend.
     async fn publish(&self, message: &BusMessage) -> Result<()>;
@@ -105,8 +119,12 @@ impl BusSubscription {
         loop {
             let payload = self.payloads.next().await?;
             match decode_frame(&payload) {
-                Ok(Frame::Signal(signal)) => return Some(BusMessage::Signal(signal)),
+                Ok(Frame::Signal(signal)) => {
+                    names::bus_message("signal", "received");
+                    return Some(BusMessage::Signal(signal));
+                }
                 Ok(Frame::Decision(part)) => {
+                    names::bus_message("decision", "received");
                     if let Some(decision) = self.assembler.push(part) {
                         return Some(BusMessage::Decision(decision));
                     }
@@ -114,6 +132,7 @@ impl BusSubscription {
                 Err(error) => {
                     self.invalid += 1;
                     self.invalid_total.fetch_add(1, Ordering::Relaxed);
+                    names::bus_invalid_message();
                     tracing::warn!(
                         %error,
                         bytes = payload.len(),

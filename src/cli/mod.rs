@@ -17,9 +17,11 @@ mod config_check;
 mod dead_letters;
 mod demo;
 mod migrate;
+mod observe;
 mod read;
 mod run;
 mod signal;
+mod status;
 
 /// weir: a distributed event-processing runtime and streaming bridge.
 #[derive(Debug, Parser)]
@@ -46,14 +48,10 @@ pub struct Cli {
     /// Overrides http.listen.
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Log filter, e.g. `info` or `weir=debug` (also read from WEIR_LOG).
-    #[arg(
-        long,
-        global = true,
-        env = "WEIR_LOG",
-        default_value = "info,tokio_postgres=warn"
-    )]
-    pub log: String,
+    /// Log filter, e.g. `info` or `info,weir=debug` (also read from WEIR_LOG);
+    /// overrides RUST_LOG and log.level.
+    #[arg(long, global = true, env = "WEIR_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -68,6 +66,8 @@ pub enum Command {
     Append(append::Args),
     /// Print events of a source as JSON lines, optionally following new ones.
     Read(read::Args),
+    /// Ask a running node (at http.listen, or --url) how it is doing.
+    Status(status::Args),
     /// Inspect the events consumers skipped (dead letters).
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetters),
@@ -144,6 +144,9 @@ pub enum CliError {
     Halted(i32),
     #[error("{0}")]
     Raised(String),
+    /// A running node could not be asked (`weir status`).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl CliError {
@@ -156,7 +159,8 @@ impl CliError {
             CliError::Input(_) | CliError::Store(store::Error::Validation(_)) => 65,
             CliError::Store(store::Error::Unavailable(_))
             | CliError::Bus(crate::bus::Error::Unavailable(_))
-            | CliError::Sink(crate::sink::SinkError::Unavailable(_)) => 69,
+            | CliError::Sink(crate::sink::SinkError::Unavailable(_))
+            | CliError::Unreachable(_) => 69,
             CliError::Bus(_) | CliError::Sink(_) => 1,
             CliError::Store(_) => 1,
             CliError::Io(_) => 74,
@@ -169,11 +173,17 @@ impl CliError {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let config = cli.load_config()?;
+    run_with_config(cli, config).await
+}
+
+/// Runs the parsed command line with its configuration, loaded already.
+pub async fn run_with_config(cli: Cli, config: Config) -> Result<(), CliError> {
     match cli.command {
         Command::Run(args) => run::run(&config, args).await,
         Command::Migrate => migrate::run(&config).await,
         Command::Append(args) => append::run(&config, args).await,
         Command::Read(args) => read::run(&config, args).await,
+        Command::Status(args) => status::run(&config, args).await,
         Command::DeadLetters(command) => dead_letters::run(&config, command).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&config),
         Command::Bench(bench) => bench::run(&config, bench).await,

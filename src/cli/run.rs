@@ -5,7 +5,9 @@
 //! and allocates, an `observer` or `full` node runs `instances` subscription
 //! consumers of every `[[subscriptions]]` group, each forwarding the events of the
 //! sources it is given to the group's sink. `--demo` (or `[demo] enabled`) also
-//! appends sample events, so the embedded default shows events flowing.
+//! appends sample events, so the embedded default shows events flowing. The node
+//! serves `/metrics`, `/livez`, `/readyz` and `/status` on `http.listen`
+//! (`cli/observe.rs`).
 //!
 //! The first SIGINT or SIGTERM stops gracefully: sources are withdrawn, in-flight
 //! batches finish within `node.shutdown_grace`, checkpoints are stored, the node
@@ -44,6 +46,11 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let role = config.node.role;
     let (services, stores) = services(config).await?;
     let events = Arc::clone(&stores.events);
+    let observed = super::observe::Observed {
+        events: Arc::clone(&events),
+        bus: Arc::clone(&services.bus),
+        leases: Arc::clone(&services.leases),
+    };
     let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services);
     for subscription in &config.subscriptions {
         broker = broker.with_required_tags(
@@ -51,9 +58,14 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
             subscription.required_tags.iter().cloned(),
         );
     }
-    let runtime = EventRuntime::new(&node, Arc::new(broker), stores, ConsumerSettings::default())
-        .with_shutdown_grace(config.node.shutdown_grace);
+    let runtime = Arc::new(
+        EventRuntime::new(&node, Arc::new(broker), stores, ConsumerSettings::default())
+            .with_shutdown_grace(config.node.shutdown_grace),
+    );
     register_subscriptions(config, &node, &runtime).await?;
+    // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
+    let http = super::observe::start(config, Arc::clone(&runtime), observed).await?;
+    // ---
     runtime
         .start()
         .await
@@ -78,6 +90,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     if let Some(demo) = demo {
         let _ = demo.await;
     }
+    http.stop().await;
     tracing::info!(node = %node, "weir node stopped");
     match outcome {
         Ok(Outcome::Stopped) => Ok(()),

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -82,38 +83,100 @@ pub struct ConsumerKey {
     pub source: Source,
 }
 
-/// Where source consumers report how they are doing, and where the first halting
-/// failure is kept for the runtime. Clones share the board.
+/// How far a consumer lagged when last measured (see `telemetry::sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Lag {
+    /// Readable events after its cursor, counted up to a limit.
+    pub events: u64,
+    /// Age of the oldest of them; 0 when there are none.
+    pub seconds: f64,
+    pub measured_at: DateTime<Utc>,
+}
+
+/// What the board knows of one source consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerEntry {
+    pub state: ConsumerState,
+    /// Where it has got to, once it has claimed its checkpoint.
+    pub cursor: Option<Cursor>,
+    pub lag: Option<Lag>,
+}
+
+/// Where source consumers report how they are doing and where they have got to,
+/// and where the first halting failure is kept for the runtime. Clones share the
+/// board.
 #[derive(Clone)]
 pub struct Board {
-    states: Arc<Mutex<BTreeMap<ConsumerKey, ConsumerState>>>,
+    entries: Arc<Mutex<BTreeMap<ConsumerKey, ConsumerEntry>>>,
     halt: Arc<watch::Sender<Option<Halt>>>,
 }
 
 impl Default for Board {
     fn default() -> Self {
         Self {
-            states: Arc::default(),
+            entries: Arc::default(),
             halt: Arc::new(watch::channel(None).0),
         }
     }
 }
 
 impl Board {
-    fn states(&self) -> MutexGuard<'_, BTreeMap<ConsumerKey, ConsumerState>> {
-        // Every update is one insert, so a poisoned map is whole.
-        self.states.lock().unwrap_or_else(PoisonError::into_inner)
+    fn entries(&self) -> MutexGuard<'_, BTreeMap<ConsumerKey, ConsumerEntry>> {
+        // Every update is one insert or one field, so a poisoned map is whole.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set(&self, key: &ConsumerKey, state: ConsumerState) {
-        self.states().insert(key.clone(), state);
+        let mut entries = self.entries();
+        match entries.get_mut(key) {
+            Some(entry) => {
+                // A consumer that starts again on a source starts from its
+                // checkpoint, which it reports once claimed.
+                if state == ConsumerState::Starting {
+                    entry.cursor = None;
+                    entry.lag = None;
+                }
+                entry.state = state;
+            }
+            None => {
+                entries.insert(
+                    key.clone(),
+                    ConsumerEntry {
+                        state,
+                        cursor: None,
+                        lag: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn set_cursor(&self, key: &ConsumerKey, cursor: Cursor) {
+        if let Some(entry) = self.entries().get_mut(key) {
+            entry.cursor = Some(cursor);
+        }
+    }
+
+    /// Keeps a lag measured for the consumer at `key`.
+    pub fn set_lag(&self, key: &ConsumerKey, lag: Lag) {
+        if let Some(entry) = self.entries().get_mut(key) {
+            entry.lag = Some(lag);
+        }
     }
 
     /// Every source consumer's state.
     pub fn states_now(&self) -> Vec<(ConsumerKey, ConsumerState)> {
-        self.states()
+        self.entries()
             .iter()
-            .map(|(key, state)| (key.clone(), state.clone()))
+            .map(|(key, entry)| (key.clone(), entry.state.clone()))
+            .collect()
+    }
+
+    /// Everything known of every source consumer.
+    pub fn entries_now(&self) -> Vec<(ConsumerKey, ConsumerEntry)> {
+        self.entries()
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.clone()))
             .collect()
     }
 
@@ -249,6 +312,7 @@ impl SourceConsumer {
             return None;
         };
         self.report(ConsumerState::Running);
+        self.context.board.set_cursor(&self.key, progress.cursor);
         tracing::info!(group = %self.key.group, owner = %self.key.owner, source = %self.source, cursor = %progress.cursor, "consuming");
         let end = self.consume(&mut progress).await;
         let end = match end {
@@ -450,6 +514,7 @@ impl SourceConsumer {
                 Action::Skip => {
                     self.dead_letter(event, &error, attempts).await?;
                     progress.cursor = event.cursor;
+                    context.board.set_cursor(&self.key, event.cursor);
                     progress.unsaved += 1;
                     start += 1;
                     attempts = 0;
@@ -474,6 +539,7 @@ impl SourceConsumer {
     fn advance(&self, progress: &mut Progress, processed: &[StoredEvent]) {
         if let Some(last) = processed.last() {
             progress.cursor = last.cursor;
+            self.context.board.set_cursor(&self.key, last.cursor);
             progress.unsaved += processed.len() as u64;
             metrics::counter!(names::EVENTS_PROCESSED, "group" => self.context.group.clone())
                 .increment(processed.len() as u64);
@@ -542,6 +608,8 @@ impl SourceConsumer {
                 .save(&progress.claim, progress.cursor)
                 .await?;
             progress.saved = progress.cursor;
+            metrics::counter!(names::CHECKPOINT_WRITES, "group" => self.context.group.clone())
+                .increment(1);
         }
         progress.unsaved = 0;
         progress.saved_at = Instant::now();

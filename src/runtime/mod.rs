@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, BrokerStatus, Subscriber, SubscriberSpec};
 use crate::consumer::checkpoint::{CheckpointStore, MemoryCheckpointStore};
@@ -24,11 +25,12 @@ use crate::consumer::dead_letter::{DeadLetterStore, MemoryDeadLetterStore};
 use crate::consumer::processor::{EventProcessor, ProcessError};
 use crate::consumer::settings::{ConsumerSettings, Executor, IsolatedThread};
 use crate::consumer::source::{
-    Board, ConsumerContext, ConsumerKey, ConsumerState, Halt, RunningConsumer,
+    Board, ConsumerContext, ConsumerKey, ConsumerState, Halt, Lag, RunningConsumer,
 };
 use crate::consumer::subscription::SubscriptionConsumer;
-use crate::event::Source;
+use crate::event::{Cursor, Source};
 use crate::store::EventStore;
+use crate::telemetry::sampler::{DEFAULT_SAMPLE_INTERVAL, Sampler};
 
 /// How long stopping waits for each consumer's batch in hand, by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -103,6 +105,10 @@ pub struct ConsumerReport {
     pub key: ConsumerKey,
     #[serde(flatten)]
     pub state: ConsumerState,
+    /// Where it has got to, once it has claimed its checkpoint.
+    pub cursor: Option<Cursor>,
+    /// How far it lagged at the last measurement.
+    pub lag: Option<Lag>,
 }
 
 impl RuntimeStatus {
@@ -119,7 +125,10 @@ pub struct EventRuntime {
     stores: ConsumerStores,
     defaults: ConsumerSettings,
     grace: Duration,
+    sample_interval: Duration,
     board: Board,
+    /// Every subscriber registered with the broker: (group, id).
+    subscribers: Mutex<Vec<(String, String)>>,
     /// The thread `SharedThread` consumers share, started by the first of them.
     shared_thread: Mutex<Option<Executor>>,
     state: Mutex<State>,
@@ -127,8 +136,28 @@ pub struct EventRuntime {
 
 enum State {
     Configured(Registered),
-    Started(Registered, Vec<RunningConsumer>),
+    Started(Registered, Vec<RunningConsumer>, SamplerTask),
     Stopped,
+}
+
+/// The lag sampler, running beside the consumers.
+struct SamplerTask {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SamplerTask {
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for SamplerTask {
+    /// A runtime dropped without stopping takes its sampler with it.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 #[derive(Default)]
@@ -154,7 +183,9 @@ impl EventRuntime {
             stores,
             defaults,
             grace: DEFAULT_SHUTDOWN_GRACE,
+            sample_interval: DEFAULT_SAMPLE_INTERVAL,
             board: Board::default(),
+            subscribers: Mutex::new(Vec::new()),
             shared_thread: Mutex::new(None),
             state: Mutex::new(State::Configured(Registered::default())),
         }
@@ -168,8 +199,37 @@ impl EventRuntime {
         self
     }
 
+    /// How often consumer lag and the store's visibility horizon are measured for
+    /// the metrics and the status (default 5 s). Each measurement is one bounded
+    /// count per running consumer.
+    #[must_use]
+    pub fn with_sample_interval(mut self, interval: Duration) -> Self {
+        self.sample_interval = interval;
+        self
+    }
+
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The broker's role for this node.
+    pub fn role(&self) -> crate::broker::BrokerRole {
+        self.broker.role()
+    }
+
+    /// Every subscriber registered with the broker, as (group, subscriber id).
+    pub fn subscribers(&self) -> Vec<(String, String)> {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn note_subscriber(&self, spec: &SubscriberSpec) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((spec.group.clone(), spec.id.clone()));
     }
 
     /// The settings consumers get unless registered with their own.
@@ -201,7 +261,10 @@ impl EventRuntime {
         spec: SubscriberSpec,
         subscriber: Arc<dyn Subscriber>,
     ) -> Result<(), RuntimeError> {
-        self.registering(|_| Ok(self.broker.register(spec, subscriber)?))
+        self.registering(|_| {
+            self.note_subscriber(&spec);
+            Ok(self.broker.register(spec, subscriber)?)
+        })
     }
 
     /// Consumes `source` on this node for `group`, whatever the broker decides:
@@ -232,8 +295,10 @@ impl EventRuntime {
         let context = self.context(spec.group.clone(), spec.id.clone(), processor, settings)?;
         let consumer = Arc::new(SubscriptionConsumer::new(context, self.grace));
         self.registering(|registered| {
+            let noted = spec.clone();
             self.broker
                 .register(spec, Arc::clone(&consumer) as Arc<dyn Subscriber>)?;
+            self.note_subscriber(&noted);
             registered.subscriptions.push(consumer);
             Ok(())
         })
@@ -290,8 +355,8 @@ impl EventRuntime {
     pub async fn start(&self) -> Result<(), RuntimeError> {
         let registered = match std::mem::replace(&mut *self.lock(), State::Stopped) {
             State::Configured(registered) => registered,
-            State::Started(registered, running) => {
-                *self.lock() = State::Started(registered, running);
+            State::Started(registered, running, sampler) => {
+                *self.lock() = State::Started(registered, running, sampler);
                 return Err(RuntimeError::AlreadyStarted);
             }
             State::Stopped => return Err(RuntimeError::Stopped),
@@ -305,7 +370,17 @@ impl EventRuntime {
             .iter()
             .map(|(context, source)| RunningConsumer::spawn(Arc::clone(context), source.clone()))
             .collect();
-        *self.lock() = State::Started(registered, running);
+        let cancel = CancellationToken::new();
+        let sampler = Sampler::new(
+            Arc::clone(&self.stores.events),
+            self.board.clone(),
+            self.sample_interval,
+        );
+        let sampler = SamplerTask {
+            task: tokio::spawn(sampler.run(cancel.clone())),
+            cancel,
+        };
+        *self.lock() = State::Started(registered, running, sampler);
         Ok(())
     }
 
@@ -313,12 +388,13 @@ impl EventRuntime {
     /// period and store their checkpoints), stops the consumers of fixed sources,
     /// leaves the fleet and gives up leadership.
     pub async fn stop(&self) {
-        let State::Started(registered, running) =
+        let State::Started(registered, running, sampler) =
             std::mem::replace(&mut *self.lock(), State::Stopped)
         else {
             return;
         };
         self.broker.stop().await;
+        sampler.stop().await;
         // The broker withdrew what it gave; this catches anything it could not.
         for subscription in &registered.subscriptions {
             subscription.stop().await;
@@ -329,11 +405,12 @@ impl EventRuntime {
     /// Stops every consumer and the broker at once, storing no checkpoint: what a
     /// crash does. For tests of failure.
     pub async fn abort(&self) {
-        let State::Started(registered, running) =
+        let State::Started(registered, running, sampler) =
             std::mem::replace(&mut *self.lock(), State::Stopped)
         else {
             return;
         };
+        sampler.task.abort();
         // The broker first, so that it hands out nothing more while consumers go.
         self.broker.abort().await;
         for subscription in &registered.subscriptions {
@@ -381,9 +458,14 @@ impl EventRuntime {
             broker: self.broker.status(),
             consumers: self
                 .board
-                .states_now()
+                .entries_now()
                 .into_iter()
-                .map(|(key, state)| ConsumerReport { key, state })
+                .map(|(key, entry)| ConsumerReport {
+                    key,
+                    state: entry.state,
+                    cursor: entry.cursor,
+                    lag: entry.lag,
+                })
                 .collect(),
         }
     }

@@ -40,6 +40,7 @@ fn render(events: &[StoredEvent]) -> Result<Vec<u8>, ProcessError> {
 #[async_trait]
 impl EventProcessor for StdoutSink {
     async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
+        let started = std::time::Instant::now();
         let buffer = render(events)?;
         // One write per batch, under the lock, so lines of concurrent consumers
         // never interleave.
@@ -51,7 +52,9 @@ impl EventProcessor for StdoutSink {
                     "stdout",
                     format!("cannot write to standard output: {error}"),
                 )
-            })
+            })?;
+        crate::telemetry::metrics::sink_batch("stdout", events.len(), started.elapsed());
+        Ok(())
     }
 }
 

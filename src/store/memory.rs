@@ -10,7 +10,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    AppendNotice, AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend,
+    AppendNotice, AppendWatcher, Backlog, Error, EventStore, Notifier, Result, StreamAppend,
     store_precision, validate_batch,
 };
 use crate::event::{Category, Cursor, IdempotencyKey, Source, StoredEvent, StreamName};
@@ -84,6 +84,22 @@ impl State {
             .take(limit)
             .map(|&i| self.log[i].clone())
             .collect()
+    }
+
+    /// Events after `after` in `source`, up to `limit`, and the first of them.
+    fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> (u64, Option<&StoredEvent>) {
+        let (count, first) = if let Source::Log = source {
+            let start = self.log.partition_point(|e| e.cursor <= after);
+            (self.log.len() - start, self.log.get(start))
+        } else {
+            let indexes = self.indexes(source);
+            let start = indexes.partition_point(|&i| self.log[i].cursor <= after);
+            (
+                indexes.len() - start,
+                indexes.get(start).map(|&i| &self.log[i]),
+            )
+        };
+        ((count as u64).min(limit), first)
     }
 
     fn last(&self, source: &Source) -> Option<&StoredEvent> {
@@ -200,5 +216,15 @@ impl EventStore for MemoryStore {
 
     async fn watch(&self) -> Result<AppendWatcher> {
         Ok(self.notifier.watch())
+    }
+
+    async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {
+        let state = self.read_state();
+        let (events, first) = state.backlog(source, after, limit);
+        Ok(Backlog {
+            events,
+            // Appends commit whole and in order, so the first is the oldest.
+            oldest: first.filter(|_| events > 0).map(|event| event.observed_at),
+        })
     }
 }

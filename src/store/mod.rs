@@ -218,6 +218,32 @@ pub trait EventStore: Send + Sync + 'static {
     /// Notices of appends, for waking readers without polling hard.
     async fn watch(&self) -> Result<AppendWatcher>;
 
+    /// How far a reader at `after` lags behind in `source`: the readable events
+    /// after it, counted up to `limit`, and when the oldest of them was stored.
+    /// Its cost grows with `limit`, never with the whole backlog. The default reads
+    /// the events; backends count them instead.
+    async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let events = self.read(source, after, limit).await?;
+        Ok(Backlog {
+            events: events.len() as u64,
+            oldest: events.iter().map(|event| event.observed_at).min(),
+        })
+    }
+
+    /// Answers once the store is reachable and its schema in place; the error
+    /// says what is wrong. One quick attempt, for health checks.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// How long the oldest transaction still in progress has been holding log and
+    /// category readers back (events appended after it began stay unreadable until
+    /// it ends). Zero where nothing can hold readers back.
+    async fn visibility_horizon(&self) -> Result<Duration> {
+        Ok(Duration::ZERO)
+    }
+
     /// Appends to one stream under `condition`.
     async fn append(
         &self,
@@ -259,6 +285,24 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     async fn watch(&self) -> Result<AppendWatcher> {
         (**self).watch().await
     }
+    async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {
+        (**self).backlog(source, after, limit).await
+    }
+    async fn ping(&self) -> Result<()> {
+        (**self).ping().await
+    }
+    async fn visibility_horizon(&self) -> Result<Duration> {
+        (**self).visibility_horizon().await
+    }
+}
+
+/// What a reader has still to read: see [`EventStore::backlog`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Readable events after the reader's cursor, up to the limit asked for.
+    pub events: u64,
+    /// When the oldest of them was stored; `None` when there are none.
+    pub oldest: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Timestamps are kept to the microsecond, as Postgres keeps them, so an appended event

@@ -1,5 +1,47 @@
-//! Telemetry: the names and descriptions of every metric weir records, in one
-//! place. The Prometheus exporter and the HTTP endpoints arrive with their release;
-//! until a recorder is installed, recording a metric costs next to nothing.
+//! Telemetry: what a node tells its operators.
+//!
+//! - [`metrics`]: every metric's name, kind, help and labels ([`metrics::CATALOG`]),
+//!   and helpers that record them.
+//! - [`install`]: the Prometheus recorder, installed once per process; its handle
+//!   renders `/metrics`.
+//! - [`http`]: the HTTP endpoints `/metrics`, `/livez`, `/readyz` and `/status`.
+//! - [`status`]: what `/status` reports and `weir status` prints.
+//! - [`logging`]: the `[log]` settings: level filter and pretty or JSON lines.
+//! - [`sampler`]: the timer that measures consumer lag and the store's visibility
+//!   horizon.
 
+use std::sync::{Mutex, PoisonError};
+
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+
+pub mod http;
+pub mod logging;
 pub mod metrics;
+pub mod sampler;
+pub mod status;
+
+static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+
+/// Why the metrics recorder could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot install the metrics recorder: {0}; was another metrics recorder installed in this process first?"
+)]
+pub struct InstallError(#[from] BuildError);
+
+/// Installs the Prometheus recorder as the process's metrics recorder and describes
+/// every metric; later calls return the same handle. Until this runs, recording a
+/// metric costs next to nothing and goes nowhere.
+pub fn install() -> Result<PrometheusHandle, InstallError> {
+    // Held while installing, so that two callers never both try.
+    let mut installed = RECORDER.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets(metrics::DURATION_BUCKETS)?
+        .install_recorder()?;
+    metrics::describe();
+    *installed = Some(handle.clone());
+    Ok(handle)
+}

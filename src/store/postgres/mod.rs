@@ -18,7 +18,7 @@ use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use super::{
-    AppendWatcher, Error, EventStore, Notifier, Result, StreamAppend, store_precision,
+    AppendWatcher, Backlog, Error, EventStore, Notifier, Result, StreamAppend, store_precision,
     validate_batch,
 };
 use crate::event::{
@@ -91,6 +91,10 @@ struct Sql {
     latest: String,
     head_log: String,
     head_category: String,
+    backlog_log: String,
+    backlog_category: String,
+    backlog_stream: String,
+    events_table: String,
     channel: String,
 }
 
@@ -131,6 +135,24 @@ impl Sql {
                 "SELECT {COLUMNS} FROM {events} WHERE category = $1 AND {BELOW_HORIZON} \
                  ORDER BY tx_id DESC, sequence DESC LIMIT 1"
             ),
+            // Counted over the first `limit` rows in read order, so a sample costs
+            // at most `limit` index entries however far the reader is behind.
+            backlog_log: format!(
+                "SELECT count(*), min(observed_at) FROM (SELECT observed_at FROM {events} \
+                 WHERE (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} \
+                 ORDER BY tx_id, sequence LIMIT $3) AS backlog"
+            ),
+            backlog_category: format!(
+                "SELECT count(*), min(observed_at) FROM (SELECT observed_at FROM {events} \
+                 WHERE category = $4 AND (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} \
+                 ORDER BY tx_id, sequence LIMIT $3) AS backlog"
+            ),
+            backlog_stream: format!(
+                "SELECT count(*), min(observed_at) FROM (SELECT observed_at FROM {events} \
+                 WHERE category = $4 AND stream = $5 AND (tx_id, sequence) > ($1, $2) \
+                 ORDER BY position LIMIT $3) AS backlog"
+            ),
+            events_table: events.clone(),
             channel: format!("{schema}.appended"),
         }
     }
@@ -319,6 +341,14 @@ impl PostgresStore {
     }
 }
 
+/// The age of the transaction holding the oldest transaction id still in progress
+/// anywhere on the server: transaction ids are server-wide, and so is the horizon
+/// readers stop at. `pg_stat_activity` shows other roles' transactions only to
+/// superusers and members of `pg_read_all_stats`.
+const HORIZON_SQL: &str = "SELECT coalesce(extract(epoch FROM clock_timestamp() - xact_start)::float8, 0) \
+     FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+     ORDER BY age(backend_xid) DESC LIMIT 1";
+
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn append_batch(
@@ -398,6 +428,70 @@ impl EventStore for PostgresStore {
             }
             Source::Stream(category, stream) => self.latest(category, stream).await,
         }
+    }
+
+    async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {
+        let tx = Xid8(after.tx_id);
+        let sequence = to_i64(after.sequence);
+        let limit = to_i64(limit);
+        let rows = match source {
+            Source::Log => {
+                self.query(&self.sql.backlog_log, &[&tx, &sequence, &limit])
+                    .await?
+            }
+            Source::Category(category) => {
+                self.query(
+                    &self.sql.backlog_category,
+                    &[&tx, &sequence, &limit, &category.as_str()],
+                )
+                .await?
+            }
+            Source::Stream(category, stream) => {
+                self.query(
+                    &self.sql.backlog_stream,
+                    &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
+                )
+                .await?
+            }
+        };
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Backend("a count returned no row".into()))?;
+        Ok(Backlog {
+            events: non_negative(row.try_get(0).map_err(classify)?)?,
+            oldest: row.try_get(1).map_err(classify)?,
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let client = self.connection().await?;
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&self.sql.events_table],
+            )
+            .await
+            .map_err(classify)?
+            .get(0);
+        if exists {
+            Ok(())
+        } else {
+            Err(Error::Backend(format!(
+                "the store schema {:?} has no weir_events table: run `weir migrate`, or check store.schema",
+                self.schema
+            )))
+        }
+    }
+
+    async fn visibility_horizon(&self) -> Result<Duration> {
+        let rows = self.query(HORIZON_SQL, &[]).await?;
+        let seconds: f64 = match rows.first() {
+            Some(row) => row.try_get(0).map_err(classify)?,
+            None => 0.0,
+        };
+        // A transaction that began a moment before clock_timestamp() was read on
+        // another backend can come out a hair below zero.
+        Ok(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or_default())
     }
 
     async fn watch(&self) -> Result<AppendWatcher> {

@@ -1,0 +1,91 @@
+//! What `weir run` does for observability: installs the metrics recorder, gives
+//! every metric its first value for this node's role, groups and sinks, and serves
+//! the HTTP endpoints on `http.listen`.
+
+use std::sync::Arc;
+
+use super::CliError;
+use crate::broker::lease::LeaseStore;
+use crate::bus::AllocationBus;
+use crate::config::{Config, SinkConfig};
+use crate::runtime::EventRuntime;
+use crate::store::EventStore;
+use crate::telemetry::http::HttpServer;
+use crate::telemetry::metrics::{NodeMetrics, register_node};
+use crate::telemetry::status::NodeProbe;
+
+/// The services a node's readiness depends on.
+pub(super) struct Observed {
+    pub events: Arc<dyn EventStore>,
+    pub bus: Arc<dyn AllocationBus>,
+    pub leases: Arc<dyn LeaseStore>,
+}
+
+/// Binds `http.listen` first, so that a taken address stops the node before it
+/// joins the fleet, then registers the metrics and serves the endpoints.
+pub(super) async fn start(
+    config: &Config,
+    runtime: Arc<EventRuntime>,
+    observed: Observed,
+) -> Result<HttpServer, CliError> {
+    let listener = crate::telemetry::http::bind(&config.http.listen)
+        .await
+        .map_err(|error| CliError::Usage(error.to_string()))?;
+    let metrics =
+        crate::telemetry::install().map_err(|error| CliError::Usage(error.to_string()))?;
+    register_node(&node_metrics(config));
+    let probe = NodeProbe {
+        runtime,
+        events: observed.events,
+        bus: observed.bus,
+        leases: Some(observed.leases),
+    };
+    HttpServer::start(listener, probe, metrics).map_err(|error| CliError::Usage(error.to_string()))
+}
+
+/// What this node exports, from its configuration.
+fn node_metrics(config: &Config) -> NodeMetrics {
+    let role = config.node.role;
+    let groups = if role.observes() {
+        config
+            .subscriptions
+            .iter()
+            .map(|s| (s.group.clone(), s.sources.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let coordinated_groups = if role.coordinates() {
+        config
+            .subscriptions
+            .iter()
+            .map(|s| s.group.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut sinks: Vec<&'static str> = Vec::new();
+    if role.observes() {
+        for subscription in &config.subscriptions {
+            let sink = sink_label(&subscription.sink);
+            if !sinks.contains(&sink) {
+                sinks.push(sink);
+            }
+        }
+    }
+    NodeMetrics {
+        role,
+        groups,
+        coordinated_groups,
+        sinks,
+    }
+}
+
+/// The `sink` label a sink's metrics carry.
+fn sink_label(sink: &SinkConfig) -> &'static str {
+    match sink {
+        SinkConfig::Stdout => "stdout",
+        SinkConfig::Nats { .. } => "nats",
+        SinkConfig::Kafka { .. } => "kafka",
+    }
+}
