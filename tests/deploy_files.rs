@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_norway::Value;
 
 use common::promql::{
-    DELIBERATELY_LEFT_OUT, PROPOSED_METRICS, WEIR_METRICS, compare_with_export, histogram_metric,
+    DELIBERATELY_LEFT_OUT, EXPORTED_ON_FIRST_USE, compare_with_export, histogram_metric,
     known_metrics, metric_names,
 };
 
@@ -1253,12 +1253,20 @@ fn dashboard_metrics() -> BTreeSet<String> {
 }
 
 #[test]
-fn the_dashboards_show_every_metric_weir_exports() {
-    let coverage = compare_with_export(
-        &known_metrics(),
-        &dashboard_metrics(),
-        DELIBERATELY_LEFT_OUT,
+fn the_dashboards_show_every_metric_a_running_node_exports_and_no_other() {
+    let node = common::node::DemoNode::start();
+    let mut exported = metric_names(&node.scrape());
+    exported.extend(
+        EXPORTED_ON_FIRST_USE
+            .iter()
+            .map(|(name, _)| name.to_string()),
     );
+    assert_eq!(
+        exported,
+        known_metrics(),
+        "a fresh node exports every catalogued metric (but those exported on first use)"
+    );
+    let coverage = compare_with_export(&exported, &dashboard_metrics(), DELIBERATELY_LEFT_OUT);
     assert!(coverage.is_complete(), "{coverage:?}");
 }
 
@@ -1342,23 +1350,16 @@ fn comparison_accepts_what_is_deliberately_left_out() {
 }
 
 #[test]
-fn the_metric_lists_do_not_overlap_and_name_weir_metrics() {
-    let plan = set(WEIR_METRICS);
-    assert_eq!(plan.len(), WEIR_METRICS.len(), "a name is listed twice");
-    for (name, why) in PROPOSED_METRICS.iter().chain(DELIBERATELY_LEFT_OUT) {
-        assert!(name.starts_with("weir_") && !why.is_empty(), "{name}");
-    }
-    for (name, _) in PROPOSED_METRICS {
+fn the_metric_lists_name_catalogued_weir_metrics() {
+    let known = known_metrics();
+    for (name, why) in EXPORTED_ON_FIRST_USE.iter().chain(DELIBERATELY_LEFT_OUT) {
         assert!(
-            !plan.contains(*name),
-            "{name} is exported already: move it to WEIR_METRICS"
+            known.contains(*name) && !why.is_empty(),
+            "{name} is no weir metric"
         );
     }
-    for (name, _) in DELIBERATELY_LEFT_OUT {
-        assert!(known_metrics().contains(*name), "{name} is no weir metric");
-    }
-    for name in WEIR_METRICS {
-        assert_eq!(metric_names(name), set(&[name]), "{name}");
+    for name in &known {
+        assert_eq!(metric_names(name), set(&[name.as_str()]), "{name}");
     }
 }
 

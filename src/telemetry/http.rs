@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::status::NodeProbe;
 
-/// How often histograms are folded into their buckets when nobody scrapes.
+/// How often histograms are folded into their buckets when nobody scrapes, and
+/// readiness is recorded as `weir_ready`.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the HTTP endpoints could not be served.
@@ -88,12 +89,17 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
 
 async fn readiness(State(state): State<AppState>) -> Response {
     let readiness = state.probe.readiness().await;
+    record_readiness(readiness.ready);
     let code = if readiness.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(readiness)).into_response()
+}
+
+fn record_readiness(ready: bool) {
+    ::metrics::gauge!(super::metrics::READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 async fn status(State(state): State<AppState>) -> Response {
@@ -120,7 +126,7 @@ impl HttpServer {
             source,
         })?;
         let stop = CancellationToken::new();
-        let app = router(probe, metrics.clone());
+        let app = router(probe.clone(), metrics.clone());
         let shutdown = stop.clone();
         let task = tokio::spawn(async move {
             let upkeep = async {
@@ -128,6 +134,8 @@ impl HttpServer {
                 loop {
                     timer.tick().await;
                     metrics.run_upkeep();
+                    // Readiness as a metric, for alerts that cannot probe /readyz.
+                    record_readiness(probe.readiness().await.ready);
                 }
             };
             let serve =

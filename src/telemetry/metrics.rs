@@ -70,6 +70,9 @@ pub const BUS_INVALID_MESSAGES: &str = "weir_bus_invalid_messages_total";
 pub const STORE_VISIBILITY_HORIZON: &str = "weir_store_visibility_horizon_seconds";
 /// Always 1; the `version` label says which weir runs.
 pub const BUILD_INFO: &str = "weir_build_info";
+/// 1 while the node is ready (what `/readyz` answers), 0 otherwise; re-evaluated
+/// every few seconds, so alerts need no probe of their own.
+pub const READY: &str = "weir_ready";
 
 /// Lag counts stop at this many events: counting further would cost a scan of
 /// the backlog on every sample, and an alert needs to know only that it is large.
@@ -265,6 +268,12 @@ pub const CATALOG: &[MetricInfo] = &[
         &["version"],
         "Always 1; the version label says which weir runs",
     ),
+    metric(
+        READY,
+        Gauge,
+        &[],
+        "1 while the node is ready (/readyz answers 200), 0 otherwise",
+    ),
 ];
 
 /// The upper bounds of the duration histograms' buckets, in seconds.
@@ -343,6 +352,7 @@ pub struct NodeMetrics {
 pub fn register_node(node: &NodeMetrics) {
     use ::metrics::{counter, gauge, histogram};
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(READY).set(0.0);
     for role in [
         BrokerRole::Coordinator,
         BrokerRole::Observer,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use weir::store::{PostgresStore, PostgresStoreOptions};
 
 pub mod fleet;
+pub mod node;
 pub mod promql;
 
 /// Defines, for each test body `NAME(backend)` of the file, a test `memory::NAME`
