@@ -4,7 +4,8 @@
 //!
 //! [`AllocationBus`] is the trait every backend implements; [`message`] is the wire
 //! format they all share, so nodes on different backends' clients agree on bytes.
-//! Backends: [`memory`] (one process, always built); NATS and Kafka follow.
+//! Backends: [`memory`] (one process, always built) and [`kafka`] (feature
+//! `kafka`); NATS follows.
 //!
 //! Decisions are state, signals are events: a bus retains the newest decision of
 //! each group and hands it to every new subscriber, while a signal reaches only
@@ -17,9 +18,13 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 pub mod message;
 
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaBus;
 pub use memory::MemoryBus;
 pub use message::{
     BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,
@@ -114,6 +119,8 @@ impl BusSubscription {
                 Err(error) => {
                     self.invalid += 1;
                     self.invalid_total.fetch_add(1, Ordering::Relaxed);
+                    ::metrics::counter!(crate::telemetry::metrics::BUS_INVALID_MESSAGES)
+                        .increment(1);
                     tracing::warn!(
                         %error,
                         bytes = payload.len(),
