@@ -17,7 +17,7 @@
 //! the decisions). librdkafka still requires a `group.id`, which is set but never
 //! joined.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,7 +122,8 @@ impl TopicSpec {
 
 /// Creates those of `topics` that do not exist yet, with `kafka.partitions`
 /// partitions and `kafka.replication` replicas; existing topics are left as they
-/// are.
+/// are. Existing topics are looked up first, so an account that may write to
+/// topics but not create them works as long as the topics are there.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), ClusterError> {
     if topics.is_empty() {
         return Ok(());
@@ -130,9 +131,17 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[TopicSpec]) -> Result<
     let admin: AdminClient<DefaultClientContext> = client_config(kafka)
         .create()
         .map_err(|error| property_error(kafka, error))?;
-    let admin = DropOffRuntime::new(admin);
+    let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+    let (admin, existing) = tokio::task::spawn_blocking(move || {
+        let existing = existing_topics(&admin, &names);
+        (DropOffRuntime::new(admin), existing)
+    })
+    .await
+    .map_err(|error| unreachable(kafka, &error.to_string()))?;
+    let existing = existing.map_err(|error| cluster_error(kafka, None, error))?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
+        .filter(|topic| !existing.contains(&topic.name))
         .map(|topic| {
             topic.settings.iter().fold(
                 NewTopic::new(
@@ -144,6 +153,9 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[TopicSpec]) -> Result<
             )
         })
         .collect();
+    if new_topics.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new()
         .request_timeout(Some(CONNECT_TIMEOUT))
         .operation_timeout(Some(CONNECT_TIMEOUT));
@@ -156,6 +168,7 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[TopicSpec]) -> Result<
     .map_err(|error| cluster_error(kafka, None, error))?;
     for result in created {
         match result {
+            // Another node may have created it meanwhile.
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) if is_transient(code) => {
                 return Err(unreachable(
@@ -166,12 +179,33 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[TopicSpec]) -> Result<
             Err((topic, code)) => {
                 return Err(ClusterError::Topic {
                     topic,
-                    reason: code.to_string(),
+                    reason: format!(
+                        "{code}; create it yourself, or give weir's Kafka account the right to create topics"
+                    ),
                 });
             }
         }
     }
     Ok(())
+}
+
+/// Which of `names` the cluster has, by one metadata request each.
+fn existing_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    names: &[String],
+) -> Result<BTreeSet<String>, KafkaError> {
+    let mut existing = BTreeSet::new();
+    for name in names {
+        let metadata = admin.inner().fetch_metadata(Some(name), CONNECT_TIMEOUT)?;
+        if metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+        {
+            existing.insert(name.clone());
+        }
+    }
+    Ok(existing)
 }
 
 fn unreachable(kafka: &KafkaConfig, reason: &str) -> ClusterError {
@@ -333,7 +367,7 @@ impl KafkaBus {
         // an empty fetch for the whole wait.
         set_default(&mut consumer_config, "fetch.wait.max.ms", "100");
         // Catches a bad consumer-only property now rather than at subscribe.
-        drop(
+        let _checked = DropOffRuntime::new(
             consumer_config
                 .create::<BaseConsumer>()
                 .map_err(|error| Error::from(property_error(kafka, error)))?,
