@@ -44,8 +44,8 @@ use crate::telemetry::metrics;
 /// before the cluster counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a bus publish waits for the broker to store it (librdkafka's
-/// `message.timeout.ms`, unless `[kafka.properties]` sets it).
+/// How long a bus publish or a sink's delivery waits for the broker to store it
+/// (librdkafka's `message.timeout.ms`, unless `[kafka.properties]` sets it).
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long [`KafkaBus::retained`] may take to read the decisions topic.

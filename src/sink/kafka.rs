@@ -27,8 +27,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::{SinkError, Template};
 use crate::bus::kafka::{
-    CONNECT_TIMEOUT, ClusterError, DropOffRuntime, TopicSpec, client_config, ensure_topics,
-    set_default,
+    CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
+    ensure_topics, set_default,
 };
 use crate::config::KafkaConfig;
 use crate::consumer::{EventProcessor, ProcessError};
@@ -127,6 +127,13 @@ impl KafkaSink {
         let mut config = client_config(kafka);
         // Retries neither duplicate nor reorder events within a partition.
         set_default(&mut config, "enable.idempotence", "true");
+        // librdkafka would keep retrying for 5 minutes; a batch that cannot be
+        // stored should reach the consumer's error policy well before that.
+        set_default(
+            &mut config,
+            "message.timeout.ms",
+            &PUBLISH_TIMEOUT.as_millis().to_string(),
+        );
         let producer: FutureProducer = config.create().map_err(|error| match error {
             KafkaError::ClientConfig(..) => SinkError::Invalid(format!(
                 "librdkafka refused the [kafka] settings: {error}; fix or remove that property"
