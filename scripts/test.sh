@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every weir test against real services. Starts PostgreSQL and NATS (with
-# JetStream) when they are not running, installing them with apt-get when absent, and
-# sets WEIR_REQUIRE_SERVICES=1 so that a test needing an unreachable service fails
-# instead of skipping. Extra arguments go to `cargo test`.
+# JetStream) when they are not running, installing them with apt-get when absent,
+# starts a Kafka-protocol broker (tansu, installed with cargo when absent) unless
+# WEIR_TEST_KAFKA_BROKERS names one, and sets WEIR_REQUIRE_SERVICES=1 so that a test
+# needing an unreachable service fails instead of skipping. Extra arguments go to
+# `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -94,12 +96,58 @@ start_nats() {
     wait_for_port 127.0.0.1 "$port"
 }
 
-# rdkafka's cmake-build feature compiles librdkafka, which needs these.
+# rdkafka's cmake-build feature compiles librdkafka, which needs these (OpenSSL for
+# its ssl feature: TLS and SASL SCRAM).
 install_kafka_build_deps() {
     if grep -q '^rdkafka' Cargo.toml; then
         command -v cmake >/dev/null || apt_install cmake
         dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_install libcurl4-openssl-dev
+        dpkg -s libssl-dev >/dev/null 2>&1 || apt_install libssl-dev
     fi
+}
+
+# tansu keeps topics in memory only when built with its dynostore feature.
+tansu_has_memory_storage() {
+    tansu --help 2>/dev/null | grep -q '^Storage engines:.*dynostore'
+}
+
+free_port() {
+    local port
+    for port in $(seq 19092 19191); do
+        port_open 127.0.0.1 "$port" || { echo "$port"; return 0; }
+    done
+    say "no free port for the Kafka-protocol broker in 19092-19191"
+    return 1
+}
+
+# tansu, a Kafka-protocol broker, with in-memory storage: on 127.0.0.1:9092 (where
+# config/postgres-kafka.toml looks) when that is free, else on another free port.
+start_kafka() {
+    if [ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ]; then
+        return
+    fi
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    if ! tansu_has_memory_storage; then
+        say "installing tansu, a Kafka-protocol broker (several minutes, once)"
+        cargo install --locked --force --quiet tansu --features dynostore
+    fi
+    local port=9092
+    if port_open 127.0.0.1 "$port"; then
+        port=$(free_port)
+    fi
+    local data
+    data=$(mktemp -d -t weir-kafka.XXXXXX)
+    say "starting tansu (Kafka protocol, in memory) on port $port"
+    tansu broker \
+        --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine memory://tansu/ >"$data/tansu.log" 2>&1 &
+    started_pids+=("$!")
+    if ! wait_for_port 127.0.0.1 "$port"; then
+        cat "$data/tansu.log" >&2
+        return 1
+    fi
+    export WEIR_TEST_KAFKA_BROKERS="127.0.0.1:$port"
 }
 
 # --- Prometheus: scrape config, alert rules and their unit tests (deploy/prometheus) ---
@@ -118,7 +166,8 @@ start_postgres
 ensure_test_database
 start_nats
 install_kafka_build_deps
+start_kafka
 
 export WEIR_REQUIRE_SERVICES=1
-say "running every test (Postgres $WEIR_TEST_POSTGRES_URL, NATS $WEIR_TEST_NATS_URL)"
+say "running every test (Postgres $WEIR_TEST_POSTGRES_URL, NATS $WEIR_TEST_NATS_URL, Kafka $WEIR_TEST_KAFKA_BROKERS)"
 cargo test --all-features "$@"

@@ -4,7 +4,8 @@
 //!
 //! [`AllocationBus`] is the trait every backend implements; [`message`] is the wire
 //! format they all share, so nodes on different backends' clients agree on bytes.
-//! Backends: [`memory`] (one process, always built); NATS and Kafka follow.
+//! Backends: [`memory`] (one process, always built) and [`kafka`] (feature
+//! `kafka`); NATS follows.
 //!
 //! Decisions are state, signals are events: a bus retains the newest decision of
 //! each group and hands it to every new subscriber, while a signal reaches only
@@ -17,11 +18,15 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 pub mod message;
 
 use crate::telemetry::metrics as names;
 
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaBus;
 pub use memory::MemoryBus;
 pub use message::{
     BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,

@@ -148,6 +148,10 @@ async fn bus(config: &Config) -> Result<Arc<dyn AllocationBus>, CliError> {
             }
             Arc::new(MemoryBus::new())
         }
+        #[cfg(feature = "kafka")]
+        BusKind::Kafka => {
+            Arc::new(crate::bus::KafkaBus::connect(&config.kafka, &config.bus).await?)
+        }
         #[allow(unreachable_patterns)]
         other => {
             return Err(CliError::Usage(format!(

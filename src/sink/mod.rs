@@ -3,6 +3,8 @@
 //! of them acknowledge a batch only once every event in it is delivered, so a
 //! consumer's checkpoint never runs ahead of the destination.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod stdout;
 pub mod template;
 
@@ -11,6 +13,8 @@ use std::sync::Arc;
 use crate::config::{Config, SinkConfig};
 use crate::consumer::EventProcessor;
 
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaSink;
 pub use stdout::StdoutSink;
 pub use template::{Template, TemplateError};
 
@@ -38,6 +42,8 @@ pub async fn build(
     let _ = config;
     Ok(match sink {
         SinkConfig::Stdout => Arc::new(StdoutSink::new()),
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka { topic } => Arc::new(KafkaSink::connect(&config.kafka, topic).await?),
         #[allow(unreachable_patterns)]
         other => {
             return Err(SinkError::Invalid(format!(

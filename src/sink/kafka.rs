@@ -1,0 +1,408 @@
+//! [`KafkaSink`]: produces each event to a Kafka topic, with an idempotent
+//! producer, and acknowledges a batch only once the brokers stored all of it.
+//!
+//! - **Topic**: the sink's template (e.g. `events.{category}`) with each value
+//!   encoded by [`encode_topic_value`], so any category, stream or event name
+//!   gives a legal topic name and values never change the template's shape.
+//!   Topics are created when missing, with `[kafka]`'s partitions and
+//!   replication; the sink remembers which exist, so it asks once per topic.
+//! - **Key**: the stream's full name, `category/stream`: every event of a stream
+//!   goes to one partition, so consumers of the topic see each stream in order.
+//! - **Value**: the stored event as JSON, as the stdout sink prints it.
+//! - **Headers**: `Weir-Event-Id`, `Weir-Event-Name`, `Weir-Category`,
+//!   `Weir-Stream`, `Weir-Position`, `Weir-Sequence` and
+//!   `Content-Type: application/json`, so routers can act without parsing the
+//!   value.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use super::{SinkError, Template};
+use crate::bus::kafka::{
+    CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
+    ensure_topics, set_default,
+};
+use crate::config::KafkaConfig;
+use crate::consumer::{EventProcessor, ProcessError};
+use crate::event::StoredEvent;
+use crate::telemetry::metrics;
+
+/// The longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Produces events to the topics a template names; see the module docs.
+pub struct KafkaSink {
+    producer: DropOffRuntime<FutureProducer>,
+    kafka: KafkaConfig,
+    template: Template,
+    /// Topics known to exist, so that creating them is not a per-event cost.
+    known_topics: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("brokers", &self.kafka.brokers)
+            .field("template", &self.template)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<ClusterError> for SinkError {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            ClusterError::Unreachable { .. } => SinkError::Unavailable(error.to_string()),
+            other => SinkError::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// Encodes `value` into characters legal in a Kafka topic name (`[A-Za-z0-9._-]`):
+/// ASCII letters, digits and `-` stay as they are; every other byte of the
+/// value's UTF-8 form becomes `_` and two uppercase hex digits. So `.` is `_2E`,
+/// `_` is `_5F`, `/` is `_2F` and `é` is `_C3_A9`: `Big Orders` gives
+/// `Big_20Orders`. [`decode_topic_value`] reverses it.
+pub fn encode_topic_value(value: &str) -> Cow<'_, str> {
+    let keeps = |byte: u8| byte.is_ascii_alphanumeric() || byte == b'-';
+    if value.bytes().all(keeps) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() * 3);
+    for byte in value.bytes() {
+        if keeps(byte) {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "_{byte:02X}");
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The value [`encode_topic_value`] encoded as `encoded`; `None` if `encoded` is
+/// not such an encoding.
+pub fn decode_topic_value(encoded: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut rest = encoded.bytes();
+    while let Some(byte) = rest.next() {
+        match byte {
+            b'_' => {
+                let high = char::from(rest.next()?).to_digit(16)?;
+                let low = char::from(rest.next()?).to_digit(16)?;
+                bytes.push(u8::try_from(high * 16 + low).ok()?);
+            }
+            byte if byte.is_ascii_alphanumeric() || byte == b'-' => bytes.push(byte),
+            _ => return None,
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "._-".contains(c)
+}
+
+impl KafkaSink {
+    /// A sink producing to the topics `topic` names (a template such as
+    /// `events.{category}`) through the cluster `kafka` describes. Fails with
+    /// [`SinkError::Unavailable`] when no broker answers within
+    /// [`CONNECT_TIMEOUT`], and with [`SinkError::Invalid`] when librdkafka
+    /// refuses a `[kafka.properties]` entry.
+    pub async fn connect(kafka: &KafkaConfig, topic: &str) -> Result<KafkaSink, SinkError> {
+        let template = Template::parse(topic)?;
+        let literal = template.with_placeholders_as("x");
+        if let Some(bad) = literal.chars().find(|&c| !is_topic_char(c)) {
+            return Err(SinkError::Invalid(format!(
+                "topic template {topic:?} has {bad:?}, which Kafka topic names cannot hold: use letters, digits, '.', '_' and '-'"
+            )));
+        }
+
+        let mut config = client_config(kafka);
+        // Retries neither duplicate nor reorder events within a partition.
+        set_default(&mut config, "enable.idempotence", "true");
+        // librdkafka would keep retrying for 5 minutes; a batch that cannot be
+        // stored should reach the consumer's error policy well before that.
+        set_default(
+            &mut config,
+            "message.timeout.ms",
+            &PUBLISH_TIMEOUT.as_millis().to_string(),
+        );
+        let producer: FutureProducer = config.create().map_err(|error| match error {
+            KafkaError::ClientConfig(..) => SinkError::Invalid(format!(
+                "librdkafka refused the [kafka] settings: {error}; fix or remove that property"
+            )),
+            other => SinkError::Invalid(format!("cannot create a Kafka producer: {other}")),
+        })?;
+        let producer = DropOffRuntime::new(producer);
+
+        let sink = KafkaSink {
+            producer,
+            kafka: kafka.clone(),
+            template,
+            known_topics: Mutex::new(HashSet::new()),
+        };
+        sink.probe().await?;
+        if sink.template.is_constant() {
+            let topic = sink.template.with_placeholders_as("");
+            check_topic(&topic).map_err(SinkError::Invalid)?;
+            ensure_topics(kafka, &[TopicSpec::new(&topic)]).await?;
+            sink.remember(std::iter::once(topic));
+        }
+        Ok(sink)
+    }
+
+    /// The topic `event` goes to; an error says why it has none.
+    pub fn topic_of(&self, event: &StoredEvent) -> Result<String, String> {
+        let topic = self.template.render(event, encode_topic_value);
+        check_topic(&topic)?;
+        Ok(topic)
+    }
+
+    async fn probe(&self) -> Result<(), SinkError> {
+        let producer = FutureProducer::clone(&self.producer);
+        let brokers = self.kafka.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, CONNECT_TIMEOUT)
+                .map(drop)
+        })
+        .await
+        .map_err(|error| SinkError::Unavailable(error.to_string()))?
+        .map_err(|error| {
+            SinkError::Unavailable(format!(
+                "no Kafka broker at {brokers} answered within {} s ({error})",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // Only inserts happen under the lock; a poisoned set is still whole.
+        self.known_topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remember(&self, topics: impl IntoIterator<Item = String>) {
+        self.known().extend(topics);
+    }
+
+    /// Produces `events[..count]` to `topics[..count]`, all in flight at once,
+    /// and waits for every delivery. Returns the first event that failed.
+    async fn produce(
+        &self,
+        events: &[StoredEvent],
+        topics: &[String],
+    ) -> Result<(), (usize, ProcessError)> {
+        let mut in_flight: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
+        let mut failed: Option<(usize, ProcessError)> = None;
+        let mut record_failure = |index: usize, error: ProcessError| {
+            if failed.as_ref().is_none_or(|(first, _)| index < *first) {
+                failed = Some((index, error));
+            }
+        };
+        let mut body = Vec::with_capacity(512);
+        'events: for (index, (event, topic)) in events.iter().zip(topics).enumerate() {
+            body.clear();
+            if let Err(error) = serde_json::to_writer(&mut body, event) {
+                record_failure(index, ProcessError::new("encode", error));
+                break;
+            }
+            let key = format!("{}/{}", event.category, event.stream);
+            let id = event.id.to_string();
+            let position = event.position.to_string();
+            let sequence = event.sequence.to_string();
+            let headers = OwnedHeaders::new_with_capacity(7)
+                .insert(header("Weir-Event-Id", &id))
+                .insert(header("Weir-Event-Name", event.name.as_str()))
+                .insert(header("Weir-Category", event.category.as_str()))
+                .insert(header("Weir-Stream", event.stream.as_str()))
+                .insert(header("Weir-Position", &position))
+                .insert(header("Weir-Sequence", &sequence))
+                .insert(header("Content-Type", "application/json"));
+            let mut record = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&body)
+                .headers(headers);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        in_flight.push_back((index, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // The local queue is full: wait for the oldest send to
+                        // finish, which makes room, then try again.
+                        let Some((sent, delivery)) = in_flight.pop_front() else {
+                            record_failure(
+                                index,
+                                publish_error(topic, "the producer queue is full".into()),
+                            );
+                            break 'events;
+                        };
+                        if let Err(error) = settle(topic, delivery).await {
+                            record_failure(sent, error);
+                            break 'events;
+                        }
+                        record = back;
+                    }
+                    Err((error, _)) => {
+                        record_failure(index, publish_error(topic, error.to_string()));
+                        break 'events;
+                    }
+                }
+            }
+        }
+        for (index, delivery) in in_flight {
+            if let Err(error) = settle(&topics[index], delivery).await {
+                record_failure(index, error);
+            }
+        }
+        match failed {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
+    Header {
+        key,
+        value: Some(value.as_bytes()),
+    }
+}
+
+/// Waits for one delivery report.
+async fn settle(topic: &str, delivery: DeliveryFuture) -> Result<(), ProcessError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(publish_error(topic, error.to_string())),
+        Err(_) => Err(publish_error(
+            topic,
+            "the producer shut down before the broker answered".into(),
+        )),
+    }
+}
+
+fn publish_error(topic: &str, reason: String) -> ProcessError {
+    ProcessError::new(
+        "publish",
+        format!("producing to Kafka topic {topic:?} failed: {reason}"),
+    )
+}
+
+/// Checks what encoding cannot guarantee: the length, and the names Kafka
+/// reserves.
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(format!(
+            "topic {}... is {} characters long, more than Kafka's {MAX_TOPIC_LEN}: use a shorter topic template or fewer placeholders",
+            topic.get(..40).unwrap_or(topic),
+            topic.len()
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("{topic:?} is not a legal Kafka topic name"));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl EventProcessor for KafkaSink {
+    async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
+        let started = Instant::now();
+        let mut topics = Vec::with_capacity(events.len());
+        // The first event that cannot be sent, and why; the events before it are
+        // sent and acknowledged before the error is returned.
+        let mut stop: Option<(usize, ProcessError)> = None;
+        for (index, event) in events.iter().enumerate() {
+            match self.topic_of(event) {
+                Ok(topic) => topics.push(topic),
+                Err(reason) => {
+                    stop = Some((index, ProcessError::new("invalid-topic", reason)));
+                    break;
+                }
+            }
+        }
+
+        let missing: BTreeSet<String> = {
+            let known = self.known();
+            topics
+                .iter()
+                .filter(|t| !known.contains(*t))
+                .cloned()
+                .collect()
+        };
+        if !missing.is_empty() {
+            let specs: Vec<TopicSpec> = missing.iter().map(TopicSpec::new).collect();
+            match ensure_topics(&self.kafka, &specs).await {
+                Ok(()) => self.remember(missing),
+                Err(error) => {
+                    let first = topics
+                        .iter()
+                        .position(|t| missing.contains(t))
+                        .unwrap_or_default();
+                    topics.truncate(first);
+                    stop = Some((first, ProcessError::new("topic", error)));
+                }
+            }
+        }
+
+        let sendable = topics.len();
+        self.produce(&events[..sendable], &topics)
+            .await
+            .map_err(|(index, error)| error.at(index))?;
+        metrics::sink_batch("kafka", sendable, started.elapsed());
+        match stop {
+            Some((index, error)) => Err(error.at(index)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_values_stay_as_they_are() {
+        assert!(matches!(
+            encode_topic_value("order-42"),
+            Cow::Borrowed("order-42")
+        ));
+        assert_eq!(encode_topic_value("a.b_c/d é"), "a_2Eb_5Fc_2Fd_20_C3_A9");
+    }
+
+    #[test]
+    fn malformed_encodings_do_not_decode() {
+        for bad in ["_", "_4", "_ZZ", "a.b", "a b", "_C3"] {
+            assert_eq!(decode_topic_value(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn overlong_and_reserved_topics_are_refused() {
+        assert!(check_topic(&"a".repeat(MAX_TOPIC_LEN)).is_ok());
+        let error = check_topic(&"a".repeat(MAX_TOPIC_LEN + 1)).expect_err("too long");
+        assert!(error.contains("249"), "{error}");
+        assert!(check_topic("..").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn encoding_is_legal_and_reversible(value in "\\PC{0,40}") {
+            let encoded = encode_topic_value(&value);
+            prop_assert!(encoded.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+            prop_assert_eq!(decode_topic_value(&encoded), Some(value));
+        }
+    }
+}
