@@ -4,7 +4,8 @@
 //!
 //! [`AllocationBus`] is the trait every backend implements; [`message`] is the wire
 //! format they all share, so nodes on different backends' clients agree on bytes.
-//! Backends: [`memory`] (one process, always built); NATS and Kafka follow.
+//! Backends: [`memory`] (one process, always built) and `nats` (NATS JetStream,
+//! feature `nats`); Kafka follows.
 //!
 //! Decisions are state, signals are events: a bus retains the newest decision of
 //! each group and hands it to every new subscriber, while a signal reaches only
@@ -19,12 +20,16 @@ use futures::stream::BoxStream;
 
 pub mod memory;
 pub mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 pub use memory::MemoryBus;
 pub use message::{
     BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,
     decode_frame, encode, encode_decision_parts,
 };
+#[cfg(feature = "nats")]
+pub use nats::NatsBus;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -114,6 +119,7 @@ impl BusSubscription {
                 Err(error) => {
                     self.invalid += 1;
                     self.invalid_total.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::metrics::BUS_INVALID_MESSAGES).increment(1);
                     tracing::warn!(
                         %error,
                         bytes = payload.len(),
