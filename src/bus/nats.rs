@@ -176,7 +176,21 @@ async fn connect_options(config: &NatsConfig, client_name: &str) -> Result<Conne
 
 fn connect_error(config: &NatsConfig, error: &async_nats::ConnectError) -> Error {
     let url = &config.url;
+    let text = error.to_string();
+    // A TLS handshake gone wrong surfaces as an I/O error; retrying will not
+    // mend a server that speaks no TLS or a certificate nobody trusts.
+    let tls_failed = [
+        "corrupt message",
+        "InvalidContentType",
+        "certificate",
+        "handshake",
+    ]
+    .iter()
+    .any(|hint| text.contains(hint));
     match error.kind() {
+        ConnectErrorKind::Io if tls_failed => Error::Backend(format!(
+            "TLS towards NATS at {url} failed ({error}): the server may not speak TLS (unset nats.tls.required and use nats:// URLs) or its certificate is not signed by nats.tls.ca_file"
+        )),
         ConnectErrorKind::AuthorizationViolation => Error::Backend(format!(
             "NATS at {url} refused the credentials ({error}): check nats.user and nats.password, nats.token, nats.nkey_seed or nats.credentials_file"
         )),
