@@ -14,10 +14,9 @@ use crate::server::PrivateServer;
 
 /// Connects with `config`, failing the test if that hangs.
 async fn attempt(config: &NatsConfig) -> Result<async_nats::Client, Error> {
-    let result = tokio::time::timeout(Duration::from_secs(30), connect(config, "weir test"))
+    tokio::time::timeout(Duration::from_secs(30), connect(config, "weir test"))
         .await
-        .expect("connect gives up by itself");
-    result
+        .expect("connect gives up by itself")
 }
 
 async fn assert_refused(config: &NatsConfig) {
