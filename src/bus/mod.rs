@@ -4,8 +4,8 @@
 //!
 //! [`AllocationBus`] is the trait every backend implements; [`message`] is the wire
 //! format they all share, so nodes on different backends' clients agree on bytes.
-//! Backends: [`memory`] (one process, always built) and [`kafka`] (feature
-//! `kafka`); NATS follows.
+//! Backends: [`memory`] (one process, always built), `nats` (NATS JetStream,
+//! feature `nats`) and [`kafka`] (feature `kafka`).
 //!
 //! Decisions are state, signals are events: a bus retains the newest decision of
 //! each group and hands it to every new subscriber, while a signal reaches only
@@ -22,6 +22,8 @@ use futures::stream::BoxStream;
 pub mod kafka;
 pub mod memory;
 pub mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 use crate::telemetry::metrics as names;
 
@@ -32,6 +34,8 @@ pub use message::{
     BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,
     decode_frame, encode, encode_decision_parts,
 };
+#[cfg(feature = "nats")]
+pub use nats::NatsBus;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

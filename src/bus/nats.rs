@@ -1,0 +1,972 @@
+//! [`NatsBus`]: the allocation bus on NATS JetStream, plus what the NATS sink
+//! shares with it: [`connect`] (servers, authentication, TLS, reconnecting) and
+//! [`subject_token`], which turns any name into one subject token.
+//!
+//! # Layout
+//!
+//! For `bus.namespace = N` (`NS` is `N` upper-cased, `G` the group name passed
+//! through [`subject_token`]):
+//!
+//! | stream | subjects | kept |
+//! |---|---|---|
+//! | `NS_DECISIONS` | `N.decisions.G.EPOCH.REVISION.PARTS.PART` | one message per subject, file storage |
+//! | `NS_SIGNALS` | `N.signals.G` | `bus.signal_retention`, file storage |
+//!
+//! A decision's version and part numbers are part of its subjects. Publishing a
+//! newer decision adds its parts beside the old ones and only then purges the
+//! old version, so a group always has a complete decision stored even if a
+//! publish fails half way; and a decision of 3 parts followed by one of 2 leaves
+//! no third part behind to confuse readers. Readers take the newest complete
+//! decision per group, so leftovers of a failed purge do no harm either.
+//!
+//! A subscription is two ordered consumers: one delivering the last message of
+//! every decision subject and then new ones, one delivering signals published
+//! after it started. Ordered consumers recreate themselves from the last stream
+//! sequence they delivered when the server restarts, so no decision is lost.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use async_trait::async_trait;
+use futures::stream::{BoxStream, PollNext};
+use futures::{StreamExt, TryStreamExt};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
+use super::{AllocationBus, BusSubscription, Error, Result, encode_decision_parts};
+use crate::config::{BusConfig, NatsConfig};
+use crate::telemetry::metrics;
+
+/// How long a JetStream request (stream info, publish acknowledgement, purge)
+/// may take before the server counts as unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`NatsBus::retained`] may take to read every retained decision.
+const RETAINED_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The payload limit assumed until the server says otherwise: NATS's default.
+const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// Bytes kept unchanged by [`subject_token`]: letters, digits, `-` and `_`.
+const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+
+/// The token of the empty string: a `%` is otherwise always followed by two hex
+/// digits, so a lone one cannot be the encoding of anything else.
+const EMPTY_TOKEN: &str = "%";
+
+/// `value` as one valid NATS subject token: non-empty, without `.`, `*`, `>`,
+/// whitespace or anything but ASCII letters, digits, `-`, `_` and `%`. Names made
+/// of `[A-Za-z0-9_-]` stay as they are; any other byte is written `%XX` (the
+/// empty string is `%`). [`decode_subject_token`] reverses it.
+pub fn subject_token(value: &str) -> Cow<'_, str> {
+    if value.is_empty() {
+        return Cow::Borrowed(EMPTY_TOKEN);
+    }
+    utf8_percent_encode(value, ESCAPED).into()
+}
+
+/// The string `token` encodes, or `None` if [`subject_token`] never writes it.
+pub fn decode_subject_token(token: &str) -> Option<String> {
+    if token == EMPTY_TOKEN {
+        return Some(String::new());
+    }
+    if token.is_empty() {
+        return None;
+    }
+    let decoded = percent_decode_str(token).decode_utf8().ok()?;
+    // One encoding per string: lower-case hex, needless escapes or stray `%`s
+    // are not tokens of ours.
+    (subject_token(&decoded) == token).then(|| decoded.into_owned())
+}
+
+/// A NATS client for `config`, named `client_name` in the server's connection
+/// list.
+///
+/// Tries every server of the comma-separated `url` once, each within
+/// `connect_timeout`: if none answers, fails with [`Error::Unavailable`] rather
+/// than waiting. Once connected, the client reconnects by itself, for as long
+/// as it lives, whenever its server goes away.
+pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client> {
+    let servers = config
+        .url
+        .split(',')
+        .map(str::trim)
+        .map(|server| {
+            server.parse::<ServerAddr>().map_err(|error| {
+                Error::Backend(format!(
+                    "nats.url: {server:?} is not a NATS server URL ({error}); write nats://HOST:PORT or tls://HOST:PORT"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = connect_options(config, client_name).await?;
+    // The client bounds only the TCP connect; a server that accepts but never
+    // speaks NATS would hold the handshake forever.
+    let patience = config
+        .connect_timeout
+        .saturating_mul(u32::try_from(servers.len()).unwrap_or(u32::MAX))
+        .saturating_add(Duration::from_secs(1));
+    match tokio::time::timeout(patience, options.connect(servers)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(error)) => Err(connect_error(config, &error)),
+        Err(_) => Err(Error::Unavailable(format!(
+            "no NATS server at {} completed the handshake within {}",
+            config.url,
+            humantime::format_duration(patience)
+        ))),
+    }
+}
+
+async fn connect_options(config: &NatsConfig, client_name: &str) -> Result<ConnectOptions> {
+    let name = client_name.to_owned();
+    let mut options = ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(config.connect_timeout)
+        // Never give up: a bus or sink without a connection is useless, and the
+        // server coming back must be enough for the node to recover.
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let name = name.clone();
+            async move {
+                match event {
+                    Event::Connected => tracing::info!(client = %name, "connected to NATS"),
+                    Event::Disconnected => {
+                        tracing::warn!(client = %name, "lost the NATS connection; reconnecting")
+                    }
+                    other => {
+                        tracing::warn!(client = %name, event = %other, "NATS connection event")
+                    }
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options.credentials_file(path).await.map_err(|error| {
+            Error::Backend(format!(
+                "cannot use nats.credentials_file {}: {error}; give the path of a .creds file holding a user JWT and its NKey seed",
+                path.display()
+            ))
+        })?;
+    }
+    let tls = &config.tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
+fn connect_error(config: &NatsConfig, error: &async_nats::ConnectError) -> Error {
+    let url = &config.url;
+    let text = error.to_string();
+    // A TLS handshake gone wrong surfaces as an I/O error; retrying will not
+    // mend a server that speaks no TLS or a certificate nobody trusts.
+    let tls_failed = [
+        "corrupt message",
+        "InvalidContentType",
+        "certificate",
+        "handshake",
+    ]
+    .iter()
+    .any(|hint| text.contains(hint));
+    match error.kind() {
+        ConnectErrorKind::Io if tls_failed => Error::Backend(format!(
+            "TLS towards NATS at {url} failed ({error}): the server may not speak TLS (unset nats.tls.required and use nats:// URLs) or its certificate is not signed by nats.tls.ca_file"
+        )),
+        ConnectErrorKind::AuthorizationViolation => Error::Backend(format!(
+            "NATS at {url} refused the credentials ({error}): check nats.user and nats.password, nats.token, nats.nkey_seed or nats.credentials_file"
+        )),
+        ConnectErrorKind::Authentication => Error::Backend(format!(
+            "cannot authenticate to NATS at {url} ({error}): nats.nkey_seed or the seed in nats.credentials_file is not a valid user NKey seed"
+        )),
+        ConnectErrorKind::Tls => Error::Backend(format!(
+            "TLS towards NATS at {url} failed ({error}): check nats.tls (ca_file must hold the CA that signed the server's certificate) and the server's TLS settings"
+        )),
+        ConnectErrorKind::ServerParse => Error::Backend(format!(
+            "nats.url {url:?} is not a list of NATS server URLs ({error})"
+        )),
+        ConnectErrorKind::Dns
+        | ConnectErrorKind::TimedOut
+        | ConnectErrorKind::Io
+        | ConnectErrorKind::MaxReconnects => {
+            Error::Unavailable(format!("cannot connect to NATS at {url}: {error}"))
+        }
+    }
+}
+
+/// The allocation bus on NATS JetStream. Clones share one connection.
+#[derive(Clone, Debug)]
+pub struct NatsBus {
+    jetstream: jetstream::Context,
+    namespace: String,
+    signal_retention: Duration,
+    decisions_stream: String,
+    signals_stream: String,
+    invalid: Arc<AtomicU64>,
+}
+
+impl NatsBus {
+    /// Connects with `nats` and sets up `bus.namespace`'s streams.
+    pub async fn connect(nats: &NatsConfig, bus: &BusConfig) -> Result<NatsBus> {
+        let client = connect(nats, &format!("weir bus {}", bus.namespace)).await?;
+        Self::from_client(client, bus).await
+    }
+
+    /// A bus over an existing client. Creates the namespace's streams when they
+    /// are missing and brings their retention settings up to date; fails if a
+    /// stream of that name exists with other subjects or another storage type.
+    pub async fn from_client(client: Client, bus: &BusConfig) -> Result<NatsBus> {
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client);
+        let namespace = bus.namespace.clone();
+        let upper = namespace.to_uppercase();
+        let this = NatsBus {
+            jetstream,
+            decisions_stream: format!("{upper}_DECISIONS"),
+            signals_stream: format!("{upper}_SIGNALS"),
+            namespace,
+            signal_retention: bus.signal_retention,
+            invalid: Arc::new(AtomicU64::new(0)),
+        };
+        this.ensure_streams().await?;
+        Ok(this)
+    }
+
+    /// The names of the decisions stream and the signals stream.
+    pub fn stream_names(&self) -> [&str; 2] {
+        [&self.decisions_stream, &self.signals_stream]
+    }
+
+    /// Payloads dropped because they did not decode, over all subscriptions and
+    /// [`NatsBus::retained`] calls.
+    pub fn invalid_messages(&self) -> u64 {
+        self.invalid.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`NatsBus::invalid_messages`].
+    pub fn invalid_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.invalid)
+    }
+
+    fn decisions_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.decisions_stream.clone(),
+            description: Some(format!(
+                "weir allocation decisions of namespace {}",
+                self.namespace
+            )),
+            subjects: vec![format!("{}.decisions.>", self.namespace)],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+
+    async fn ensure_streams(&self) -> Result<()> {
+        self.ensure_stream(self.decisions_config()).await?;
+        self.ensure_stream(self.signals_config()).await
+    }
+
+    fn signals_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.signals_stream.clone(),
+            description: Some(format!(
+                "weir membership and handover signals of namespace {}",
+                self.namespace
+            )),
+            subjects: vec![format!("{}.signals.>", self.namespace)],
+            max_age: self.signal_retention,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+
+    /// Creates the stream `wanted` describes, or updates an existing one's limits.
+    async fn ensure_stream(&self, wanted: stream::Config) -> Result<()> {
+        // Two nodes starting together may both find it missing; the loser of the
+        // race finds it on its second look.
+        for _ in 0..2 {
+            match self.jetstream.get_stream(&wanted.name).await {
+                Ok(mut existing) => {
+                    let info = existing
+                        .info()
+                        .await
+                        .map_err(|e| request_error("read the stream", &wanted.name, e))?;
+                    return match reconcile(&info.config, &wanted).map_err(Error::Backend)? {
+                        None => Ok(()),
+                        Some(updated) => {
+                            self.jetstream
+                                .update_stream(&updated)
+                                .await
+                                .map_err(|e| request_error("update the stream", &wanted.name, e))?;
+                            tracing::info!(stream = %wanted.name, "updated the stream's limits to what the bus needs");
+                            Ok(())
+                        }
+                    };
+                }
+                Err(error) if is_stream_not_found(&error) => {}
+                Err(error) => return Err(request_error("look up the stream", &wanted.name, error)),
+            }
+            match self.jetstream.create_stream(wanted.clone()).await {
+                Ok(_) => {
+                    tracing::info!(stream = %wanted.name, subjects = ?wanted.subjects, "created the stream");
+                    return Ok(());
+                }
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        jetstream::context::CreateStreamErrorKind::JetStream(ref e)
+                            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                    ) => {}
+                Err(error) => return Err(request_error("create the stream", &wanted.name, error)),
+            }
+        }
+        Err(Error::Backend(format!(
+            "stream {} is being created and deleted at the same time by someone else",
+            wanted.name
+        )))
+    }
+
+    fn max_payload(&self) -> usize {
+        match self.jetstream.client().server_info().max_payload {
+            0 => DEFAULT_MAX_PAYLOAD,
+            limit => limit,
+        }
+    }
+
+    fn group_prefix(&self, group: &str) -> String {
+        format!("{}.decisions.{}", self.namespace, subject_token(group))
+    }
+
+    /// The decision versions stored for the group whose subjects start with
+    /// `prefix`.
+    async fn stored_versions(&self, prefix: &str) -> Result<BTreeMap<(u64, u64), StoredVersion>> {
+        let stream = self
+            .jetstream
+            .get_stream_no_info(&self.decisions_stream)
+            .await
+            .map_err(|e| request_error("look up the stream", &self.decisions_stream, e))?;
+        let mut subjects = stream
+            .info_with_subjects(format!("{prefix}.>"))
+            .await
+            .map_err(|e| request_error("list the subjects of", &self.decisions_stream, e))?;
+        let mut versions: BTreeMap<(u64, u64), StoredVersion> = BTreeMap::new();
+        while let Some((subject, _)) = subjects
+            .try_next()
+            .await
+            .map_err(|e| request_error("list the subjects of", &self.decisions_stream, e))?
+        {
+            let numbers: Option<Vec<u64>> = subject
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .and_then(|rest| {
+                    rest.split('.')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .ok()
+                });
+            if let Some([epoch, revision, parts, _part]) = numbers.as_deref() {
+                let stored = versions
+                    .entry((*epoch, *revision))
+                    .or_insert_with(|| StoredVersion {
+                        parts: *parts,
+                        subjects: Vec::new(),
+                    });
+                stored.subjects.push(subject);
+            }
+        }
+        Ok(versions)
+    }
+
+    async fn publish_decision(&self, decision: &Decision) -> Result<()> {
+        let limit = self.max_payload();
+        let payloads = encode_decision_parts(decision, limit);
+        if let Some(size) = payloads.iter().map(Vec::len).find(|size| *size > limit) {
+            return Err(Error::TooLarge { size, limit });
+        }
+        let prefix = self.group_prefix(&decision.group);
+        let stored = self.stored_versions(&prefix).await?;
+        let version = decision.version();
+        if let Some((newest, _)) = stored.last_key_value() {
+            if *newest > version {
+                tracing::debug!(
+                    group = %decision.group, epoch = decision.epoch, revision = decision.revision,
+                    stored_epoch = newest.0, stored_revision = newest.1,
+                    "decision is older than the stored one; not published"
+                );
+                return Ok(());
+            }
+        }
+        if stored.get(&version).is_some_and(StoredVersion::is_whole) {
+            // Already stored whole: a refresh republishing it changes nothing.
+            return Ok(());
+        }
+        let parts = payloads.len();
+        let mut acks = Vec::with_capacity(parts);
+        for (part, payload) in (1..).zip(payloads) {
+            let subject = format!(
+                "{prefix}.{}.{}.{parts}.{part}",
+                decision.epoch, decision.revision
+            );
+            acks.push(self.send(subject, payload).await?);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| self.publish_error(e))?;
+            metrics::bus_message("decision", "sent");
+        }
+        let superseded: Vec<String> = stored
+            .range(..version)
+            .flat_map(|(_, stored)| stored.subjects.iter().cloned())
+            .collect();
+        self.remove(&superseded).await;
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+    ) -> Result<jetstream::context::PublishAckFuture> {
+        self.jetstream
+            .publish(subject, payload.into())
+            .await
+            .map_err(|e| self.publish_error(e))
+    }
+
+    /// Deletes the messages of superseded decisions, one by one: purging by
+    /// subject would be one request, but makes consumers of older servers stop
+    /// delivering. Leftovers do no harm (readers keep the newest decision), so a
+    /// failure is only worth a warning; the next decision removes them.
+    async fn remove(&self, subjects: &[String]) {
+        let stream = match self
+            .jetstream
+            .get_stream_no_info(&self.decisions_stream)
+            .await
+        {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "could not remove superseded decisions");
+                return;
+            }
+        };
+        for subject in subjects {
+            let result = async {
+                let message = stream.get_last_raw_message_by_subject(subject).await?;
+                stream.delete_message(message.sequence).await?;
+                Ok::<_, async_nats::Error>(())
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::warn!(%error, subject, "could not remove a superseded decision part");
+            }
+        }
+    }
+
+    fn publish_error(&self, error: jetstream::context::PublishError) -> Error {
+        use jetstream::context::PublishErrorKind;
+        match error.kind() {
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => Error::Unavailable(
+                format!("JetStream did not acknowledge a bus message ({error})"),
+            ),
+            PublishErrorKind::StreamNotFound => Error::Unavailable(format!(
+                "no JetStream stream stores the bus's subjects ({error}): streams {} and {} are missing; restart the node to create them",
+                self.decisions_stream, self.signals_stream
+            )),
+            _ => Error::Backend(format!("JetStream refused a bus message: {error}")),
+        }
+    }
+
+    /// An ordered consumer of `stream` from `deliver`, with how many messages it
+    /// has to deliver so far and its name.
+    ///
+    /// A push consumer: unlike the pull kind, it recreates itself as soon as
+    /// the connection comes back, rather than after missing heartbeats for up to
+    /// a minute.
+    async fn ordered(
+        &self,
+        stream: &str,
+        filter: String,
+        deliver: consumer::DeliverPolicy,
+    ) -> Result<(consumer::push::Ordered, u64, String)> {
+        let consumer: consumer::Consumer<consumer::push::OrderedConfig> = self
+            .jetstream
+            .create_consumer_on_stream(
+                consumer::push::OrderedConfig {
+                    deliver_subject: self.jetstream.client().new_inbox(),
+                    description: Some(format!("weir allocation bus {}", self.namespace)),
+                    filter_subject: filter,
+                    deliver_policy: deliver,
+                    ..Default::default()
+                },
+                stream,
+            )
+            .await
+            .map_err(|e| request_error("create a consumer on", stream, e))?;
+        let pending = consumer.cached_info().num_pending;
+        let name = consumer.cached_info().name.clone();
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| request_error("read from", stream, e))?;
+        Ok((messages, pending, name))
+    }
+
+    async fn last_sequence(&self, stream: &str) -> Result<u64> {
+        let info = self
+            .jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| request_error("read the stream", stream, e))?;
+        Ok(info.cached_info().state.last_sequence)
+    }
+}
+
+/// The parts of one decision version found in the stream.
+struct StoredVersion {
+    /// How many parts the decision has.
+    parts: u64,
+    subjects: Vec<String>,
+}
+
+impl StoredVersion {
+    fn is_whole(&self) -> bool {
+        self.subjects.len() as u64 == self.parts
+    }
+}
+
+/// Whether `error` says that the stream does not exist.
+fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// A failed JetStream request: unreachable servers are worth retrying, refusals
+/// are not.
+fn request_error(what: &str, stream: &str, error: impl std::fmt::Display) -> Error {
+    let text = error.to_string();
+    let unreachable = [
+        "timed out",
+        "no responders",
+        "jetstream unavailable",
+        "request error",
+        "broken pipe",
+    ];
+    if unreachable.iter().any(|hint| text.contains(hint)) {
+        Error::Unavailable(format!("cannot {what} {stream}: {text}"))
+    } else {
+        Error::Backend(format!("cannot {what} {stream}: {text}"))
+    }
+}
+
+/// What to change in the stream `existing` so that it serves as `wanted`:
+/// `None` if it already does; an explanation if it cannot be changed in place.
+fn reconcile(
+    existing: &stream::Config,
+    wanted: &stream::Config,
+) -> Result<Option<stream::Config>, String> {
+    let name = &wanted.name;
+    if existing.subjects != wanted.subjects {
+        return Err(format!(
+            "stream {name} exists with subjects {:?}, not {:?}: it belongs to something else (namespaces that differ only in letter case share stream names); choose another bus.namespace or remove the stream with `nats stream rm {name}`",
+            existing.subjects, wanted.subjects
+        ));
+    }
+    if existing.storage != wanted.storage || existing.retention != wanted.retention {
+        return Err(format!(
+            "stream {name} exists with {:?} storage and {:?} retention, but the bus needs {:?} storage and {:?} retention, which JetStream cannot change in place: remove it with `nats stream rm {name}` and restart",
+            existing.storage, existing.retention, wanted.storage, wanted.retention
+        ));
+    }
+    // Everything else (replicas, placement, size limits) is the operator's to tune.
+    let updated = stream::Config {
+        max_messages_per_subject: wanted.max_messages_per_subject,
+        max_age: wanted.max_age,
+        discard: wanted.discard,
+        ..existing.clone()
+    };
+    Ok((updated != *existing).then_some(updated))
+}
+
+#[async_trait]
+impl AllocationBus for NatsBus {
+    async fn publish(&self, message: &BusMessage) -> Result<()> {
+        match message {
+            BusMessage::Decision(decision) => self.publish_decision(decision).await,
+            BusMessage::Signal(signal) => {
+                let payload = encode(message);
+                let limit = self.max_payload();
+                if payload.len() > limit {
+                    return Err(Error::TooLarge {
+                        size: payload.len(),
+                        limit,
+                    });
+                }
+                let subject = format!(
+                    "{}.signals.{}",
+                    self.namespace,
+                    subject_token(signal.group())
+                );
+                self.send(subject, payload)
+                    .await?
+                    .await
+                    .map_err(|e| self.publish_error(e))?;
+                metrics::bus_message("signal", "sent");
+                Ok(())
+            }
+        }
+    }
+
+    async fn subscribe(&self) -> Result<BusSubscription> {
+        let decisions = Feed {
+            bus: self.clone(),
+            stream: self.decisions_stream.clone(),
+            filter: format!("{}.decisions.>", self.namespace),
+            kind: "decision",
+            first: consumer::DeliverPolicy::LastPerSubject,
+            after: 0,
+            last_delivered: None,
+            messages: None,
+            connects: 0,
+        };
+        // Signals from before the subscription are not delivered, also not if
+        // the consumer has to start over after a server restart.
+        let signals_after = self.last_sequence(&self.signals_stream).await?;
+        let signals = Feed {
+            bus: self.clone(),
+            stream: self.signals_stream.clone(),
+            filter: format!("{}.signals.>", self.namespace),
+            kind: "signal",
+            first: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: signals_after + 1,
+            },
+            after: signals_after,
+            last_delivered: None,
+            messages: None,
+            connects: 0,
+        };
+        // The first consumers are made here, so that failing to is the
+        // caller's to see; later ones by the feeds themselves.
+        let (decisions, signals) = (decisions.opened().await?, signals.opened().await?);
+        // Retained decisions first, as far as they are there to be read.
+        let payloads =
+            futures::stream::select_with_strategy(decisions, signals, |_: &mut ()| PollNext::Left);
+        Ok(BusSubscription::new(
+            payloads.boxed(),
+            Arc::clone(&self.invalid),
+        ))
+    }
+
+    async fn retained(&self) -> Result<Vec<Decision>> {
+        let (mut messages, mut pending, name) = self
+            .ordered(
+                &self.decisions_stream,
+                format!("{}.decisions.>", self.namespace),
+                consumer::DeliverPolicy::LastPerSubject,
+            )
+            .await?;
+        let mut assembler = DecisionAssembler::new();
+        let mut newest: BTreeMap<String, Decision> = BTreeMap::new();
+        let reading = async {
+            while pending > 0 {
+                let Some(message) = messages.next().await else {
+                    return Err(Error::Closed);
+                };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::debug!(%error, "reading retained decisions; carrying on");
+                        continue;
+                    }
+                };
+                pending = message.info().map(|info| info.pending).unwrap_or(0);
+                metrics::bus_message("decision", "received");
+                match decode_frame(&message.payload) {
+                    Ok(Frame::Decision(part)) => {
+                        // The assembler yields only decisions newer than the last it
+                        // yielded for their group.
+                        if let Some(decision) = assembler.push(part) {
+                            newest.insert(decision.group.clone(), decision);
+                        }
+                    }
+                    Ok(Frame::Signal(_)) => {
+                        count_invalid(&self.invalid, "a signal among decisions")
+                    }
+                    Err(error) => count_invalid(&self.invalid, &error.to_string()),
+                }
+            }
+            Ok(())
+        };
+        let read = tokio::time::timeout(RETAINED_TIMEOUT, reading).await;
+        drop(messages);
+        if let Err(error) = self
+            .jetstream
+            .delete_consumer_from_stream(&name, &self.decisions_stream)
+            .await
+        {
+            tracing::debug!(%error, consumer = %name, "could not delete a consumer; the server drops it once idle");
+        }
+        match read {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "reading the retained decisions from {} took longer than {}",
+                    self.decisions_stream,
+                    humantime::format_duration(RETAINED_TIMEOUT)
+                )));
+            }
+        }
+        Ok(newest.into_values().collect())
+    }
+}
+
+fn count_invalid(invalid: &AtomicU64, why: &str) {
+    invalid.fetch_add(1, Ordering::Relaxed);
+    ::metrics::counter!(metrics::BUS_INVALID_MESSAGES).increment(1);
+    tracing::warn!(
+        error = why,
+        "dropped an allocation bus message that cannot be read"
+    );
+}
+
+/// How often a subscription checks whether the client reconnected, which means
+/// the server may have lost its consumers.
+const RECONNECT_CHECK: Duration = Duration::from_secs(1);
+
+/// One stream's side of a subscription: an ordered consumer, made again from
+/// the last message delivered whenever it stops delivering (the server
+/// restarted, heartbeats went missing) or the client reconnected.
+struct Feed {
+    bus: NatsBus,
+    stream: String,
+    filter: String,
+    kind: &'static str,
+    /// Where the first consumer starts.
+    first: consumer::DeliverPolicy,
+    /// Messages up to this stream sequence are never delivered.
+    after: u64,
+    last_delivered: Option<u64>,
+    messages: Option<consumer::push::Ordered>,
+    /// The client's connection count when `messages` was made.
+    connects: u64,
+}
+
+impl Feed {
+    /// The feed as a stream of payloads, its first consumer made.
+    async fn opened(mut self) -> Result<BoxStream<'static, Vec<u8>>> {
+        self.connects = self.connects();
+        self.messages = Some(self.try_open().await?);
+        Ok(futures::stream::unfold(self, |mut feed| async move {
+            let payload = feed.next().await?;
+            Some((payload, feed))
+        })
+        .boxed())
+    }
+
+    fn connects(&self) -> u64 {
+        self.bus
+            .jetstream
+            .client()
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed)
+    }
+
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                self.open().await;
+                continue;
+            };
+            tokio::select! {
+                message = messages.next() => match message {
+                    // The client has closed for good.
+                    None => return None,
+                    Some(Ok(message)) => {
+                        let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
+                            continue;
+                        };
+                        if sequence <= self.after || self.last_delivered.is_some_and(|last| sequence <= last) {
+                            continue;
+                        }
+                        self.last_delivered = Some(sequence);
+                        metrics::bus_message(self.kind, "received");
+                        return Some(message.message.payload.to_vec());
+                    }
+                    Some(Err(error)) => {
+                        tracing::info!(%error, stream = %self.stream, "allocation bus consumer stopped delivering; making it again");
+                        self.messages = None;
+                    }
+                },
+                _ = reconnect_check.tick() => {
+                    if self.connects() != self.connects {
+                        tracing::info!(stream = %self.stream, "reconnected to NATS; making the allocation bus consumer again");
+                        self.messages = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the consumer, trying again until the server answers.
+    async fn open(&mut self) {
+        loop {
+            self.connects = self.connects();
+            match self.try_open().await {
+                Ok(messages) => {
+                    self.messages = Some(messages);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, stream = %self.stream, "cannot make the allocation bus consumer; trying again");
+                    tokio::time::sleep(RECONNECT_CHECK).await;
+                }
+            }
+        }
+    }
+
+    async fn try_open(&mut self) -> Result<consumer::push::Ordered> {
+        let last_sequence = match self.bus.last_sequence(&self.stream).await {
+            Ok(sequence) => sequence,
+            Err(error) => {
+                // The server may have come back without its streams.
+                self.bus.ensure_streams().await?;
+                return Err(error);
+            }
+        };
+        if self.after.max(self.last_delivered.unwrap_or(0)) > last_sequence {
+            tracing::warn!(stream = %self.stream, "the stream is newer than this subscription (it was deleted and made again); reading it from the start");
+            self.after = 0;
+            self.last_delivered = None;
+            self.first = consumer::DeliverPolicy::All;
+        }
+        let deliver = match self.last_delivered {
+            Some(last) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: last + 1,
+            },
+            None => self.first,
+        };
+        let (messages, _, _) = self
+            .bus
+            .ordered(&self.stream, self.filter.clone(), deliver)
+            .await?;
+        Ok(messages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn common_names_stay_as_they_are() {
+        for name in ["orders", "order-42", "billing_v2", "A-Z_0-9"] {
+            assert!(matches!(subject_token(name), Cow::Borrowed(n) if n == name));
+        }
+    }
+
+    #[test]
+    fn separators_and_wildcards_are_escaped() {
+        assert_eq!(subject_token("a.b"), "a%2Eb");
+        assert_eq!(subject_token("*"), "%2A");
+        assert_eq!(subject_token(">"), "%3E");
+        assert_eq!(subject_token("a b/c"), "a%20b%2Fc");
+        assert_eq!(subject_token("100%"), "100%25");
+        assert_eq!(subject_token("é"), "%C3%A9");
+        assert_eq!(subject_token(""), "%");
+    }
+
+    #[test]
+    fn foreign_tokens_do_not_decode() {
+        for token in ["", "%2e", "%4", "%zz", "a%", "%41", "a.b", "%C3", "%%"] {
+            assert_eq!(decode_subject_token(token), None, "{token:?}");
+        }
+    }
+
+    fn is_valid_token(token: &str) -> bool {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_%".contains(&b))
+    }
+
+    proptest! {
+        #[test]
+        fn tokens_are_valid_and_decode_to_their_value(value in any::<String>()) {
+            let token = subject_token(&value);
+            prop_assert!(is_valid_token(&token), "{:?} -> {:?}", value, token);
+            prop_assert_eq!(decode_subject_token(&token), Some(value));
+        }
+
+        #[test]
+        fn tokens_of_awkward_names_round_trip(value in "[a-z.*> /%é\u{1F600}-]{0,12}") {
+            let token = subject_token(&value);
+            prop_assert!(is_valid_token(&token), "{:?} -> {:?}", value, token);
+            prop_assert_eq!(decode_subject_token(&token), Some(value));
+        }
+    }
+
+    fn config(name: &str, subjects: &[&str]) -> stream::Config {
+        stream::Config {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            max_messages_per_subject: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_matching_stream_is_left_alone_and_limits_are_updated() {
+        let wanted = config("W_DECISIONS", &["w.decisions.>"]);
+        assert_eq!(reconcile(&wanted, &wanted), Ok(None));
+        let tuned = stream::Config {
+            num_replicas: 3,
+            max_messages_per_subject: 5,
+            ..wanted.clone()
+        };
+        let updated = reconcile(&tuned, &wanted)
+            .expect("can be updated")
+            .expect("needs an update");
+        assert_eq!(updated.max_messages_per_subject, 1);
+        assert_eq!(updated.num_replicas, 3, "replicas are the operator's");
+    }
+
+    #[test]
+    fn a_stream_of_someone_else_is_refused_with_a_reason() {
+        let wanted = config("W_DECISIONS", &["w.decisions.>"]);
+        let other = config("W_DECISIONS", &["W.decisions.>"]);
+        let reason = reconcile(&other, &wanted).expect_err("other subjects");
+        assert!(reason.contains("namespace"), "{reason}");
+        let memory = stream::Config {
+            storage: stream::StorageType::Memory,
+            ..wanted.clone()
+        };
+        let reason = reconcile(&memory, &wanted).expect_err("other storage");
+        assert!(reason.contains("nats stream rm W_DECISIONS"), "{reason}");
+    }
+}

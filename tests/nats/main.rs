@@ -1,0 +1,77 @@
+//! Integration tests of the NATS JetStream backends against a real server: the
+//! allocation bus ([`bus`]), connecting and authenticating ([`connect`]) and the
+//! sink ([`sink`]). The shared server is `WEIR_TEST_NATS_URL`
+//! (default `nats://127.0.0.1:4222`); tests that restart a server or need
+//! special settings start a private `nats-server`. Every test uses namespaces
+//! and streams of its own and removes them afterwards.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod server;
+
+mod bus;
+mod connect;
+mod sink;
+
+use std::time::Duration;
+
+use weir::config::NatsConfig;
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+pub fn nats_url() -> String {
+    std::env::var("WEIR_TEST_NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.into())
+}
+
+pub fn nats_config(url: &str) -> NatsConfig {
+    NatsConfig {
+        url: url.into(),
+        connect_timeout: Duration::from_secs(3),
+        ..NatsConfig::default()
+    }
+}
+
+/// A client of the shared server; `None` (after noting the skip) if it is
+/// unreachable and not required.
+pub async fn shared_client() -> Option<async_nats::Client> {
+    common::init_logging();
+    match weir::bus::nats::connect(&nats_config(&nats_url()), "weir tests").await {
+        Ok(client) => Some(client),
+        Err(error) => {
+            common::service_missing("NATS", error);
+            None
+        }
+    }
+}
+
+/// Deletes JetStream streams when dropped, so a failing test cleans up too.
+pub struct StreamCleanup {
+    pub url: String,
+    pub streams: Vec<String>,
+}
+
+impl Drop for StreamCleanup {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let streams = std::mem::take(&mut self.streams);
+        // Drop runs inside the test's runtime, which cannot block on itself.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            runtime.block_on(async {
+                let Ok(client) =
+                    weir::bus::nats::connect(&nats_config(&url), "weir test cleanup").await
+                else {
+                    return;
+                };
+                let jetstream = async_nats::jetstream::new(client);
+                for stream in streams {
+                    let _ = jetstream.delete_stream(&stream).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
