@@ -9,6 +9,8 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use super::CliError;
+
+mod bridge;
 use crate::config::{Config, StoreKind};
 use crate::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, WriteCondition};
 use crate::store::{EventStore, MemoryStore};
@@ -29,29 +31,9 @@ pub enum Bench {
     /// runtime, beside a raw COPY of the same rows; then time single appends from
     /// the append call to the processor (woken by notification).
     Consume(ConsumeArgs),
-    /// Forward N events through the Kafka sink in batches of B, beside a plain
-    /// idempotent producer sending the same records, each to a topic of its own
-    /// on the `[kafka]` cluster. No store needed.
-    #[cfg(feature = "kafka")]
-    SinkKafka(SinkKafkaArgs),
-}
-
-#[cfg(feature = "kafka")]
-#[derive(Debug, clap::Args)]
-pub struct SinkKafkaArgs {
-    #[arg(long, default_value_t = 200_000)]
-    events: usize,
-    /// Events per batch handed to the sink.
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
-    /// Distinct streams (record keys) the events are spread over.
-    #[arg(long, default_value_t = 1000)]
-    streams: usize,
-    #[arg(long, default_value_t = 100)]
-    payload_bytes: usize,
-    /// Rounds of each side, alternating; the best counts.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    /// Forward N events of one category from the store through a consumer and
+    /// its NATS or Kafka sink, beside a plain client publishing the same messages.
+    Bridge(bridge::BridgeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,8 +120,11 @@ pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
             let outcome = consume::run(&target, &args).await;
             (target, outcome)
         }
-        #[cfg(feature = "kafka")]
-        Bench::SinkKafka(args) => return sink_kafka::run(config, &args).await,
+        Bench::Bridge(args) => {
+            let target = Target::open(config).await?;
+            let outcome = bridge::run(config, &target, &args).await;
+            (target, outcome)
+        }
     };
     target.close().await?;
     outcome
@@ -484,7 +469,7 @@ fn wire_size(
 }
 
 /// `weir bench consume`: the runtime end to end, with a processor that only counts.
-mod consume {
+pub(super) mod consume {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -500,7 +485,7 @@ mod consume {
 
     /// Counts events and notes when each was first seen.
     #[derive(Default)]
-    struct Counter {
+    pub(super) struct Counter {
         seen: AtomicUsize,
         wanted: AtomicUsize,
         done: Notify,
@@ -527,7 +512,7 @@ mod consume {
     }
 
     impl Counter {
-        async fn wait_for(&self, count: usize) {
+        pub(super) async fn wait_for(&self, count: usize) {
             self.wanted.store(count, Ordering::SeqCst);
             while self.seen.load(Ordering::SeqCst) < count {
                 // Notified, or a poll, should the notification come between the
@@ -546,11 +531,11 @@ mod consume {
     }
 
     /// A runtime consuming `source` as group `group` with `processor`.
-    async fn start(
+    pub(super) async fn start(
         target: &Target,
         group: &str,
         source: Source,
-        processor: Arc<Counter>,
+        processor: Arc<dyn EventProcessor>,
         settings: ConsumerSettings,
     ) -> Result<EventRuntime, CliError> {
         let runtime = EventRuntime::new(
@@ -589,7 +574,7 @@ mod consume {
                 target,
                 &format!("bench-{round}"),
                 source.clone(),
-                Arc::clone(&counter),
+                Arc::clone(&counter) as Arc<dyn EventProcessor>,
                 settings.clone(),
             )
             .await?;
@@ -637,7 +622,7 @@ mod consume {
             target,
             "bench-latency",
             Source::Category(category.clone()),
-            Arc::clone(&counter),
+            Arc::clone(&counter) as Arc<dyn EventProcessor>,
             settings,
         )
         .await?;
@@ -784,209 +769,5 @@ mod raw {
             }
         }
         Ok(best)
-    }
-}
-
-/// The Kafka sink beside a plain idempotent producer sending the same records.
-#[cfg(feature = "kafka")]
-mod sink_kafka {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use rdkafka::ClientContext;
-    use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-
-    use super::*;
-    use crate::bus::kafka::{TopicSpec, client_config, ensure_topics, set_default};
-    use crate::consumer::EventProcessor;
-    use crate::event::StoredEvent;
-    use crate::sink::KafkaSink;
-    use crate::store::StreamAppend;
-
-    fn backend(error: impl std::fmt::Display) -> CliError {
-        CliError::Raised(error.to_string())
-    }
-
-    /// `events` events over `streams` streams of one category, in read order
-    /// (streams interleaved), as a category consumer hands them to a sink.
-    async fn make_events(args: &SinkKafkaArgs) -> Result<Vec<StoredEvent>, CliError> {
-        let store = MemoryStore::new();
-        let category = bench_category();
-        let name = EventName::new("BenchEvent").expect("a valid name");
-        let streams: Vec<StreamName> = (0..args.streams.max(1))
-            .map(|i| StreamName::new(format!("stream-{i}")).expect("a valid name"))
-            .collect();
-        let mut made = 0;
-        while made < args.events {
-            let appends: Vec<StreamAppend> = streams
-                .iter()
-                .take(args.events - made)
-                .map(|stream| {
-                    let event = NewEvent::new(name.clone(), payload(args.payload_bytes));
-                    StreamAppend::new(stream.clone(), WriteCondition::Any, vec![event])
-                })
-                .collect();
-            made += appends.len();
-            store
-                .append_batch(&category, appends)
-                .await
-                .map_err(backend)?;
-        }
-        let mut events = Vec::with_capacity(args.events);
-        let mut after = Cursor::START;
-        while events.len() < args.events {
-            let page = store
-                .read(&Source::Category(category.clone()), after, 10_000)
-                .await
-                .map_err(backend)?;
-            let Some(last) = page.last() else { break };
-            after = last.cursor;
-            events.extend(page);
-        }
-        Ok(events)
-    }
-
-    /// Counts failed deliveries; a plain producer's only bookkeeping.
-    #[derive(Default)]
-    struct Failures(AtomicUsize);
-
-    impl ClientContext for Failures {}
-
-    impl ProducerContext for Failures {
-        type DeliveryOpaque = ();
-        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-            if result.is_err() {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Sends every event's record (key, JSON value, headers) with a plain
-    /// idempotent producer and waits until all are stored.
-    fn raw_produce(
-        config: &Config,
-        topic: &str,
-        events: &[StoredEvent],
-        bodies: &[Vec<u8>],
-    ) -> Result<Duration, CliError> {
-        let mut settings = client_config(&config.kafka);
-        set_default(&mut settings, "enable.idempotence", "true");
-        let producer: BaseProducer<Failures> = settings
-            .create_with_context(Failures::default())
-            .map_err(backend)?;
-        let started = Instant::now();
-        for (event, body) in events.iter().zip(bodies) {
-            let key = format!("{}/{}", event.category, event.stream);
-            let id = event.id.to_string();
-            let position = event.position.to_string();
-            let sequence = event.sequence.to_string();
-            let headers = OwnedHeaders::new_with_capacity(7)
-                .insert(Header {
-                    key: "Weir-Event-Id",
-                    value: Some(&id),
-                })
-                .insert(Header {
-                    key: "Weir-Event-Name",
-                    value: Some(event.name.as_str()),
-                })
-                .insert(Header {
-                    key: "Weir-Category",
-                    value: Some(event.category.as_str()),
-                })
-                .insert(Header {
-                    key: "Weir-Stream",
-                    value: Some(event.stream.as_str()),
-                })
-                .insert(Header {
-                    key: "Weir-Position",
-                    value: Some(&position),
-                })
-                .insert(Header {
-                    key: "Weir-Sequence",
-                    value: Some(&sequence),
-                })
-                .insert(Header {
-                    key: "Content-Type",
-                    value: Some("application/json"),
-                });
-            let mut record = BaseRecord::to(topic)
-                .key(&key)
-                .payload(body)
-                .headers(headers);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        // Queue full: serve delivery reports to make room.
-                        producer.poll(Duration::from_millis(10));
-                        record = back;
-                    }
-                }
-            }
-            producer.poll(Duration::ZERO);
-        }
-        producer.flush(Duration::from_secs(120)).map_err(backend)?;
-        let elapsed = started.elapsed();
-        let failed = producer.context().0.load(Ordering::Relaxed);
-        if failed > 0 {
-            return Err(backend(format!(
-                "the plain producer failed to deliver {failed} records"
-            )));
-        }
-        Ok(elapsed)
-    }
-
-    pub(super) async fn run(config: &Config, args: &SinkKafkaArgs) -> Result<(), CliError> {
-        check_sizes(args.events, args.batch, 1)?;
-        let events = Arc::new(make_events(args).await?);
-        let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
-            events
-                .iter()
-                .map(serde_json::to_vec)
-                .collect::<Result<_, _>>()
-                .map_err(backend)?,
-        );
-        let mean_bytes = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len().max(1);
-        let run = &uuid::Uuid::new_v4().simple().to_string()[..12];
-        let (mut best_raw, mut best_sink) = (Duration::MAX, Duration::MAX);
-        for round in 0..args.rounds.max(1) {
-            let raw_topic = format!("weir-bench-raw-{run}-{round}");
-            ensure_topics(&config.kafka, &[TopicSpec::new(&raw_topic)])
-                .await
-                .map_err(backend)?;
-            let raw = {
-                let (config, events, bodies) =
-                    (config.clone(), Arc::clone(&events), Arc::clone(&bodies));
-                tokio::task::spawn_blocking(move || {
-                    raw_produce(&config, &raw_topic, &events, &bodies)
-                })
-                .await
-                .map_err(backend)??
-            };
-            best_raw = best_raw.min(raw);
-
-            let sink_topic = format!("weir-bench-sink-{run}-{round}");
-            let sink = KafkaSink::connect(&config.kafka, &sink_topic).await?;
-            let started = Instant::now();
-            for batch in events.chunks(args.batch) {
-                sink.process(batch).await.map_err(backend)?;
-            }
-            let elapsed = started.elapsed();
-            best_sink = best_sink.min(elapsed);
-            emit(json!({
-                "bench": "sink-kafka", "round": round + 1, "events": events.len(),
-                "batch": args.batch, "record_bytes": mean_bytes,
-                "sink_events_per_s": rate(events.len(), elapsed),
-                "raw_events_per_s": rate(events.len(), raw),
-            }));
-        }
-        let (sink_rate, raw_rate) = (rate(events.len(), best_sink), rate(events.len(), best_raw));
-        emit(json!({
-            "bench": "sink-kafka", "result": "best", "events": events.len(),
-            "batch": args.batch, "record_bytes": mean_bytes,
-            "sink_events_per_s": sink_rate, "raw_events_per_s": raw_rate,
-            "ratio": (sink_rate / raw_rate * 1000.0).round() / 1000.0,
-        }));
-        Ok(())
     }
 }

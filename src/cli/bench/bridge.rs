@@ -77,14 +77,21 @@ fn sink_config(kind: SinkKind, prefix: &str, max_in_flight: usize) -> SinkConfig
     }
 }
 
-pub(super) async fn run(config: &Config, target: &Target, args: &BridgeArgs) -> Result<(), CliError> {
+pub(super) async fn run(
+    config: &Config,
+    target: &Target,
+    args: &BridgeArgs,
+) -> Result<(), CliError> {
     check_sizes(args.events, args.batch, 1)?;
     if args.max_in_flight == 0 {
         return Err(CliError::Usage("--max-in-flight must be at least 1".into()));
     }
     let category = fill(target, args.events, args.payload_bytes).await?;
     let source = Source::Category(category.clone());
-    let events = target.store.read(&source, Cursor::START, args.events).await?;
+    let events = target
+        .store
+        .read(&source, Cursor::START, args.events)
+        .await?;
     let bytes = events
         .iter()
         .map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(0))
@@ -104,7 +111,11 @@ pub(super) async fn run(config: &Config, target: &Target, args: &BridgeArgs) -> 
     let mut raw_best = Duration::MAX;
     for round in 0..args.rounds.max(1) {
         let prefix_weir = prefix(round, "weir");
-        let sink = crate::sink::build(&sink_config(args.sink, &prefix_weir, args.max_in_flight), config).await?;
+        let sink = crate::sink::build(
+            &sink_config(args.sink, &prefix_weir, args.max_in_flight),
+            config,
+        )
+        .await?;
         // Built (connected, stream or topics ready) before the clock starts.
         let counter = Arc::new(Counter::default());
         let processor = Arc::new(Counted {
@@ -112,7 +123,14 @@ pub(super) async fn run(config: &Config, target: &Target, args: &BridgeArgs) -> 
             counter: Arc::clone(&counter),
         });
         let started = Instant::now();
-        let runtime = start(target, &format!("bridge-{round}"), source.clone(), processor, settings.clone()).await?;
+        let runtime = start(
+            target,
+            &format!("bridge-{round}"),
+            source.clone(),
+            processor,
+            settings.clone(),
+        )
+        .await?;
         counter.wait_for(args.events).await;
         weir_best = weir_best.min(started.elapsed());
         runtime.stop().await;
@@ -124,7 +142,11 @@ pub(super) async fn run(config: &Config, target: &Target, args: &BridgeArgs) -> 
             #[cfg(feature = "kafka")]
             SinkKind::Kafka => raw::kafka(config, &prefix_raw, &events).await?,
             #[allow(unreachable_patterns)]
-            _ => return Err(CliError::Usage(format!("this weir was built without the `{sink_name}` feature"))),
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "this weir was built without the `{sink_name}` feature"
+                )));
+            }
         };
         raw_best = raw_best.min(elapsed);
     }
@@ -200,16 +222,16 @@ mod raw {
         let started = Instant::now();
         let mut in_flight = FuturesOrdered::new();
         for (subject, headers, body) in messages {
-            if in_flight.len() >= max_in_flight {
-                if let Some(ack) = in_flight.next().await {
-                    ack.map_err(unavailable)?;
-                }
-            }
             let ack = jetstream
                 .publish_with_headers(subject, headers, body)
                 .await
                 .map_err(unavailable)?;
             in_flight.push_back(ack.into_future());
+            if in_flight.len() >= max_in_flight {
+                if let Some(ack) = in_flight.next().await {
+                    ack.map_err(unavailable)?;
+                }
+            }
         }
         while let Some(ack) = in_flight.next().await {
             ack.map_err(unavailable)?;
@@ -219,29 +241,64 @@ mod raw {
         Ok(elapsed)
     }
 
+    /// Counts failed deliveries: a plain producer's only bookkeeping.
+    #[cfg(feature = "kafka")]
+    #[derive(Default)]
+    struct Failures(std::sync::atomic::AtomicUsize);
+
+    #[cfg(feature = "kafka")]
+    impl rdkafka::ClientContext for Failures {}
+
+    #[cfg(feature = "kafka")]
+    impl rdkafka::producer::ProducerContext for Failures {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+            if result.is_err() {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends every event's record (key, JSON value, headers) with a plain
+    /// idempotent producer as fast as librdkafka takes them, and waits until all
+    /// are stored.
     #[cfg(feature = "kafka")]
     pub(super) async fn kafka(
         config: &Config,
         prefix: &str,
         events: &[StoredEvent],
     ) -> Result<Duration, CliError> {
+        use crate::bus::kafka::{TopicSpec, client_config, ensure_topics, set_default};
         use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-        let mut client = crate::bus::kafka::client_config(&config.kafka);
-        client.set("enable.idempotence", "true");
-        let producer: FutureProducer = client.create().map_err(unavailable)?;
-        let messages: Vec<(String, String, OwnedHeaders, Vec<u8>)> = events
+        let records: Vec<(String, String, OwnedHeaders, Vec<u8>)> = events
             .iter()
             .map(|event| {
-                let headers = OwnedHeaders::new()
-                    .insert(Header { key: "Weir-Event-Id", value: Some(&event.id.to_string()) })
-                    .insert(Header { key: "Weir-Event-Name", value: Some(event.name.as_str()) })
-                    .insert(Header { key: "Weir-Category", value: Some(event.category.as_str()) })
-                    .insert(Header { key: "Weir-Stream", value: Some(event.stream.as_str()) })
-                    .insert(Header { key: "Weir-Position", value: Some(&event.position.to_string()) })
-                    .insert(Header { key: "Weir-Sequence", value: Some(&event.sequence.to_string()) })
-                    .insert(Header { key: "Content-Type", value: Some("application/json") });
+                let (id, position, sequence) = (
+                    event.id.to_string(),
+                    event.position.to_string(),
+                    event.sequence.to_string(),
+                );
+                let headers = [
+                    ("Weir-Event-Id", id.as_str()),
+                    ("Weir-Event-Name", event.name.as_str()),
+                    ("Weir-Category", event.category.as_str()),
+                    ("Weir-Stream", event.stream.as_str()),
+                    ("Weir-Position", position.as_str()),
+                    ("Weir-Sequence", sequence.as_str()),
+                    ("Content-Type", "application/json"),
+                ]
+                .into_iter()
+                .fold(
+                    OwnedHeaders::new_with_capacity(7),
+                    |headers, (key, value)| {
+                        headers.insert(Header {
+                            key,
+                            value: Some(value),
+                        })
+                    },
+                );
                 (
                     format!("{prefix}.{}", event.category.as_str()),
                     format!("{}/{}", event.category, event.stream),
@@ -250,21 +307,53 @@ mod raw {
                 )
             })
             .collect();
-        let started = Instant::now();
-        let deliveries: Vec<_> = messages
-            .iter()
-            .map(|(topic, key, headers, body)| {
-                producer.send(
-                    FutureRecord::to(topic).key(key).headers(headers.clone()).payload(body),
-                    Duration::from_secs(30),
-                )
-            })
-            .collect();
-        for delivery in futures::future::join_all(deliveries).await {
-            delivery.map_err(|(error, _)| unavailable(error))?;
-        }
-        let elapsed = started.elapsed();
-        let _ = producer.flush(Duration::from_secs(5));
-        Ok(elapsed)
+        let topics: std::collections::BTreeSet<&str> =
+            records.iter().map(|(topic, ..)| topic.as_str()).collect();
+        let specs: Vec<TopicSpec> = topics.into_iter().map(TopicSpec::new).collect();
+        ensure_topics(&config.kafka, &specs)
+            .await
+            .map_err(unavailable)?;
+
+        let mut settings = client_config(&config.kafka);
+        set_default(&mut settings, "enable.idempotence", "true");
+        tokio::task::spawn_blocking(move || {
+            let producer: BaseProducer<Failures> = settings
+                .create_with_context(Failures::default())
+                .map_err(unavailable)?;
+            let started = Instant::now();
+            for (topic, key, headers, body) in &records {
+                let mut record = BaseRecord::to(topic)
+                    .key(key)
+                    .payload(body)
+                    .headers(headers.clone());
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, back)) => {
+                            // Queue full: serve delivery reports to make room.
+                            producer.poll(Duration::from_millis(10));
+                            record = back;
+                        }
+                    }
+                }
+                producer.poll(Duration::ZERO);
+            }
+            producer
+                .flush(Duration::from_secs(120))
+                .map_err(unavailable)?;
+            let elapsed = started.elapsed();
+            let failed = producer
+                .context()
+                .0
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if failed > 0 {
+                return Err(unavailable(format!(
+                    "the plain producer failed to deliver {failed} records"
+                )));
+            }
+            Ok(elapsed)
+        })
+        .await
+        .map_err(|e| CliError::Io(std::io::Error::other(e)))?
     }
 }
