@@ -3,6 +3,8 @@
 //! of them acknowledge a batch only once every event in it is delivered, so a
 //! consumer's checkpoint never runs ahead of the destination.
 
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod stdout;
 pub mod template;
 
@@ -11,6 +13,8 @@ use std::sync::Arc;
 use crate::config::{Config, SinkConfig};
 use crate::consumer::EventProcessor;
 
+#[cfg(feature = "nats")]
+pub use nats::NatsSink;
 pub use stdout::StdoutSink;
 pub use template::{Template, TemplateError};
 
@@ -38,6 +42,14 @@ pub async fn build(
     let _ = config;
     Ok(match sink {
         SinkConfig::Stdout => Arc::new(StdoutSink::new()),
+        #[cfg(feature = "nats")]
+        SinkConfig::Nats {
+            subject,
+            stream,
+            max_in_flight,
+        } => Arc::new(
+            NatsSink::connect(&config.nats, subject, stream.as_deref(), *max_in_flight).await?,
+        ),
         #[allow(unreachable_patterns)]
         other => {
             return Err(SinkError::Invalid(format!(
