@@ -443,12 +443,13 @@ fn run_as_coordinator_runs_no_subscribers() {
 }
 
 #[test]
-fn run_on_a_bus_of_a_later_release_says_so() {
+fn run_on_an_unreachable_nats_bus_exits_69_naming_it() {
     let mut command = weir(&["run"]);
     command.env("WEIR_BUS__KIND", "nats");
+    command.env("WEIR_NATS__URL", "nats://127.0.0.1:1");
     let out = finish(command, None);
-    assert_eq!(out.code(), Some(64), "{}", out.context());
-    assert!(out.stderr.contains("bus.kind"), "{}", out.context());
+    assert_eq!(out.code(), Some(69), "{}", out.context());
+    assert!(out.stderr.contains("nats://127.0.0.1:1"), "{}", out.context());
 }
 
 // ---------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ async fn bus(config: &Config) -> Result<Arc<dyn AllocationBus>, CliError> {
             }
             Arc::new(MemoryBus::new())
         }
+        #[cfg(feature = "nats")]
+        BusKind::Nats => Arc::new(crate::bus::NatsBus::connect(&config.nats, &config.bus).await?),
         #[allow(unreachable_patterns)]
         other => {
             return Err(CliError::Usage(format!(
