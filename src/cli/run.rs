@@ -148,6 +148,8 @@ async fn bus(config: &Config) -> Result<Arc<dyn AllocationBus>, CliError> {
             }
             Arc::new(MemoryBus::new())
         }
+        #[cfg(feature = "nats")]
+        BusKind::Nats => Arc::new(crate::bus::NatsBus::connect(&config.nats, &config.bus).await?),
         #[cfg(feature = "kafka")]
         BusKind::Kafka => {
             Arc::new(crate::bus::KafkaBus::connect(&config.kafka, &config.bus).await?)

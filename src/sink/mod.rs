@@ -5,6 +5,8 @@
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod stdout;
 pub mod template;
 
@@ -15,6 +17,8 @@ use crate::consumer::EventProcessor;
 
 #[cfg(feature = "kafka")]
 pub use kafka::KafkaSink;
+#[cfg(feature = "nats")]
+pub use nats::NatsSink;
 pub use stdout::StdoutSink;
 pub use template::{Template, TemplateError};
 
@@ -44,6 +48,14 @@ pub async fn build(
         SinkConfig::Stdout => Arc::new(StdoutSink::new()),
         #[cfg(feature = "kafka")]
         SinkConfig::Kafka { topic } => Arc::new(KafkaSink::connect(&config.kafka, topic).await?),
+        #[cfg(feature = "nats")]
+        SinkConfig::Nats {
+            subject,
+            stream,
+            max_in_flight,
+        } => Arc::new(
+            NatsSink::connect(&config.nats, subject, stream.as_deref(), *max_in_flight).await?,
+        ),
         #[allow(unreachable_patterns)]
         other => {
             return Err(SinkError::Invalid(format!(

@@ -1,0 +1,444 @@
+//! [`NatsSink`]: publishes each event to a JetStream subject rendered from a
+//! template, and acknowledges a batch only once JetStream has stored all of it.
+//!
+//! The body is the stored event as JSON, the same object `weir read` prints.
+//! Headers carry what subscribers filter on without parsing the body:
+//! `Nats-Msg-Id` (the event id, so JetStream drops a republished event within
+//! the stream's duplicate window), `Weir-Event-Name`, `Weir-Category`,
+//! `Weir-Stream`, `Weir-Position`, `Weir-Sequence` and
+//! `Content-Type: application/json`.
+//!
+//! Publishes are pipelined: up to `max_in_flight` wait for their acknowledgement
+//! at once. A batch's acknowledgements come back to one inbox subscription, an
+//! event's index at the end of its reply subject, which costs far less per
+//! event than a request each; a failure names the first event JetStream did not
+//! store, so the consumer's checkpoint never passes it.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+
+use super::{SinkError, Template};
+use crate::bus::nats::{connect, subject_token};
+use crate::config::NatsConfig;
+use crate::consumer::{EventProcessor, ProcessError};
+use crate::event::StoredEvent;
+use crate::telemetry::metrics;
+
+/// How long JetStream may take to acknowledge a publish before the event counts
+/// as not delivered.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+const EVENT_NAME: HeaderName = HeaderName::from_static("Weir-Event-Name");
+const CATEGORY: HeaderName = HeaderName::from_static("Weir-Category");
+const STREAM: HeaderName = HeaderName::from_static("Weir-Stream");
+const POSITION: HeaderName = HeaderName::from_static("Weir-Position");
+const SEQUENCE: HeaderName = HeaderName::from_static("Weir-Sequence");
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
+
+/// Forwards events to NATS JetStream.
+#[derive(Debug)]
+pub struct NatsSink {
+    client: Client,
+    jetstream: jetstream::Context,
+    template: Template,
+    max_in_flight: usize,
+    content_type: HeaderValue,
+}
+
+impl NatsSink {
+    /// Connects with `config` and builds the sink; see [`NatsSink::from_client`].
+    pub async fn connect(
+        config: &NatsConfig,
+        subject: &str,
+        stream: Option<&str>,
+        max_in_flight: usize,
+    ) -> Result<NatsSink, SinkError> {
+        let client = connect(config, "weir sink")
+            .await
+            .map_err(|error| match error {
+                crate::bus::Error::Unavailable(reason) => SinkError::Unavailable(reason),
+                other => SinkError::Invalid(other.to_string()),
+            })?;
+        Self::from_client(client, subject, stream, max_in_flight).await
+    }
+
+    /// A sink publishing to the subjects `subject` renders (`{category}`,
+    /// `{stream}` and `{name}`, each encoded with [`subject_token`]), with up to
+    /// `max_in_flight` publishes awaiting acknowledgement. If `stream` is set, a
+    /// JetStream stream of that name capturing those subjects is created when
+    /// missing; an existing one is left as it is.
+    pub async fn from_client(
+        client: Client,
+        subject: &str,
+        stream: Option<&str>,
+        max_in_flight: usize,
+    ) -> Result<NatsSink, SinkError> {
+        let template = Template::parse(subject)?;
+        if max_in_flight == 0 {
+            return Err(SinkError::Invalid(
+                "max_in_flight must be at least 1".into(),
+            ));
+        }
+        let sink = NatsSink {
+            jetstream: jetstream::new(client.clone()),
+            client,
+            template,
+            max_in_flight,
+            content_type: HeaderValue::from("application/json"),
+        };
+        if let Some(stream) = stream {
+            sink.ensure_stream(stream).await?;
+        }
+        Ok(sink)
+    }
+
+    /// The subject filter matching every subject the template renders:
+    /// `events.{category}.{stream}` gives `events.*.*`.
+    pub fn captured_subjects(&self) -> String {
+        capture_filter(&self.template)
+    }
+
+    async fn ensure_stream(&self, name: &str) -> Result<(), SinkError> {
+        let subjects = self.captured_subjects();
+        match self.jetstream.get_stream(name).await {
+            Ok(mut existing) => {
+                let info = existing.info().await.map_err(|error| {
+                    SinkError::Unavailable(format!("cannot read stream {name}: {error}"))
+                })?;
+                if !info.config.subjects.contains(&subjects) {
+                    tracing::warn!(
+                        stream = name, configured = ?info.config.subjects, sink = %subjects,
+                        "the stream exists and is left as it is, but does not list the sink's subjects; publishes fail unless some stream captures them"
+                    );
+                }
+                Ok(())
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                let config = stream::Config {
+                    name: name.to_owned(),
+                    description: Some("events forwarded by weir".into()),
+                    subjects: vec![subjects.clone()],
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                };
+                match self.jetstream.create_stream(config).await {
+                    Ok(_) => {
+                        tracing::info!(stream = name, subjects = %subjects, "created the sink's stream");
+                        Ok(())
+                    }
+                    // Another instance created it meanwhile.
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            jetstream::context::CreateStreamErrorKind::JetStream(ref e)
+                                if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                        ) =>
+                    {
+                        Ok(())
+                    }
+                    Err(error) => Err(SinkError::Invalid(format!(
+                        "cannot create stream {name} for subjects {subjects}: {error}"
+                    ))),
+                }
+            }
+            Err(error) => Err(SinkError::Unavailable(format!(
+                "cannot look up stream {name}: {error}"
+            ))),
+        }
+    }
+
+    /// The headers the sink sends with `event`.
+    pub fn headers(&self, event: &StoredEvent) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            event.id.hyphenated().to_string(),
+        );
+        headers.insert(EVENT_NAME, event.name.as_str());
+        headers.insert(CATEGORY, event.category.as_str());
+        headers.insert(STREAM, event.stream.as_str());
+        headers.insert(POSITION, HeaderValue::from(event.position));
+        headers.insert(SEQUENCE, HeaderValue::from(event.sequence));
+        headers.insert(CONTENT_TYPE, self.content_type.clone());
+        headers
+    }
+
+    fn subject(&self, event: &StoredEvent) -> String {
+        self.template.render(event, subject_token)
+    }
+
+    fn publish_failed(&self, event: &StoredEvent, why: Failure) -> ProcessError {
+        let subject = self.subject(event);
+        let message = match why {
+            Failure::NoStream => format!(
+                "no JetStream stream captures subject {subject}: set the sink's stream, or create a stream for {}",
+                self.captured_subjects()
+            ),
+            Failure::NotAcknowledged => format!(
+                "JetStream did not acknowledge event {} on {subject} within {}s; check that NATS and its JetStream are reachable",
+                event.id,
+                ACK_TIMEOUT.as_secs()
+            ),
+            Failure::Refused(reason) => {
+                format!(
+                    "JetStream refused event {} on {subject}: {reason}",
+                    event.id
+                )
+            }
+            Failure::Client(reason) => {
+                format!("cannot publish event {} to {subject}: {reason}", event.id)
+            }
+        };
+        ProcessError::new("publish", message)
+    }
+
+    /// Publishes `events` and waits for their acknowledgements; on failure,
+    /// the index of the first event not stored and why.
+    async fn forward(&self, events: &[StoredEvent]) -> Result<(), (usize, Failure)> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|error| (0, Failure::Client(error.to_string())))?;
+        let mut window = AckWindow::new(events.len());
+        let mut sent = 0;
+        while sent < events.len() && window.failure.is_none() {
+            if sent - window.acknowledged >= self.max_in_flight {
+                if !window.receive(&mut replies).await {
+                    break;
+                }
+                continue;
+            }
+            let event = &events[sent];
+            let payload = encode(event).map_err(|reason| (sent, Failure::Client(reason)))?;
+            if let Err(error) = self
+                .client
+                .publish_with_reply_and_headers(
+                    self.subject(event),
+                    format!("{inbox}.{sent}"),
+                    self.headers(event),
+                    payload.into(),
+                )
+                .await
+            {
+                window.fail(sent, Failure::Client(error.to_string()));
+                break;
+            }
+            sent += 1;
+        }
+        // Everything before the first failure must be acknowledged, or the
+        // consumer would count events as delivered that are not stored.
+        while window.first_unacknowledged < window.failure.as_ref().map_or(sent, |f| f.0) {
+            if !window.receive(&mut replies).await {
+                window.fail(window.first_unacknowledged, Failure::NotAcknowledged);
+            }
+        }
+        match window.failure {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why an event was not stored.
+#[derive(Debug)]
+enum Failure {
+    NoStream,
+    NotAcknowledged,
+    Refused(String),
+    Client(String),
+}
+
+/// The stored event as JSON, in a buffer sized for a typical event.
+fn encode(event: &StoredEvent) -> Result<Vec<u8>, String> {
+    let mut buffer = Vec::with_capacity(512);
+    serde_json::to_writer(&mut buffer, event)
+        .map_err(|error| format!("cannot encode the event: {error}"))?;
+    Ok(buffer)
+}
+
+/// The part of a JetStream publish acknowledgement the sink reads.
+#[derive(serde::Deserialize)]
+struct Acknowledgement {
+    #[serde(default)]
+    error: Option<AcknowledgementError>,
+}
+
+#[derive(serde::Deserialize)]
+struct AcknowledgementError {
+    #[serde(default)]
+    description: String,
+}
+
+/// Which events of a batch JetStream has acknowledged.
+struct AckWindow {
+    acknowledged_events: Vec<bool>,
+    acknowledged: usize,
+    /// Every event before this one is acknowledged.
+    first_unacknowledged: usize,
+    /// The lowest index known not to be stored.
+    failure: Option<(usize, Failure)>,
+}
+
+impl AckWindow {
+    fn new(events: usize) -> Self {
+        Self {
+            acknowledged_events: vec![false; events],
+            acknowledged: 0,
+            first_unacknowledged: 0,
+            failure: None,
+        }
+    }
+
+    fn fail(&mut self, index: usize, why: Failure) {
+        if self
+            .failure
+            .as_ref()
+            .is_none_or(|(failed, _)| index < *failed)
+        {
+            self.failure = Some((index, why));
+        }
+    }
+
+    /// Takes the next acknowledgement; `false` if none came within
+    /// [`ACK_TIMEOUT`] or the client closed.
+    async fn receive(&mut self, replies: &mut async_nats::Subscriber) -> bool {
+        let Ok(Some(reply)) = tokio::time::timeout(ACK_TIMEOUT, replies.next()).await else {
+            return false;
+        };
+        let Some(index) = reply
+            .subject
+            .rsplit_once('.')
+            .and_then(|(_, index)| index.parse::<usize>().ok())
+            .filter(|index| *index < self.acknowledged_events.len())
+        else {
+            return true;
+        };
+        if reply.status == Some(StatusCode::NO_RESPONDERS) {
+            self.fail(index, Failure::NoStream);
+            return true;
+        }
+        match serde_json::from_slice::<Acknowledgement>(&reply.payload) {
+            Ok(Acknowledgement { error: None }) => {
+                if !std::mem::replace(&mut self.acknowledged_events[index], true) {
+                    self.acknowledged += 1;
+                }
+                while self
+                    .acknowledged_events
+                    .get(self.first_unacknowledged)
+                    .is_some_and(|done| *done)
+                {
+                    self.first_unacknowledged += 1;
+                }
+            }
+            Ok(Acknowledgement { error: Some(error) }) => {
+                self.fail(index, Failure::Refused(error.description));
+            }
+            Err(error) => self.fail(
+                index,
+                Failure::Refused(format!(
+                    "unreadable acknowledgement ({error}): {}",
+                    String::from_utf8_lossy(&reply.payload)
+                )),
+            ),
+        }
+        true
+    }
+}
+
+/// A token holding a placeholder anywhere becomes a whole-token wildcard, since
+/// an encoded value never contains a `.`.
+fn capture_filter(template: &Template) -> String {
+    template
+        .with_placeholders_as("\0")
+        .split('.')
+        .map(|token| if token.contains('\0') { "*" } else { token })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[async_trait]
+impl EventProcessor for NatsSink {
+    async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
+        let started = Instant::now();
+        self.forward(events)
+            .await
+            .map_err(|(index, why)| self.publish_failed(&events[index], why).at(index))?;
+        metrics::sink_batch("nats", events.len(), started.elapsed());
+        Ok(())
+    }
+}
+
+/// Publishes `messages` (headers, if any, and payload) to `subject` as plainly
+/// as a client can, through the JetStream context with up to `max_in_flight`
+/// acknowledgements outstanding, and says how long JetStream took to store them
+/// all: the yardstick for the sink's throughput. [`NatsSink::headers`] gives the
+/// headers the sink would send with an event.
+pub async fn raw_publish_baseline(
+    client: Client,
+    subject: &str,
+    messages: Vec<(Option<HeaderMap>, Vec<u8>)>,
+    max_in_flight: usize,
+) -> Result<Duration, jetstream::context::PublishError> {
+    let max_in_flight = max_in_flight.max(1);
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(ACK_TIMEOUT)
+        .max_ack_inflight(max_in_flight)
+        .build(client);
+    let started = Instant::now();
+    let mut in_flight = FuturesOrdered::new();
+    for (headers, payload) in messages {
+        if in_flight.len() >= max_in_flight {
+            if let Some(done) = in_flight.next().await {
+                done?;
+            }
+        }
+        let ack = match headers {
+            Some(headers) => {
+                jetstream
+                    .publish_with_headers(subject.to_owned(), headers, payload.into())
+                    .await?
+            }
+            None => {
+                jetstream
+                    .publish(subject.to_owned(), payload.into())
+                    .await?
+            }
+        };
+        in_flight.push_back(ack.into_future());
+    }
+    while let Some(done) = in_flight.next().await {
+        done?;
+    }
+    Ok(started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_captures_every_rendered_subject() {
+        for (template, filter) in [
+            ("events.{category}.{stream}", "events.*.*"),
+            ("all-events", "all-events"),
+            ("ev.{category}_v1.x{name}y", "ev.*.*"),
+            ("{category}", "*"),
+        ] {
+            let template = Template::parse(template).expect("valid template");
+            assert_eq!(capture_filter(&template), filter);
+        }
+    }
+}
