@@ -74,10 +74,11 @@ struct Node {
 }
 
 impl Fleet {
-    /// A fleet whose bus namespace and sink prefix are `namespace`.
+    /// A fleet whose bus namespace is `namespace`; its sink forwards under
+    /// [`sink_prefix`]`(namespace)`.
     async fn start(broker: Broker, broker_address: &str, namespace: &str) -> Option<Self> {
         let postgres = TestPostgres::start().await?;
-        let prefix = namespace;
+        let prefix = sink_prefix(namespace);
         let dir = std::env::temp_dir().join(namespace);
         std::fs::create_dir_all(&dir).expect("create the scenario's directory");
         let sources: Vec<String> = (0..CATEGORIES)
@@ -269,6 +270,11 @@ impl Drop for Fleet {
             eprintln!("node logs kept in {}", self.dir.display());
         }
     }
+}
+
+/// Where the sink forwards to: apart from the bus's own subjects and topics.
+fn sink_prefix(namespace: &str) -> String {
+    format!("{namespace}_events")
 }
 
 fn free_port() -> u16 {
@@ -565,7 +571,7 @@ mod nats {
     ) -> Option<(Fleet, Deliveries)> {
         init_logging();
         let namespace = unique_name("e2e");
-        let (deliveries, client) = collect(&namespace).await?;
+        let (deliveries, client) = collect(&sink_prefix(&namespace)).await?;
         let fleet = bridge_scenario(
             Broker::Nats,
             &url(),
@@ -579,7 +585,7 @@ mod nats {
         // Stored once each: JetStream deduplicated the redeliveries by event id.
         let jetstream = async_nats::jetstream::new(client);
         let mut stream = jetstream
-            .get_stream(namespace.to_uppercase())
+            .get_stream(sink_prefix(&namespace).to_uppercase())
             .await
             .expect("the sink created its stream");
         let stored = stream.info().await.expect("stream info").state.messages;
@@ -692,7 +698,7 @@ mod kafka {
         init_logging();
         let brokers = brokers()?;
         let namespace = unique_name("e2e");
-        let deliveries = collect(&brokers, &namespace).await?;
+        let deliveries = collect(&brokers, &sink_prefix(&namespace)).await?;
         let fleet = bridge_scenario(
             Broker::Kafka,
             &brokers,

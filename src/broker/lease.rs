@@ -445,8 +445,33 @@ impl Leadership {
         }
     }
 
+    /// A lease this node id already holds before this driver ever acquired it
+    /// belongs to an earlier process of the same node (restarted, say after a
+    /// crash). Releasing it starts this process on a new term with a higher epoch,
+    /// so nothing the old process may still have sent passes for this one's, and
+    /// the restart does not wait out the old lease. Store errors are left to the
+    /// acquisition loop, which reports them.
+    async fn end_earlier_incarnations_term(&self) {
+        if let Ok(Some(lease)) = self.store.current(&self.name).await {
+            if lease.holder == self.node {
+                tracing::info!(
+                    lease = %self.name, node = %self.node, epoch = lease.epoch,
+                    "ending the term of an earlier process of this node"
+                );
+                let _ = self
+                    .store
+                    .release(&self.name, &self.node, lease.epoch)
+                    .await;
+            }
+        }
+    }
+
     /// Runs until `cancel` is cancelled, then releases the lease if it holds it.
     pub async fn run(self, cancel: CancellationToken) {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = self.end_earlier_incarnations_term() => {}
+        }
         let interval = self.attempt_interval();
         // (epoch, local deadline) while leader.
         let mut held: Option<(u64, Instant)> = None;
@@ -627,6 +652,21 @@ mod tests {
         // Released: another node takes it at once, under a new epoch.
         let taken = store.try_acquire("coordinator", "b", TTL).await.unwrap();
         assert_eq!(taken.map(|l| l.epoch), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_node_leads_under_a_higher_epoch() {
+        let store = Arc::new(MemoryLeaseStore::new());
+        let (mut state, _cancel, crashed) = start_driver(store.clone(), "a");
+        wait_for(&mut state, TTL, LeaderState::is_leader).await;
+        // A crash: the driver stops without releasing; its lease is still live.
+        crashed.abort();
+        let _ = crashed.await;
+        let (mut state, cancel, driver) = start_driver(store.clone(), "a");
+        let led = wait_for(&mut state, TTL, LeaderState::is_leader).await;
+        assert_eq!(led, LeaderState::Leader { epoch: 2 });
+        cancel.cancel();
+        driver.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
