@@ -13,8 +13,9 @@
 //! - [`store`]: the [`store::EventStore`] trait, the in-memory store and the Postgres
 //!   store (feature `postgres`), with its migrations.
 //! - [`bus`]: the allocation bus: the versioned wire format of decisions and signals,
-//!   the [`bus::AllocationBus`] trait and the in-process [`bus::MemoryBus`]. It
-//!   borrows only the plain data types of `broker::allocation`.
+//!   the [`bus::AllocationBus`] trait, the in-process [`bus::MemoryBus`] and the
+//!   NATS JetStream bus (feature `nats`). It borrows only the plain data types of
+//!   `broker::allocation`.
 //! - [`broker`]: who owns which source. The pure allocation function (balanced,
 //!   sticky, deterministic, two-step handover), the leadership lease with epochs,
 //!   membership, the coordinator that decides while its node leads, the observer that

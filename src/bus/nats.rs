@@ -611,9 +611,8 @@ fn reconcile(
     Ok((updated != *existing).then_some(updated))
 }
 
-#[async_trait]
-impl AllocationBus for NatsBus {
-    async fn publish(&self, message: &BusMessage) -> Result<()> {
+impl NatsBus {
+    async fn publish_once(&self, message: &BusMessage) -> Result<()> {
         match message {
             BusMessage::Decision(decision) => self.publish_decision(decision).await,
             BusMessage::Signal(signal) => {
@@ -637,6 +636,33 @@ impl AllocationBus for NatsBus {
                 metrics::bus_message("signal", "sent");
                 Ok(())
             }
+        }
+    }
+
+    /// Whether a stream of the bus is gone, e.g. deleted by hand or lost with a
+    /// server's storage.
+    async fn streams_missing(&self) -> bool {
+        for name in [&self.decisions_stream, &self.signals_stream] {
+            if let Err(error) = self.jetstream.get_stream(name).await {
+                if is_stream_not_found(&error) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+#[async_trait]
+impl AllocationBus for NatsBus {
+    async fn publish(&self, message: &BusMessage) -> Result<()> {
+        match self.publish_once(message).await {
+            Err(error) if self.streams_missing().await => {
+                tracing::warn!(%error, "the allocation bus's streams are gone; making them again");
+                self.ensure_streams().await?;
+                self.publish_once(message).await
+            }
+            result => result,
         }
     }
 

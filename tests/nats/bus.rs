@@ -432,6 +432,27 @@ async fn the_bus_is_usable_as_a_trait_object() {
     assert_eq!(next(&mut subscription).await, BusMessage::Signal(signal));
 }
 
+#[tokio::test]
+async fn streams_deleted_under_a_running_bus_are_made_again() {
+    let Some(bus) = shared_bus().await else {
+        return;
+    };
+    let mut subscription = bus.subscribe().await.expect("subscribe");
+    let jetstream = async_nats::jetstream::new(shared_client().await.expect("connected before"));
+    for stream in bus.stream_names() {
+        jetstream.delete_stream(stream).await.expect("delete");
+    }
+    let d = decision("orders", 1, 1);
+    bus.publish(&d.clone().into())
+        .await
+        .expect("publish makes the streams again");
+    assert_eq!(bus.retained().await.expect("retained"), vec![d.clone()]);
+    assert_eq!(
+        next_within(&mut subscription, Duration::from_secs(30)).await,
+        BusMessage::Decision(d)
+    );
+}
+
 /// A private server whose payload limit is small enough to split decisions.
 fn small_payload_server(max_payload: usize) -> Option<PrivateServer> {
     PrivateServer::start_with(|dir| {
