@@ -134,6 +134,10 @@ pub(super) async fn run(
         counter.wait_for(args.events).await;
         weir_best = weir_best.min(started.elapsed());
         runtime.stop().await;
+        #[cfg(feature = "nats")]
+        if args.sink == SinkKind::Nats {
+            raw::delete_nats_stream(config, &prefix_weir.to_uppercase()).await;
+        }
 
         let prefix_raw = prefix(round, "raw");
         let elapsed = match args.sink {
@@ -178,6 +182,8 @@ mod raw {
         CliError::Bus(crate::bus::Error::Unavailable(error.to_string()))
     }
 
+    /// The same bodies and headers the NATS sink sends, published by a plain
+    /// JetStream client with the same window, into a stream of their own.
     #[cfg(feature = "nats")]
     pub(super) async fn nats(
         config: &Config,
@@ -185,60 +191,45 @@ mod raw {
         events: &[StoredEvent],
         max_in_flight: usize,
     ) -> Result<Duration, CliError> {
-        use futures::StreamExt;
-        use futures::stream::FuturesOrdered;
+        use crate::sink::nats::{NatsSink, raw_publish_baseline};
 
-        let client = crate::bus::nats::connect(&config.nats, "weir-bench-raw").await?;
-        let jetstream = async_nats::jetstream::new(client);
-        let stream_name = prefix.to_uppercase();
-        jetstream
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: stream_name.clone(),
-                subjects: vec![format!("{prefix}.>")],
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        let messages: Vec<(String, async_nats::HeaderMap, bytes::Bytes)> = events
+        let client = crate::bus::nats::connect(&config.nats, "weir bench raw").await?;
+        let stream = prefix.to_uppercase();
+        // Made only to create the stream and to give the headers it would send.
+        let sink = NatsSink::from_client(
+            client.clone(),
+            &format!("{prefix}.{{category}}.{{stream}}"),
+            Some(&stream),
+            max_in_flight,
+        )
+        .await?;
+        let messages = events
             .iter()
             .map(|event| {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-                headers.insert("Weir-Event-Name", event.name.as_str());
-                headers.insert("Weir-Category", event.category.as_str());
-                headers.insert("Weir-Stream", event.stream.as_str());
-                headers.insert("Weir-Position", event.position.to_string().as_str());
-                headers.insert("Weir-Sequence", event.sequence.to_string().as_str());
-                headers.insert("Content-Type", "application/json");
-                let subject = format!(
-                    "{prefix}.{}.{}",
-                    crate::bus::nats::subject_token(event.category.as_str()),
-                    crate::bus::nats::subject_token(event.stream.as_str())
-                );
                 let body = serde_json::to_vec(event).unwrap_or_default();
-                (subject, headers, bytes::Bytes::from(body))
+                (Some(sink.headers(event)), body)
             })
             .collect();
-        let started = Instant::now();
-        let mut in_flight = FuturesOrdered::new();
-        for (subject, headers, body) in messages {
-            let ack = jetstream
-                .publish_with_headers(subject, headers, body)
-                .await
-                .map_err(unavailable)?;
-            in_flight.push_back(ack.into_future());
-            if in_flight.len() >= max_in_flight {
-                if let Some(ack) = in_flight.next().await {
-                    ack.map_err(unavailable)?;
-                }
-            }
-        }
-        while let Some(ack) = in_flight.next().await {
-            ack.map_err(unavailable)?;
-        }
-        let elapsed = started.elapsed();
-        let _ = jetstream.delete_stream(&stream_name).await;
+        let elapsed = raw_publish_baseline(
+            client.clone(),
+            &format!("{prefix}.raw.all"),
+            messages,
+            max_in_flight,
+        )
+        .await
+        .map_err(unavailable)?;
+        delete_nats_stream(config, &stream).await;
         Ok(elapsed)
+    }
+
+    /// Removes a stream the bench made, so runs leave nothing behind.
+    #[cfg(feature = "nats")]
+    pub(super) async fn delete_nats_stream(config: &Config, stream: &str) {
+        if let Ok(client) = crate::bus::nats::connect(&config.nats, "weir bench cleanup").await {
+            let _ = async_nats::jetstream::new(client)
+                .delete_stream(stream)
+                .await;
+        }
     }
 
     /// Counts failed deliveries: a plain producer's only bookkeeping.
