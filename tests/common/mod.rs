@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use weir::store::{PostgresStore, PostgresStoreOptions};
 
+pub mod bus_suite;
 pub mod fleet;
 pub mod node;
 pub mod promql;
