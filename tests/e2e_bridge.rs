@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::node::{free_port, http_get};
 use common::{TestPostgres, init_logging, service_missing, unique_name};
 use serde_json::Value;
 use weir::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
@@ -71,6 +72,9 @@ struct Fleet {
 struct Node {
     child: Child,
     log: PathBuf,
+    role: String,
+    /// Where its `/metrics`, `/livez`, `/readyz` and `/status` are served.
+    http: std::net::SocketAddr,
 }
 
 impl Fleet {
@@ -131,8 +135,8 @@ sink = {sink}
 [subscriptions.consumer]
 batch_size = 200
 poll_interval = "250ms"
-checkpoint_every = 100
-checkpoint_interval = "200ms"
+checkpoint_every = 1000
+checkpoint_interval = "2s"
 "#,
             url = postgres.url,
             schema = postgres.schema,
@@ -152,6 +156,9 @@ checkpoint_interval = "200ms"
     fn spawn(&mut self, id: &str, role: &str) {
         let log = self.dir.join(format!("{id}.log"));
         let file = std::fs::File::create(&log).expect("create the node's log");
+        let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("a local address");
         let mut command = Command::new(WEIR);
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("WEIR_") {
@@ -163,7 +170,7 @@ checkpoint_interval = "200ms"
             .arg(&self.config)
             .env("WEIR_NODE__ID", id)
             .env("WEIR_NODE__ROLE", role)
-            .env("WEIR_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("WEIR_HTTP__LISTEN", http.to_string())
             .env("WEIR_LOG", "info,weir=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -171,7 +178,15 @@ checkpoint_interval = "200ms"
             .stderr(file)
             .spawn()
             .expect("start weir");
-        self.nodes.insert(id.to_owned(), Node { child, log });
+        self.nodes.insert(
+            id.to_owned(),
+            Node {
+                child,
+                log,
+                role: role.to_owned(),
+                http,
+            },
+        );
         self.wait_for_log(id, "weir node started", START_TIMEOUT);
     }
 
@@ -275,13 +290,6 @@ impl Drop for Fleet {
 /// Where the sink forwards to: apart from the bus's own subjects and topics.
 fn sink_prefix(namespace: &str) -> String {
     format!("{namespace}_events")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free local port")
 }
 
 fn category(index: usize) -> String {
@@ -424,6 +432,67 @@ fn longest_pause(deliveries: &[Delivery], from: Instant, window: Duration) -> Du
         .unwrap_or_default()
 }
 
+/// The value of every sample of `name` in a `/metrics` body, summed.
+fn metric_sum(body: &str, name: &str, labels: &str) -> f64 {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            series.strip_prefix(name).is_some_and(|rest| {
+                (rest.is_empty() || rest.starts_with('{')) && rest.contains(labels)
+            })
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
+impl Fleet {
+    /// What the running nodes export while they work: each its role, one leader
+    /// among them, events processed and published by the nodes that consume, bus
+    /// traffic, and readiness.
+    fn check_metrics(&self, sink: &str) {
+        let mut leaders = 0.0;
+        let mut processed = 0.0;
+        for (id, node) in &self.nodes {
+            let body = match http_get(node.http, "/metrics") {
+                Ok((200, body)) => body,
+                other => panic!("GET /metrics of {id}: {other:?}"),
+            };
+            let role = format!("role=\"{}\"", node.role);
+            assert_eq!(
+                metric_sum(&body, "weir_node_role", &role),
+                1.0,
+                "{id}:\n{body}"
+            );
+            assert_eq!(
+                metric_sum(&body, "weir_ready", ""),
+                1.0,
+                "{id} is ready:\n{body}"
+            );
+            assert!(
+                metric_sum(&body, "weir_bus_messages_total", "") > 0.0,
+                "{id}:\n{body}"
+            );
+            leaders += metric_sum(&body, "weir_coordinator_leader", "");
+            if node.role != "coordinator" {
+                let events = metric_sum(&body, "weir_consumer_events_total", "group=\"bridge\"");
+                let published = metric_sum(
+                    &body,
+                    "weir_sink_published_total",
+                    &format!("sink=\"{sink}\""),
+                );
+                assert!(
+                    published >= events,
+                    "{id}: {published} published < {events} processed"
+                );
+                processed += events;
+            }
+        }
+        assert_eq!(leaders, 1.0, "exactly one node leads");
+        assert!(processed > 0.0, "the running nodes processed events");
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The scenarios
 
@@ -488,6 +557,12 @@ async fn bridge_scenario(
         "{broker:?}: {TOTAL} events appended, {} distinct delivered; after SIGKILL {repeats} redeliveries and a longest pause of {pause:?}",
         distinct_ids(&deliveries)
     );
+    // weir_ready is re-evaluated every few seconds; give it one round.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    fleet.check_metrics(match broker {
+        Broker::Nats => "nats",
+        Broker::Kafka => "kafka",
+    });
     Some(fleet)
 }
 
