@@ -48,6 +48,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The two fleets every broker is tried with: (node id, role).
+const COORDINATOR_AND_TWO_OBSERVERS: [(&str, &str); 3] = [
+    ("coordinator", "coordinator"),
+    ("observer-1", "observer"),
+    ("observer-2", "observer"),
+];
+const THREE_FULL_NODES: [(&str, &str); 3] =
+    [("full-1", "full"), ("full-2", "full"), ("full-3", "full")];
+
 /// Scenarios take turns: each runs several nodes.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -671,12 +680,8 @@ mod nats {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_coordinator_two_observers_survive_a_stop_a_kill_and_a_new_leader() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        let roles = [
-            ("coordinator", "coordinator"),
-            ("observer-1", "observer"),
-            ("observer-2", "observer"),
-        ];
-        if let Some((mut fleet, deliveries)) = scenario(roles, "observer-1", "observer-2").await {
+        let scenario = scenario(COORDINATOR_AND_TWO_OBSERVERS, "observer-1", "observer-2");
+        if let Some((mut fleet, deliveries)) = scenario.await {
             let (leader, _) = fleet.leader().await.expect("a leader");
             assert_eq!(leader, "coordinator", "only the coordinator node competes");
             leader_failover(&mut fleet, &deliveries, Some("coordinator")).await;
@@ -686,8 +691,7 @@ mod nats {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_full_nodes_survive_a_stop_and_a_kill() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        let roles = [("full-1", "full"), ("full-2", "full"), ("full-3", "full")];
-        scenario(roles, "full-2", "full-3").await;
+        scenario(THREE_FULL_NODES, "full-2", "full-3").await;
     }
 }
 
@@ -790,19 +794,14 @@ mod kafka {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_coordinator_two_observers_survive_a_stop_and_a_kill() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        let roles = [
-            ("coordinator", "coordinator"),
-            ("observer-1", "observer"),
-            ("observer-2", "observer"),
-        ];
-        scenario(roles, "observer-1", "observer-2").await;
+        scenario(COORDINATOR_AND_TWO_OBSERVERS, "observer-1", "observer-2").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_full_nodes_survive_a_stop_a_kill_and_a_new_leader() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        let roles = [("full-1", "full"), ("full-2", "full"), ("full-3", "full")];
-        if let Some((mut fleet, deliveries)) = scenario(roles, "full-2", "full-3").await {
+        if let Some((mut fleet, deliveries)) = scenario(THREE_FULL_NODES, "full-2", "full-3").await
+        {
             leader_failover(&mut fleet, &deliveries, None).await;
         }
     }

@@ -143,26 +143,37 @@ fn with_application_name(url: &str, name: &str) -> String {
     format!("{url}{separator}application_name={name}")
 }
 
+/// Runs `cleanup` to completion from a `Drop`: drops run inside the test's
+/// runtime, which cannot block on itself, so this uses a thread with a runtime
+/// of its own.
+pub fn clean_up_on_drop<F>(cleanup: F) -> Option<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for cleanup")
+            .block_on(cleanup)
+    })
+    .join()
+    .ok()
+}
+
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         let schema = self.schema.clone();
-        // Drop runs inside the test's runtime, which cannot block on itself: clean up
-        // from a thread with a runtime of its own.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for cleanup");
-            runtime.block_on(async {
-                let (client, connection) =
-                    tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
-                tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                    .await
-            })
+        let dropped = clean_up_on_drop(async move {
+            let (client, connection) =
+                tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .await
         });
-        if let Ok(Err(e)) = cleanup.join() {
+        if let Some(Err(e)) = dropped {
             eprintln!("could not drop test schema {}: {e}", self.schema);
         }
     }

@@ -54,24 +54,16 @@ impl Drop for StreamCleanup {
     fn drop(&mut self) {
         let url = self.url.clone();
         let streams = std::mem::take(&mut self.streams);
-        // Drop runs inside the test's runtime, which cannot block on itself.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for cleanup");
-            runtime.block_on(async {
-                let Ok(client) =
-                    weir::bus::nats::connect(&nats_config(&url), "weir test cleanup").await
-                else {
-                    return;
-                };
-                let jetstream = async_nats::jetstream::new(client);
-                for stream in streams {
-                    let _ = jetstream.delete_stream(&stream).await;
-                }
-            });
+        common::clean_up_on_drop(async move {
+            let Ok(client) =
+                weir::bus::nats::connect(&nats_config(&url), "weir test cleanup").await
+            else {
+                return;
+            };
+            let jetstream = async_nats::jetstream::new(client);
+            for stream in streams {
+                let _ = jetstream.delete_stream(&stream).await;
+            }
         });
-        let _ = cleanup.join();
     }
 }
