@@ -25,13 +25,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::node::{free_port, http_get};
+use common::node::{free_port, http_get, weir_command};
 use common::{TestPostgres, init_logging, service_missing, unique_name};
 use serde_json::Value;
 use weir::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
 use weir::store::{EventStore, StreamAppend};
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
 const CATEGORIES: usize = 5;
 const STREAMS_PER_CATEGORY: usize = 20;
@@ -168,13 +166,7 @@ checkpoint_interval = "2s"
         let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("a local address");
-        let mut command = Command::new(WEIR);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("WEIR_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command
+        let child = weir_command()
             .args(["run", "--config"])
             .arg(&self.config)
             .env("WEIR_NODE__ID", id)
@@ -182,7 +174,6 @@ checkpoint_interval = "2s"
             .env("WEIR_HTTP__LISTEN", http.to_string())
             .env("WEIR_LOG", "info,weir=debug")
             .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -21,16 +21,20 @@ use crate::store::EventStore;
 /// Names the demo events cycle through.
 const NAMES: [&str; 3] = ["Opened", "Updated", "Closed"];
 
+/// The demo's categories; configuration validation has already refused invalid
+/// names.
+fn categories(demo: &DemoConfig) -> Vec<Category> {
+    demo.categories
+        .iter()
+        .filter_map(|category| Category::new(category.as_str()).ok())
+        .collect()
+}
+
 /// The subscription `--demo` adds when none is configured.
 pub fn default_subscription(demo: &DemoConfig) -> SubscriptionConfig {
     SubscriptionConfig {
         group: "demo".into(),
-        sources: demo
-            .categories
-            .iter()
-            .filter_map(|category| Category::new(category.as_str()).ok())
-            .map(Source::Category)
-            .collect(),
+        sources: categories(demo).into_iter().map(Source::Category).collect(),
         instances: 1,
         required_tags: Default::default(),
         sink: SinkConfig::Stdout,
@@ -56,11 +60,7 @@ pub fn enable(config: &mut Config) {
 /// Appends demo events until `stop` is cancelled. Append errors are logged and
 /// retried at the next tick: the demo must never take the node down.
 pub async fn run(store: Arc<dyn EventStore>, demo: DemoConfig, stop: CancellationToken) {
-    let categories: Vec<Category> = demo
-        .categories
-        .iter()
-        .filter_map(|category| Category::new(category.as_str()).ok())
-        .collect();
+    let categories = categories(&demo);
     if categories.is_empty() {
         return;
     }

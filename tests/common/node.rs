@@ -40,6 +40,19 @@ pub fn free_port() -> u16 {
         .expect("a free local port")
 }
 
+/// The `weir` binary with no inherited `WEIR_*` variable, so that the
+/// developer's environment cannot change what a test runs, and stdin closed.
+pub fn weir_command() -> Command {
+    let mut command = Command::new(WEIR);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("WEIR_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
 /// A running demo node, killed when dropped.
 pub struct DemoNode {
     child: Child,
@@ -52,15 +65,8 @@ impl DemoNode {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("an address");
-        let mut command = Command::new(WEIR);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("WEIR_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command
+        let child = weir_command()
             .args(["run", "--demo", "--listen", &address.to_string()])
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
