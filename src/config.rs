@@ -2,10 +2,10 @@
 //! flags), extracted section by section so that every problem is reported at once,
 //! then validated by a pure function. Connectivity is not checked here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use figment::providers::{Format, Serialized, Toml};
@@ -14,8 +14,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{BrokerRole, BrokerSettings};
+pub use crate::bus::{BusConfig, BusKind};
+pub use crate::connect::{KafkaOptions, NatsOptions, NatsTls, is_secret_property};
 use crate::consumer::ConsumerSettings;
 use crate::event::{NameKind, Source, validate_name};
+pub use crate::sink::SinkConfig;
 pub use crate::telemetry::logging::LogFormat;
 
 /// The embedded default: memory store and bus. Used when no config file is given.
@@ -51,9 +54,9 @@ pub struct Config {
     #[serde(default)]
     pub bus: BusConfig,
     #[serde(default)]
-    pub nats: NatsConfig,
+    pub nats: NatsOptions,
     #[serde(default)]
-    pub kafka: KafkaConfig,
+    pub kafka: KafkaOptions,
     #[serde(default)]
     pub broker: BrokerSettings,
     #[serde(default)]
@@ -160,196 +163,6 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
-/// Which allocation bus backend to use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BusKind {
-    #[default]
-    Memory,
-    Nats,
-    Kafka,
-}
-
-/// `[bus]`: which allocation bus the fleet shares. Connection settings live in
-/// `[nats]` and `[kafka]`, which the sinks use too.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BusConfig {
-    #[serde(default)]
-    pub kind: BusKind,
-    /// Prefix of every subject, stream and topic the bus uses, so that several
-    /// fleets can share one NATS or Kafka cluster.
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// How long the broker keeps signals (joined, leaving, released). They matter
-    /// only to the coordinator of the moment, so a short time is enough.
-    #[serde(default = "default_signal_retention", with = "humantime_serde")]
-    pub signal_retention: Duration,
-}
-
-fn default_namespace() -> String {
-    "weir".into()
-}
-fn default_signal_retention() -> Duration {
-    Duration::from_secs(60)
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        Self {
-            kind: BusKind::default(),
-            namespace: default_namespace(),
-            signal_retention: default_signal_retention(),
-        }
-    }
-}
-
-/// `[nats]`: how to reach NATS, for the NATS bus and NATS sinks.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsConfig {
-    /// One server URL or several separated by commas: `nats://host:4222`,
-    /// `tls://host:4222`.
-    #[serde(default = "default_nats_url")]
-    pub url: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// An NKey seed (`SU...`) to sign the server's challenge with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nkey_seed: Option<String>,
-    /// A `.creds` file holding a user JWT and its NKey seed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_file: Option<PathBuf>,
-    #[serde(default)]
-    pub tls: TlsConfig,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-}
-
-fn default_nats_url() -> String {
-    "nats://127.0.0.1:4222".into()
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        Self {
-            url: default_nats_url(),
-            user: None,
-            password: None,
-            token: None,
-            nkey_seed: None,
-            credentials_file: None,
-            tls: TlsConfig::default(),
-            connect_timeout: default_connect_timeout(),
-        }
-    }
-}
-
-impl fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secret = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
-        f.debug_struct("NatsConfig")
-            .field("url", &self.url)
-            .field("user", &self.user)
-            .field("password", &secret(&self.password))
-            .field("token", &secret(&self.token))
-            .field("nkey_seed", &secret(&self.nkey_seed))
-            .field("credentials_file", &self.credentials_file)
-            .field("tls", &self.tls)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish()
-    }
-}
-
-/// `[nats.tls]`: TLS towards NATS.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// Insist on TLS even for `nats://` URLs.
-    #[serde(default)]
-    pub required: bool,
-    /// PEM file of the certificate authorities to trust.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate and its key, for servers that verify clients.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
-}
-
-/// `[kafka]`: how to reach Kafka, for the Kafka bus and Kafka sinks.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `host:port[,host:port...]` (librdkafka's `bootstrap.servers`).
-    #[serde(default = "default_kafka_brokers")]
-    pub brokers: String,
-    /// Partitions of the topics weir creates when they are missing.
-    #[serde(default = "default_partitions")]
-    pub partitions: i32,
-    /// Replication factor of the topics weir creates.
-    #[serde(default = "default_replication")]
-    pub replication: i32,
-    /// Any librdkafka property, passed through as is: `security.protocol`,
-    /// `sasl.mechanism`, `sasl.username`, `ssl.ca.location`, timeouts...
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: BTreeMap<String, String>,
-}
-
-fn default_kafka_brokers() -> String {
-    "127.0.0.1:9092".into()
-}
-fn default_partitions() -> i32 {
-    1
-}
-fn default_replication() -> i32 {
-    1
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        Self {
-            brokers: default_kafka_brokers(),
-            partitions: default_partitions(),
-            replication: default_replication(),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let properties: BTreeMap<&str, &str> = self
-            .properties
-            .iter()
-            .map(|(key, value)| {
-                let shown = if is_secret_property(key) {
-                    "<redacted>"
-                } else {
-                    value.as_str()
-                };
-                (key.as_str(), shown)
-            })
-            .collect();
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("partitions", &self.partitions)
-            .field("replication", &self.replication)
-            .field("properties", &properties)
-            .finish()
-    }
-}
-
-/// librdkafka properties that hold secrets and are never printed.
-pub fn is_secret_property(key: &str) -> bool {
-    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem")
-}
-
 /// `[http]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -453,40 +266,6 @@ pub struct SubscriptionConfig {
     /// How its consumers read, checkpoint and handle failures; every key optional.
     #[serde(default)]
     pub consumer: ConsumerSettings,
-}
-
-/// `sink = { kind = ... }` of a subscription.
-///
-/// Templates name where each event goes, with `{category}`, `{stream}` (the
-/// stream's id within its category) and `{name}` (the event's name) filled in.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// JSON lines on standard output.
-    #[default]
-    Stdout,
-    /// JetStream publishes through `[nats]`.
-    Nats {
-        /// Subject template, e.g. `events.{category}.{stream}`; values are encoded
-        /// into valid subject tokens.
-        subject: String,
-        /// A JetStream stream to create when missing, capturing the template's
-        /// subjects. Leave unset when the stream is managed elsewhere.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stream: Option<String>,
-        /// Publishes awaiting their acknowledgement at once.
-        #[serde(default = "default_max_in_flight")]
-        max_in_flight: usize,
-    },
-    /// Idempotent produces through `[kafka]`, keyed by stream.
-    Kafka {
-        /// Topic template, e.g. `events.{category}`.
-        topic: String,
-    },
-}
-
-fn default_max_in_flight() -> usize {
-    1024
 }
 
 fn default_instances() -> usize {
@@ -793,7 +572,7 @@ impl BusKind {
     }
 }
 
-impl NatsConfig {
+impl NatsOptions {
     /// Problems as (key within `[nats]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
@@ -870,7 +649,7 @@ impl NatsConfig {
     }
 }
 
-impl KafkaConfig {
+impl KafkaOptions {
     /// Problems as (key within `[kafka]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
@@ -1379,7 +1158,7 @@ mod tests {
             SinkConfig::Nats {
                 subject: "events.{category}.{stream}".into(),
                 stream: Some("EVENTS".into()),
-                max_in_flight: default_max_in_flight(),
+                max_in_flight: crate::sink::default_max_in_flight(),
             }
         );
         assert_eq!(

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::metrics;
+
 /// The longest name weir accepts, in bytes. Long enough for any sensible identifier,
 /// short enough to keep index entries small.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -317,6 +319,16 @@ impl Source {
             Source::Category(c) | Source::Stream(c, _) => c == category,
         }
     }
+
+    /// The `source` label this source's metrics carry: its text form for the log
+    /// and categories, [`metrics::STREAMS_LABEL`] for any stream, so that stream
+    /// sources cannot grow the label set without bound.
+    pub fn metric_label(&self) -> String {
+        match self {
+            Source::Stream(..) => metrics::STREAMS_LABEL.to_owned(),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Source {
@@ -576,5 +588,14 @@ mod tests {
             let source = Source::Stream(Category::new(category).unwrap(), StreamName::new(stream).unwrap());
             prop_assert_eq!(source.to_string().parse::<Source>().unwrap(), source);
         }
+    }
+
+    #[test]
+    fn stream_sources_share_one_metric_label() {
+        let stream: Source = "stream:orders/order-42".parse().unwrap();
+        let category: Source = "category:orders".parse().unwrap();
+        assert_eq!(stream.metric_label(), metrics::STREAMS_LABEL);
+        assert_eq!(category.metric_label(), "category:orders");
+        assert_eq!(Source::Log.metric_label(), "log");
     }
 }

@@ -33,12 +33,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod allocation;
 pub mod broker;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod consumer;
 pub mod event;
+pub mod metrics;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod runtime;
 pub mod sink;
 pub mod store;

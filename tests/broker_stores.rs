@@ -35,10 +35,8 @@ impl Backend {
     async fn postgres() -> Option<Self> {
         let db = common::TestPostgres::start().await?;
         Some(Self {
-            leases: Arc::new(weir::broker::lease::PostgresLeaseStore::new(
-                db.store.clone(),
-            )),
-            members: Arc::new(weir::broker::membership::PostgresMembershipStore::new(
+            leases: Arc::new(weir::postgres::PostgresLeaseStore::new(db.store.clone())),
+            members: Arc::new(weir::postgres::PostgresMembershipStore::new(
                 db.store.clone(),
             )),
             db: Some(db),

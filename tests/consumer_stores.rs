@@ -35,10 +35,10 @@ impl Backend {
     async fn postgres() -> Option<Self> {
         let db = common::TestPostgres::start().await?;
         Some(Self {
-            checkpoints: Arc::new(weir::consumer::PostgresCheckpointStore::new(
+            checkpoints: Arc::new(weir::postgres::PostgresCheckpointStore::new(
                 db.store.clone(),
             )),
-            dead_letters: Arc::new(weir::consumer::PostgresDeadLetterStore::new(
+            dead_letters: Arc::new(weir::postgres::PostgresDeadLetterStore::new(
                 db.store.clone(),
             )),
             db: Some(db),

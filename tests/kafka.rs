@@ -20,7 +20,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use weir::bus::{AllocationBus, BusMessage, Decision, Error, KafkaBus};
-use weir::config::{BusConfig, KafkaConfig};
+use weir::config::{BusConfig, KafkaOptions};
 use weir::consumer::EventProcessor;
 use weir::event::{Category, EventName, NewEvent, StoredEvent, StreamName, WriteCondition};
 use weir::sink::kafka::encode_topic_value;
@@ -35,7 +35,7 @@ use common::{init_logging, service_missing, unique_name};
 
 /// A fleet per namespace on the test broker; every connect is a new client.
 struct KafkaBackend {
-    kafka: KafkaConfig,
+    kafka: KafkaOptions,
 }
 
 impl KafkaBackend {
@@ -57,7 +57,7 @@ impl KafkaBackend {
         let kafka = test_kafka().await?;
         // Several partitions, so that readers must cover them all.
         Some(Self {
-            kafka: KafkaConfig {
+            kafka: KafkaOptions {
                 partitions: 3,
                 ..kafka
             },
@@ -82,7 +82,7 @@ impl BusBackend for KafkaBackend {
 
 /// The test broker's settings, or `None` (after noting the skip, or failing
 /// under `WEIR_REQUIRE_SERVICES=1`) when there is none.
-async fn test_kafka() -> Option<KafkaConfig> {
+async fn test_kafka() -> Option<KafkaOptions> {
     init_logging();
     let Ok(brokers) = std::env::var("WEIR_TEST_KAFKA_BROKERS") else {
         service_missing(
@@ -98,9 +98,9 @@ async fn test_kafka() -> Option<KafkaConfig> {
     )
     .await;
     match reachable {
-        Ok(Ok(_)) => Some(KafkaConfig {
+        Ok(Ok(_)) => Some(KafkaOptions {
             brokers,
-            ..KafkaConfig::default()
+            ..KafkaOptions::default()
         }),
         Ok(Err(error)) => {
             service_missing("Kafka", format!("{first}: {error}"));
@@ -122,7 +122,7 @@ mod suite {
 
 /// Every record of `topic` on the test broker, read from the beginning until
 /// `count` have arrived.
-async fn read_topic(kafka: &KafkaConfig, topic: &str, count: usize) -> Vec<Record> {
+async fn read_topic(kafka: &KafkaOptions, topic: &str, count: usize) -> Vec<Record> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", "weir-tests")
@@ -228,9 +228,9 @@ async fn the_producers_message_size_limit_passes_through_and_splits_decisions() 
 async fn an_unreachable_cluster_is_unavailable_in_bounded_time() {
     init_logging();
     // Nothing listens on port 1.
-    let kafka = KafkaConfig {
+    let kafka = KafkaOptions {
         brokers: "127.0.0.1:1".into(),
-        ..KafkaConfig::default()
+        ..KafkaOptions::default()
     };
     let bus = tokio::time::timeout(
         Duration::from_secs(60),
@@ -256,9 +256,9 @@ async fn an_unreachable_cluster_is_unavailable_in_bounded_time() {
 #[tokio::test]
 async fn a_bad_property_is_reported_by_name() {
     init_logging();
-    let kafka = KafkaConfig {
+    let kafka = KafkaOptions {
         properties: [("linger.ms".to_owned(), "soon".to_owned())].into(),
-        ..KafkaConfig::default()
+        ..KafkaOptions::default()
     };
     let error = KafkaBus::connect(&kafka, &BusConfig::default())
         .await

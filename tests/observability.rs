@@ -29,10 +29,10 @@ use weir::consumer::{ConsumerSettings, EventProcessor, ProcessError};
 use weir::event::{
     Category, Cursor, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition,
 };
+use weir::metrics::{CATALOG, NodeMetrics, register_node};
 use weir::runtime::{ConsumerStores, EventRuntime};
 use weir::store::{EventStore, MemoryStore};
 use weir::telemetry::http::HttpServer;
-use weir::telemetry::metrics::{CATALOG, NodeMetrics, register_node};
 use weir::telemetry::status::NodeProbe;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
@@ -214,8 +214,8 @@ async fn a_node_exports_every_metric_and_reports_its_status() {
         )
         .unwrap();
     register_node(&NodeMetrics {
-        role: BrokerRole::Full,
-        groups: vec![(group.clone(), vec![source.clone()])],
+        role: BrokerRole::Full.as_str(),
+        groups: vec![(group.clone(), vec![source.metric_label()])],
         coordinated_groups: vec![group.clone()],
         sinks: vec!["stdout"],
     });

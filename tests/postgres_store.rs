@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::TestPostgres;
 use serde_json::json;
 use weir::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, WriteCondition};
-use weir::store::{Error, EventStore, PostgresStore, PostgresStoreOptions};
+use weir::postgres::{PostgresStore, PostgresStoreOptions};
+use weir::store::{Error, EventStore};
 
 fn one_event() -> Vec<NewEvent> {
     vec![NewEvent::new(
@@ -31,7 +32,7 @@ async fn migrations_are_idempotent_under_concurrency() {
     while let Some(report) = runs.join_next().await {
         let report = report.unwrap().unwrap();
         assert!(report.applied.is_empty(), "{report:?}");
-        assert_eq!(report.version, weir::store::postgres::CURRENT_VERSION);
+        assert_eq!(report.version, weir::postgres::CURRENT_VERSION);
     }
     let client = db.raw_client().await;
     let rows: i64 = client
@@ -42,7 +43,7 @@ async fn migrations_are_idempotent_under_concurrency() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, i64::from(weir::store::postgres::CURRENT_VERSION));
+    assert_eq!(rows, i64::from(weir::postgres::CURRENT_VERSION));
     db.store.check_schema().await.unwrap();
 }
 
@@ -80,10 +81,7 @@ async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
         applied.push(count.unwrap());
     }
     applied.sort();
-    assert_eq!(
-        applied,
-        [0, 0, 0, weir::store::postgres::CURRENT_VERSION as usize]
-    );
+    assert_eq!(applied, [0, 0, 0, weir::postgres::CURRENT_VERSION as usize]);
     store.check_schema().await.unwrap();
     db.raw_client()
         .await

@@ -24,13 +24,13 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::BrokerSettings;
-use super::allocation::{Allocation, AllocationInput, Handover, Member, allocate};
 use super::lease::LeaderState;
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
+use crate::allocation::{Allocation, AllocationInput, Handover, Member, allocate};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::Source;
-use crate::telemetry::metrics;
+use crate::metrics;
 
 /// Records silent for this many member timeouts are deleted from the registry.
 /// Long after they stopped counting, so a node back from a short partition finds

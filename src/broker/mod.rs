@@ -1,7 +1,6 @@
-//! The broker: who owns which source.
+//! The broker: who owns which source. The pure allocation function lives below
+//! it in [`crate::allocation`], since the bus carries its decisions.
 //!
-//! - [`allocation`]: the pure allocation function (balanced, sticky, deterministic,
-//!   two-step handover).
 //! - [`lease`]: the leadership lease with epochs and the [`lease::Leadership`] driver.
 //! - [`membership`]: the registry of subscribers and their heartbeats.
 //! - [`coordinator`]: decides and publishes allocations while its node leads.
@@ -15,7 +14,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub mod allocation;
 pub mod coordinator;
 pub mod distributed;
 pub mod lease;

@@ -28,7 +28,7 @@ use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use super::subscriber::{Subscriber, SubscriberSpec};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::{Cursor, Source};
-use crate::telemetry::metrics;
+use crate::metrics;
 
 /// Applies decisions to this node's subscribers. Add subscribers, take
 /// [`Observer::status`], then spawn [`Observer::run`].

@@ -37,13 +37,20 @@ impl BrokerRole {
     }
 }
 
-impl fmt::Display for BrokerRole {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl BrokerRole {
+    /// The role's name in config and in the `role` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
             BrokerRole::Coordinator => "coordinator",
             BrokerRole::Observer => "observer",
             BrokerRole::Full => "full",
-        })
+        }
+    }
+}
+
+impl fmt::Display for BrokerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

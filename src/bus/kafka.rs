@@ -17,8 +17,7 @@
 //! the decisions). librdkafka still requires a `group.id`, which is set but never
 //! joined.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Deref;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,8 +25,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::join_all;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -35,39 +32,15 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::BusConfig;
 use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
 use super::{AllocationBus, BusSubscription, Error, Result, encode_decision_parts};
-use crate::config::{BusConfig, KafkaConfig};
-use crate::telemetry::metrics;
-
-/// How long connecting, creating topics and reading partition metadata may take
-/// before the cluster counts as unreachable.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a bus publish or a sink's delivery waits for the broker to store it
-/// (librdkafka's `message.timeout.ms`, unless `[kafka.properties]` sets it).
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long [`KafkaBus::retained`] may take to read the decisions topic.
-pub const RETAINED_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// librdkafka's default `message.max.bytes`.
-const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
-
-/// What a record costs beyond its key and value: the record batch header and the
-/// record's own framing, with room to spare.
-const RECORD_OVERHEAD: usize = 512;
-
-/// Why weir could not set up its use of a Kafka cluster.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("librdkafka refused the [kafka] settings: {0}; fix or remove that property")]
-    InvalidProperty(String),
-    #[error("cannot reach Kafka at {brokers}: {reason}")]
-    Unreachable { brokers: String, reason: String },
-    #[error("cannot create Kafka topic {topic:?}: {reason}")]
-    Topic { topic: String, reason: String },
-}
+use crate::connect::KafkaOptions;
+use crate::connect::kafka_client::{
+    CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
+    ensure_topics, is_transient, payload_limit, property_error, set_default,
+};
+use crate::metrics;
 
 impl From<ClusterError> for Error {
     fn from(error: ClusterError) -> Self {
@@ -78,226 +51,8 @@ impl From<ClusterError> for Error {
     }
 }
 
-/// librdkafka settings for `kafka`: `bootstrap.servers` from `brokers`, then every
-/// `[kafka.properties]` entry as it is written.
-pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.brokers);
-    config.set("client.id", "weir");
-    for (key, value) in &kafka.properties {
-        config.set(key, value);
-    }
-    config
-}
-
-/// Sets `key` to `value` unless the operator set it in `[kafka.properties]`.
-pub(crate) fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
-    if config.get(key).is_none() {
-        config.set(key, value);
-    }
-}
-
-/// A topic to create when it is missing, with its topic-level settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicSpec {
-    pub name: String,
-    pub settings: Vec<(String, String)>,
-}
-
-impl TopicSpec {
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            settings: Vec::new(),
-        }
-    }
-
-    /// The same topic with `key` (e.g. `retention.ms`) set to `value`.
-    #[must_use]
-    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.settings.push((key.into(), value.into()));
-        self
-    }
-}
-
-/// Creates those of `topics` that do not exist yet, with `kafka.partitions`
-/// partitions and `kafka.replication` replicas; existing topics are left as they
-/// are. Existing topics are looked up first, so an account that may write to
-/// topics but not create them works as long as the topics are there.
-pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), ClusterError> {
-    if topics.is_empty() {
-        return Ok(());
-    }
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
-        .create()
-        .map_err(|error| property_error(kafka, error))?;
-    let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
-    let (admin, existing) = tokio::task::spawn_blocking(move || {
-        let existing = existing_topics(&admin, &names);
-        (DropOffRuntime::new(admin), existing)
-    })
-    .await
-    .map_err(|error| unreachable(kafka, &error.to_string()))?;
-    let existing = existing.map_err(|error| cluster_error(kafka, None, error))?;
-    let new_topics: Vec<NewTopic<'_>> = topics
-        .iter()
-        .filter(|topic| !existing.contains(&topic.name))
-        .map(|topic| {
-            topic.settings.iter().fold(
-                NewTopic::new(
-                    &topic.name,
-                    kafka.partitions,
-                    TopicReplication::Fixed(kafka.replication),
-                ),
-                |new, (key, value)| new.set(key, value),
-            )
-        })
-        .collect();
-    if new_topics.is_empty() {
-        return Ok(());
-    }
-    let options = AdminOptions::new()
-        .request_timeout(Some(CONNECT_TIMEOUT))
-        .operation_timeout(Some(CONNECT_TIMEOUT));
-    let created = tokio::time::timeout(
-        CONNECT_TIMEOUT + Duration::from_secs(1),
-        admin.create_topics(&new_topics, &options),
-    )
-    .await
-    .map_err(|_| unreachable(kafka, "creating topics timed out"))?
-    .map_err(|error| cluster_error(kafka, None, error))?;
-    for result in created {
-        match result {
-            // Another node may have created it meanwhile.
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) if is_transient(code) => {
-                return Err(unreachable(
-                    kafka,
-                    &format!("creating topic {topic:?} failed: {code}"),
-                ));
-            }
-            Err((topic, code)) => {
-                return Err(ClusterError::Topic {
-                    topic,
-                    reason: format!(
-                        "{code}; create it yourself, or give weir's Kafka account the right to create topics"
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Which of `names` the cluster has, by one metadata request each.
-fn existing_topics(
-    admin: &AdminClient<DefaultClientContext>,
-    names: &[String],
-) -> Result<BTreeSet<String>, KafkaError> {
-    let mut existing = BTreeSet::new();
-    for name in names {
-        let metadata = admin.inner().fetch_metadata(Some(name), CONNECT_TIMEOUT)?;
-        if metadata
-            .topics()
-            .iter()
-            .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
-        {
-            existing.insert(name.clone());
-        }
-    }
-    Ok(existing)
-}
-
-fn unreachable(kafka: &KafkaConfig, reason: &str) -> ClusterError {
-    ClusterError::Unreachable {
-        brokers: kafka.brokers.clone(),
-        reason: reason.to_owned(),
-    }
-}
-
-fn property_error(kafka: &KafkaConfig, error: KafkaError) -> ClusterError {
-    match error {
-        KafkaError::ClientConfig(..) => ClusterError::InvalidProperty(error.to_string()),
-        other => cluster_error(kafka, None, other),
-    }
-}
-
-/// Classifies a client error: transport problems mean the cluster is unreachable.
-fn cluster_error(kafka: &KafkaConfig, topic: Option<&str>, error: KafkaError) -> ClusterError {
-    match error.rdkafka_error_code() {
-        Some(code) if is_transient(code) => unreachable(kafka, &error.to_string()),
-        _ => match topic {
-            Some(topic) => ClusterError::Topic {
-                topic: topic.to_owned(),
-                reason: error.to_string(),
-            },
-            None => unreachable(kafka, &error.to_string()),
-        },
-    }
-}
-
-/// Error codes that say the cluster could not be reached or did not answer in
-/// time, as opposed to refusing what was asked.
-pub(crate) fn is_transient(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::BrokerTransportFailure
-            | RDKafkaErrorCode::AllBrokersDown
-            | RDKafkaErrorCode::Resolve
-            | RDKafkaErrorCode::OperationTimedOut
-            | RDKafkaErrorCode::MessageTimedOut
-            | RDKafkaErrorCode::TimedOutQueue
-            | RDKafkaErrorCode::RequestTimedOut
-            | RDKafkaErrorCode::NetworkException
-            | RDKafkaErrorCode::LeaderNotAvailable
-            | RDKafkaErrorCode::NotLeaderForPartition
-            | RDKafkaErrorCode::BrokerNotAvailable
-            | RDKafkaErrorCode::CoordinatorNotAvailable
-            | RDKafkaErrorCode::NotCoordinator
-            | RDKafkaErrorCode::NotEnoughReplicas
-            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
-    )
-}
-
-/// Holds a librdkafka client and closes it on a thread of its own when dropped:
-/// closing waits for the client's threads and outstanding requests, which must
-/// not hold up an async runtime's worker.
-pub(crate) struct DropOffRuntime<T: Send + 'static>(Option<T>);
-
-impl<T: Send + 'static> DropOffRuntime<T> {
-    pub(crate) fn new(client: T) -> Self {
-        Self(Some(client))
-    }
-}
-
-impl<T: Send + 'static> Deref for DropOffRuntime<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        self.0.as_ref().expect("taken only in drop")
-    }
-}
-
-impl<T: Send + 'static> Drop for DropOffRuntime<T> {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            // If no thread can be started the client is closed here instead,
-            // which is slower but still correct.
-            let _ = std::thread::Builder::new()
-                .name("weir-kafka-close".into())
-                .spawn(move || drop(client));
-        }
-    }
-}
-
-/// The largest payload a producer configured by `config` sends: its
-/// `message.max.bytes` less what the record around the payload needs.
-pub(crate) fn payload_limit(config: &ClientConfig, key_len: usize) -> usize {
-    let max = config
-        .get("message.max.bytes")
-        .and_then(|value| value.trim().parse::<usize>().ok())
-        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
-    max.saturating_sub(RECORD_OVERHEAD + key_len)
-}
+/// How long [`KafkaBus::retained`] may take to read the decisions topic.
+pub const RETAINED_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs a blocking librdkafka call on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -315,7 +70,7 @@ pub struct KafkaBus {
 }
 
 struct Inner {
-    kafka: KafkaConfig,
+    kafka: KafkaOptions,
     producer: DropOffRuntime<FutureProducer>,
     producer_config: ClientConfig,
     consumer_config: ClientConfig,
@@ -338,7 +93,7 @@ impl KafkaBus {
     /// Connects to the cluster `kafka` names and creates the namespace's topics
     /// when they are missing. Fails with [`Error::Unavailable`] when no broker
     /// answers within [`CONNECT_TIMEOUT`].
-    pub async fn connect(kafka: &KafkaConfig, bus: &BusConfig) -> Result<KafkaBus> {
+    pub async fn connect(kafka: &KafkaOptions, bus: &BusConfig) -> Result<KafkaBus> {
         let decisions_topic = format!("{}.decisions", bus.namespace);
         let signals_topic = format!("{}.signals", bus.namespace);
 
@@ -409,6 +164,7 @@ impl KafkaBus {
 
     /// Sends `bytes` to the decisions topic as they are, keyed by `group`, so
     /// tests can deliver payloads that do not decode.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn publish_raw(&self, group: &str, bytes: &[u8]) -> Result<()> {
         let topic = self.inner.decisions_topic.clone();
         self.inner.send(&topic, group, bytes).await
@@ -742,14 +498,14 @@ mod tests {
 
     #[test]
     fn properties_pass_through_after_the_brokers() {
-        let kafka = KafkaConfig {
+        let kafka = KafkaOptions {
             brokers: "k1:9092,k2:9092".into(),
             properties: [
                 ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
                 ("client.id".to_owned(), "billing".to_owned()),
             ]
             .into(),
-            ..KafkaConfig::default()
+            ..KafkaOptions::default()
         };
         let mut config = client_config(&kafka);
         assert_eq!(config.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
@@ -759,17 +515,6 @@ mod tests {
         set_default(&mut config, "linger.ms", "0");
         assert_eq!(config.get("client.id"), Some("billing"));
         assert_eq!(config.get("linger.ms"), Some("0"));
-    }
-
-    #[test]
-    fn the_payload_limit_follows_message_max_bytes() {
-        let mut config = ClientConfig::new();
-        assert_eq!(
-            payload_limit(&config, 10),
-            DEFAULT_MESSAGE_MAX_BYTES - RECORD_OVERHEAD - 10
-        );
-        config.set("message.max.bytes", "4000");
-        assert_eq!(payload_limit(&config, 0), 4000 - RECORD_OVERHEAD);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 
 use super::message::{BusMessage, Decision, encode, encode_decision_parts};
 use super::{AllocationBus, BusSubscription, Error, Result};
-use crate::telemetry::metrics as names;
+use crate::metrics as names;
 
 /// How many payloads a subscriber may fall behind by default.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -87,6 +87,7 @@ impl MemoryBus {
 
     /// Sends `bytes` to every subscriber as they are, without retaining them, so
     /// tests can deliver payloads that do not decode.
+    #[cfg(any(test, feature = "testing"))]
     pub fn publish_raw(&self, bytes: Vec<u8>) {
         // No subscriber is not an error: nobody was there to miss it.
         let _ = self.inner.sender.send(bytes.into());

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::allocation::{Allocation, Handover};
+use crate::allocation::{Allocation, Handover};
 use crate::event::{Cursor, Source};
 
 /// The wire format version this weir writes and the only one it reads.
@@ -614,7 +614,8 @@ impl DecisionAssembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::allocation::{AllocationInput, allocate, synthetic_input};
+    use crate::allocation::tests::uniform_group;
+    use crate::allocation::{AllocationInput, allocate};
     use crate::event::{Category, StreamName};
     use proptest::prelude::*;
     use std::sync::Arc;
@@ -855,7 +856,7 @@ mod tests {
     /// 1,000 subscribers over 100,000 stream sources, as `allocate` decides it
     /// once a newcomer has joined (so there are handovers too).
     fn large_decision(group: &str) -> Decision {
-        let synthetic = synthetic_input(1_001, 100_000);
+        let synthetic = uniform_group(1_001, 100_000);
         let orders = Category::new("orders").expect("valid");
         // One set shared by every member, as the allocator is fastest with.
         let shared: Arc<BTreeSet<Source>> = Arc::new(
@@ -869,7 +870,7 @@ mod tests {
         );
         let mut members: Vec<_> = synthetic
             .into_iter()
-            .map(|m| crate::broker::allocation::Member::new(m.id, m.node, Arc::clone(&shared)))
+            .map(|m| crate::allocation::Member::new(m.id, m.node, Arc::clone(&shared)))
             .collect();
         let newcomer = members.pop().expect("1,001 members");
         let none = BTreeSet::new();

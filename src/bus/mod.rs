@@ -13,10 +13,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -25,7 +27,7 @@ pub mod message;
 #[cfg(feature = "nats")]
 pub mod nats;
 
-use crate::telemetry::metrics as names;
+use crate::metrics as names;
 
 #[cfg(feature = "kafka")]
 pub use kafka::KafkaBus;
@@ -56,6 +58,15 @@ pub enum Error {
     Backend(String),
 }
 
+impl From<crate::connect::ConnectError> for Error {
+    fn from(error: crate::connect::ConnectError) -> Self {
+        match error {
+            crate::connect::ConnectError::Unavailable(reason) => Error::Unavailable(reason),
+            crate::connect::ConnectError::Invalid(reason) => Error::Backend(reason),
+        }
+    }
+}
+
 impl Error {
     /// Retrying may succeed (the broker could not be reached); other errors will
     /// fail the same way again.
@@ -64,11 +75,55 @@ impl Error {
     }
 }
 
+/// Which allocation bus backend to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    #[default]
+    Memory,
+    Nats,
+    Kafka,
+}
+
+/// `[bus]`: which allocation bus the fleet shares. Connection settings live in
+/// `[nats]` and `[kafka]`, which the sinks use too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    #[serde(default)]
+    pub kind: BusKind,
+    /// Prefix of every subject, stream and topic the bus uses, so that several
+    /// fleets can share one NATS or Kafka cluster.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// How long the broker keeps signals (joined, leaving, released). They matter
+    /// only to the coordinator of the moment, so a short time is enough.
+    #[serde(default = "default_signal_retention", with = "humantime_serde")]
+    pub signal_retention: Duration,
+}
+
+fn default_namespace() -> String {
+    "weir".into()
+}
+fn default_signal_retention() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            kind: BusKind::default(),
+            namespace: default_namespace(),
+            signal_retention: default_signal_retention(),
+        }
+    }
+}
+
 /// A transport for [`BusMessage`]s. Object safe, so nodes hold an
 /// `Arc<dyn AllocationBus>` chosen by configuration.
 ///
 /// Metrics: a backend counts each payload it sends with
-/// [`bus_message`](crate::telemetry::metrics::bus_message)`(kind, "sent")`;
+/// [`bus_message`](crate::metrics::bus_message)`(kind, "sent")`;
 /// [`BusSubscription`] counts what is received and what cannot be read, for every
 /// backend alike.
 #[async_trait]

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 
 use super::CliError;
 
+mod allocate;
 mod bridge;
 use crate::config::{Config, StoreKind};
 use crate::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, WriteCondition};
@@ -104,7 +105,7 @@ pub struct ReadArgs {
 
 pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
     let (target, outcome) = match bench {
-        Bench::Allocate(args) => return allocate(&args),
+        Bench::Allocate(args) => return allocate::run(&args),
         Bench::Append(args) => {
             let target = Target::open(config).await?;
             let outcome = append(&target, &args).await;
@@ -135,7 +136,7 @@ struct Target {
     store: Arc<dyn EventStore>,
     backend: &'static str,
     #[cfg(feature = "postgres")]
-    postgres: Option<Arc<crate::store::PostgresStore>>,
+    postgres: Option<Arc<crate::postgres::PostgresStore>>,
 }
 
 impl Target {
@@ -177,7 +178,7 @@ impl Target {
     async fn close(&self) -> Result<(), CliError> {
         #[cfg(feature = "postgres")]
         if let Some(postgres) = &self.postgres {
-            let schema = crate::store::postgres::quote_identifier(postgres.schema());
+            let schema = crate::postgres::quote_identifier(postgres.schema());
             postgres
                 .client()
                 .await?
@@ -374,98 +375,6 @@ async fn read(target: &Target, args: &ReadArgs) -> Result<(), CliError> {
         }));
     }
     Ok(())
-}
-
-fn allocate(args: &AllocateArgs) -> Result<(), CliError> {
-    use crate::broker::allocation::{Allocation, AllocationInput, synthetic_input};
-    use std::collections::BTreeSet;
-
-    if args.subscribers == 0 || args.sources == 0 {
-        return Err(CliError::Usage(
-            "--subscribers and --sources must be at least 1".into(),
-        ));
-    }
-    // One member more than the group, held back to join it later.
-    let members = synthetic_input(args.subscribers + 1, args.sources);
-    let group = &members[..args.subscribers];
-    let no_tags = BTreeSet::new();
-    let nothing = BTreeSet::new();
-    let best_of = |input: &AllocationInput<'_, String>| {
-        let mut best = Duration::MAX;
-        let mut decision = Allocation::default();
-        for _ in 0..args.rounds.max(1) {
-            let started = Instant::now();
-            decision = crate::broker::allocation::allocate(input);
-            best = best.min(started.elapsed());
-        }
-        (best, decision)
-    };
-
-    let empty = Allocation::default();
-    let (initial_time, initial) = best_of(&AllocationInput {
-        members: group,
-        required_tags: &no_tags,
-        current: &empty,
-        released: &nothing,
-    });
-    let wire = wire_size(&initial)?;
-    emit(json!({
-        "bench": "allocate", "case": "initial", "subscribers": args.subscribers,
-        "sources": args.sources, "millis": initial_time.as_secs_f64() * 1000.0,
-        "wire_bytes": wire.bytes, "wire_parts": wire.parts,
-        "largest_part_bytes": wire.largest_part, "encode_millis": wire.encode_millis,
-    }));
-
-    let (join_time, joined) = best_of(&AllocationInput {
-        members: &members,
-        required_tags: &no_tags,
-        current: &initial,
-        released: &nothing,
-    });
-    emit(json!({
-        "bench": "allocate", "case": "join", "subscribers": args.subscribers + 1,
-        "sources": args.sources, "millis": join_time.as_secs_f64() * 1000.0,
-        "handovers": joined.handovers.len(),
-    }));
-    Ok(())
-}
-
-/// What a decision costs on the bus.
-struct WireSize {
-    bytes: usize,
-    parts: usize,
-    largest_part: usize,
-    encode_millis: f64,
-}
-
-/// Encodes `allocation` as the bus would (its synthetic sources named as streams of
-/// one category), split at the memory and NATS bus's default payload limit.
-fn wire_size(
-    allocation: &crate::broker::allocation::Allocation<String>,
-) -> Result<WireSize, CliError> {
-    use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
-    use crate::bus::{Decision, encode_decision_parts};
-    use crate::event::Source;
-
-    let as_source = |name: &String| -> Result<Source, CliError> {
-        format!("stream:bench/{name}")
-            .parse()
-            .map_err(|e: crate::event::ValidationError| CliError::Input(e.to_string()))
-    };
-    let mut decision = Decision::from_allocation("bench", 1, 1, "bench-node", &Default::default());
-    for (owner, sources) in &allocation.owners {
-        let sources = sources.iter().map(as_source).collect::<Result<_, _>>()?;
-        decision.owners.insert(owner.clone(), sources);
-    }
-    let started = Instant::now();
-    let parts = encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD);
-    let encode_millis = started.elapsed().as_secs_f64() * 1000.0;
-    Ok(WireSize {
-        bytes: parts.iter().map(Vec::len).sum(),
-        parts: parts.len(),
-        largest_part: parts.iter().map(Vec::len).max().unwrap_or(0),
-        encode_millis,
-    })
 }
 
 /// `weir bench consume`: the runtime end to end, with a processor that only counts.
@@ -672,7 +581,7 @@ pub(super) mod consume {
 #[cfg(feature = "postgres")]
 mod raw {
     use super::*;
-    use crate::store::PostgresStore;
+    use crate::postgres::PostgresStore;
     use futures::StreamExt;
 
     fn backend(e: impl std::fmt::Display) -> CliError {
@@ -680,13 +589,13 @@ mod raw {
     }
 
     fn raw_table(store: &PostgresStore) -> String {
-        let schema = crate::store::postgres::quote_identifier(store.schema());
+        let schema = crate::postgres::quote_identifier(store.schema());
         format!("{schema}.weir_bench_raw")
     }
 
     /// A copy of the event table (same columns, defaults and indexes) for the raw side.
     pub(super) async fn create_table(store: &PostgresStore) -> Result<(), CliError> {
-        let schema = crate::store::postgres::quote_identifier(store.schema());
+        let schema = crate::postgres::quote_identifier(store.schema());
         store
             .client()
             .await?
@@ -746,7 +655,7 @@ mod raw {
         category: &Category,
         rounds: usize,
     ) -> Result<Duration, CliError> {
-        let schema = crate::store::postgres::quote_identifier(store.schema());
+        let schema = crate::postgres::quote_identifier(store.schema());
         let sql = format!(
             "COPY (SELECT tx_id, sequence, id, category, stream, position, name, payload, metadata, \
              occurred_at, observed_at, idempotency_key FROM {schema}.weir_events \

@@ -87,7 +87,7 @@ async fn open(config: &Config) -> Result<Arc<dyn DeadLetterStore>, CliError> {
         StoreKind::Postgres => {
             let store = super::open_postgres(config)?;
             store.check_schema().await?;
-            Ok(Arc::new(crate::consumer::PostgresDeadLetterStore::new(
+            Ok(Arc::new(crate::postgres::PostgresDeadLetterStore::new(
                 Arc::new(store),
             )))
         }

@@ -225,15 +225,15 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn EventStore>, CliError
 
 /// The configured Postgres store, not yet connected.
 #[cfg(feature = "postgres")]
-pub fn open_postgres(config: &Config) -> Result<store::PostgresStore, CliError> {
+pub fn open_postgres(config: &Config) -> Result<crate::postgres::PostgresStore, CliError> {
     let url = config.store.url.clone().ok_or_else(|| {
         CliError::Usage("store.url is required when store.kind is \"postgres\"".into())
     })?;
-    let options = store::PostgresStoreOptions {
+    let options = crate::postgres::PostgresStoreOptions {
         url,
         schema: config.store.schema.clone(),
         pool_size: config.store.pool_size,
         connect_timeout: config.store.connect_timeout,
     };
-    Ok(store::PostgresStore::connect(&options)?)
+    Ok(crate::postgres::PostgresStore::connect(&options)?)
 }

@@ -8,10 +8,10 @@ use super::CliError;
 use crate::broker::lease::LeaseStore;
 use crate::bus::AllocationBus;
 use crate::config::{Config, SinkConfig};
+use crate::metrics::{NodeMetrics, register_node};
 use crate::runtime::EventRuntime;
 use crate::store::EventStore;
 use crate::telemetry::http::HttpServer;
-use crate::telemetry::metrics::{NodeMetrics, register_node};
 use crate::telemetry::status::NodeProbe;
 
 /// The services a node's readiness depends on.
@@ -50,7 +50,14 @@ fn node_metrics(config: &Config) -> NodeMetrics {
         config
             .subscriptions
             .iter()
-            .map(|s| (s.group.clone(), s.sources.clone()))
+            .map(|s| {
+                let labels = s
+                    .sources
+                    .iter()
+                    .map(crate::event::Source::metric_label)
+                    .collect();
+                (s.group.clone(), labels)
+            })
             .collect()
     } else {
         Vec::new()
@@ -74,7 +81,7 @@ fn node_metrics(config: &Config) -> NodeMetrics {
         }
     }
     NodeMetrics {
-        role,
+        role: role.as_str(),
         groups,
         coordinated_groups,
         sinks,

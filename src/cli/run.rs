@@ -115,8 +115,8 @@ async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), Cl
         ),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
-            use crate::broker::lease::PostgresLeaseStore;
-            use crate::broker::membership::PostgresMembershipStore;
+            use crate::postgres::PostgresLeaseStore;
+            use crate::postgres::PostgresMembershipStore;
             let store = Arc::new(super::open_postgres(config)?);
             store.check_schema().await?;
             (
@@ -183,7 +183,8 @@ async fn register_subscriptions(
     for subscription in &config.subscriptions {
         // One sink per group, shared by its instances: one connection, and the
         // instances' publishes pipeline together.
-        let sink: Arc<dyn EventProcessor> = crate::sink::build(&subscription.sink, config).await?;
+        let sink: Arc<dyn EventProcessor> =
+            crate::sink::build(&subscription.sink, &config.nats, &config.kafka).await?;
         for instance in 1..=subscription.instances {
             let spec = SubscriberSpec::new(
                 &subscription.group,

@@ -20,12 +20,6 @@ use uuid::Uuid;
 use crate::event::{Cursor, Source};
 use crate::store;
 
-#[cfg(feature = "postgres")]
-mod postgres;
-
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresCheckpointStore;
-
 /// Why a checkpoint operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

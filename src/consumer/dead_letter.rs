@@ -15,12 +15,6 @@ use uuid::Uuid;
 use crate::event::Source;
 use crate::store::Result;
 
-#[cfg(feature = "postgres")]
-mod postgres;
-
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresDeadLetterStore;
-
 /// A skipped event, as a consumer reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDeadLetter {

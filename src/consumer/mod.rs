@@ -19,11 +19,7 @@ pub mod settings;
 pub mod source;
 pub mod subscription;
 
-#[cfg(feature = "postgres")]
-pub use checkpoint::PostgresCheckpointStore;
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
-#[cfg(feature = "postgres")]
-pub use dead_letter::PostgresDeadLetterStore;
 pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
 pub use policy::ErrorPolicy;
 pub use processor::{EventHandler, EventProcessor, PerEvent, ProcessError, from_fn};

@@ -25,8 +25,8 @@ use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
 use super::settings::{ConsumerSettings, Executor};
 use crate::event::{Cursor, Source, StoredEvent};
+use crate::metrics as names;
 use crate::store::{AppendWatcher, EventStore};
-use crate::telemetry::metrics as names;
 
 /// How long to wait before trying an unreachable store again.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -83,7 +83,7 @@ pub struct ConsumerKey {
     pub source: Source,
 }
 
-/// How far a consumer lagged when last measured (see `telemetry::sampler`).
+/// How far a consumer lagged when last measured (see `runtime::sampler`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Lag {
     /// Readable events after its cursor, counted up to a limit.

@@ -12,6 +12,9 @@
 //! within the grace period and stores its checkpoint), leaves the fleet and gives
 //! up leadership. [`EventRuntime::run_until`] does all of it around a shutdown
 //! signal, and also stops when an error policy says `Exit` or `Raise`.
+//!
+//! [`sampler`] measures consumer lag and the store's visibility horizon beside
+//! the consumers.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -30,7 +33,9 @@ use crate::consumer::source::{
 use crate::consumer::subscription::SubscriptionConsumer;
 use crate::event::{Cursor, Source};
 use crate::store::EventStore;
-use crate::telemetry::sampler::{DEFAULT_SAMPLE_INTERVAL, Sampler};
+use sampler::{DEFAULT_SAMPLE_INTERVAL, Sampler};
+
+pub mod sampler;
 
 /// How long stopping waits for each consumer's batch in hand, by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -63,9 +68,9 @@ pub struct ConsumerStores {
 impl ConsumerStores {
     /// Events, checkpoints and dead letters in one Postgres schema.
     #[cfg(feature = "postgres")]
-    pub fn postgres(store: Arc<crate::store::PostgresStore>) -> Self {
-        use crate::consumer::checkpoint::PostgresCheckpointStore;
-        use crate::consumer::dead_letter::PostgresDeadLetterStore;
+    pub fn postgres(store: Arc<crate::postgres::PostgresStore>) -> Self {
+        use crate::postgres::PostgresCheckpointStore;
+        use crate::postgres::PostgresDeadLetterStore;
         Self {
             checkpoints: Arc::new(PostgresCheckpointStore::new(Arc::clone(&store))),
             dead_letters: Arc::new(PostgresDeadLetterStore::new(Arc::clone(&store))),
@@ -404,6 +409,7 @@ impl EventRuntime {
 
     /// Stops every consumer and the broker at once, storing no checkpoint: what a
     /// crash does. For tests of failure.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn abort(&self) {
         let State::Started(registered, running, sampler) =
             std::mem::replace(&mut *self.lock(), State::Stopped)

@@ -26,14 +26,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::{SinkError, Template};
-use crate::bus::kafka::{
+use crate::connect::KafkaOptions;
+use crate::connect::kafka_client::{
     CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
     ensure_topics, set_default,
 };
-use crate::config::KafkaConfig;
 use crate::consumer::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
-use crate::telemetry::metrics;
+use crate::metrics;
 
 /// The longest topic name Kafka accepts.
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -41,7 +41,7 @@ pub const MAX_TOPIC_LEN: usize = 249;
 /// Produces events to the topics a template names; see the module docs.
 pub struct KafkaSink {
     producer: DropOffRuntime<FutureProducer>,
-    kafka: KafkaConfig,
+    kafka: KafkaOptions,
     template: Template,
     /// Topics known to exist, so that creating them is not a per-event cost.
     known_topics: Mutex<HashSet<String>>,
@@ -115,7 +115,7 @@ impl KafkaSink {
     /// [`SinkError::Unavailable`] when no broker answers within
     /// [`CONNECT_TIMEOUT`], and with [`SinkError::Invalid`] when librdkafka
     /// refuses a `[kafka.properties]` entry.
-    pub async fn connect(kafka: &KafkaConfig, topic: &str) -> Result<KafkaSink, SinkError> {
+    pub async fn connect(kafka: &KafkaOptions, topic: &str) -> Result<KafkaSink, SinkError> {
         let template = Template::parse(topic)?;
         let literal = template.with_placeholders_as("x");
         if let Some(bad) = literal.chars().find(|&c| !is_topic_char(c)) {

@@ -12,7 +12,9 @@ pub mod template;
 
 use std::sync::Arc;
 
-use crate::config::{Config, SinkConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::connect::{ConnectError, KafkaOptions, NatsOptions};
 use crate::consumer::EventProcessor;
 
 #[cfg(feature = "kafka")]
@@ -21,6 +23,40 @@ pub use kafka::KafkaSink;
 pub use nats::NatsSink;
 pub use stdout::StdoutSink;
 pub use template::{Template, TemplateError};
+
+/// `sink = { kind = ... }` of a subscription.
+///
+/// Templates name where each event goes, with `{category}`, `{stream}` (the
+/// stream's id within its category) and `{name}` (the event's name) filled in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines on standard output.
+    #[default]
+    Stdout,
+    /// JetStream publishes through `[nats]`.
+    Nats {
+        /// Subject template, e.g. `events.{category}.{stream}`; values are encoded
+        /// into valid subject tokens.
+        subject: String,
+        /// A JetStream stream to create when missing, capturing the template's
+        /// subjects. Leave unset when the stream is managed elsewhere.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<String>,
+        /// Publishes awaiting their acknowledgement at once.
+        #[serde(default = "default_max_in_flight")]
+        max_in_flight: usize,
+    },
+    /// Idempotent produces through `[kafka]`, keyed by stream.
+    Kafka {
+        /// Topic template, e.g. `events.{category}`.
+        topic: String,
+    },
+}
+
+pub(crate) fn default_max_in_flight() -> usize {
+    1024
+}
 
 /// Why a sink could not be built. Failures while forwarding are
 /// [`ProcessError`](crate::consumer::ProcessError)s and go through the
@@ -37,25 +73,32 @@ pub enum SinkError {
     Invalid(String),
 }
 
-/// The sink `sink` describes, connected with `config`'s `[nats]` / `[kafka]`
-/// settings.
+impl From<ConnectError> for SinkError {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Unavailable(reason) => SinkError::Unavailable(reason),
+            ConnectError::Invalid(reason) => SinkError::Invalid(reason),
+        }
+    }
+}
+
+/// The sink `sink` describes, connected with the `[nats]` / `[kafka]` options.
 pub async fn build(
     sink: &SinkConfig,
-    config: &Config,
+    nats: &NatsOptions,
+    kafka: &KafkaOptions,
 ) -> Result<Arc<dyn EventProcessor>, SinkError> {
-    let _ = config;
+    let _ = (nats, kafka);
     Ok(match sink {
         SinkConfig::Stdout => Arc::new(StdoutSink::new()),
         #[cfg(feature = "kafka")]
-        SinkConfig::Kafka { topic } => Arc::new(KafkaSink::connect(&config.kafka, topic).await?),
+        SinkConfig::Kafka { topic } => Arc::new(KafkaSink::connect(kafka, topic).await?),
         #[cfg(feature = "nats")]
         SinkConfig::Nats {
             subject,
             stream,
             max_in_flight,
-        } => Arc::new(
-            NatsSink::connect(&config.nats, subject, stream.as_deref(), *max_in_flight).await?,
-        ),
+        } => Arc::new(NatsSink::connect(nats, subject, stream.as_deref(), *max_in_flight).await?),
         #[allow(unreachable_patterns)]
         other => {
             return Err(SinkError::Invalid(format!(

@@ -23,11 +23,11 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 
 use super::{SinkError, Template};
-use crate::bus::nats::{connect, subject_token};
-use crate::config::NatsConfig;
+use crate::connect::NatsOptions;
+use crate::connect::nats_client::{connect, subject_token};
 use crate::consumer::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
-use crate::telemetry::metrics;
+use crate::metrics;
 
 /// How long JetStream may take to acknowledge a publish before the event counts
 /// as not delivered.
@@ -53,17 +53,12 @@ pub struct NatsSink {
 impl NatsSink {
     /// Connects with `config` and builds the sink; see [`NatsSink::from_client`].
     pub async fn connect(
-        config: &NatsConfig,
+        config: &NatsOptions,
         subject: &str,
         stream: Option<&str>,
         max_in_flight: usize,
     ) -> Result<NatsSink, SinkError> {
-        let client = connect(config, "weir sink")
-            .await
-            .map_err(|error| match error {
-                crate::bus::Error::Unavailable(reason) => SinkError::Unavailable(reason),
-                other => SinkError::Invalid(other.to_string()),
-            })?;
+        let client = connect(config, "weir sink").await?;
         Self::from_client(client, subject, stream, max_in_flight).await
     }
 

@@ -53,7 +53,7 @@ impl EventProcessor for StdoutSink {
                     format!("cannot write to standard output: {error}"),
                 )
             })?;
-        crate::telemetry::metrics::sink_batch("stdout", events.len(), started.elapsed());
+        crate::metrics::sink_batch("stdout", events.len(), started.elapsed());
         Ok(())
     }
 }

@@ -14,12 +14,8 @@ use crate::event::{
 };
 
 pub mod memory;
-#[cfg(feature = "postgres")]
-pub mod postgres;
 
 pub use memory::MemoryStore;
-#[cfg(feature = "postgres")]
-pub use postgres::{PostgresStore, PostgresStoreOptions};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -99,7 +99,7 @@ async fn readiness(State(state): State<AppState>) -> Response {
 }
 
 fn record_readiness(ready: bool) {
-    ::metrics::gauge!(super::metrics::READY).set(if ready { 1.0 } else { 0.0 });
+    ::metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 async fn status(State(state): State<AppState>) -> Response {

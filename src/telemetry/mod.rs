@@ -1,14 +1,10 @@
 //! Telemetry: what a node tells its operators.
 //!
-//! - [`metrics`]: every metric's name, kind, help and labels ([`metrics::CATALOG`]),
-//!   and helpers that record them.
 //! - [`install`]: the Prometheus recorder, installed once per process; its handle
 //!   renders `/metrics`.
 //! - [`http`]: the HTTP endpoints `/metrics`, `/livez`, `/readyz` and `/status`.
 //! - [`status`]: what `/status` reports and `weir status` prints.
 //! - [`logging`]: the `[log]` settings: level filter and pretty or JSON lines.
-//! - [`sampler`]: the timer that measures consumer lag and the store's visibility
-//!   horizon.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -16,8 +12,6 @@ use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandl
 
 pub mod http;
 pub mod logging;
-pub mod metrics;
-pub mod sampler;
 pub mod status;
 
 static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
@@ -39,9 +33,9 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
-        .set_buckets(metrics::DURATION_BUCKETS)?
+        .set_buckets(crate::metrics::DURATION_BUCKETS)?
         .install_recorder()?;
-    metrics::describe();
+    crate::metrics::describe();
     *installed = Some(handle.clone());
     Ok(handle)
 }

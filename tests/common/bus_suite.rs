@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use weir::broker::allocation::Handover;
+use weir::allocation::Handover;
 use weir::bus::{AllocationBus, BusMessage, BusSubscription, Decision, MemoryBus, Signal};
 use weir::event::{Cursor, Source};
 

@@ -10,14 +10,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 use weir::broker::distributed::{COORDINATOR_LEASE, FleetServices};
-use weir::broker::lease::{Lease, LeaseStore, MemoryLeaseStore, PostgresLeaseStore};
-use weir::broker::membership::{MembershipStore, MemoryMembershipStore, PostgresMembershipStore};
+use weir::broker::lease::{Lease, LeaseStore, MemoryLeaseStore};
+use weir::broker::membership::{MembershipStore, MemoryMembershipStore};
 use weir::broker::{
     Broker, BrokerRole, BrokerSettings, DistributedBroker, Subscriber, SubscriberError,
     SubscriberSpec,
 };
 use weir::bus::{AllocationBus, Decision, MemoryBus};
 use weir::event::{Cursor, Source};
+use weir::postgres::{PostgresLeaseStore, PostgresMembershipStore};
 
 use super::TestPostgres;
 

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use weir::store::{PostgresStore, PostgresStoreOptions};
+use weir::postgres::{PostgresStore, PostgresStoreOptions};
 
 pub mod bus_suite;
 pub mod fleet;

@@ -19,11 +19,11 @@ pub const EXPORTED_ON_FIRST_USE: &[(&str, &str)] = &[(
 /// [`compare_with_export`], which does not count these as missing.
 pub const DELIBERATELY_LEFT_OUT: &[(&str, &str)] = &[];
 
-/// Every metric a weir node exports: the catalogue in `weir::telemetry::metrics`.
+/// Every metric a weir node exports: the catalogue in `weir::metrics`.
 /// The dashboards and alert rules may use these and Prometheus' own `up`, nothing
 /// else.
 pub fn known_metrics() -> BTreeSet<String> {
-    weir::telemetry::metrics::CATALOG
+    weir::metrics::CATALOG
         .iter()
         .map(|metric| metric.name.to_owned())
         .collect()

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use weir::bus::nats::subject_token;
 use weir::bus::{
     AllocationBus, BusMessage, BusSubscription, Decision, NatsBus, Signal, encode_decision_parts,
 };
 use weir::config::BusConfig;
+use weir::connect::nats_client::subject_token;
 use weir::event::Source;
 
 use crate::common::bus_suite::{self, BusBackend, by_group, decision, drain, next, source};

@@ -5,30 +5,30 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use weir::bus::Error;
-use weir::bus::nats::connect;
-use weir::config::NatsConfig;
+use weir::config::NatsOptions;
+use weir::connect::ConnectError as Error;
+use weir::connect::nats_client::connect;
 
 use crate::nats_config;
 use crate::server::PrivateServer;
 
 /// Connects with `config`, failing the test if that hangs.
-async fn attempt(config: &NatsConfig) -> Result<async_nats::Client, Error> {
+async fn attempt(config: &NatsOptions) -> Result<async_nats::Client, Error> {
     tokio::time::timeout(Duration::from_secs(30), connect(config, "weir test"))
         .await
         .expect("connect gives up by itself")
 }
 
-async fn assert_refused(config: &NatsConfig) {
+async fn assert_refused(config: &NatsOptions) {
     let result = attempt(config).await;
     let error = result.expect_err("wrong credentials are refused");
-    assert!(matches!(error, Error::Backend(_)), "{error:?}");
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
     assert!(!error.is_retryable());
     let message = error.to_string();
     assert!(message.contains("refused the credentials"), "{message}");
 }
 
-async fn assert_works(config: &NatsConfig) {
+async fn assert_works(config: &NatsOptions) {
     let client = attempt(config)
         .await
         .expect("the right credentials connect");
@@ -40,7 +40,7 @@ async fn user_and_password() {
     let Some(server) = PrivateServer::start(&["--user", "weir", "--pass", "s3cret"]) else {
         return;
     };
-    let with = |user: &str, password: &str| NatsConfig {
+    let with = |user: &str, password: &str| NatsOptions {
         user: Some(user.into()),
         password: Some(password.into()),
         ..nats_config(&server.url())
@@ -55,7 +55,7 @@ async fn token() {
     let Some(server) = PrivateServer::start(&["--auth", "t0ken"]) else {
         return;
     };
-    let with = |token: &str| NatsConfig {
+    let with = |token: &str| NatsOptions {
         token: Some(token.into()),
         ..nats_config(&server.url())
     };
@@ -79,14 +79,14 @@ async fn nkey() {
     }) else {
         return;
     };
-    let with = |key: &nkeys::KeyPair| NatsConfig {
+    let with = |key: &nkeys::KeyPair| NatsOptions {
         nkey_seed: Some(key.seed().expect("a seed")),
         ..nats_config(&server.url())
     };
     assert_works(&with(&allowed)).await;
     assert_refused(&with(&stranger)).await;
 
-    let result = attempt(&NatsConfig {
+    let result = attempt(&NatsOptions {
         nkey_seed: Some("SUNOTASEED".into()),
         ..nats_config(&server.url())
     })
@@ -97,7 +97,7 @@ async fn nkey() {
 
 #[tokio::test]
 async fn a_missing_credentials_file_is_named() {
-    let config = NatsConfig {
+    let config = NatsOptions {
         credentials_file: Some("/nonexistent/weir.creds".into()),
         ..nats_config("nats://127.0.0.1:1")
     };
@@ -110,8 +110,8 @@ async fn tls_required_of_a_plain_server_fails_with_a_tls_hint() {
     let Some(server) = PrivateServer::start(&[]) else {
         return;
     };
-    let config = NatsConfig {
-        tls: weir::config::TlsConfig {
+    let config = NatsOptions {
+        tls: weir::config::NatsTls {
             required: true,
             ..Default::default()
         },
@@ -140,7 +140,7 @@ async fn a_server_that_never_answers_does_not_hold_the_first_connect() {
     // Accepts connections (the kernel does, into the backlog) but never speaks.
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("address").port();
-    let config = NatsConfig {
+    let config = NatsOptions {
         connect_timeout: Duration::from_secs(1),
         ..nats_config(&format!("nats://127.0.0.1:{port}"))
     };

@@ -15,7 +15,7 @@ mod sink;
 
 use std::time::Duration;
 
-use weir::config::NatsConfig;
+use weir::config::NatsOptions;
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -23,11 +23,11 @@ pub fn nats_url() -> String {
     std::env::var("WEIR_TEST_NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.into())
 }
 
-pub fn nats_config(url: &str) -> NatsConfig {
-    NatsConfig {
+pub fn nats_config(url: &str) -> NatsOptions {
+    NatsOptions {
         url: url.into(),
         connect_timeout: Duration::from_secs(3),
-        ..NatsConfig::default()
+        ..NatsOptions::default()
     }
 }
 
@@ -35,7 +35,7 @@ pub fn nats_config(url: &str) -> NatsConfig {
 /// unreachable and not required.
 pub async fn shared_client() -> Option<async_nats::Client> {
     common::init_logging();
-    match weir::bus::nats::connect(&nats_config(&nats_url()), "weir tests").await {
+    match weir::connect::nats_client::connect(&nats_config(&nats_url()), "weir tests").await {
         Ok(client) => Some(client),
         Err(error) => {
             common::service_missing("NATS", error);
@@ -56,7 +56,7 @@ impl Drop for StreamCleanup {
         let streams = std::mem::take(&mut self.streams);
         common::clean_up_on_drop(async move {
             let Ok(client) =
-                weir::bus::nats::connect(&nats_config(&url), "weir test cleanup").await
+                weir::connect::nats_client::connect(&nats_config(&url), "weir test cleanup").await
             else {
                 return;
             };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use weir::bus::nats::subject_token;
+use weir::connect::nats_client::subject_token;
 use weir::consumer::EventProcessor;
 use weir::event::{Category, EventName, NewEvent, StoredEvent, StreamName, WriteCondition};
 use weir::sink::NatsSink;

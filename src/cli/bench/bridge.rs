@@ -113,7 +113,8 @@ pub(super) async fn run(
         let prefix_weir = prefix(round, "weir");
         let sink = crate::sink::build(
             &sink_config(args.sink, &prefix_weir, args.max_in_flight),
-            config,
+            &config.nats,
+            &config.kafka,
         )
         .await?;
         // Built (connected, stream or topics ready) before the clock starts.
@@ -193,7 +194,9 @@ mod raw {
     ) -> Result<Duration, CliError> {
         use crate::sink::nats::{NatsSink, raw_publish_baseline};
 
-        let client = crate::bus::nats::connect(&config.nats, "weir bench raw").await?;
+        let client = crate::connect::nats_client::connect(&config.nats, "weir bench raw")
+            .await
+            .map_err(crate::sink::SinkError::from)?;
         let stream = prefix.to_uppercase();
         // Made only to create the stream and to give the headers it would send.
         let sink = NatsSink::from_client(
@@ -225,7 +228,9 @@ mod raw {
     /// Removes a stream the bench made, so runs leave nothing behind.
     #[cfg(feature = "nats")]
     pub(super) async fn delete_nats_stream(config: &Config, stream: &str) {
-        if let Ok(client) = crate::bus::nats::connect(&config.nats, "weir bench cleanup").await {
+        if let Ok(client) =
+            crate::connect::nats_client::connect(&config.nats, "weir bench cleanup").await
+        {
             let _ = async_nats::jetstream::new(client)
                 .delete_stream(stream)
                 .await;
@@ -259,7 +264,7 @@ mod raw {
         prefix: &str,
         events: &[StoredEvent],
     ) -> Result<Duration, CliError> {
-        use crate::bus::kafka::{TopicSpec, client_config, ensure_topics, set_default};
+        use crate::connect::kafka_client::{TopicSpec, client_config, ensure_topics, set_default};
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 

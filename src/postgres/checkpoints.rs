@@ -8,10 +8,10 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::{Checkpoint, CheckpointError, CheckpointStore, Claim};
+use super::{PostgresStore, classify, quote_identifier};
+use crate::consumer::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim};
 use crate::event::{Cursor, Source};
-use crate::store::postgres::{classify, quote_identifier};
-use crate::store::{Error, PostgresStore};
+use crate::store::Error;
 
 const COLUMNS: &str = "group_name, source, owner, tx_id, sequence, updated_at";
 

@@ -8,9 +8,9 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::{DeadLetter, DeadLetterStore, NewDeadLetter};
-use crate::store::postgres::{classify, quote_identifier};
-use crate::store::{Error, PostgresStore, Result};
+use super::{PostgresStore, classify, quote_identifier};
+use crate::consumer::dead_letter::{DeadLetter, DeadLetterStore, NewDeadLetter};
+use crate::store::{Error, Result};
 
 const COLUMNS: &str =
     "id, group_name, source, event_id, sequence, kind, error, attempts, recorded_at";

@@ -7,11 +7,11 @@
 //! table and the tests read from it. [`describe`] hands the descriptions to the
 //! installed recorder and [`register_node`] gives every metric a first value, so a
 //! node exports all of them from its first scrape.
+//!
+//! This module is the lowest layer: it imports nothing of the crate and takes
+//! plain labels, so that every other layer can record through it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::broker::BrokerRole;
-use crate::event::Source;
 
 /// This node's role: 1 for the role it runs, 0 for the others. Labels: `role`.
 pub const NODE_ROLE: &str = "weir_node_role";
@@ -80,6 +80,9 @@ pub const LAG_COUNT_LIMIT: u64 = 100_000;
 
 /// The `source` label of stream sources, which are summed per group.
 pub const STREAMS_LABEL: &str = "streams";
+
+/// The values of the `role` label of [`NODE_ROLE`].
+pub const ROLES: [&str; 3] = ["coordinator", "observer", "full"];
 
 /// What kind of value a metric holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,21 +326,14 @@ pub fn decision_seen(group: &str, epoch: u64, revision: u64) {
     ::metrics::gauge!(ALLOCATION_REVISION, "group" => group.to_owned()).set(revision as f64);
 }
 
-/// The `source` label a source is exported under: its name for the log and
-/// categories, [`STREAMS_LABEL`] for any stream.
-pub fn source_label(source: &Source) -> String {
-    match source {
-        Source::Stream(..) => STREAMS_LABEL.to_owned(),
-        other => other.to_string(),
-    }
-}
-
 /// What a node knows at start about the metrics it will export.
 #[derive(Debug, Clone, Default)]
 pub struct NodeMetrics {
-    pub role: BrokerRole,
-    /// Groups this node runs subscribers of, with their configured sources.
-    pub groups: Vec<(String, Vec<Source>)>,
+    /// The role this node runs: one of [`ROLES`].
+    pub role: &'static str,
+    /// Groups this node runs subscribers of, with the `source` labels of their
+    /// configured sources.
+    pub groups: Vec<(String, Vec<String>)>,
     /// Groups the fleet allocates (for the coordinator's metrics), usually every
     /// configured group.
     pub coordinated_groups: Vec<String>,
@@ -353,13 +349,9 @@ pub fn register_node(node: &NodeMetrics) {
     use ::metrics::{counter, gauge, histogram};
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(READY).set(0.0);
-    for role in [
-        BrokerRole::Coordinator,
-        BrokerRole::Observer,
-        BrokerRole::Full,
-    ] {
+    for role in ROLES {
         let value = if role == node.role { 1.0 } else { 0.0 };
-        gauge!(NODE_ROLE, "role" => role.to_string()).set(value);
+        gauge!(NODE_ROLE, "role" => role).set(value);
     }
     gauge!(COORDINATOR_LEADER).set(0.0);
     gauge!(COORDINATOR_EPOCH).set(NEWEST_EPOCH.load(Ordering::Relaxed) as f64);
@@ -398,7 +390,7 @@ pub fn register_node(node: &NodeMetrics) {
             counter!(name, "group" => group.clone()).increment(0);
         }
         for source in sources {
-            let labels = [("group", group.clone()), ("source", source_label(source))];
+            let labels = [("group", group.clone()), ("source", source.clone())];
             gauge!(CONSUMER_LAG_EVENTS, &labels).increment(0.0);
             gauge!(CONSUMER_LAG_SECONDS, &labels).increment(0.0);
         }
@@ -469,11 +461,6 @@ mod tests {
                 assert!(bounded.contains(label), "{}: label {label}", info.name);
             }
         }
-        let stream: Source = "stream:orders/order-42".parse().unwrap();
-        let category: Source = "category:orders".parse().unwrap();
-        assert_eq!(source_label(&stream), STREAMS_LABEL);
-        assert_eq!(source_label(&category), "category:orders");
-        assert_eq!(source_label(&Source::Log), "log");
     }
 
     #[test]
@@ -486,11 +473,8 @@ mod tests {
         ::metrics::with_local_recorder(&recorder, || {
             describe();
             register_node(&NodeMetrics {
-                role: BrokerRole::Observer,
-                groups: vec![(
-                    "billing".into(),
-                    vec![Source::Log, "stream:orders/order-1".parse().unwrap()],
-                )],
+                role: "observer",
+                groups: vec![("billing".into(), vec!["log".into(), STREAMS_LABEL.into()])],
                 coordinated_groups: vec!["billing".into()],
                 sinks: vec!["stdout"],
             });

@@ -1,6 +1,5 @@
-//! The Postgres event store: tokio-postgres behind a deadpool pool, prepared
-//! statements, one round trip per append (the `weir_append` function takes the batch
-//! as arrays), `NOTIFY` on append, tables `weir_*` in a configurable schema.
+//! [`PostgresStore`]: the event store's Postgres backend and the connection pool
+//! every other table of this folder shares.
 //!
 //! Reads are gap-free without a global write lock: every row records its writing
 //! transaction's id (`xid8`); readers order by `(tx_id, sequence)` and read only rows
@@ -17,21 +16,16 @@ use tokio::sync::OnceCell;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{
-    AppendWatcher, Backlog, Error, EventStore, Notifier, Result, StreamAppend, store_precision,
-    validate_batch,
-};
+use super::announcer;
+use super::listener;
+use super::xid8::Xid8;
 use crate::event::{
     AcceptedHeads, Category, Cursor, EventName, IdempotencyKey, Source, StoredEvent, StreamName,
 };
-
-mod announcer;
-mod listener;
-mod migrations;
-mod xid8;
-
-pub use migrations::{CURRENT_VERSION, MigrationReport};
-use xid8::Xid8;
+use crate::store::{
+    AppendWatcher, Backlog, Error, EventStore, Notifier, Result, StreamAppend, store_precision,
+    validate_batch,
+};
 
 /// How to reach the store.
 #[derive(Debug, Clone)]
@@ -73,29 +67,29 @@ const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// An event store in Postgres.
 pub struct PostgresStore {
-    pool: Pool,
-    pg_config: tokio_postgres::Config,
-    schema: String,
-    sql: Sql,
-    notifier: Notifier,
-    listener: OnceCell<listener::Listener>,
-    announcer: announcer::Announcer,
+    pub(super) pool: Pool,
+    pub(super) pg_config: tokio_postgres::Config,
+    pub(super) schema: String,
+    pub(super) sql: Sql,
+    pub(super) notifier: Notifier,
+    pub(super) listener: OnceCell<listener::Listener>,
+    pub(super) announcer: announcer::Announcer,
 }
 
 /// The statements, with the schema written in.
-struct Sql {
-    append: String,
-    read_log: String,
-    read_category: String,
-    read_stream: String,
-    latest: String,
-    head_log: String,
-    head_category: String,
-    backlog_log: String,
-    backlog_category: String,
-    backlog_stream: String,
-    events_table: String,
-    channel: String,
+pub(super) struct Sql {
+    pub(super) append: String,
+    pub(super) read_log: String,
+    pub(super) read_category: String,
+    pub(super) read_stream: String,
+    pub(super) latest: String,
+    pub(super) head_log: String,
+    pub(super) head_category: String,
+    pub(super) backlog_log: String,
+    pub(super) backlog_category: String,
+    pub(super) backlog_stream: String,
+    pub(super) events_table: String,
+    pub(super) channel: String,
 }
 
 const COLUMNS: &str = "tx_id, sequence, id, category, stream, position, name, payload, metadata, occurred_at, observed_at, idempotency_key";

@@ -17,11 +17,10 @@ use chrono::Utc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{
-    CONSUMER_LAG_EVENTS, CONSUMER_LAG_SECONDS, LAG_COUNT_LIMIT, STORE_VISIBILITY_HORIZON,
-    source_label,
-};
 use crate::consumer::source::{Board, ConsumerState, Lag};
+use crate::metrics::{
+    CONSUMER_LAG_EVENTS, CONSUMER_LAG_SECONDS, LAG_COUNT_LIMIT, STORE_VISIBILITY_HORIZON,
+};
 use crate::store::EventStore;
 
 /// How often lag and the horizon are measured unless told otherwise.
@@ -105,7 +104,7 @@ impl Sampler {
                 },
             );
             let total = totals
-                .entry((key.group.clone(), source_label(&key.source)))
+                .entry((key.group.clone(), key.source.metric_label()))
                 .or_default();
             total.0 = total.0.saturating_add(backlog.events).min(LAG_COUNT_LIMIT);
             total.1 = total.1.max(seconds);

@@ -1,0 +1,116 @@
+//! `weir bench allocate`: how long the allocation function takes for a large
+//! group, and what its decision costs on the bus.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{AllocateArgs, CliError, emit};
+use crate::allocation::{Allocation, AllocationInput, Member, allocate};
+
+pub(super) fn run(args: &AllocateArgs) -> Result<(), CliError> {
+    if args.subscribers == 0 || args.sources == 0 {
+        return Err(CliError::Usage(
+            "--subscribers and --sources must be at least 1".into(),
+        ));
+    }
+    // One member more than the group, held back to join it later.
+    let members = synthetic_input(args.subscribers + 1, args.sources);
+    let group = &members[..args.subscribers];
+    let no_tags = BTreeSet::new();
+    let nothing = BTreeSet::new();
+    let best_of = |input: &AllocationInput<'_, String>| {
+        let mut best = Duration::MAX;
+        let mut decision = Allocation::default();
+        for _ in 0..args.rounds.max(1) {
+            let started = Instant::now();
+            decision = allocate(input);
+            best = best.min(started.elapsed());
+        }
+        (best, decision)
+    };
+
+    let empty = Allocation::default();
+    let (initial_time, initial) = best_of(&AllocationInput {
+        members: group,
+        required_tags: &no_tags,
+        current: &empty,
+        released: &nothing,
+    });
+    let wire = wire_size(&initial)?;
+    emit(json!({
+        "bench": "allocate", "case": "initial", "subscribers": args.subscribers,
+        "sources": args.sources, "millis": initial_time.as_secs_f64() * 1000.0,
+        "wire_bytes": wire.bytes, "wire_parts": wire.parts,
+        "largest_part_bytes": wire.largest_part, "encode_millis": wire.encode_millis,
+    }));
+
+    let (join_time, joined) = best_of(&AllocationInput {
+        members: &members,
+        required_tags: &no_tags,
+        current: &initial,
+        released: &nothing,
+    });
+    emit(json!({
+        "bench": "allocate", "case": "join", "subscribers": args.subscribers + 1,
+        "sources": args.sources, "millis": join_time.as_secs_f64() * 1000.0,
+        "handovers": joined.handovers.len(),
+    }));
+    Ok(())
+}
+
+/// What a decision costs on the bus.
+struct WireSize {
+    bytes: usize,
+    parts: usize,
+    largest_part: usize,
+    encode_millis: f64,
+}
+
+/// Encodes `allocation` as the bus would (its synthetic sources named as streams of
+/// one category), split at the memory and NATS bus's default payload limit.
+fn wire_size(allocation: &Allocation<String>) -> Result<WireSize, CliError> {
+    use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
+    use crate::bus::{Decision, encode_decision_parts};
+    use crate::event::Source;
+
+    let as_source = |name: &String| -> Result<Source, CliError> {
+        format!("stream:bench/{name}")
+            .parse()
+            .map_err(|e: crate::event::ValidationError| CliError::Input(e.to_string()))
+    };
+    let mut decision = Decision::from_allocation("bench", 1, 1, "bench-node", &Default::default());
+    for (owner, sources) in &allocation.owners {
+        let sources = sources.iter().map(as_source).collect::<Result<_, _>>()?;
+        decision.owners.insert(owner.clone(), sources);
+    }
+    let started = Instant::now();
+    let parts = encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD);
+    let encode_millis = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(WireSize {
+        bytes: parts.iter().map(Vec::len).sum(),
+        parts: parts.len(),
+        largest_part: parts.iter().map(Vec::len).max().unwrap_or(0),
+        encode_millis,
+    })
+}
+
+/// A group of `members` subscribers that all request the same `sources`, for
+/// the benchmark. Ids are `member-00000`, `member-00001`, … and sources
+/// `source-0000000`, …, so ids sort in creation order; all members share one
+/// source set and carry no tags. To simulate a newcomer, build one member more
+/// than needed and hold the last back.
+fn synthetic_input(members: usize, sources: usize) -> Vec<Member<String>> {
+    let shared: Arc<BTreeSet<String>> =
+        Arc::new((0..sources).map(|i| format!("source-{i:07}")).collect());
+    (0..members)
+        .map(|i| Member {
+            id: format!("member-{i:05}"),
+            node: format!("node-{:03}", i % 16),
+            sources: Arc::clone(&shared),
+            tags: BTreeSet::new(),
+        })
+        .collect()
+}

@@ -1,0 +1,229 @@
+//! A NATS client from [`NatsOptions`]: [`connect`] (servers, authentication,
+//! TLS, reconnecting), and [`subject_token`], which turns any name into one
+//! subject token.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+use super::ConnectError;
+use super::nats::NatsOptions;
+
+/// Bytes kept unchanged by [`subject_token`]: letters, digits, `-` and `_`.
+const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+
+/// The token of the empty string: a `%` is otherwise always followed by two hex
+/// digits, so a lone one cannot be the encoding of anything else.
+const EMPTY_TOKEN: &str = "%";
+
+/// `value` as one valid NATS subject token: non-empty, without `.`, `*`, `>`,
+/// whitespace or anything but ASCII letters, digits, `-`, `_` and `%`. Names made
+/// of `[A-Za-z0-9_-]` stay as they are; any other byte is written `%XX` (the
+/// empty string is `%`). [`decode_subject_token`] reverses it.
+pub fn subject_token(value: &str) -> Cow<'_, str> {
+    if value.is_empty() {
+        return Cow::Borrowed(EMPTY_TOKEN);
+    }
+    utf8_percent_encode(value, ESCAPED).into()
+}
+
+/// The string `token` encodes, or `None` if [`subject_token`] never writes it.
+pub fn decode_subject_token(token: &str) -> Option<String> {
+    if token == EMPTY_TOKEN {
+        return Some(String::new());
+    }
+    if token.is_empty() {
+        return None;
+    }
+    let decoded = percent_decode_str(token).decode_utf8().ok()?;
+    // One encoding per string: lower-case hex, needless escapes or stray `%`s
+    // are not tokens of ours.
+    (subject_token(&decoded) == token).then(|| decoded.into_owned())
+}
+
+/// A NATS client for `config`, named `client_name` in the server's connection
+/// list.
+///
+/// Tries every server of the comma-separated `url` once, each within
+/// `connect_timeout`: if none answers, fails with [`Error::Unavailable`] rather
+/// than waiting. Once connected, the client reconnects by itself, for as long
+/// as it lives, whenever its server goes away.
+pub async fn connect(config: &NatsOptions, client_name: &str) -> Result<Client, ConnectError> {
+    let servers = config
+        .url
+        .split(',')
+        .map(str::trim)
+        .map(|server| {
+            server.parse::<ServerAddr>().map_err(|error| {
+                ConnectError::Invalid(format!(
+                    "nats.url: {server:?} is not a NATS server URL ({error}); write nats://HOST:PORT or tls://HOST:PORT"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = connect_options(config, client_name).await?;
+    // The client bounds only the TCP connect; a server that accepts but never
+    // speaks NATS would hold the handshake forever.
+    let patience = config
+        .connect_timeout
+        .saturating_mul(u32::try_from(servers.len()).unwrap_or(u32::MAX))
+        .saturating_add(Duration::from_secs(1));
+    match tokio::time::timeout(patience, options.connect(servers)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(error)) => Err(connect_error(config, &error)),
+        Err(_) => Err(ConnectError::Unavailable(format!(
+            "no NATS server at {} completed the handshake within {}",
+            config.url,
+            humantime::format_duration(patience)
+        ))),
+    }
+}
+
+async fn connect_options(
+    config: &NatsOptions,
+    client_name: &str,
+) -> Result<ConnectOptions, ConnectError> {
+    let name = client_name.to_owned();
+    let mut options = ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(config.connect_timeout)
+        // Never give up: a bus or sink without a connection is useless, and the
+        // server coming back must be enough for the node to recover.
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let name = name.clone();
+            async move {
+                match event {
+                    Event::Connected => tracing::info!(client = %name, "connected to NATS"),
+                    Event::Disconnected => {
+                        tracing::warn!(client = %name, "lost the NATS connection; reconnecting")
+                    }
+                    other => {
+                        tracing::warn!(client = %name, event = %other, "NATS connection event")
+                    }
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options.credentials_file(path).await.map_err(|error| {
+            ConnectError::Invalid(format!(
+                "cannot use nats.credentials_file {}: {error}; give the path of a .creds file holding a user JWT and its NKey seed",
+                path.display()
+            ))
+        })?;
+    }
+    let tls = &config.tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
+fn connect_error(config: &NatsOptions, error: &async_nats::ConnectError) -> ConnectError {
+    let url = &config.url;
+    let text = error.to_string();
+    // A TLS handshake gone wrong surfaces as an I/O error; retrying will not
+    // mend a server that speaks no TLS or a certificate nobody trusts.
+    let tls_failed = [
+        "corrupt message",
+        "InvalidContentType",
+        "certificate",
+        "handshake",
+    ]
+    .iter()
+    .any(|hint| text.contains(hint));
+    match error.kind() {
+        ConnectErrorKind::Io if tls_failed => ConnectError::Invalid(format!(
+            "TLS towards NATS at {url} failed ({error}): the server may not speak TLS (unset nats.tls.required and use nats:// URLs) or its certificate is not signed by nats.tls.ca_file"
+        )),
+        ConnectErrorKind::AuthorizationViolation => ConnectError::Invalid(format!(
+            "NATS at {url} refused the credentials ({error}): check nats.user and nats.password, nats.token, nats.nkey_seed or nats.credentials_file"
+        )),
+        ConnectErrorKind::Authentication => ConnectError::Invalid(format!(
+            "cannot authenticate to NATS at {url} ({error}): nats.nkey_seed or the seed in nats.credentials_file is not a valid user NKey seed"
+        )),
+        ConnectErrorKind::Tls => ConnectError::Invalid(format!(
+            "TLS towards NATS at {url} failed ({error}): check nats.tls (ca_file must hold the CA that signed the server's certificate) and the server's TLS settings"
+        )),
+        ConnectErrorKind::ServerParse => ConnectError::Invalid(format!(
+            "nats.url {url:?} is not a list of NATS server URLs ({error})"
+        )),
+        ConnectErrorKind::Dns
+        | ConnectErrorKind::TimedOut
+        | ConnectErrorKind::Io
+        | ConnectErrorKind::MaxReconnects => {
+            ConnectError::Unavailable(format!("cannot connect to NATS at {url}: {error}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn common_names_stay_as_they_are() {
+        for name in ["orders", "order-42", "billing_v2", "A-Z_0-9"] {
+            assert!(matches!(subject_token(name), Cow::Borrowed(n) if n == name));
+        }
+    }
+
+    #[test]
+    fn separators_and_wildcards_are_escaped() {
+        assert_eq!(subject_token("a.b"), "a%2Eb");
+        assert_eq!(subject_token("*"), "%2A");
+        assert_eq!(subject_token(">"), "%3E");
+        assert_eq!(subject_token("a b/c"), "a%20b%2Fc");
+        assert_eq!(subject_token("100%"), "100%25");
+        assert_eq!(subject_token("é"), "%C3%A9");
+        assert_eq!(subject_token(""), "%");
+    }
+
+    #[test]
+    fn foreign_tokens_do_not_decode() {
+        for token in ["", "%2e", "%4", "%zz", "a%", "%41", "a.b", "%C3", "%%"] {
+            assert_eq!(decode_subject_token(token), None, "{token:?}");
+        }
+    }
+
+    fn is_valid_token(token: &str) -> bool {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_%".contains(&b))
+    }
+
+    proptest! {
+        #[test]
+        fn tokens_are_valid_and_decode_to_their_value(value in any::<String>()) {
+            let token = subject_token(&value);
+            prop_assert!(is_valid_token(&token), "{:?} -> {:?}", value, token);
+            prop_assert_eq!(decode_subject_token(&token), Some(value));
+        }
+
+        #[test]
+        fn tokens_of_awkward_names_round_trip(value in "[a-z.*> /%é\u{1F600}-]{0,12}") {
+            let token = subject_token(&value);
+            prop_assert!(is_valid_token(&token), "{:?} -> {:?}", value, token);
+            prop_assert_eq!(decode_subject_token(&token), Some(value));
+        }
+    }
+}

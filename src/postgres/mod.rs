@@ -1,0 +1,33 @@
+//! The Postgres adapter: every table weir keeps in Postgres, with all of its SQL,
+//! in this one folder beside the migrations that create the tables. Each file
+//! implements one trait of a layer below:
+//!
+//! | file | trait | table |
+//! |---|---|---|
+//! | `events.rs` | [`EventStore`](crate::store::EventStore) | `weir_events`, `weir_streams` |
+//! | `leases.rs` | [`LeaseStore`](crate::broker::lease::LeaseStore) | `weir_leases` |
+//! | `members.rs` | [`MembershipStore`](crate::broker::membership::MembershipStore) | `weir_members` |
+//! | `checkpoints.rs` | [`CheckpointStore`](crate::consumer::checkpoint::CheckpointStore) | `weir_checkpoints` |
+//! | `dead_letters.rs` | [`DeadLetterStore`](crate::consumer::dead_letter::DeadLetterStore) | `weir_dead_letters` |
+//!
+//! `migrations/*.sql` create and upgrade them (`weir migrate`); `announcer.rs` and
+//! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append.
+//! All of them share one connection pool, the [`PostgresStore`]'s.
+
+mod announcer;
+mod checkpoints;
+mod dead_letters;
+mod events;
+mod leases;
+mod listener;
+mod members;
+mod migrations;
+mod xid8;
+
+pub use checkpoints::PostgresCheckpointStore;
+pub use dead_letters::PostgresDeadLetterStore;
+pub use events::{PostgresStore, PostgresStoreOptions};
+pub(crate) use events::{classify, quote_identifier};
+pub use leases::PostgresLeaseStore;
+pub use members::PostgresMembershipStore;
+pub use migrations::{CURRENT_VERSION, MigrationReport};
