@@ -234,6 +234,14 @@ pub fn render_table(status: &NodeStatus) -> String {
         let _ = writeln!(out, "\nno subscribers on this node");
         return out;
     }
+    out.push('\n');
+    out.push_str(&aligned(&source_rows(status)));
+    out
+}
+
+/// One row per source of every subscriber, and one for a subscriber that owns
+/// none, under a header row.
+fn source_rows(status: &NodeStatus) -> Vec<[String; 7]> {
     let mut rows = vec![[
         "GROUP".to_owned(),
         "SUBSCRIBER".to_owned(),
@@ -274,6 +282,13 @@ pub fn render_table(status: &NodeStatus) -> String {
             }
         }
     }
+    rows
+}
+
+/// `rows` as lines of left-aligned columns two spaces apart.
+fn aligned(rows: &[[String; 7]]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let widths: Vec<usize> = (0..7)
         .map(|column| {
             rows.iter()
@@ -282,8 +297,7 @@ pub fn render_table(status: &NodeStatus) -> String {
                 .unwrap_or(0)
         })
         .collect();
-    out.push('\n');
-    for row in &rows {
+    for row in rows {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)

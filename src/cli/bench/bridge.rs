@@ -110,36 +110,8 @@ pub(super) async fn run(
     let mut weir_best = Duration::MAX;
     let mut raw_best = Duration::MAX;
     for round in 0..args.rounds.max(1) {
-        let prefix_weir = prefix(round, "weir");
-        let sink = crate::sink::build(
-            &sink_config(args.sink, &prefix_weir, args.max_in_flight),
-            &config.nats,
-            &config.kafka,
-        )
-        .await?;
-        // Built (connected, stream or topics ready) before the clock starts.
-        let counter = Arc::new(Counter::default());
-        let processor = Arc::new(Counted {
-            sink,
-            counter: Arc::clone(&counter),
-        });
-        let started = Instant::now();
-        let runtime = start(
-            target,
-            &format!("bridge-{round}"),
-            source.clone(),
-            processor,
-            settings.clone(),
-        )
-        .await?;
-        counter.wait_for(args.events).await;
-        weir_best = weir_best.min(started.elapsed());
-        runtime.stop().await;
-        #[cfg(feature = "nats")]
-        if args.sink == SinkKind::Nats {
-            raw::delete_nats_stream(config, &prefix_weir.to_uppercase()).await;
-        }
-
+        let elapsed = weir_round(config, target, args, round, &source, &settings).await?;
+        weir_best = weir_best.min(elapsed);
         let prefix_raw = prefix(round, "raw");
         let elapsed = match args.sink {
             #[cfg(feature = "nats")]
@@ -172,6 +144,48 @@ pub(super) async fn run(
         "ratio": (weir_rate / raw_rate * 1000.0).round() / 1000.0,
     }));
     Ok(())
+}
+
+/// One timed run of weir: a consumer of `source` forwarding through a fresh
+/// sink until every event is acknowledged.
+async fn weir_round(
+    config: &Config,
+    target: &Target,
+    args: &BridgeArgs,
+    round: usize,
+    source: &Source,
+    settings: &ConsumerSettings,
+) -> Result<Duration, CliError> {
+    let prefix_weir = prefix(round, "weir");
+    let sink = crate::sink::build(
+        &sink_config(args.sink, &prefix_weir, args.max_in_flight),
+        &config.nats,
+        &config.kafka,
+    )
+    .await?;
+    // Built (connected, stream or topics ready) before the clock starts.
+    let counter = Arc::new(Counter::default());
+    let processor = Arc::new(Counted {
+        sink,
+        counter: Arc::clone(&counter),
+    });
+    let started = Instant::now();
+    let runtime = start(
+        target,
+        &format!("bridge-{round}"),
+        source.clone(),
+        processor,
+        settings.clone(),
+    )
+    .await?;
+    counter.wait_for(args.events).await;
+    let elapsed = started.elapsed();
+    runtime.stop().await;
+    #[cfg(feature = "nats")]
+    if args.sink == SinkKind::Nats {
+        raw::delete_nats_stream(config, &prefix_weir.to_uppercase()).await;
+    }
+    Ok(elapsed)
 }
 
 /// The plain clients: messages built first, then only the publishing is timed.
@@ -265,10 +279,31 @@ mod raw {
         events: &[StoredEvent],
     ) -> Result<Duration, CliError> {
         use crate::connect::kafka_client::{TopicSpec, client_config, ensure_topics, set_default};
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-        let records: Vec<(String, String, OwnedHeaders, Vec<u8>)> = events
+        let records = kafka_records(prefix, events);
+        let topics: std::collections::BTreeSet<&str> =
+            records.iter().map(|(topic, ..)| topic.as_str()).collect();
+        let specs: Vec<TopicSpec> = topics.into_iter().map(TopicSpec::new).collect();
+        ensure_topics(&config.kafka, &specs)
+            .await
+            .map_err(unavailable)?;
+
+        let mut settings = client_config(&config.kafka);
+        set_default(&mut settings, "enable.idempotence", "true");
+        tokio::task::spawn_blocking(move || produce_all(settings, &records))
+            .await
+            .map_err(|e| CliError::Io(std::io::Error::other(e)))?
+    }
+
+    /// (topic, key, headers, value) of every event, as the Kafka sink sends them.
+    #[cfg(feature = "kafka")]
+    type KafkaRecord = (String, String, rdkafka::message::OwnedHeaders, Vec<u8>);
+
+    #[cfg(feature = "kafka")]
+    fn kafka_records(prefix: &str, events: &[StoredEvent]) -> Vec<KafkaRecord> {
+        use rdkafka::message::{Header, OwnedHeaders};
+
+        events
             .iter()
             .map(|event| {
                 let (id, position, sequence) = (
@@ -302,54 +337,52 @@ mod raw {
                     serde_json::to_vec(event).unwrap_or_default(),
                 )
             })
-            .collect();
-        let topics: std::collections::BTreeSet<&str> =
-            records.iter().map(|(topic, ..)| topic.as_str()).collect();
-        let specs: Vec<TopicSpec> = topics.into_iter().map(TopicSpec::new).collect();
-        ensure_topics(&config.kafka, &specs)
-            .await
-            .map_err(unavailable)?;
+            .collect()
+    }
 
-        let mut settings = client_config(&config.kafka);
-        set_default(&mut settings, "enable.idempotence", "true");
-        tokio::task::spawn_blocking(move || {
-            let producer: BaseProducer<Failures> = settings
-                .create_with_context(Failures::default())
-                .map_err(unavailable)?;
-            let started = Instant::now();
-            for (topic, key, headers, body) in &records {
-                let mut record = BaseRecord::to(topic)
-                    .key(key)
-                    .payload(body)
-                    .headers(headers.clone());
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
-                        Err((_, back)) => {
-                            // Queue full: serve delivery reports to make room.
-                            producer.poll(Duration::from_millis(10));
-                            record = back;
-                        }
+    /// Produces `records` with a plain idempotent producer as fast as librdkafka
+    /// takes them, and waits until all are stored. Blocking.
+    #[cfg(feature = "kafka")]
+    fn produce_all(
+        settings: rdkafka::ClientConfig,
+        records: &[KafkaRecord],
+    ) -> Result<Duration, CliError> {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+        let producer: BaseProducer<Failures> = settings
+            .create_with_context(Failures::default())
+            .map_err(unavailable)?;
+        let started = Instant::now();
+        for (topic, key, headers, body) in records {
+            let mut record = BaseRecord::to(topic)
+                .key(key)
+                .payload(body)
+                .headers(headers.clone());
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        // Queue full: serve delivery reports to make room.
+                        producer.poll(Duration::from_millis(10));
+                        record = back;
                     }
                 }
-                producer.poll(Duration::ZERO);
             }
-            producer
-                .flush(Duration::from_secs(120))
-                .map_err(unavailable)?;
-            let elapsed = started.elapsed();
-            let failed = producer
-                .context()
-                .0
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if failed > 0 {
-                return Err(unavailable(format!(
-                    "the plain producer failed to deliver {failed} records"
-                )));
-            }
-            Ok(elapsed)
-        })
-        .await
-        .map_err(|e| CliError::Io(std::io::Error::other(e)))?
+            producer.poll(Duration::ZERO);
+        }
+        producer
+            .flush(Duration::from_secs(120))
+            .map_err(unavailable)?;
+        let elapsed = started.elapsed();
+        let failed = producer
+            .context()
+            .0
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if failed > 0 {
+            return Err(unavailable(format!(
+                "the plain producer failed to deliver {failed} records"
+            )));
+        }
+        Ok(elapsed)
     }
 }
