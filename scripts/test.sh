@@ -96,12 +96,12 @@ start_nats() {
     wait_for_port 127.0.0.1 "$port"
 }
 
-# rdkafka's cmake-build feature compiles librdkafka, which needs these (OpenSSL for
-# its ssl feature: TLS and SASL SCRAM).
+# rdkafka compiles librdkafka with its own configure script and make (no cmake,
+# no libcurl); its ssl feature needs OpenSSL's headers, found with pkg-config.
 install_kafka_build_deps() {
     if grep -q '^rdkafka' Cargo.toml; then
-        command -v cmake >/dev/null || apt_install cmake
-        dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_install libcurl4-openssl-dev
+        command -v make >/dev/null || apt_install make
+        command -v pkg-config >/dev/null || apt_install pkg-config
         dpkg -s libssl-dev >/dev/null 2>&1 || apt_install libssl-dev
     fi
 }
@@ -120,17 +120,51 @@ free_port() {
     return 1
 }
 
-# tansu, a Kafka-protocol broker, with in-memory storage: on 127.0.0.1:9092 (where
+# tansu, a Kafka-protocol broker, is compiled from crates.io the first time. Its
+# smallest feature set with in-memory storage is `dynostore` (its default features
+# only switch on the broker itself). A debug build: it compiles in about half the
+# time of a release build and serves the tests' few thousand records easily. It
+# compiles in the background while the tests compile.
+tansu_install_pid=
+tansu_install_log=
+install_tansu_in_background() {
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    if [ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ] || tansu_has_memory_storage; then
+        return
+    fi
+    tansu_install_log=$(mktemp -t weir-tansu-install.XXXXXX)
+    say "installing tansu, a Kafka-protocol broker, once, in the background (log: $tansu_install_log)"
+    cargo install --locked --debug --force tansu --features dynostore >"$tansu_install_log" 2>&1 &
+    tansu_install_pid=$!
+    started_pids+=("$tansu_install_pid")
+}
+
+# Waits for the background install, saying every 30 s how far it has got.
+wait_for_tansu_install() {
+    [ -n "$tansu_install_pid" ] || return 0
+    local waited=0
+    while kill -0 "$tansu_install_pid" 2>/dev/null; do
+        if [ $((waited % 30)) -eq 0 ]; then
+            say "tansu: $(grep -c 'Compiling' "$tansu_install_log" || true) crates compiled so far"
+        fi
+        sleep 5
+        waited=$((waited + 5))
+    done
+    if ! wait "$tansu_install_pid"; then
+        tail -n 30 "$tansu_install_log" >&2
+        say "installing tansu failed; see $tansu_install_log"
+        return 1
+    fi
+    say "tansu installed"
+}
+
+# tansu with in-memory storage: on 127.0.0.1:9092 (where
 # config/postgres-kafka.toml looks) when that is free, else on another free port.
 start_kafka() {
     if [ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ]; then
         return
     fi
-    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-    if ! tansu_has_memory_storage; then
-        say "installing tansu, a Kafka-protocol broker (several minutes, once)"
-        cargo install --locked --force --quiet tansu --features dynostore
-    fi
+    wait_for_tansu_install
     local port=9092
     if port_open 127.0.0.1 "$port"; then
         port=$(free_port)
@@ -161,11 +195,14 @@ check_prometheus_files() {
 }
 # --- end of Prometheus ---
 
+install_tansu_in_background
 check_prometheus_files
 start_postgres
 ensure_test_database
 start_nats
 install_kafka_build_deps
+say "compiling the tests"
+cargo test --all-features --no-run "$@"
 start_kafka
 
 export WEIR_REQUIRE_SERVICES=1

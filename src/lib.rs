@@ -7,29 +7,39 @@
 //!
 //! # Layout
 //!
-//! Data flows down this list and never back up:
+//! The modules form layers, listed here lowest first as in `layers.txt` at the
+//! crate root. A module names only modules above it in this list, so data flows
+//! one way and no two modules depend on each other; `tests/house_rules.rs` holds
+//! the code to it.
 //!
+//! - [`metrics`]: every metric's name, kind, help and labels, and the helpers that
+//!   record them; it imports nothing of the crate, so every layer can record.
 //! - [`event`]: events, names, sources, cursors and write conditions; pure data.
-//! - [`store`]: the [`store::EventStore`] trait, the in-memory store and the Postgres
-//!   store (feature `postgres`), with its migrations.
-//! - [`bus`]: the allocation bus: the versioned wire format of decisions and signals,
-//!   the [`bus::AllocationBus`] trait, the in-process [`bus::MemoryBus`], the
-//!   NATS JetStream bus (feature `nats`) and the Kafka bus (feature `kafka`). It
-//!   borrows only the plain data types of `broker::allocation`.
-//! - [`broker`]: who owns which source. The pure allocation function (balanced,
-//!   sticky, deterministic, two-step handover), the leadership lease with epochs,
-//!   membership, the coordinator that decides while its node leads, the observer that
-//!   applies decisions to local subscribers, node roles, and the two brokers:
+//! - [`connect`]: how to reach NATS and Kafka (`[nats]`, `[kafka]`) and the client
+//!   setup that the bus and the sinks share.
+//! - [`store`]: the [`store::EventStore`] trait and the in-memory store.
+//! - [`allocation`]: the pure allocation function (balanced, sticky,
+//!   deterministic, two-step handover) and the decision types the bus carries.
+//! - [`bus`]: the allocation bus: the versioned wire format of decisions and
+//!   signals, the [`bus::AllocationBus`] trait, the in-process [`bus::MemoryBus`],
+//!   the NATS JetStream bus (feature `nats`) and the Kafka bus (feature `kafka`).
+//! - [`broker`]: who owns which source: the leadership lease with epochs,
+//!   membership, the coordinator that decides while its node leads, the observer
+//!   that applies decisions to local subscribers, node roles, and the two brokers:
 //!   distributed (a fleet over a bus) and singleton (one process).
-//! - [`consumer`] and [`runtime`]: processors, fenced checkpoints, error policies
-//!   and dead letters, and the `EventRuntime` that runs consumers for a broker.
+//! - [`consumer`]: processors, fenced checkpoints, error policies and dead letters.
+//! - `postgres` (feature `postgres`): the Postgres adapter; every table weir keeps
+//!   and all of its SQL in one folder, one file per trait of the layers above.
 //! - [`sink`]: processors that forward: stdout, NATS JetStream, Kafka.
-//! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and pure
-//!   validation that reports every problem at once.
-//! - [`telemetry`]: metric names in one catalogue, the Prometheus recorder, the
-//!   lag sampler, the HTTP endpoints (`/metrics`, `/livez`, `/readyz`, `/status`)
-//!   and logging. Every layer records metrics through its names.
-//! - [`cli`]: one module per `weir` subcommand; `main.rs` only parses and calls it.
+//! - [`runtime`]: the `EventRuntime` that runs one node's consumers for a broker,
+//!   and the lag sampler.
+//! - [`telemetry`]: the Prometheus recorder, the HTTP endpoints (`/metrics`,
+//!   `/livez`, `/readyz`, `/status`), node status and logging.
+//! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and
+//!   pure validation that reports every problem at once. Each section's type lives
+//!   with the layer that uses it; config gathers and checks them.
+//! - [`cli`]: one module per `weir` subcommand, and the wiring of a node from its
+//!   configuration; `main.rs` only parses and calls it.
 
 #![forbid(unsafe_code)]
 
