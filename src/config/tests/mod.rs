@@ -1,14 +1,16 @@
 //! Tests of configuration, by concern: `load` (layering, environment, extraction),
-//! `validate` (the checks and how problems are reported) and `redact` (printing
-//! without secrets). This module holds their shared helpers.
+//! `validate` (the checks and how problems are reported), `redact` (printing
+//! without secrets) and `shipped` (the repository's example files are valid). This
+//! module holds their shared helpers.
 
 mod load;
 mod redact;
+mod shipped;
 mod validate;
 
 use super::*;
 use crate::broker::{BrokerRole, BrokerSettings};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A directory of its own under the system temp dir, removed when dropped.
