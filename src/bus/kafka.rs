@@ -34,7 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::BusConfig;
 use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
-use super::{AllocationBus, BusSubscription, Error, Result, encode_decision_parts};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_decision_parts};
 use crate::connect::KafkaOptions;
 use crate::connect::kafka_client::{
     CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
@@ -50,6 +50,10 @@ impl From<ClusterError> for Error {
         }
     }
 }
+
+/// How long the readiness check waits for a broker's answer: it is polled, and a
+/// node whose bus takes longer is not ready anyway.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long [`KafkaBus::retained`] may take to read the decisions topic.
 pub const RETAINED_TIMEOUT: Duration = Duration::from_secs(60);
@@ -76,7 +80,7 @@ struct Inner {
     consumer_config: ClientConfig,
     decisions_topic: String,
     signals_topic: String,
-    invalid: Arc<AtomicU64>,
+    meter: Arc<BusMeter>,
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -135,7 +139,7 @@ impl KafkaBus {
             consumer_config,
             decisions_topic,
             signals_topic,
-            invalid: Arc::new(AtomicU64::new(0)),
+            meter: BusMeter::new(),
         });
         inner.probe().await?;
         ensure_topics(
@@ -173,12 +177,12 @@ impl KafkaBus {
     /// Payloads dropped because they did not decode, over all subscriptions and
     /// [`retained`](AllocationBus::retained) reads of this bus.
     pub fn invalid_messages(&self) -> u64 {
-        self.inner.invalid.load(Ordering::Relaxed)
+        self.inner.meter.invalid().load(Ordering::Relaxed)
     }
 
     /// The counter behind [`KafkaBus::invalid_messages`], for metrics.
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.inner.invalid)
+        self.inner.meter.invalid()
     }
 }
 
@@ -232,10 +236,15 @@ impl Inner {
         }
     }
 
-    /// The partitions of `topic`.
-    fn partitions(&self, consumer: &impl Consumer, topic: &str) -> Result<Vec<i32>> {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
+    /// The partitions of `topic`, asking for at most `timeout`.
+    fn partitions<C: rdkafka::client::ClientContext>(
+        &self,
+        client: &rdkafka::client::Client<C>,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<i32>> {
+        let metadata = client
+            .fetch_metadata(Some(topic), timeout)
             .map_err(|error| self.read_error(topic, error))?;
         let partitions: Vec<i32> = metadata
             .topics()
@@ -263,7 +272,7 @@ impl Inner {
 
     /// Where each partition of `topic` ends now, as `(partition, low, high)`.
     fn watermarks(&self, consumer: &impl Consumer, topic: &str) -> Result<Vec<(i32, i64, i64)>> {
-        self.partitions(consumer, topic)?
+        self.partitions(consumer.client(), topic, CONNECT_TIMEOUT)?
             .into_iter()
             .map(|partition| {
                 consumer
@@ -280,9 +289,10 @@ impl Inner {
             .map_err(|error| Error::from(property_error(&self.kafka, error)))
     }
 
+    /// Counts a payload of a retained read that cannot be read, in the bus's own
+    /// count only: the node's metric is the subscriptions' to count.
     fn count_invalid(&self) {
-        self.invalid.fetch_add(1, Ordering::Relaxed);
-        ::metrics::counter!(metrics::BUS_INVALID_MESSAGES).increment(1);
+        self.meter.invalid().fetch_add(1, Ordering::Relaxed);
     }
 
     /// The newest complete decision per group in the decisions topic, read from
@@ -328,7 +338,6 @@ impl Inner {
                     {
                         remaining.remove(&partition);
                     }
-                    metrics::bus_message("decision", "received");
                     match decode_frame(message.payload().unwrap_or_default()) {
                         Ok(Frame::Decision(part)) => {
                             if let Some(decision) = assembler.push(part) {
@@ -375,7 +384,9 @@ impl Inner {
     fn subscribed_consumer(&self) -> Result<StreamConsumer> {
         let consumer: StreamConsumer = self.consumer()?;
         let mut assignment = TopicPartitionList::new();
-        for partition in self.partitions(&consumer, &self.decisions_topic)? {
+        for partition in
+            self.partitions(consumer.client(), &self.decisions_topic, CONNECT_TIMEOUT)?
+        {
             assignment
                 .add_partition_offset(&self.decisions_topic, partition, Offset::Beginning)
                 .map_err(|error| self.read_error(&self.decisions_topic, error))?;
@@ -395,25 +406,21 @@ impl Inner {
     }
 }
 
-/// One subscription's consumer and what it needs to label what it reads.
+/// One subscription's consumer.
 struct Reader {
     consumer: DropOffRuntime<StreamConsumer>,
-    decisions_topic: String,
 }
 
 impl Reader {
     async fn next(&self) -> Vec<u8> {
         loop {
             match self.consumer.recv().await {
-                Ok(message) => {
-                    let kind = if message.topic() == self.decisions_topic {
-                        "decision"
-                    } else {
-                        "signal"
-                    };
-                    metrics::bus_message(kind, "received");
-                    return message.payload().unwrap_or_default().to_vec();
-                }
+                // A record without a payload is a tombstone: compaction's cue to
+                // drop the decision part of its key, nothing to read.
+                Ok(message) => match message.payload() {
+                    Some(payload) => return payload.to_vec(),
+                    None => continue,
+                },
                 Err(error) => {
                     // librdkafka reconnects by itself; these are reports, and
                     // waiting a little keeps a down broker from flooding the log.
@@ -427,6 +434,19 @@ impl Reader {
 
 #[async_trait]
 impl AllocationBus for KafkaBus {
+    /// One metadata request for the decisions topic: answers whether a broker
+    /// is reachable and still has the topic.
+    async fn check(&self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let topic = inner.decisions_topic.as_str();
+            inner
+                .partitions(inner.producer.client(), topic, CHECK_TIMEOUT)
+                .map(drop)
+        })
+        .await?
+    }
+
     async fn publish(&self, message: &BusMessage) -> Result<()> {
         let inner = &self.inner;
         match message {
@@ -472,7 +492,6 @@ impl AllocationBus for KafkaBus {
         let consumer = blocking(move || inner.subscribed_consumer()).await??;
         let reader = Reader {
             consumer: DropOffRuntime::new(consumer),
-            decisions_topic: self.inner.decisions_topic.clone(),
         };
         let payloads = futures::stream::unfold(reader, |reader| async move {
             let payload = reader.next().await;
@@ -481,7 +500,7 @@ impl AllocationBus for KafkaBus {
         .boxed();
         Ok(BusSubscription::new(
             payloads,
-            Arc::clone(&self.inner.invalid),
+            Arc::clone(&self.inner.meter),
         ))
     }
 

@@ -37,7 +37,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::BusConfig;
 use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
-use super::{AllocationBus, BusSubscription, Error, Result, encode_decision_parts};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_decision_parts};
 use crate::connect::NatsOptions;
 use crate::connect::nats_client::{connect, subject_token};
 use crate::metrics;
@@ -45,6 +45,9 @@ use crate::metrics;
 /// How long a JetStream request (stream info, publish acknowledgement, purge)
 /// may take before the server counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the readiness check waits for the server's answer to a ping.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long [`NatsBus::retained`] may take to read every retained decision.
 const RETAINED_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,7 +63,7 @@ pub struct NatsBus {
     signal_retention: Duration,
     decisions_stream: String,
     signals_stream: String,
-    invalid: Arc<AtomicU64>,
+    meter: Arc<BusMeter>,
 }
 
 impl NatsBus {
@@ -85,7 +88,7 @@ impl NatsBus {
             signals_stream: format!("{upper}_SIGNALS"),
             namespace,
             signal_retention: bus.signal_retention,
-            invalid: Arc::new(AtomicU64::new(0)),
+            meter: BusMeter::new(),
         };
         this.ensure_streams().await?;
         Ok(this)
@@ -99,12 +102,12 @@ impl NatsBus {
     /// Payloads dropped because they did not decode, over all subscriptions and
     /// [`NatsBus::retained`] calls.
     pub fn invalid_messages(&self) -> u64 {
-        self.invalid.load(Ordering::Relaxed)
+        self.meter.invalid().load(Ordering::Relaxed)
     }
 
     /// The counter behind [`NatsBus::invalid_messages`].
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.invalid)
+        self.meter.invalid()
     }
 
     fn decisions_config(&self) -> stream::Config {
@@ -246,18 +249,9 @@ impl NatsBus {
             return Err(Error::TooLarge { size, limit });
         }
         let prefix = self.group_prefix(&decision.group);
-        let stored = self.stored_versions(&prefix).await?;
+        let mut stored = self.stored_versions(&prefix).await?;
         let version = decision.version();
-        if let Some((newest, _)) = stored.last_key_value() {
-            if *newest > version {
-                tracing::debug!(
-                    group = %decision.group, epoch = decision.epoch, revision = decision.revision,
-                    stored_epoch = newest.0, stored_revision = newest.1,
-                    "decision is older than the stored one; not published"
-                );
-                return Ok(());
-            }
-        }
+        self.check_newer(decision, &mut stored).await?;
         if stored.get(&version).is_some_and(StoredVersion::is_whole) {
             // Already stored whole: a refresh republishing it changes nothing.
             return Ok(());
@@ -281,6 +275,78 @@ impl NatsBus {
             .collect();
         self.remove(&superseded).await;
         Ok(())
+    }
+
+    /// Fails with [`Error::Outdated`] if a readable decision newer than `decision`
+    /// is stored, so that the coordinator moves above it. Newer versions that do
+    /// not read as a decision of the group (garbage, or a payload whose subject
+    /// claims another version) are removed and counted as invalid: nothing
+    /// unreadable may stop a leader from publishing.
+    async fn check_newer(
+        &self,
+        decision: &Decision,
+        stored: &mut BTreeMap<(u64, u64), StoredVersion>,
+    ) -> Result<()> {
+        let newer: Vec<(u64, u64)> = stored
+            .range((
+                std::ops::Bound::Excluded(decision.version()),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(version, _)| *version)
+            .collect();
+        for version in newer.into_iter().rev() {
+            let Some(found) = stored.remove(&version) else {
+                continue;
+            };
+            if self.reads_as(&decision.group, version, &found).await? {
+                return Err(Error::Outdated {
+                    group: decision.group.clone(),
+                    epoch: decision.epoch,
+                    revision: decision.revision,
+                    stored_epoch: version.0,
+                    stored_revision: version.1,
+                });
+            }
+            count_invalid(
+                &self.meter.invalid(),
+                &format!(
+                    "decision subjects {:?} do not hold decision {}.{} of group {}; removed",
+                    found.subjects, version.0, version.1, decision.group
+                ),
+            );
+            self.remove(&found.subjects).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the first stored part of `found` is part of decision `version` of
+    /// `group`.
+    async fn reads_as(
+        &self,
+        group: &str,
+        version: (u64, u64),
+        found: &StoredVersion,
+    ) -> Result<bool> {
+        let stream = self
+            .jetstream
+            .get_stream_no_info(&self.decisions_stream)
+            .await
+            .map_err(|e| request_error("look up the stream", &self.decisions_stream, e))?;
+        for subject in &found.subjects {
+            let message = stream
+                .get_last_raw_message_by_subject(subject)
+                .await
+                .map_err(|e| request_error("read a decision from", &self.decisions_stream, e))?;
+            let readable = matches!(
+                decode_frame(&message.payload),
+                Ok(Frame::Decision(part))
+                    if part.decision.group == group && part.decision.version() == version
+            );
+            if !readable {
+                return Ok(false);
+            }
+        }
+        Ok(!found.subjects.is_empty())
     }
 
     async fn send(
@@ -442,8 +508,17 @@ fn reconcile(
         ));
     }
     // Everything else (replicas, placement, size limits) is the operator's to tune.
+    // The server reports an unlimited count as -1 where a config asks with 0.
+    let unlimited = |limit: i64| limit <= 0;
+    let max_messages_per_subject = if unlimited(wanted.max_messages_per_subject)
+        && unlimited(existing.max_messages_per_subject)
+    {
+        existing.max_messages_per_subject
+    } else {
+        wanted.max_messages_per_subject
+    };
     let updated = stream::Config {
-        max_messages_per_subject: wanted.max_messages_per_subject,
+        max_messages_per_subject,
         max_age: wanted.max_age,
         discard: wanted.discard,
         ..existing.clone()
@@ -495,6 +570,27 @@ impl NatsBus {
 
 #[async_trait]
 impl AllocationBus for NatsBus {
+    /// The client's connection state, then one round trip (a ping): cheap enough
+    /// to poll, and it fails while the server is unreachable.
+    async fn check(&self) -> Result<()> {
+        let client = self.jetstream.client();
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err(Error::Unavailable(format!(
+                "not connected to NATS ({:?}); the client keeps reconnecting",
+                client.connection_state()
+            )));
+        }
+        tokio::time::timeout(CHECK_TIMEOUT, client.flush())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "NATS did not answer a ping within {} s",
+                    CHECK_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|error| Error::Unavailable(format!("NATS did not answer a ping: {error}")))
+    }
+
     async fn publish(&self, message: &BusMessage) -> Result<()> {
         match self.publish_once(message).await {
             Err(error) if self.streams_missing().await => {
@@ -511,7 +607,6 @@ impl AllocationBus for NatsBus {
             bus: self.clone(),
             stream: self.decisions_stream.clone(),
             filter: format!("{}.decisions.>", self.namespace),
-            kind: "decision",
             first: consumer::DeliverPolicy::LastPerSubject,
             after: 0,
             last_delivered: None,
@@ -525,7 +620,6 @@ impl AllocationBus for NatsBus {
             bus: self.clone(),
             stream: self.signals_stream.clone(),
             filter: format!("{}.signals.>", self.namespace),
-            kind: "signal",
             first: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: signals_after + 1,
             },
@@ -542,7 +636,7 @@ impl AllocationBus for NatsBus {
             futures::stream::select_with_strategy(decisions, signals, |_: &mut ()| PollNext::Left);
         Ok(BusSubscription::new(
             payloads.boxed(),
-            Arc::clone(&self.invalid),
+            Arc::clone(&self.meter),
         ))
     }
 
@@ -569,7 +663,6 @@ impl AllocationBus for NatsBus {
                     }
                 };
                 pending = message.info().map(|info| info.pending).unwrap_or(0);
-                metrics::bus_message("decision", "received");
                 match decode_frame(&message.payload) {
                     Ok(Frame::Decision(part)) => {
                         // The assembler yields only decisions newer than the last it
@@ -579,9 +672,9 @@ impl AllocationBus for NatsBus {
                         }
                     }
                     Ok(Frame::Signal(_)) => {
-                        count_invalid(&self.invalid, "a signal among decisions")
+                        count_invalid(&self.meter.invalid(), "a signal among decisions")
                     }
-                    Err(error) => count_invalid(&self.invalid, &error.to_string()),
+                    Err(error) => count_invalid(&self.meter.invalid(), &error.to_string()),
                 }
             }
             Ok(())
@@ -609,9 +702,11 @@ impl AllocationBus for NatsBus {
     }
 }
 
+/// Counts a payload read outside a subscription (retained reads, publishing) that
+/// cannot be read. Only for the bus's own count: the node's metric is the
+/// subscriptions' to count, which see the same payload.
 fn count_invalid(invalid: &AtomicU64, why: &str) {
     invalid.fetch_add(1, Ordering::Relaxed);
-    ::metrics::counter!(metrics::BUS_INVALID_MESSAGES).increment(1);
     tracing::warn!(
         error = why,
         "dropped an allocation bus message that cannot be read"
@@ -629,7 +724,6 @@ struct Feed {
     bus: NatsBus,
     stream: String,
     filter: String,
-    kind: &'static str,
     /// Where the first consumer starts.
     first: consumer::DeliverPolicy,
     /// Messages up to this stream sequence are never delivered.
@@ -680,7 +774,6 @@ impl Feed {
                             continue;
                         }
                         self.last_delivered = Some(sequence);
-                        metrics::bus_message(self.kind, "received");
                         return Some(message.message.payload.to_vec());
                     }
                     Some(Err(error)) => {
@@ -745,45 +838,4 @@ impl Feed {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(name: &str, subjects: &[&str]) -> stream::Config {
-        stream::Config {
-            name: name.into(),
-            subjects: subjects.iter().map(|s| s.to_string()).collect(),
-            max_messages_per_subject: 1,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_matching_stream_is_left_alone_and_limits_are_updated() {
-        let wanted = config("W_DECISIONS", &["w.decisions.>"]);
-        assert_eq!(reconcile(&wanted, &wanted), Ok(None));
-        let tuned = stream::Config {
-            num_replicas: 3,
-            max_messages_per_subject: 5,
-            ..wanted.clone()
-        };
-        let updated = reconcile(&tuned, &wanted)
-            .expect("can be updated")
-            .expect("needs an update");
-        assert_eq!(updated.max_messages_per_subject, 1);
-        assert_eq!(updated.num_replicas, 3, "replicas are the operator's");
-    }
-
-    #[test]
-    fn a_stream_of_someone_else_is_refused_with_a_reason() {
-        let wanted = config("W_DECISIONS", &["w.decisions.>"]);
-        let other = config("W_DECISIONS", &["W.decisions.>"]);
-        let reason = reconcile(&other, &wanted).expect_err("other subjects");
-        assert!(reason.contains("namespace"), "{reason}");
-        let memory = stream::Config {
-            storage: stream::StorageType::Memory,
-            ..wanted.clone()
-        };
-        let reason = reconcile(&memory, &wanted).expect_err("other storage");
-        assert!(reason.contains("nats stream rm W_DECISIONS"), "{reason}");
-    }
-}
+mod tests;
