@@ -38,7 +38,7 @@ use super::lease::{EpochFloor, LeaderState};
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use crate::allocation::{Allocation, AllocationInput, Handover, Member, allocate};
-use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Error as BusError, Signal};
+use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::Source;
 use crate::metrics;
 
@@ -462,9 +462,6 @@ impl Coordinator {
             // it come back, its revisions must go on counting up.
             Ok(()) => state.unpublished = false,
             Err(error) => {
-                if let BusError::Outdated { stored_epoch, .. } = &error {
-                    term.raising |= self.outranked(term.epoch, *stored_epoch);
-                }
                 self.status.error(format!(
                     "cannot publish the decision of group {group}; trying again at the next tick: {error}"
                 ));

@@ -54,16 +54,6 @@ pub enum Error {
     TooLarge { size: usize, limit: usize },
     #[error("the allocation bus has shut down: restart the node")]
     Closed,
-    #[error(
-        "the allocation bus holds decision {stored_epoch}.{stored_revision} of group {group}, newer than {epoch}.{revision}: the coordinator moves its epoch above it"
-    )]
-    Outdated {
-        group: String,
-        epoch: u64,
-        revision: u64,
-        stored_epoch: u64,
-        stored_revision: u64,
-    },
     #[error("the allocation bus failed: {0}")]
     Backend(String),
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_nats::Client;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
-use futures::stream::{BoxStream, PollNext};
+use futures::stream::PollNext;
 use futures::{StreamExt, TryStreamExt};
 
 use super::BusConfig;
@@ -41,6 +41,7 @@ use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_deci
 use crate::connect::NatsOptions;
 use crate::connect::nats_client::{connect, subject_token};
 use crate::metrics;
+use feed::Feed;
 
 /// How long a JetStream request (stream info, publish acknowledgement, purge)
 /// may take before the server counts as unreachable.
@@ -251,7 +252,16 @@ impl NatsBus {
         let prefix = self.group_prefix(&decision.group);
         let mut stored = self.stored_versions(&prefix).await?;
         let version = decision.version();
-        self.check_newer(decision, &mut stored).await?;
+        if let Some(newer) = self.readable_newer(decision, &mut stored).await? {
+            // Like every bus: a stale decision changes nothing. The coordinator
+            // sees the newer one on its subscription and moves its epoch above it.
+            tracing::warn!(
+                group = %decision.group, epoch = decision.epoch, revision = decision.revision,
+                stored_epoch = newer.0, stored_revision = newer.1,
+                "a newer decision is stored; this one is not"
+            );
+            return Ok(());
+        }
         if stored.get(&version).is_some_and(StoredVersion::is_whole) {
             // Already stored whole: a refresh republishing it changes nothing.
             return Ok(());
@@ -277,16 +287,15 @@ impl NatsBus {
         Ok(())
     }
 
-    /// Fails with [`Error::Outdated`] if a readable decision newer than `decision`
-    /// is stored, so that the coordinator moves above it. Newer versions that do
-    /// not read as a decision of the group (garbage, or a payload whose subject
-    /// claims another version) are removed and counted as invalid: nothing
-    /// unreadable may stop a leader from publishing.
-    async fn check_newer(
+    /// The newest readable stored version newer than `decision`, if any. Newer
+    /// versions that do not read as a decision of the group (garbage, or a payload
+    /// whose subject claims another version) are removed and counted as invalid:
+    /// nothing unreadable may stop a leader from publishing.
+    async fn readable_newer(
         &self,
         decision: &Decision,
         stored: &mut BTreeMap<(u64, u64), StoredVersion>,
-    ) -> Result<()> {
+    ) -> Result<Option<(u64, u64)>> {
         let newer: Vec<(u64, u64)> = stored
             .range((
                 std::ops::Bound::Excluded(decision.version()),
@@ -299,13 +308,7 @@ impl NatsBus {
                 continue;
             };
             if self.reads_as(&decision.group, version, &found).await? {
-                return Err(Error::Outdated {
-                    group: decision.group.clone(),
-                    epoch: decision.epoch,
-                    revision: decision.revision,
-                    stored_epoch: version.0,
-                    stored_revision: version.1,
-                });
+                return Ok(Some(version));
             }
             count_invalid(
                 &self.meter.invalid(),
@@ -316,7 +319,7 @@ impl NatsBus {
             );
             self.remove(&found.subjects).await;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Whether the first stored part of `found` is part of decision `version` of
@@ -603,31 +606,25 @@ impl AllocationBus for NatsBus {
     }
 
     async fn subscribe(&self) -> Result<BusSubscription> {
-        let decisions = Feed {
-            bus: self.clone(),
-            stream: self.decisions_stream.clone(),
-            filter: format!("{}.decisions.>", self.namespace),
-            first: consumer::DeliverPolicy::LastPerSubject,
-            after: 0,
-            last_delivered: None,
-            messages: None,
-            connects: 0,
-        };
+        let decisions = Feed::new(
+            self,
+            &self.decisions_stream,
+            format!("{}.decisions.>", self.namespace),
+            consumer::DeliverPolicy::LastPerSubject,
+            0,
+        );
         // Signals from before the subscription are not delivered, also not if
         // the consumer has to start over after a server restart.
         let signals_after = self.last_sequence(&self.signals_stream).await?;
-        let signals = Feed {
-            bus: self.clone(),
-            stream: self.signals_stream.clone(),
-            filter: format!("{}.signals.>", self.namespace),
-            first: consumer::DeliverPolicy::ByStartSequence {
+        let signals = Feed::new(
+            self,
+            &self.signals_stream,
+            format!("{}.signals.>", self.namespace),
+            consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: signals_after + 1,
             },
-            after: signals_after,
-            last_delivered: None,
-            messages: None,
-            connects: 0,
-        };
+            signals_after,
+        );
         // The first consumers are made here, so that failing to is the
         // caller's to see; later ones by the feeds themselves.
         let (decisions, signals) = (decisions.opened().await?, signals.opened().await?);
@@ -713,129 +710,7 @@ fn count_invalid(invalid: &AtomicU64, why: &str) {
     );
 }
 
-/// How often a subscription checks whether the client reconnected, which means
-/// the server may have lost its consumers.
-const RECONNECT_CHECK: Duration = Duration::from_secs(1);
-
-/// One stream's side of a subscription: an ordered consumer, made again from
-/// the last message delivered whenever it stops delivering (the server
-/// restarted, heartbeats went missing) or the client reconnected.
-struct Feed {
-    bus: NatsBus,
-    stream: String,
-    filter: String,
-    /// Where the first consumer starts.
-    first: consumer::DeliverPolicy,
-    /// Messages up to this stream sequence are never delivered.
-    after: u64,
-    last_delivered: Option<u64>,
-    messages: Option<consumer::push::Ordered>,
-    /// The client's connection count when `messages` was made.
-    connects: u64,
-}
-
-impl Feed {
-    /// The feed as a stream of payloads, its first consumer made.
-    async fn opened(mut self) -> Result<BoxStream<'static, Vec<u8>>> {
-        self.connects = self.connects();
-        self.messages = Some(self.try_open().await?);
-        Ok(futures::stream::unfold(self, |mut feed| async move {
-            let payload = feed.next().await?;
-            Some((payload, feed))
-        })
-        .boxed())
-    }
-
-    fn connects(&self) -> u64 {
-        self.bus
-            .jetstream
-            .client()
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed)
-    }
-
-    async fn next(&mut self) -> Option<Vec<u8>> {
-        let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
-        loop {
-            let Some(messages) = self.messages.as_mut() else {
-                self.open().await;
-                continue;
-            };
-            tokio::select! {
-                message = messages.next() => match message {
-                    // The client has closed for good.
-                    None => return None,
-                    Some(Ok(message)) => {
-                        let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
-                            continue;
-                        };
-                        if sequence <= self.after || self.last_delivered.is_some_and(|last| sequence <= last) {
-                            continue;
-                        }
-                        self.last_delivered = Some(sequence);
-                        return Some(message.message.payload.to_vec());
-                    }
-                    Some(Err(error)) => {
-                        tracing::info!(%error, stream = %self.stream, "allocation bus consumer stopped delivering; making it again");
-                        self.messages = None;
-                    }
-                },
-                _ = reconnect_check.tick() => {
-                    if self.connects() != self.connects {
-                        tracing::info!(stream = %self.stream, "reconnected to NATS; making the allocation bus consumer again");
-                        self.messages = None;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Makes the consumer, trying again until the server answers.
-    async fn open(&mut self) {
-        loop {
-            self.connects = self.connects();
-            match self.try_open().await {
-                Ok(messages) => {
-                    self.messages = Some(messages);
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, stream = %self.stream, "cannot make the allocation bus consumer; trying again");
-                    tokio::time::sleep(RECONNECT_CHECK).await;
-                }
-            }
-        }
-    }
-
-    async fn try_open(&mut self) -> Result<consumer::push::Ordered> {
-        let last_sequence = match self.bus.last_sequence(&self.stream).await {
-            Ok(sequence) => sequence,
-            Err(error) => {
-                // The server may have come back without its streams.
-                self.bus.ensure_streams().await?;
-                return Err(error);
-            }
-        };
-        if self.after.max(self.last_delivered.unwrap_or(0)) > last_sequence {
-            tracing::warn!(stream = %self.stream, "the stream is newer than this subscription (it was deleted and made again); reading it from the start");
-            self.after = 0;
-            self.last_delivered = None;
-            self.first = consumer::DeliverPolicy::All;
-        }
-        let deliver = match self.last_delivered {
-            Some(last) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: last + 1,
-            },
-            None => self.first,
-        };
-        let (messages, _, _) = self
-            .bus
-            .ordered(&self.stream, self.filter.clone(), deliver)
-            .await?;
-        Ok(messages)
-    }
-}
+mod feed;
 
 #[cfg(test)]
 mod tests;

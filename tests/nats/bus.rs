@@ -182,6 +182,51 @@ async fn an_invalid_payload_on_a_decision_subject_is_counted_and_skipped() {
 }
 
 #[tokio::test]
+async fn unreadable_bytes_under_a_newer_version_never_block_publishing() {
+    let Some(bus) = shared_bus().await else {
+        return;
+    };
+    let namespace = bus.stream_names()[0]
+        .trim_end_matches("_DECISIONS")
+        .to_lowercase();
+    let jetstream = async_nats::jetstream::new(shared_client().await.expect("connected before"));
+    // Any bytes on a subject naming epoch 1005 of the group.
+    jetstream
+        .publish(
+            format!("{namespace}.decisions.orders.1005.1.1.1"),
+            b"not a decision".to_vec().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let current = decision("orders", 5, 1);
+    bus.publish(&current.clone().into())
+        .await
+        .expect("the unreadable version does not stop the publish");
+    assert_eq!(
+        bus.retained().await.expect("retained"),
+        vec![current.clone()]
+    );
+    assert!(bus.invalid_messages() >= 1, "counted");
+    // Removed: the next decision is not held up either.
+    let next_one = decision("orders", 5, 2);
+    bus.publish(&next_one.clone().into())
+        .await
+        .expect("publish");
+    assert_eq!(bus.retained().await.expect("retained"), vec![next_one]);
+
+    // A readable newer decision stays: the coordinator sees it and moves its
+    // epoch above it (the shared suite shows the publish above it winning).
+    let newer = decision("orders", 1004, 1);
+    bus.publish(&newer.clone().into()).await.expect("publish");
+    bus.publish(&decision("orders", 5, 3).into())
+        .await
+        .expect("a stale publish changes nothing, as on every bus");
+    assert_eq!(bus.retained().await.expect("retained"), vec![newer]);
+}
+
+#[tokio::test]
 async fn a_namespace_differing_only_in_case_is_refused_not_merged() {
     let namespace = unique_name("weir_test");
     let Some(_lower) = shared_bus_in(&namespace).await else {
