@@ -393,6 +393,41 @@ async fn publish_eventually(bus: &NatsBus, message: BusMessage) {
 }
 
 #[tokio::test]
+async fn the_bus_check_fails_while_the_server_is_down_and_passes_again_after() {
+    let Some(mut server) = PrivateServer::start(&[]) else {
+        return;
+    };
+    let bus = NatsBus::connect(&nats_config(&server.url()), &bus_config("check"))
+        .await
+        .expect("connect");
+    bus.check().await.expect("reachable");
+    server.kill();
+    // The client notices the lost connection by itself; the check then fails
+    // (it is polled, so waiting for that is what readiness does too).
+    let started = Instant::now();
+    let error = loop {
+        match bus.check().await {
+            Err(error) => break error,
+            Ok(()) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(()) => panic!("the check still passes with the server down"),
+        }
+    };
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("NATS"), "{error}");
+    server.restart();
+    let started = Instant::now();
+    while bus.check().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never reachable again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_subscription_survives_a_server_restart() {
     let Some(mut server) = PrivateServer::start(&[]) else {
         return;
