@@ -286,7 +286,7 @@ impl EpochFloor {
         }
     }
 
-    /// The lowest epoch asked for so far; 0 if none.
+    /// The highest epoch asked for so far; 0 if none.
     pub fn get(&self) -> u64 {
         self.inner.floor.load(std::sync::atomic::Ordering::SeqCst)
     }
