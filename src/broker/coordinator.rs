@@ -59,7 +59,16 @@ pub struct Coordinator {
     /// Where to ask for a higher epoch; without one, a higher epoch on the bus
     /// makes this coordinator step down instead.
     floor: Option<EpochFloor>,
+    /// When this coordinator last asked for higher epochs, to tell a one-off stray
+    /// decision from another fleet publishing on the same namespace.
+    raises: std::sync::Mutex<std::collections::VecDeque<Instant>>,
 }
+
+/// More raises than this within [`OUTBID_WINDOW`] mean that something keeps
+/// publishing above this fleet's leader: most likely another fleet (another
+/// store or schema) on the same bus namespace.
+const OUTBID_LIMIT: usize = 5;
+const OUTBID_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why a term as leader ended.
 enum TermEnd {
@@ -84,6 +93,7 @@ impl Coordinator {
             bus,
             required_tags: BTreeMap::new(),
             floor: None,
+            raises: std::sync::Mutex::default(),
         }
     }
 
@@ -262,9 +272,28 @@ impl Coordinator {
                 node = %self.node, epoch, bus_epoch = held, raising_to = above,
                 "the allocation bus holds a decision of an epoch not below this leader's (a restored or reset store, or a stray publisher); raising the lease's epoch above it"
             );
+            self.note_raise(held);
         }
         floor.raise(above);
         true
+    }
+
+    /// Says so, loudly, when raises keep coming: two fleets outbidding each other
+    /// on one namespace would otherwise only show as fast-growing epochs.
+    fn note_raise(&self, held: u64) {
+        let now = Instant::now();
+        let mut raises = self
+            .raises
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        raises.retain(|at| now.duration_since(*at) < OUTBID_WINDOW);
+        raises.push_back(now);
+        if raises.len() > OUTBID_LIMIT {
+            tracing::error!(
+                node = %self.node, bus_epoch = held, raises = raises.len(),
+                "the lease's epoch keeps being outbid by decisions on the allocation bus: another fleet (another store or schema) probably publishes on this bus namespace; give each fleet its own bus.namespace"
+            );
+        }
     }
 
     /// Leads for as long as `term`'s epoch holds the lease. Returns why it ended,
