@@ -618,6 +618,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_raised_floor_moves_the_leader_to_a_higher_epoch_at_once() {
+        let store = Arc::new(MemoryLeaseStore::new());
+        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
+        let floor = leadership.epoch_floor();
+        let mut state = leadership.subscribe();
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        wait_for(&mut state, TTL, LeaderState::is_leader).await;
+        floor.raise(1005);
+        // Woken by the raise rather than at the next renewal.
+        let raised = wait_for(&mut state, SLACK, |s| {
+            *s != LeaderState::Leader { epoch: 1 }
+        })
+        .await;
+        assert_eq!(raised, LeaderState::Leader { epoch: 1005 });
+        let lease = store.current("coordinator").await.unwrap().unwrap();
+        assert_eq!((lease.holder.as_str(), lease.epoch), ("a", 1005));
+        // Renewals go on under the raised epoch.
+        tokio::time::sleep(TTL * 3).await;
+        assert_eq!(*state.borrow(), LeaderState::Leader { epoch: 1005 });
+        cancel.cancel();
+        driver.await.unwrap();
+        let next = store.try_acquire("coordinator", "b", TTL).await.unwrap();
+        assert_eq!(next.map(|l| l.epoch), Some(1006));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_restarted_node_leads_under_a_higher_epoch() {
         let store = Arc::new(MemoryLeaseStore::new());
         let (mut state, _cancel, crashed) = start_driver(store.clone(), "a");
