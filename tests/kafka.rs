@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -295,6 +297,39 @@ async fn starting_reads_as_much_however_often_decisions_were_refreshed() {
     let (retained, after) = records_at_start(fresh).await;
     assert_eq!(retained, vec![current]);
     assert_eq!(after, before, "a start reads no more after 200 refreshes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_check_fails_once_the_decisions_topic_is_gone() {
+    let Some(kafka) = test_kafka().await else {
+        return;
+    };
+    let config = BusConfig {
+        namespace: unique_name("fleet"),
+        ..BusConfig::default()
+    };
+    let bus = KafkaBus::connect(&kafka, &config).await.expect("connect");
+    bus.check().await.expect("reachable, with its topic");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .expect("an admin client");
+    let deleted = admin
+        .delete_topics(&[bus.decisions_topic()], &AdminOptions::new())
+        .await
+        .expect("delete the decisions topic");
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let started = Instant::now();
+    let error = loop {
+        match bus.check().await {
+            Err(error) => break error,
+            Ok(()) if started.elapsed() < PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(()) => panic!("the check passes without the decisions topic"),
+        }
+    };
+    assert!(error.to_string().contains(bus.decisions_topic()), "{error}");
 }
 
 #[tokio::test]
