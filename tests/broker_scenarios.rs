@@ -36,6 +36,8 @@ on_every_backend!(
     a_fourth_node_gets_its_share,
     one_coordinator_and_two_observers_work_together,
     a_deposed_coordinators_late_decision_changes_nothing,
+    a_reset_lease_store_starts_above_the_epochs_the_bus_holds,
+    a_stray_decision_far_ahead_does_not_stop_the_fleet,
 );
 
 async fn settle(fleet: &Fleet, step: &str) {
@@ -267,5 +269,94 @@ async fn a_deposed_coordinators_late_decision_changes_nothing(services: Services
         assert_eq!(decision.epoch, new.epoch, "{}", decision.group);
     }
     settle(&fleet, "after the late decisions").await;
+    stop_all(fleet).await;
+}
+
+/// The lease store was reset (or restored from a backup) while the bus kept the
+/// decisions of an earlier fleet's epoch 4: the new leader's first term must start
+/// above them, or observers would drop every one of its decisions as old.
+async fn a_reset_lease_store_starts_above_the_epochs_the_bus_holds(services: Services) {
+    let mut fleet = Fleet::new(services, GROUPS, SOURCES);
+    for group in fleet.groups.clone() {
+        let before_the_reset = Decision {
+            group: group.clone(),
+            epoch: 4,
+            revision: 30,
+            coordinator: "node-before-the-reset".into(),
+            issued_at: chrono::Utc::now(),
+            owners: [(format!("{group}@gone"), fleet.sources_of(&group))].into(),
+            handovers: BTreeMap::new(),
+        };
+        fleet
+            .services
+            .bus
+            .publish(&BusMessage::Decision(before_the_reset))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        fleet.start_node(BrokerRole::Full).await;
+    }
+    settle(&fleet, "three nodes started over a reset store").await;
+    let leader = fleet.leader().await.expect("a leader");
+    assert!(
+        leader.epoch > 4,
+        "the lease row keeps the raised epoch: {leader:?}"
+    );
+    // Sources move again when a node leaves.
+    let leaving = fleet
+        .nodes
+        .keys()
+        .find(|name| **name != leader.holder)
+        .cloned()
+        .unwrap();
+    fleet.stop_node(&leaving).await;
+    settle(&fleet, "a node stopped").await;
+    stop_all(fleet).await;
+}
+
+/// A well-formed decision of an epoch 1,000 above the leader's, from a publisher
+/// that holds no lease: the leader moves its epoch above it instead of stepping
+/// down, and allocation goes on.
+async fn a_stray_decision_far_ahead_does_not_stop_the_fleet(services: Services) {
+    let mut fleet = fleet_of_three(services).await;
+    let leader = fleet.leader().await.expect("a leader");
+    let group = fleet.groups[0].clone();
+    let current = fleet
+        .services
+        .bus
+        .retained()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|decision| decision.group == group)
+        .expect("a decision");
+    let stray = Decision {
+        epoch: leader.epoch + 1000,
+        revision: 1,
+        coordinator: "stray".into(),
+        ..current
+    };
+    fleet
+        .services
+        .bus
+        .publish(&BusMessage::Decision(stray.clone()))
+        .await
+        .unwrap();
+    let leaving = fleet
+        .nodes
+        .keys()
+        .find(|name| **name != leader.holder)
+        .cloned()
+        .unwrap();
+    fleet.stop_node(&leaving).await;
+    settle(&fleet, "a node stopped after a stray decision").await;
+    let now = fleet.leader().await.expect("a leader");
+    assert!(now.epoch > stray.epoch, "{now:?} after {stray:?}");
+    let retained = fleet.services.bus.retained().await.unwrap();
+    assert!(
+        retained.iter().all(|decision| decision.epoch == now.epoch),
+        "every group decided again under the raised epoch"
+    );
     stop_all(fleet).await;
 }

@@ -51,6 +51,7 @@ on_every_backend!(
     expired_lease_is_taken_over_with_a_higher_epoch,
     stale_epoch_changes_nothing,
     release_frees_the_lease_at_once,
+    raised_epochs_stay_raised_for_later_terms,
     zero_ttl_is_rejected,
     register_live_and_leave,
     stale_members_are_not_live,
@@ -178,6 +179,46 @@ async fn stale_epoch_changes_nothing(backend: Backend) {
     assert_eq!(leases.current(LEASE).await.unwrap().as_ref(), Some(&new));
     assert_eq!(leases.try_acquire(LEASE, "a", LONG).await.unwrap(), None);
     assert_eq!(leases.current(LEASE).await.unwrap(), Some(new));
+}
+
+async fn raised_epochs_stay_raised_for_later_terms(backend: Backend) {
+    let leases = &backend.leases;
+    let held = leases.try_acquire(LEASE, "a", LONG).await.unwrap().unwrap();
+    assert_eq!(held.epoch, 1);
+    // Only the live holder at its epoch may raise it.
+    assert_eq!(
+        leases.raise_epoch(LEASE, "b", 1, 1005, LONG).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        leases.raise_epoch(LEASE, "a", 2, 1005, LONG).await.unwrap(),
+        None
+    );
+    let raised = leases
+        .raise_epoch(LEASE, "a", 1, 1005, LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((raised.holder.as_str(), raised.epoch), ("a", 1005));
+    // Never lowered; renewals go on under the raised epoch, the old one is stale.
+    let same = leases
+        .raise_epoch(LEASE, "a", 1005, 3, LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(same.epoch, 1005);
+    assert_eq!(leases.renew(LEASE, "a", 1, LONG).await.unwrap(), None);
+    assert!(
+        leases
+            .renew(LEASE, "a", 1005, LONG)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // The row keeps it: the next term starts above it.
+    leases.release(LEASE, "a", 1005).await.unwrap();
+    let next = leases.try_acquire(LEASE, "b", LONG).await.unwrap().unwrap();
+    assert_eq!(next.epoch, 1006);
 }
 
 async fn release_frees_the_lease_at_once(backend: Backend) {

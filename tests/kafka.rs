@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use weir::bus::{AllocationBus, BusMessage, Decision, Error, KafkaBus};
+use weir::bus::{AllocationBus, BusMessage, Decision, Error, Frame, KafkaBus, decode_frame};
 use weir::config::{BusConfig, KafkaOptions};
 use weir::consumer::EventProcessor;
 use weir::event::{Category, EventName, NewEvent, StoredEvent, StreamName, WriteCondition};
@@ -213,15 +215,121 @@ async fn the_producers_message_size_limit_passes_through_and_splits_decisions() 
     };
     bus.publish(&wide.clone().into()).await.expect("publish");
     let mut subscription = bus.subscribe().await.expect("subscribe");
-    assert_eq!(next(&mut subscription).await, BusMessage::Decision(wide));
-
-    // Under the limit, so in several records.
-    let records = read_topic(&kafka, bus.decisions_topic(), 2).await;
-    assert!(
-        records
-            .iter()
-            .all(|r| r.value.len() <= 4000 && r.key == "orders")
+    assert_eq!(
+        next(&mut subscription).await,
+        BusMessage::Decision(wide.clone())
     );
+
+    // Under the limit, so in several records, each part under its own key so
+    // that compaction keeps them all; the group's old key is tombstoned.
+    let first = read_topic(&kafka, bus.decisions_topic(), 1).await;
+    let parts = match decode_frame(&first[0].value).expect("a decision part") {
+        Frame::Decision(part) => usize::try_from(part.parts).unwrap(),
+        Frame::Signal(signal) => panic!("a signal among decisions: {signal:?}"),
+    };
+    assert!(parts > 1, "split");
+    let records = read_topic(&kafka, bus.decisions_topic(), parts + 1).await;
+    let mut keys: Vec<&str> = records
+        .iter()
+        .filter(|r| !r.value.is_empty())
+        .map(|r| r.key.as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), parts, "{keys:?}");
+    assert!(records.iter().all(|r| r.value.len() <= 4000));
+    assert!(
+        keys.iter().all(|key| key.starts_with("orders#")),
+        "{keys:?}"
+    );
+    let partitions: BTreeSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert_eq!(partitions.len(), 1, "one group, one partition");
+
+    // A smaller decision tombstones the keys of the parts it no longer has.
+    bus.publish(&decision("orders", 1, 2).into())
+        .await
+        .expect("publish");
+    let records = read_topic(&kafka, bus.decisions_topic(), 2 * parts + 1).await;
+    // Partitions interleave in the read, so tombstones are told apart by key:
+    // the group's old bare key was tombstoned by the first publish.
+    let tombstones: BTreeSet<&str> = records
+        .iter()
+        .filter(|r| r.value.is_empty() && r.key != "orders")
+        .map(|r| r.key.as_str())
+        .collect();
+    let expected: BTreeSet<String> = (2..=parts).map(|part| format!("orders#{part}")).collect();
+    assert_eq!(
+        tombstones,
+        expected.iter().map(String::as_str).collect::<BTreeSet<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_reads_as_much_however_often_decisions_were_refreshed() {
+    let Some(kafka) = test_kafka().await else {
+        return;
+    };
+    let config = BusConfig {
+        namespace: unique_name("fleet"),
+        ..BusConfig::default()
+    };
+    let leader = KafkaBus::connect(&kafka, &config).await.expect("connect");
+    let current = decision("orders", 3, 7);
+    leader
+        .publish(&current.clone().into())
+        .await
+        .expect("publish");
+    let records_at_start = |bus: KafkaBus| async move {
+        let retained = bus.retained().await.expect("retained");
+        (retained, bus.retained_records_read())
+    };
+    let fresh = KafkaBus::connect(&kafka, &config).await.expect("connect");
+    let (retained, before) = records_at_start(fresh).await;
+    assert_eq!(retained, vec![current.clone()]);
+    // A day's worth of refreshes, compressed: the same decision again and again.
+    for _ in 0..200 {
+        leader
+            .publish(&current.clone().into())
+            .await
+            .expect("publish");
+    }
+    let fresh = KafkaBus::connect(&kafka, &config).await.expect("connect");
+    let (retained, after) = records_at_start(fresh).await;
+    assert_eq!(retained, vec![current]);
+    assert_eq!(after, before, "a start reads no more after 200 refreshes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_check_fails_once_the_decisions_topic_is_gone() {
+    let Some(kafka) = test_kafka().await else {
+        return;
+    };
+    let config = BusConfig {
+        namespace: unique_name("fleet"),
+        ..BusConfig::default()
+    };
+    let bus = KafkaBus::connect(&kafka, &config).await.expect("connect");
+    bus.check().await.expect("reachable, with its topic");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .expect("an admin client");
+    let deleted = admin
+        .delete_topics(&[bus.decisions_topic()], &AdminOptions::new())
+        .await
+        .expect("delete the decisions topic");
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let started = Instant::now();
+    let error = loop {
+        match bus.check().await {
+            Err(error) => break error,
+            Ok(()) if started.elapsed() < PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(()) => panic!("the check passes without the decisions topic"),
+        }
+    };
+    assert!(error.to_string().contains(bus.decisions_topic()), "{error}");
 }
 
 #[tokio::test]

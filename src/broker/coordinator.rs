@@ -11,8 +11,18 @@
 //! has passed.
 //!
 //! On promotion it starts from the decisions the bus retains, so a change of leader
-//! moves nothing. It stops deciding the moment the lease is lost, and also when a
-//! decision of a newer epoch shows that another node leads.
+//! moves nothing. It stops deciding the moment the lease is lost.
+//!
+//! The lease store, not the bus, says who leads. A term always starts above every
+//! epoch the bus holds: when the bus retains a decision of the leader's epoch or a
+//! higher one (the store was restored or reset while the bus kept its decisions, or
+//! a stray publisher wrote one), the coordinator asks its [`Leadership`] to raise the
+//! lease's epoch above it ([`EpochFloor`]) and starts its term under the raised
+//! epoch. A higher epoch appearing while the lease is valid is handled the same
+//! way, so a decision on the bus can never stop a legitimate leader. A coordinator
+//! whose decisions do not reach the bus reports itself errored, with the reason.
+//!
+//! [`Leadership`]: super::lease::Leadership
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +34,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::BrokerSettings;
-use super::lease::LeaderState;
+use super::lease::{EpochFloor, LeaderState};
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use crate::allocation::{Allocation, AllocationInput, Handover, Member, allocate};
@@ -46,7 +56,19 @@ pub struct Coordinator {
     bus: Arc<dyn AllocationBus>,
     required_tags: BTreeMap<String, BTreeSet<String>>,
     status: Reporter,
+    /// Where to ask for a higher epoch; without one, a higher epoch on the bus
+    /// makes this coordinator step down instead.
+    floor: Option<EpochFloor>,
+    /// When this coordinator last asked for higher epochs, to tell a one-off stray
+    /// decision from another fleet publishing on the same namespace.
+    raises: std::sync::Mutex<std::collections::VecDeque<Instant>>,
 }
+
+/// More raises than this within [`OUTBID_WINDOW`] mean that something keeps
+/// publishing above this fleet's leader: most likely another fleet (another
+/// store or schema) on the same bus namespace.
+const OUTBID_LIMIT: usize = 5;
+const OUTBID_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why a term as leader ended.
 enum TermEnd {
@@ -70,7 +92,17 @@ impl Coordinator {
             membership,
             bus,
             required_tags: BTreeMap::new(),
+            floor: None,
+            raises: std::sync::Mutex::default(),
         }
+    }
+
+    /// Lets the coordinator raise its lease's epoch above the epochs the bus holds,
+    /// through the [`EpochFloor`] of the node's `Leadership`.
+    #[must_use]
+    pub fn with_epoch_floor(mut self, floor: EpochFloor) -> Self {
+        self.floor = Some(floor);
+        self
     }
 
     /// Placement tags a subscriber of `group` must carry to own any of its sources.
@@ -102,8 +134,18 @@ impl Coordinator {
                     // decided meanwhile, so the term goes on where it stopped and its
                     // revisions keep counting up.
                     Some(term) if term.epoch == epoch => term,
-                    _ => match self.begin_term(epoch, &mut leader, &cancel).await {
-                        Ok(term) => term,
+                    previous => match self
+                        .begin_term(epoch, &following, &mut leader, &cancel)
+                        .await
+                    {
+                        // This node raised its own epoch over a stray decision: it
+                        // goes on from its own decisions, under the new epoch.
+                        Ok(inherited) => match previous {
+                            Some(term) if term.raising && self.floor_is(epoch) => {
+                                term.renumber(epoch)
+                            }
+                            _ => Term::new(epoch, inherited),
+                        },
                         Err(TermEnd::Cancelled) => break,
                         Err(TermEnd::Deposed) => continue,
                     },
@@ -147,7 +189,9 @@ impl Coordinator {
         self.status.set(BrokerStatus::Waiting);
         loop {
             if let LeaderState::Leader { epoch } = *leader.borrow_and_update() {
-                if epoch > following.newest_epoch {
+                // With a floor to raise, the store's word is enough: the term
+                // starts above any newer epoch seen (see `begin_term`).
+                if self.floor.is_some() || epoch > following.newest_epoch {
                     return Some(epoch);
                 }
             }
@@ -166,31 +210,89 @@ impl Coordinator {
         }
     }
 
-    /// A new term under `epoch`, starting from the decisions the bus retains.
+    /// The decisions the bus retains, to start a new term under `epoch` from, once
+    /// `epoch` is above every epoch the bus holds. Otherwise asks for a higher one
+    /// and ends when the lease moves to it (`Deposed`, to start over under it).
     async fn begin_term(
         &self,
         epoch: u64,
+        following: &Following,
         leader: &mut watch::Receiver<LeaderState>,
         cancel: &CancellationToken,
-    ) -> Result<Term, TermEnd> {
+    ) -> Result<Vec<Decision>, TermEnd> {
         loop {
             match self.bus.retained().await {
-                Ok(decisions) => return Ok(Term::new(epoch, decisions)),
-                Err(error) => {
-                    self.status
-                        .error(format!("cannot read the retained decisions: {error}"));
-                    tokio::select! {
-                        () = cancel.cancelled() => return Err(TermEnd::Cancelled),
-                        changed = leader.changed() => {
-                            let still_leading = *leader.borrow_and_update() == LeaderState::Leader { epoch };
-                            if changed.is_err() || !still_leading {
-                                return Err(TermEnd::Deposed);
-                            }
-                        }
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
+                Ok(decisions) => {
+                    let held = decisions
+                        .iter()
+                        .map(|decision| decision.epoch)
+                        .fold(following.newest_epoch, u64::max);
+                    if held < epoch {
+                        return Ok(decisions);
+                    }
+                    self.outranked(epoch, held);
+                }
+                Err(error) => self
+                    .status
+                    .error(format!("cannot read the retained decisions: {error}")),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Err(TermEnd::Cancelled),
+                changed = leader.changed() => {
+                    let still_leading = *leader.borrow_and_update() == LeaderState::Leader { epoch };
+                    if changed.is_err() || !still_leading {
+                        return Err(TermEnd::Deposed);
                     }
                 }
+                () = tokio::time::sleep(RETRY_DELAY) => {}
             }
+        }
+    }
+
+    /// Whether `epoch` is the one this coordinator last asked its lease to reach.
+    fn floor_is(&self, epoch: u64) -> bool {
+        self.floor
+            .as_ref()
+            .is_some_and(|floor| floor.get() == epoch)
+    }
+
+    /// The bus holds a decision of epoch `held`, at or above this leader's `epoch`:
+    /// asks for the lease's epoch to be raised above it. `false` if this coordinator
+    /// has no floor to raise, and so has to give way.
+    fn outranked(&self, epoch: u64, held: u64) -> bool {
+        let Some(floor) = &self.floor else {
+            self.status.error(format!(
+                "the allocation bus holds decisions of epoch {held}, not below this leader's epoch {epoch}, and this coordinator cannot raise its epoch"
+            ));
+            return false;
+        };
+        let above = held.saturating_add(1);
+        if floor.get() < above {
+            tracing::warn!(
+                node = %self.node, epoch, bus_epoch = held, raising_to = above,
+                "the allocation bus holds a decision of an epoch not below this leader's (a restored or reset store, or a stray publisher); raising the lease's epoch above it"
+            );
+            self.note_raise(held);
+        }
+        floor.raise(above);
+        true
+    }
+
+    /// Says so, loudly, when raises keep coming: two fleets outbidding each other
+    /// on one namespace would otherwise only show as fast-growing epochs.
+    fn note_raise(&self, held: u64) {
+        let now = Instant::now();
+        let mut raises = self
+            .raises
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        raises.retain(|at| now.duration_since(*at) < OUTBID_WINDOW);
+        raises.push_back(now);
+        if raises.len() > OUTBID_LIMIT {
+            tracing::error!(
+                node = %self.node, bus_epoch = held, raises = raises.len(),
+                "the lease's epoch keeps being outbid by decisions on the allocation bus: another fleet (another store or schema) probably publishes on this bus namespace; give each fleet its own bus.namespace"
+            );
         }
     }
 
@@ -242,14 +344,14 @@ impl Coordinator {
                     let mut next = Some(message);
                     while let Some(message) = next {
                         match message {
+                            // The lease store says this node leads: a newer epoch on
+                            // the bus is stale or foreign, and this term moves above it.
                             BusMessage::Decision(decision) if decision.epoch > epoch => {
-                                tracing::warn!(
-                                    node = %self.node, epoch, newer = decision.epoch,
-                                    coordinator = %decision.coordinator,
-                                    "another node decides under a newer epoch; stepping down"
-                                );
                                 following.newest_epoch = following.newest_epoch.max(decision.epoch);
-                                return (TermEnd::Deposed, term);
+                                if !self.outranked(epoch, decision.epoch) {
+                                    return (TermEnd::Deposed, term);
+                                }
+                                term.raising = true;
                             }
                             BusMessage::Decision(_) => {}
                             BusMessage::Signal(signal) => {
@@ -302,7 +404,15 @@ impl Coordinator {
             self.decide(term, &group, &records).await;
         }
         self.publish_pending(term).await;
-        self.status.set(BrokerStatus::Running);
+        self.settle(term);
+    }
+
+    /// Running once every decision reached the bus; errored (set by the failed
+    /// publication, with its reason) until then.
+    fn settle(&self, term: &Term) {
+        if term.groups.values().all(|state| !state.unpublished) {
+            self.status.set(BrokerStatus::Running);
+        }
     }
 
     async fn decide_group(&self, term: &mut Term, group: &str) {
@@ -313,7 +423,7 @@ impl Coordinator {
         {
             Ok(records) => {
                 self.decide(term, group, &records).await;
-                self.status.set(BrokerStatus::Running);
+                self.settle(term);
             }
             Err(error) => self
                 .status
@@ -381,7 +491,9 @@ impl Coordinator {
             // it come back, its revisions must go on counting up.
             Ok(()) => state.unpublished = false,
             Err(error) => {
-                tracing::warn!(group, %error, "could not publish a decision; trying again at the next tick");
+                self.status.error(format!(
+                    "cannot publish the decision of group {group}; trying again at the next tick: {error}"
+                ));
             }
         }
     }
@@ -486,6 +598,9 @@ impl Following {
 struct Term {
     epoch: u64,
     groups: BTreeMap<String, GroupState>,
+    /// This term asked for its lease's epoch to be raised; it goes on under the
+    /// raised epoch once the lease has it.
+    raising: bool,
 }
 
 impl Term {
@@ -502,7 +617,22 @@ impl Term {
                 (group, state)
             })
             .collect();
-        Self { epoch, groups }
+        Self {
+            epoch,
+            groups,
+            raising: false,
+        }
+    }
+
+    /// This term, going on under the raised `epoch`: every group's decision is
+    /// made again from revision 1 and published, handovers in flight kept.
+    fn renumber(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self.raising = false;
+        for state in self.groups.values_mut() {
+            state.revision = 0;
+        }
+        self
     }
 
     fn note(&mut self, signal: Signal) {
@@ -638,165 +768,4 @@ fn members_of(records: &[MemberRecord]) -> Vec<Member<Source>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::broker::membership::{MemoryMembershipStore, Registration};
-    use crate::bus::MemoryBus;
-
-    const WAIT: Duration = Duration::from_secs(10);
-
-    fn settings() -> BrokerSettings {
-        BrokerSettings {
-            heartbeat_interval: Duration::from_millis(20),
-            member_timeout: Duration::from_secs(60),
-            refresh_interval: Duration::from_millis(100),
-            lease_ttl: Duration::from_secs(1),
-            handover_timeout: Duration::from_secs(60),
-        }
-    }
-
-    struct Harness {
-        membership: Arc<MemoryMembershipStore>,
-        bus: MemoryBus,
-        leader: watch::Sender<LeaderState>,
-        status: watch::Receiver<BrokerStatus>,
-        cancel: CancellationToken,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Harness {
-        fn start() -> Self {
-            let membership = Arc::new(MemoryMembershipStore::new());
-            let bus = MemoryBus::new();
-            let coordinator = Coordinator::new(
-                "node-a",
-                settings(),
-                Arc::clone(&membership) as Arc<dyn MembershipStore>,
-                Arc::new(bus.clone()),
-            );
-            let status = coordinator.status();
-            let (leader, following) = watch::channel(LeaderState::Follower);
-            let cancel = CancellationToken::new();
-            let task = tokio::spawn(coordinator.run(following, cancel.clone()));
-            Self {
-                membership,
-                bus,
-                leader,
-                status,
-                cancel,
-                task,
-            }
-        }
-
-        async fn join(&self, subscriber: &str) {
-            let registration = Registration {
-                group: "g".into(),
-                subscriber: subscriber.into(),
-                node: "node-a".into(),
-                sources: ["log".parse().unwrap(), "category:orders".parse().unwrap()].into(),
-                tags: BTreeSet::new(),
-            };
-            self.membership.register(&registration).await.unwrap();
-        }
-
-        fn lead(&self, epoch: u64) {
-            self.leader.send_replace(LeaderState::Leader { epoch });
-        }
-
-        async fn wait_for_status(&self, wanted: BrokerStatus) {
-            let mut status = self.status.clone();
-            status.wait_for(|s| *s == wanted).await.unwrap();
-        }
-
-        /// Waits until the retained decision of group `g` satisfies `wanted`.
-        async fn decision(&self, wanted: impl Fn(&Decision) -> bool) -> Decision {
-            let started = Instant::now();
-            loop {
-                if let Some(decision) = self.bus.retained_decision("g") {
-                    if wanted(&decision) {
-                        return decision;
-                    }
-                }
-                assert!(
-                    started.elapsed() < WAIT,
-                    "no such decision: {:?}",
-                    self.bus.retained_decision("g")
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-
-        async fn stop(self) {
-            self.cancel.cancel();
-            self.task.await.unwrap();
-        }
-    }
-
-    fn owners(decision: &Decision) -> Vec<&str> {
-        decision.owners.keys().map(String::as_str).collect()
-    }
-
-    #[tokio::test]
-    async fn a_group_that_empties_and_comes_back_keeps_counting_revisions() {
-        let harness = Harness::start();
-        harness.lead(1);
-        harness.join("s1").await;
-        let first = harness.decision(|d| owners(d) == ["s1"]).await;
-        harness.membership.leave("g", "s1").await.unwrap();
-        let empty = harness.decision(|d| d.owners.is_empty()).await;
-        assert!(empty.is_newer_than(&first));
-        harness.join("s1").await;
-        let back = harness
-            .decision(|d| owners(d) == ["s1"] && d.is_newer_than(&empty))
-            .await;
-        assert_eq!(back.epoch, 1);
-        harness.stop().await;
-    }
-
-    #[tokio::test]
-    async fn a_lease_regained_under_the_same_epoch_resumes_the_term() {
-        let harness = Harness::start();
-        harness.lead(3);
-        harness.join("s1").await;
-        let first = harness.decision(|d| owners(d) == ["s1"]).await;
-        assert_eq!(first.version(), (3, 1));
-
-        // A failed renewal demotes the node; it regains the lease before it expires.
-        harness.leader.send_replace(LeaderState::Follower);
-        harness.wait_for_status(BrokerStatus::Waiting).await;
-        harness.join("s2").await;
-        harness.lead(3);
-        // The newcomer's share is handed over, in a decision of the same epoch.
-        let resumed = harness.decision(|d| d.handovers.len() == 1).await;
-        assert_eq!(resumed.epoch, 3);
-        assert!(resumed.is_newer_than(&first), "{resumed:?} after {first:?}");
-        harness.stop().await;
-    }
-
-    #[tokio::test]
-    async fn a_newer_epoch_on_the_bus_makes_the_leader_step_down() {
-        let harness = Harness::start();
-        harness.lead(2);
-        harness.join("s1").await;
-        let mine = harness.decision(|d| owners(d) == ["s1"]).await;
-        let newer = Decision {
-            epoch: 5,
-            revision: 1,
-            coordinator: "node-b".into(),
-            ..mine.clone()
-        };
-        harness
-            .bus
-            .publish(&BusMessage::Decision(newer.clone()))
-            .await
-            .unwrap();
-        harness.wait_for_status(BrokerStatus::Waiting).await;
-        // Membership changes, but this node no longer decides.
-        harness.join("s2").await;
-        tokio::time::sleep(settings().refresh_interval * 3).await;
-        assert_eq!(harness.bus.retained_decision("g"), Some(newer));
-        harness.stop().await;
-    }
-}
+mod tests;

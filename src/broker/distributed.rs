@@ -132,7 +132,8 @@ impl DistributedBroker {
             Arc::clone(&self.services.membership),
             Arc::clone(&self.services.bus),
         )
-        .with_required_tags(self.required_tags.clone());
+        .with_required_tags(self.required_tags.clone())
+        .with_epoch_floor(leadership.epoch_floor());
         let status = coordinator.status();
         tasks.spawn(coordinator.run(leadership.subscribe(), cancel.clone()));
         tasks.spawn(leadership.run(cancel.clone()));

@@ -82,6 +82,21 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// The lease as last written, live or expired; `None` if it was never taken.
     async fn current(&self, name: &str) -> Result<Option<Lease>>;
+
+    /// Raises the epoch of `node`'s live lease of `name` at `epoch` to at least
+    /// `at_least` and extends it to `ttl` from now, so that the holder's next term
+    /// starts above every epoch the bus still holds (a restored or reset store would
+    /// otherwise make a new leader's decisions look old). The row keeps the raised
+    /// epoch, so later acquisitions count on from it. `None`, and nothing changed,
+    /// if the lease has expired or is held by anyone else or at another epoch.
+    async fn raise_epoch(
+        &self,
+        name: &str,
+        node: &str,
+        epoch: u64,
+        at_least: u64,
+        ttl: Duration,
+    ) -> Result<Option<Lease>>;
 }
 
 /// Maps the tokio clock onto wall-clock timestamps, so that the memory backends can
@@ -219,6 +234,66 @@ impl LeaseStore for MemoryLeaseStore {
     async fn current(&self, name: &str) -> Result<Option<Lease>> {
         Ok(self.leases().get(name).map(|held| self.lease(name, held)))
     }
+
+    async fn raise_epoch(
+        &self,
+        name: &str,
+        node: &str,
+        epoch: u64,
+        at_least: u64,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        check_ttl(ttl)?;
+        let now = Instant::now();
+        let mut leases = self.leases();
+        match leases.get_mut(name) {
+            Some(held) if held.holder == node && held.epoch == epoch && held.expires > now => {
+                held.epoch = held.epoch.max(at_least);
+                held.expires = now + ttl;
+                let held = held.clone();
+                Ok(Some(self.lease(name, &held)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Asks a node's [`Leadership`] to move its lease to a higher epoch, shared between
+/// the driver and the coordinator. The coordinator raises the floor when the bus
+/// holds decisions of an epoch at or above its own; the driver raises the lease's
+/// epoch in the store at its next renewal (at once, as it is woken) and reports the
+/// new epoch as a change of leadership.
+#[derive(Debug, Clone, Default)]
+pub struct EpochFloor {
+    inner: Arc<EpochFloorInner>,
+}
+
+#[derive(Debug, Default)]
+struct EpochFloorInner {
+    floor: std::sync::atomic::AtomicU64,
+    raised: tokio::sync::Notify,
+}
+
+impl EpochFloor {
+    /// Asks for the lease's epoch to become at least `epoch`.
+    pub fn raise(&self, epoch: u64) {
+        let previous = self
+            .inner
+            .floor
+            .fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+        if epoch > previous {
+            self.inner.raised.notify_one();
+        }
+    }
+
+    /// The highest epoch asked for so far; 0 if none.
+    pub fn get(&self) -> u64 {
+        self.inner.floor.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn raised(&self) {
+        self.inner.raised.notified().await;
+    }
 }
 
 /// Whether this node leads, as [`Leadership`] last knew it.
@@ -248,6 +323,7 @@ pub struct Leadership {
     node: String,
     ttl: Duration,
     state: watch::Sender<LeaderState>,
+    floor: EpochFloor,
 }
 
 impl Leadership {
@@ -264,7 +340,32 @@ impl Leadership {
             node: node.into(),
             ttl,
             state: watch::channel(LeaderState::Follower).0,
+            floor: EpochFloor::default(),
         })
+    }
+
+    /// The handle through which the coordinator asks for a higher epoch.
+    pub fn epoch_floor(&self) -> EpochFloor {
+        self.floor.clone()
+    }
+
+    /// Renews the lease held at `epoch`, raising its epoch first if the floor
+    /// asks for a higher one.
+    async fn renew(&self, epoch: u64) -> Result<Option<Lease>> {
+        let floor = self.floor.get();
+        if floor > epoch {
+            tracing::info!(
+                lease = %self.name, node = %self.node, epoch, raised_to = floor,
+                "raising the lease's epoch above the epochs the bus holds"
+            );
+            return self
+                .store
+                .raise_epoch(&self.name, &self.node, epoch, floor, self.ttl)
+                .await;
+        }
+        self.store
+            .renew(&self.name, &self.node, epoch, self.ttl)
+            .await
     }
 
     /// The node's state, updated at every promotion and demotion.
@@ -339,7 +440,7 @@ impl Leadership {
                         self.demote(&mut held, "the lease's local deadline passed during a renewal");
                         continue;
                     }
-                    outcome = self.store.renew(&self.name, &self.node, epoch, self.ttl) => outcome,
+                    outcome = self.renew(epoch) => outcome,
                 },
             };
             match outcome {
@@ -371,6 +472,8 @@ impl Leadership {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {}
+                // A leader asked to raise its epoch does so at once.
+                () = self.floor.raised(), if held.is_some() => {}
             }
         }
         // Stop claiming to lead before giving the lease away, so that nobody watching
@@ -451,6 +554,18 @@ mod tests {
         async fn current(&self, name: &str) -> Result<Option<Lease>> {
             self.inner.current(name).await
         }
+        async fn raise_epoch(
+            &self,
+            name: &str,
+            node: &str,
+            epoch: u64,
+            at_least: u64,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            self.inner
+                .raise_epoch(name, node, epoch, at_least, ttl)
+                .await
+        }
     }
 
     /// Waits until `state` satisfies `want`, at most `within`.
@@ -500,6 +615,33 @@ mod tests {
         // Released: another node takes it at once, under a new epoch.
         let taken = store.try_acquire("coordinator", "b", TTL).await.unwrap();
         assert_eq!(taken.map(|l| l.epoch), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_floor_moves_the_leader_to_a_higher_epoch_at_once() {
+        let store = Arc::new(MemoryLeaseStore::new());
+        let leadership = Leadership::new(store.clone(), "coordinator", "a", TTL).unwrap();
+        let floor = leadership.epoch_floor();
+        let mut state = leadership.subscribe();
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(leadership.run(cancel.clone()));
+        wait_for(&mut state, TTL, LeaderState::is_leader).await;
+        floor.raise(1005);
+        // Woken by the raise rather than at the next renewal.
+        let raised = wait_for(&mut state, SLACK, |s| {
+            *s != LeaderState::Leader { epoch: 1 }
+        })
+        .await;
+        assert_eq!(raised, LeaderState::Leader { epoch: 1005 });
+        let lease = store.current("coordinator").await.unwrap().unwrap();
+        assert_eq!((lease.holder.as_str(), lease.epoch), ("a", 1005));
+        // Renewals go on under the raised epoch.
+        tokio::time::sleep(TTL * 3).await;
+        assert_eq!(*state.borrow(), LeaderState::Leader { epoch: 1005 });
+        cancel.cancel();
+        driver.await.unwrap();
+        let next = store.try_acquire("coordinator", "b", TTL).await.unwrap();
+        assert_eq!(next.map(|l| l.epoch), Some(1006));
     }
 
     #[tokio::test(start_paused = true)]
@@ -576,6 +718,18 @@ mod tests {
         }
         async fn current(&self, name: &str) -> Result<Option<Lease>> {
             self.inner.current(name).await
+        }
+        async fn raise_epoch(
+            &self,
+            name: &str,
+            node: &str,
+            epoch: u64,
+            at_least: u64,
+            ttl: Duration,
+        ) -> Result<Option<Lease>> {
+            self.inner
+                .raise_epoch(name, node, epoch, at_least, ttl)
+                .await
         }
     }
 

@@ -2,11 +2,21 @@
 //! with it: the client settings built from `[kafka]` ([`client_config`]) and
 //! creating missing topics ([`ensure_topics`]).
 //!
-//! Two topics per namespace. `{namespace}.decisions` holds decisions keyed by
-//! group, so every part of one group's decisions lands on one partition in order;
-//! it is created with `cleanup.policy=compact`, but nothing here relies on
-//! compaction having run: readers start from the beginning of every partition and
-//! keep the newest decision per group. `{namespace}.signals` holds signals, kept
+//! Two topics per namespace. `{namespace}.decisions` holds decisions, each part
+//! keyed by group and part number (`GROUP#PART`), so that compaction keeps the
+//! newest decision's every part; all parts of a group go to one partition (chosen
+//! from the group's name), in order. A decision with fewer parts than the one
+//! before tombstones the keys of the parts it no longer has. The topic is created
+//! with `cleanup.policy=compact`, and a node warns at start if an existing one is
+//! not compacted. Nothing here relies on compaction having run: readers start from
+//! the beginning of every partition and keep the newest decision per group.
+//!
+//! What a start-up reads is bounded by the decisions that changed since the last
+//! compaction, not by the fleet's age: an unchanged decision is not written again
+//! at every refresh, only every [`REPUBLISH_UNCHANGED_AFTER`]. Observers cannot
+//! miss a decision here (they read the topic from the beginning and then follow
+//! it, and compaction keeps the newest record of every key); the slow republish
+//! only restores a topic that was deleted and made again. `{namespace}.signals` holds signals, kept
 //! for `bus.signal_retention`; a subscription reads it from where it ended when
 //! the subscription started, so a signal reaches those subscribed when it was
 //! published.
@@ -34,7 +44,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::BusConfig;
 use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
-use super::{AllocationBus, BusSubscription, Error, Result, encode_decision_parts};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_decision_parts};
 use crate::connect::KafkaOptions;
 use crate::connect::kafka_client::{
     CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
@@ -51,8 +61,72 @@ impl From<ClusterError> for Error {
     }
 }
 
+/// How long the readiness check waits for a broker's answer: it is polled, and a
+/// node whose bus takes longer is not ready anyway.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an unchanged decision goes without being written again. Refreshes in
+/// between are skipped: they would only grow the topic that every start reads.
+pub const REPUBLISH_UNCHANGED_AFTER: Duration = Duration::from_secs(60 * 60);
+
 /// How long [`KafkaBus::retained`] may take to read the decisions topic.
 pub const RETAINED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `cleanup.policy` of `topic`, as the cluster describes it.
+async fn cleanup_policy(kafka: &KafkaOptions, topic: &str) -> std::result::Result<String, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        client_config(kafka).create().map_err(|e| e.to_string())?;
+    let admin = DropOffRuntime::new(admin);
+    let options = AdminOptions::new().request_timeout(Some(CONNECT_TIMEOUT));
+    let described = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options),
+    )
+    .await
+    .map_err(|_| "describing the topic timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let resource = described
+        .into_iter()
+        .next()
+        .ok_or("no description came back")?
+        .map_err(|code| code.to_string())?;
+    Ok(resource
+        .get("cleanup.policy")
+        .and_then(|entry| entry.value.clone())
+        .unwrap_or_else(|| "delete".to_owned()))
+}
+
+/// Warns when the decisions topic is not compacted: then nothing removes
+/// superseded decisions, and every start reads more of them.
+fn warn_unless_compacted(topic: &str, policy: std::result::Result<String, String>) {
+    match policy {
+        Ok(policy) if policy.split(',').any(|p| p.trim() == "compact") => {}
+        Ok(policy) => tracing::warn!(
+            topic, %policy,
+            "the decisions topic is not compacted, so superseded decisions are never removed and every node start reads them all; set cleanup.policy=compact on it"
+        ),
+        Err(error) => tracing::warn!(
+            topic, %error,
+            "cannot read the decisions topic's cleanup.policy; it should be compact, or every node start reads every decision ever published"
+        ),
+    }
+}
+
+/// The partition of the decisions topic that holds `group`'s decisions: a
+/// stable hash (FNV-1a) of its name, so every node agrees.
+fn partition_of(group: &str, partitions: i32) -> i32 {
+    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    i32::try_from(hash % u64::from(partitions.max(1).unsigned_abs())).unwrap_or(0)
+}
+
+/// The key of part `part` of `group`'s decisions. The part number comes last and
+/// holds no `#`, so keys of different groups never collide.
+fn part_key(group: &str, part: u32) -> String {
+    format!("{group}#{part}")
+}
 
 /// Runs a blocking librdkafka call on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -76,7 +150,22 @@ struct Inner {
     consumer_config: ClientConfig,
     decisions_topic: String,
     signals_topic: String,
-    invalid: Arc<AtomicU64>,
+    meter: Arc<BusMeter>,
+    /// Partitions of the decisions topic when the bus connected.
+    decision_partitions: i32,
+    /// Per group, what this bus last wrote or read of its decisions.
+    written: std::sync::Mutex<BTreeMap<String, Written>>,
+    /// Decision records read by retained reads, for tests of what a start costs.
+    records_read: AtomicU64,
+}
+
+/// What the decisions topic holds of one group, as far as this bus knows.
+#[derive(Debug, Default, Clone)]
+struct Written {
+    /// The version this bus published last, and when.
+    published: Option<((u64, u64), Instant)>,
+    /// The most parts any decision of the group had (their keys may hold records).
+    parts: u32,
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -135,7 +224,10 @@ impl KafkaBus {
             consumer_config,
             decisions_topic,
             signals_topic,
-            invalid: Arc::new(AtomicU64::new(0)),
+            meter: BusMeter::new(),
+            decision_partitions: 1,
+            written: std::sync::Mutex::new(BTreeMap::new()),
+            records_read: AtomicU64::new(0),
         });
         inner.probe().await?;
         ensure_topics(
@@ -149,7 +241,29 @@ impl KafkaBus {
             ],
         )
         .await?;
+        let mut inner = inner;
+        let probe = Arc::clone(&inner);
+        let partitions = blocking(move || {
+            let topic = probe.decisions_topic.as_str();
+            probe.partitions(probe.producer.client(), topic, CONNECT_TIMEOUT)
+        })
+        .await??
+        .len();
+        if let Some(inner) = Arc::get_mut(&mut inner) {
+            inner.decision_partitions = i32::try_from(partitions).unwrap_or(i32::MAX).max(1);
+        }
+        warn_unless_compacted(
+            &inner.decisions_topic,
+            cleanup_policy(kafka, &inner.decisions_topic).await,
+        );
         Ok(KafkaBus { inner })
+    }
+
+    /// Decision records read by [`retained`](AllocationBus::retained) calls so
+    /// far, tombstones included: what starting a coordinator costs.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn retained_records_read(&self) -> u64 {
+        self.inner.records_read.load(Ordering::Relaxed)
     }
 
     /// The topic decisions are published to.
@@ -173,12 +287,12 @@ impl KafkaBus {
     /// Payloads dropped because they did not decode, over all subscriptions and
     /// [`retained`](AllocationBus::retained) reads of this bus.
     pub fn invalid_messages(&self) -> u64 {
-        self.inner.invalid.load(Ordering::Relaxed)
+        self.inner.meter.invalid().load(Ordering::Relaxed)
     }
 
     /// The counter behind [`KafkaBus::invalid_messages`], for metrics.
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.inner.invalid)
+        self.inner.meter.invalid()
     }
 }
 
@@ -209,13 +323,106 @@ impl Inner {
 
     /// Produces one record and waits until the broker has stored it.
     async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
+        self.send_record(FutureRecord::to(topic).key(key).payload(payload))
+            .await
+    }
+
+    /// Produces one decision record (a tombstone without `payload`) to the
+    /// partition of `group`, and waits until the broker has stored it.
+    async fn send_decision(&self, group: &str, part: u32, payload: Option<&[u8]>) -> Result<()> {
+        let key = part_key(group, part);
+        let record = FutureRecord::to(&self.decisions_topic)
+            .key(key.as_str())
+            .partition(partition_of(group, self.decision_partitions));
+        match payload {
+            Some(payload) => self.send_record(record.payload(payload)).await,
+            None => self.send_record::<[u8]>(record).await,
+        }
+    }
+
+    async fn send_record<P: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        record: FutureRecord<'_, str, P>,
+    ) -> Result<()> {
+        let size = record.payload.map_or(0, |p| p.to_bytes().len());
+        let key = record.key.unwrap_or_default().to_owned();
         self.producer
-            .send_result(FutureRecord::to(topic).key(key).payload(payload))
-            .map_err(|(error, _)| self.publish_error(payload.len(), key, error))?
+            .send_result(record)
+            .map_err(|(error, _)| self.publish_error(size, &key, error))?
             .await
             .map_err(|_| Error::Closed)?
             .map(drop)
-            .map_err(|(error, _)| self.publish_error(payload.len(), key, error))
+            .map_err(|(error, _)| self.publish_error(size, &key, error))
+    }
+
+    /// Publishes `decision` unless this bus wrote the same version within
+    /// [`REPUBLISH_UNCHANGED_AFTER`]; tombstones the keys of parts an earlier
+    /// decision of the group had and this one has not.
+    async fn publish_decision(&self, decision: &Decision) -> Result<()> {
+        let group = decision.group.as_str();
+        let limit = self.payload_limit(&part_key(group, u32::MAX));
+        let known = self.written(group);
+        if known.published.is_some_and(|(version, at)| {
+            version == decision.version() && at.elapsed() < REPUBLISH_UNCHANGED_AFTER
+        }) {
+            return Ok(());
+        }
+        let parts = encode_decision_parts(decision, limit);
+        if let Some(part) = parts.iter().find(|part| part.len() > limit) {
+            return Err(Error::TooLarge {
+                size: part.len(),
+                limit,
+            });
+        }
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        let sends = (1..)
+            .zip(&parts)
+            .map(|(part, payload)| self.send_decision(group, part, Some(payload)));
+        // Pipelined; Ok only once every part is stored.
+        for result in join_all(sends).await {
+            result?;
+            metrics::bus_message("decision", "sent");
+        }
+        // Parts beyond this decision's are superseded: tombstoned for compaction.
+        // The bare group key is where weir kept whole decisions before.
+        for part in count + 1..=known.parts {
+            self.send_decision(group, part, None).await?;
+        }
+        if known.published.is_none() {
+            // Best effort: a leftover costs a start one more record to read.
+            let legacy = FutureRecord::<str, [u8]>::to(&self.decisions_topic).key(group);
+            if let Err(error) = self.send_record(legacy).await {
+                tracing::debug!(%error, group, "could not tombstone the group's old decision key");
+            }
+        }
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = written.entry(group.to_owned()).or_default();
+        entry.published = Some((decision.version(), Instant::now()));
+        entry.parts = count;
+        Ok(())
+    }
+
+    /// What this bus knows the decisions topic holds of `group`.
+    fn written(&self, group: &str) -> Written {
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(group)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Notes that the topic holds part records up to `parts` for `group`.
+    fn saw_parts(&self, group: &str, parts: u32) {
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = written.entry(group.to_owned()).or_default();
+        entry.parts = entry.parts.max(parts);
     }
 
     fn publish_error(&self, size: usize, key: &str, error: KafkaError) -> Error {
@@ -232,10 +439,15 @@ impl Inner {
         }
     }
 
-    /// The partitions of `topic`.
-    fn partitions(&self, consumer: &impl Consumer, topic: &str) -> Result<Vec<i32>> {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
+    /// The partitions of `topic`, asking for at most `timeout`.
+    fn partitions<C: rdkafka::client::ClientContext>(
+        &self,
+        client: &rdkafka::client::Client<C>,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<i32>> {
+        let metadata = client
+            .fetch_metadata(Some(topic), timeout)
             .map_err(|error| self.read_error(topic, error))?;
         let partitions: Vec<i32> = metadata
             .topics()
@@ -263,7 +475,7 @@ impl Inner {
 
     /// Where each partition of `topic` ends now, as `(partition, low, high)`.
     fn watermarks(&self, consumer: &impl Consumer, topic: &str) -> Result<Vec<(i32, i64, i64)>> {
-        self.partitions(consumer, topic)?
+        self.partitions(consumer.client(), topic, CONNECT_TIMEOUT)?
             .into_iter()
             .map(|partition| {
                 consumer
@@ -280,9 +492,10 @@ impl Inner {
             .map_err(|error| Error::from(property_error(&self.kafka, error)))
     }
 
+    /// Counts a payload of a retained read that cannot be read, in the bus's own
+    /// count only: the node's metric is the subscriptions' to count.
     fn count_invalid(&self) {
-        self.invalid.fetch_add(1, Ordering::Relaxed);
-        ::metrics::counter!(metrics::BUS_INVALID_MESSAGES).increment(1);
+        self.meter.invalid().fetch_add(1, Ordering::Relaxed);
     }
 
     /// The newest complete decision per group in the decisions topic, read from
@@ -328,24 +541,8 @@ impl Inner {
                     {
                         remaining.remove(&partition);
                     }
-                    metrics::bus_message("decision", "received");
-                    match decode_frame(message.payload().unwrap_or_default()) {
-                        Ok(Frame::Decision(part)) => {
-                            if let Some(decision) = assembler.push(part) {
-                                newest.insert(decision.group.clone(), decision);
-                            }
-                        }
-                        Ok(Frame::Signal(_)) => {
-                            tracing::debug!(topic, "ignored a signal in the decisions topic");
-                        }
-                        Err(error) => {
-                            self.count_invalid();
-                            tracing::warn!(
-                                %error, topic, partition, offset = message.offset(),
-                                "skipped a decisions record that cannot be read"
-                            );
-                        }
-                    }
+                    self.records_read.fetch_add(1, Ordering::Relaxed);
+                    self.take_record(&message, &mut assembler, &mut newest);
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, topic, "reading retained decisions: retrying");
@@ -370,12 +567,45 @@ impl Inner {
         Ok(newest.into_values().collect())
     }
 
+    /// Adds one record of a retained read to what was read.
+    fn take_record(
+        &self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        assembler: &mut DecisionAssembler,
+        newest: &mut BTreeMap<String, Decision>,
+    ) {
+        // A tombstone: a part key that a newer decision no longer uses.
+        let Some(payload) = message.payload() else {
+            return;
+        };
+        match decode_frame(payload) {
+            Ok(Frame::Decision(part)) => {
+                self.saw_parts(&part.decision.group, part.parts);
+                if let Some(decision) = assembler.push(part) {
+                    newest.insert(decision.group.clone(), decision);
+                }
+            }
+            Ok(Frame::Signal(_)) => {
+                tracing::debug!(topic = %self.decisions_topic, "ignored a signal in the decisions topic");
+            }
+            Err(error) => {
+                self.count_invalid();
+                tracing::warn!(
+                    %error, topic = %self.decisions_topic, partition = message.partition(),
+                    offset = message.offset(), "skipped a decisions record that cannot be read"
+                );
+            }
+        }
+    }
+
     /// A consumer assigned every decisions partition from the beginning and every
     /// signals partition from where it ends now.
     fn subscribed_consumer(&self) -> Result<StreamConsumer> {
         let consumer: StreamConsumer = self.consumer()?;
         let mut assignment = TopicPartitionList::new();
-        for partition in self.partitions(&consumer, &self.decisions_topic)? {
+        for partition in
+            self.partitions(consumer.client(), &self.decisions_topic, CONNECT_TIMEOUT)?
+        {
             assignment
                 .add_partition_offset(&self.decisions_topic, partition, Offset::Beginning)
                 .map_err(|error| self.read_error(&self.decisions_topic, error))?;
@@ -395,25 +625,21 @@ impl Inner {
     }
 }
 
-/// One subscription's consumer and what it needs to label what it reads.
+/// One subscription's consumer.
 struct Reader {
     consumer: DropOffRuntime<StreamConsumer>,
-    decisions_topic: String,
 }
 
 impl Reader {
     async fn next(&self) -> Vec<u8> {
         loop {
             match self.consumer.recv().await {
-                Ok(message) => {
-                    let kind = if message.topic() == self.decisions_topic {
-                        "decision"
-                    } else {
-                        "signal"
-                    };
-                    metrics::bus_message(kind, "received");
-                    return message.payload().unwrap_or_default().to_vec();
-                }
+                // A record without a payload is a tombstone: compaction's cue to
+                // drop the decision part of its key, nothing to read.
+                Ok(message) => match message.payload() {
+                    Some(payload) => return payload.to_vec(),
+                    None => continue,
+                },
                 Err(error) => {
                     // librdkafka reconnects by itself; these are reports, and
                     // waiting a little keeps a down broker from flooding the log.
@@ -427,29 +653,23 @@ impl Reader {
 
 #[async_trait]
 impl AllocationBus for KafkaBus {
+    /// One metadata request for the decisions topic: answers whether a broker
+    /// is reachable and still has the topic.
+    async fn check(&self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let topic = inner.decisions_topic.as_str();
+            inner
+                .partitions(inner.producer.client(), topic, CHECK_TIMEOUT)
+                .map(drop)
+        })
+        .await?
+    }
+
     async fn publish(&self, message: &BusMessage) -> Result<()> {
         let inner = &self.inner;
         match message {
-            BusMessage::Decision(decision) => {
-                let key = decision.group.as_str();
-                let limit = inner.payload_limit(key);
-                let parts = encode_decision_parts(decision, limit);
-                if let Some(part) = parts.iter().find(|part| part.len() > limit) {
-                    return Err(Error::TooLarge {
-                        size: part.len(),
-                        limit,
-                    });
-                }
-                let sends = parts
-                    .iter()
-                    .map(|part| inner.send(&inner.decisions_topic, key, part));
-                // Pipelined; Ok only once every part is stored.
-                for result in join_all(sends).await {
-                    result?;
-                    metrics::bus_message("decision", "sent");
-                }
-                Ok(())
-            }
+            BusMessage::Decision(decision) => inner.publish_decision(decision).await,
             BusMessage::Signal(signal) => {
                 let key = signal.group();
                 let payload = encode(message);
@@ -472,7 +692,6 @@ impl AllocationBus for KafkaBus {
         let consumer = blocking(move || inner.subscribed_consumer()).await??;
         let reader = Reader {
             consumer: DropOffRuntime::new(consumer),
-            decisions_topic: self.inner.decisions_topic.clone(),
         };
         let payloads = futures::stream::unfold(reader, |reader| async move {
             let payload = reader.next().await;
@@ -481,7 +700,7 @@ impl AllocationBus for KafkaBus {
         .boxed();
         Ok(BusSubscription::new(
             payloads,
-            Arc::clone(&self.inner.invalid),
+            Arc::clone(&self.inner.meter),
         ))
     }
 

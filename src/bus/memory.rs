@@ -23,7 +23,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use super::message::{BusMessage, Decision, encode, encode_decision_parts};
-use super::{AllocationBus, BusSubscription, Error, Result};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result};
 use crate::metrics as names;
 
 /// How many payloads a subscriber may fall behind by default.
@@ -50,7 +50,7 @@ struct Inner {
     retained: Mutex<BTreeMap<String, Retained>>,
     sender: broadcast::Sender<Payload>,
     max_payload: usize,
-    invalid: Arc<AtomicU64>,
+    meter: Arc<BusMeter>,
 }
 
 #[derive(Debug)]
@@ -80,7 +80,7 @@ impl MemoryBus {
                 retained: Mutex::new(BTreeMap::new()),
                 sender,
                 max_payload,
-                invalid: Arc::new(AtomicU64::new(0)),
+                meter: BusMeter::new(),
             }),
         }
     }
@@ -104,12 +104,12 @@ impl MemoryBus {
     /// Payloads dropped because they did not decode, summed over all
     /// subscriptions (a bad payload read by three subscribers counts three times).
     pub fn invalid_messages(&self) -> u64 {
-        self.inner.invalid.load(Ordering::Relaxed)
+        self.inner.meter.invalid().load(Ordering::Relaxed)
     }
 
     /// The counter behind [`MemoryBus::invalid_messages`], for metrics.
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.inner.invalid)
+        self.inner.meter.invalid()
     }
 
     fn check_size(&self, payload: &[u8]) -> Result<()> {
@@ -216,7 +216,7 @@ impl AllocationBus for MemoryBus {
         .boxed();
         Ok(BusSubscription::new(
             payloads,
-            Arc::clone(&self.inner.invalid),
+            Arc::clone(&self.inner.meter),
         ))
     }
 }

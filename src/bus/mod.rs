@@ -149,6 +149,34 @@ pub trait AllocationBus: Send + Sync + 'static {
     async fn retained(&self) -> Result<Vec<Decision>>;
 }
 
+/// What the subscriptions of one bus handle share: the count of payloads that did
+/// not decode, and which subscription feeds the node's metrics.
+///
+/// A node subscribes more than once (its coordinator and its observer each do), and
+/// each subscription sees every message; the metrics
+/// `weir_bus_messages_total{direction="received"}` and
+/// `weir_bus_invalid_messages_total` count what reached the node, so only one
+/// subscription at a time counts them. Another takes over when it ends.
+#[derive(Debug, Default)]
+pub struct BusMeter {
+    invalid: Arc<AtomicU64>,
+    /// Id of the subscription that counts metrics; 0 while none does.
+    metering: AtomicU64,
+    ids: AtomicU64,
+}
+
+impl BusMeter {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Payloads dropped by any subscription because they did not decode (one
+    /// payload read by two subscriptions counts twice).
+    pub fn invalid(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.invalid)
+    }
+}
+
 /// Messages from one subscription, decoded and with split decisions reassembled.
 ///
 /// Payloads that do not decode (malformed, or from a weir with a newer wire
@@ -158,20 +186,34 @@ pub struct BusSubscription {
     payloads: BoxStream<'static, Vec<u8>>,
     assembler: DecisionAssembler,
     invalid: u64,
-    invalid_total: Arc<AtomicU64>,
+    meter: Arc<BusMeter>,
+    id: u64,
 }
 
 impl BusSubscription {
-    /// Wraps a backend's raw payloads. Invalid payloads are also added to
-    /// `invalid_total`, which a backend shares between its subscriptions so that
-    /// one counter can be exported as a metric.
-    pub fn new(payloads: BoxStream<'static, Vec<u8>>, invalid_total: Arc<AtomicU64>) -> Self {
+    /// Wraps a backend's raw payloads. Invalid payloads are also added to the
+    /// count in `meter`, which a backend shares between its subscriptions.
+    pub fn new(payloads: BoxStream<'static, Vec<u8>>, meter: Arc<BusMeter>) -> Self {
+        let id = meter.ids.fetch_add(1, Ordering::Relaxed) + 1;
         Self {
             payloads,
             assembler: DecisionAssembler::new(),
             invalid: 0,
-            invalid_total,
+            meter,
+            id,
         }
+    }
+
+    /// Whether this subscription is the one of its bus that counts metrics,
+    /// taking the part over if no other has it.
+    fn meters(&self) -> bool {
+        let metering = &self.meter.metering;
+        let current = metering.load(Ordering::Relaxed);
+        current == self.id
+            || (current == 0
+                && metering
+                    .compare_exchange(0, self.id, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok())
     }
 
     /// The next message; `None` once the bus has shut down.
@@ -184,19 +226,25 @@ impl BusSubscription {
             let payload = self.payloads.next().await?;
             match decode_frame(&payload) {
                 Ok(Frame::Signal(signal)) => {
-                    names::bus_message("signal", "received");
+                    if self.meters() {
+                        names::bus_message("signal", "received");
+                    }
                     return Some(BusMessage::Signal(signal));
                 }
                 Ok(Frame::Decision(part)) => {
-                    names::bus_message("decision", "received");
+                    if self.meters() {
+                        names::bus_message("decision", "received");
+                    }
                     if let Some(decision) = self.assembler.push(part) {
                         return Some(BusMessage::Decision(decision));
                     }
                 }
                 Err(error) => {
                     self.invalid += 1;
-                    self.invalid_total.fetch_add(1, Ordering::Relaxed);
-                    names::bus_invalid_message();
+                    self.meter.invalid.fetch_add(1, Ordering::Relaxed);
+                    if self.meters() {
+                        names::bus_invalid_message();
+                    }
                     tracing::warn!(
                         %error,
                         bytes = payload.len(),
@@ -216,9 +264,19 @@ impl BusSubscription {
         self.invalid
     }
 
-    /// The counter shared with the bus (over all its subscriptions), for metrics.
+    /// The counter shared with the bus (over all its subscriptions).
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.invalid_total)
+        self.meter.invalid()
+    }
+}
+
+impl Drop for BusSubscription {
+    fn drop(&mut self) {
+        // Hands the metrics over to the bus's next subscription to read a message.
+        let _ =
+            self.meter
+                .metering
+                .compare_exchange(self.id, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
@@ -233,6 +291,8 @@ impl std::fmt::Debug for BusSubscription {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -255,12 +315,72 @@ mod tests {
             br#"{"v":9,"kind":"signal"}"#.to_vec(),
             encode(&signal.clone().into()),
         ];
-        let total = Arc::new(AtomicU64::new(5));
+        let meter = BusMeter::new();
+        meter.invalid.store(5, Ordering::Relaxed);
         let mut subscription =
-            BusSubscription::new(futures::stream::iter(payloads).boxed(), Arc::clone(&total));
+            BusSubscription::new(futures::stream::iter(payloads).boxed(), Arc::clone(&meter));
         assert_eq!(subscription.next().await, Some(BusMessage::Signal(signal)));
         assert_eq!(subscription.invalid_messages(), 2);
-        assert_eq!(total.load(Ordering::Relaxed), 7);
+        assert_eq!(meter.invalid().load(Ordering::Relaxed), 7);
         assert_eq!(subscription.next().await, None);
+    }
+
+    #[test]
+    fn a_node_with_two_subscriptions_counts_each_message_once() {
+        use futures::FutureExt;
+        let signal: BusMessage = Signal::Joined {
+            group: "g".into(),
+            subscriber: "s".into(),
+            node: "n".into(),
+        }
+        .into();
+        let decision: BusMessage = Decision {
+            group: "g".into(),
+            epoch: 1,
+            revision: 1,
+            coordinator: "n".into(),
+            issued_at: chrono::Utc::now(),
+            owners: BTreeMap::new(),
+            handovers: BTreeMap::new(),
+        }
+        .into();
+        let payloads = || {
+            let list = vec![b"garbage".to_vec(), encode(&signal), encode(&decision)];
+            futures::stream::iter(list).boxed()
+        };
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let meter = BusMeter::new();
+        ::metrics::with_local_recorder(&recorder, || {
+            // A coordinator and an observer on one node, each reading everything.
+            let mut first = BusSubscription::new(payloads(), Arc::clone(&meter));
+            let mut second = BusSubscription::new(payloads(), Arc::clone(&meter));
+            for subscription in [&mut first, &mut second] {
+                while subscription.next().now_or_never().flatten().is_some() {}
+            }
+            drop(first);
+            // The other subscription takes over once the first is gone.
+            let signal = Signal::Leaving {
+                group: "g".into(),
+                subscriber: "s".into(),
+                node: "n".into(),
+            };
+            let mut third = BusSubscription::new(
+                futures::stream::iter(vec![encode(&signal.into())]).boxed(),
+                Arc::clone(&meter),
+            );
+            drop(second);
+            assert!(third.next().now_or_never().flatten().is_some());
+        });
+        let text = handle.render();
+        for line in [
+            "weir_bus_invalid_messages_total 1",
+            r#"weir_bus_messages_total{kind="decision",direction="received"} 1"#,
+            r#"weir_bus_messages_total{kind="signal",direction="received"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        // The bus's own count still sums over subscriptions.
+        assert_eq!(meter.invalid().load(Ordering::Relaxed), 2);
     }
 }

@@ -32,19 +32,23 @@ use std::time::Duration;
 use async_nats::Client;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
-use futures::stream::{BoxStream, PollNext};
+use futures::stream::PollNext;
 use futures::{StreamExt, TryStreamExt};
 
 use super::BusConfig;
 use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
-use super::{AllocationBus, BusSubscription, Error, Result, encode_decision_parts};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_decision_parts};
 use crate::connect::NatsOptions;
 use crate::connect::nats_client::{connect, subject_token};
 use crate::metrics;
+use feed::Feed;
 
 /// How long a JetStream request (stream info, publish acknowledgement, purge)
 /// may take before the server counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the readiness check waits for the server's answer to a ping.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long [`NatsBus::retained`] may take to read every retained decision.
 const RETAINED_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,7 +64,7 @@ pub struct NatsBus {
     signal_retention: Duration,
     decisions_stream: String,
     signals_stream: String,
-    invalid: Arc<AtomicU64>,
+    meter: Arc<BusMeter>,
 }
 
 impl NatsBus {
@@ -85,7 +89,7 @@ impl NatsBus {
             signals_stream: format!("{upper}_SIGNALS"),
             namespace,
             signal_retention: bus.signal_retention,
-            invalid: Arc::new(AtomicU64::new(0)),
+            meter: BusMeter::new(),
         };
         this.ensure_streams().await?;
         Ok(this)
@@ -99,12 +103,12 @@ impl NatsBus {
     /// Payloads dropped because they did not decode, over all subscriptions and
     /// [`NatsBus::retained`] calls.
     pub fn invalid_messages(&self) -> u64 {
-        self.invalid.load(Ordering::Relaxed)
+        self.meter.invalid().load(Ordering::Relaxed)
     }
 
     /// The counter behind [`NatsBus::invalid_messages`].
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.invalid)
+        self.meter.invalid()
     }
 
     fn decisions_config(&self) -> stream::Config {
@@ -246,17 +250,17 @@ impl NatsBus {
             return Err(Error::TooLarge { size, limit });
         }
         let prefix = self.group_prefix(&decision.group);
-        let stored = self.stored_versions(&prefix).await?;
+        let mut stored = self.stored_versions(&prefix).await?;
         let version = decision.version();
-        if let Some((newest, _)) = stored.last_key_value() {
-            if *newest > version {
-                tracing::debug!(
-                    group = %decision.group, epoch = decision.epoch, revision = decision.revision,
-                    stored_epoch = newest.0, stored_revision = newest.1,
-                    "decision is older than the stored one; not published"
-                );
-                return Ok(());
-            }
+        if let Some(newer) = self.readable_newer(decision, &mut stored).await? {
+            // Like every bus: a stale decision changes nothing. The coordinator
+            // sees the newer one on its subscription and moves its epoch above it.
+            tracing::warn!(
+                group = %decision.group, epoch = decision.epoch, revision = decision.revision,
+                stored_epoch = newer.0, stored_revision = newer.1,
+                "a newer decision is stored; this one is not"
+            );
+            return Ok(());
         }
         if stored.get(&version).is_some_and(StoredVersion::is_whole) {
             // Already stored whole: a refresh republishing it changes nothing.
@@ -281,6 +285,71 @@ impl NatsBus {
             .collect();
         self.remove(&superseded).await;
         Ok(())
+    }
+
+    /// The newest readable stored version newer than `decision`, if any. Newer
+    /// versions that do not read as a decision of the group (garbage, or a payload
+    /// whose subject claims another version) are removed and counted as invalid:
+    /// nothing unreadable may stop a leader from publishing.
+    async fn readable_newer(
+        &self,
+        decision: &Decision,
+        stored: &mut BTreeMap<(u64, u64), StoredVersion>,
+    ) -> Result<Option<(u64, u64)>> {
+        let newer: Vec<(u64, u64)> = stored
+            .range((
+                std::ops::Bound::Excluded(decision.version()),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(version, _)| *version)
+            .collect();
+        for version in newer.into_iter().rev() {
+            let Some(found) = stored.remove(&version) else {
+                continue;
+            };
+            if self.reads_as(&decision.group, version, &found).await? {
+                return Ok(Some(version));
+            }
+            count_invalid(
+                &self.meter.invalid(),
+                &format!(
+                    "decision subjects {:?} do not hold decision {}.{} of group {}; removed",
+                    found.subjects, version.0, version.1, decision.group
+                ),
+            );
+            self.remove(&found.subjects).await;
+        }
+        Ok(None)
+    }
+
+    /// Whether the first stored part of `found` is part of decision `version` of
+    /// `group`.
+    async fn reads_as(
+        &self,
+        group: &str,
+        version: (u64, u64),
+        found: &StoredVersion,
+    ) -> Result<bool> {
+        let stream = self
+            .jetstream
+            .get_stream_no_info(&self.decisions_stream)
+            .await
+            .map_err(|e| request_error("look up the stream", &self.decisions_stream, e))?;
+        for subject in &found.subjects {
+            let message = stream
+                .get_last_raw_message_by_subject(subject)
+                .await
+                .map_err(|e| request_error("read a decision from", &self.decisions_stream, e))?;
+            let readable = matches!(
+                decode_frame(&message.payload),
+                Ok(Frame::Decision(part))
+                    if part.decision.group == group && part.decision.version() == version
+            );
+            if !readable {
+                return Ok(false);
+            }
+        }
+        Ok(!found.subjects.is_empty())
     }
 
     async fn send(
@@ -442,8 +511,17 @@ fn reconcile(
         ));
     }
     // Everything else (replicas, placement, size limits) is the operator's to tune.
+    // The server reports an unlimited count as -1 where a config asks with 0.
+    let unlimited = |limit: i64| limit <= 0;
+    let max_messages_per_subject = if unlimited(wanted.max_messages_per_subject)
+        && unlimited(existing.max_messages_per_subject)
+    {
+        existing.max_messages_per_subject
+    } else {
+        wanted.max_messages_per_subject
+    };
     let updated = stream::Config {
-        max_messages_per_subject: wanted.max_messages_per_subject,
+        max_messages_per_subject,
         max_age: wanted.max_age,
         discard: wanted.discard,
         ..existing.clone()
@@ -495,6 +573,27 @@ impl NatsBus {
 
 #[async_trait]
 impl AllocationBus for NatsBus {
+    /// The client's connection state, then one round trip (a ping): cheap enough
+    /// to poll, and it fails while the server is unreachable.
+    async fn check(&self) -> Result<()> {
+        let client = self.jetstream.client();
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err(Error::Unavailable(format!(
+                "not connected to NATS ({:?}); the client keeps reconnecting",
+                client.connection_state()
+            )));
+        }
+        tokio::time::timeout(CHECK_TIMEOUT, client.flush())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "NATS did not answer a ping within {} s",
+                    CHECK_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|error| Error::Unavailable(format!("NATS did not answer a ping: {error}")))
+    }
+
     async fn publish(&self, message: &BusMessage) -> Result<()> {
         match self.publish_once(message).await {
             Err(error) if self.streams_missing().await => {
@@ -507,33 +606,25 @@ impl AllocationBus for NatsBus {
     }
 
     async fn subscribe(&self) -> Result<BusSubscription> {
-        let decisions = Feed {
-            bus: self.clone(),
-            stream: self.decisions_stream.clone(),
-            filter: format!("{}.decisions.>", self.namespace),
-            kind: "decision",
-            first: consumer::DeliverPolicy::LastPerSubject,
-            after: 0,
-            last_delivered: None,
-            messages: None,
-            connects: 0,
-        };
+        let decisions = Feed::new(
+            self,
+            &self.decisions_stream,
+            format!("{}.decisions.>", self.namespace),
+            consumer::DeliverPolicy::LastPerSubject,
+            0,
+        );
         // Signals from before the subscription are not delivered, also not if
         // the consumer has to start over after a server restart.
         let signals_after = self.last_sequence(&self.signals_stream).await?;
-        let signals = Feed {
-            bus: self.clone(),
-            stream: self.signals_stream.clone(),
-            filter: format!("{}.signals.>", self.namespace),
-            kind: "signal",
-            first: consumer::DeliverPolicy::ByStartSequence {
+        let signals = Feed::new(
+            self,
+            &self.signals_stream,
+            format!("{}.signals.>", self.namespace),
+            consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: signals_after + 1,
             },
-            after: signals_after,
-            last_delivered: None,
-            messages: None,
-            connects: 0,
-        };
+            signals_after,
+        );
         // The first consumers are made here, so that failing to is the
         // caller's to see; later ones by the feeds themselves.
         let (decisions, signals) = (decisions.opened().await?, signals.opened().await?);
@@ -542,7 +633,7 @@ impl AllocationBus for NatsBus {
             futures::stream::select_with_strategy(decisions, signals, |_: &mut ()| PollNext::Left);
         Ok(BusSubscription::new(
             payloads.boxed(),
-            Arc::clone(&self.invalid),
+            Arc::clone(&self.meter),
         ))
     }
 
@@ -569,7 +660,6 @@ impl AllocationBus for NatsBus {
                     }
                 };
                 pending = message.info().map(|info| info.pending).unwrap_or(0);
-                metrics::bus_message("decision", "received");
                 match decode_frame(&message.payload) {
                     Ok(Frame::Decision(part)) => {
                         // The assembler yields only decisions newer than the last it
@@ -579,9 +669,9 @@ impl AllocationBus for NatsBus {
                         }
                     }
                     Ok(Frame::Signal(_)) => {
-                        count_invalid(&self.invalid, "a signal among decisions")
+                        count_invalid(&self.meter.invalid(), "a signal among decisions")
                     }
-                    Err(error) => count_invalid(&self.invalid, &error.to_string()),
+                    Err(error) => count_invalid(&self.meter.invalid(), &error.to_string()),
                 }
             }
             Ok(())
@@ -609,181 +699,18 @@ impl AllocationBus for NatsBus {
     }
 }
 
+/// Counts a payload read outside a subscription (retained reads, publishing) that
+/// cannot be read. Only for the bus's own count: the node's metric is the
+/// subscriptions' to count, which see the same payload.
 fn count_invalid(invalid: &AtomicU64, why: &str) {
     invalid.fetch_add(1, Ordering::Relaxed);
-    ::metrics::counter!(metrics::BUS_INVALID_MESSAGES).increment(1);
     tracing::warn!(
         error = why,
         "dropped an allocation bus message that cannot be read"
     );
 }
 
-/// How often a subscription checks whether the client reconnected, which means
-/// the server may have lost its consumers.
-const RECONNECT_CHECK: Duration = Duration::from_secs(1);
-
-/// One stream's side of a subscription: an ordered consumer, made again from
-/// the last message delivered whenever it stops delivering (the server
-/// restarted, heartbeats went missing) or the client reconnected.
-struct Feed {
-    bus: NatsBus,
-    stream: String,
-    filter: String,
-    kind: &'static str,
-    /// Where the first consumer starts.
-    first: consumer::DeliverPolicy,
-    /// Messages up to this stream sequence are never delivered.
-    after: u64,
-    last_delivered: Option<u64>,
-    messages: Option<consumer::push::Ordered>,
-    /// The client's connection count when `messages` was made.
-    connects: u64,
-}
-
-impl Feed {
-    /// The feed as a stream of payloads, its first consumer made.
-    async fn opened(mut self) -> Result<BoxStream<'static, Vec<u8>>> {
-        self.connects = self.connects();
-        self.messages = Some(self.try_open().await?);
-        Ok(futures::stream::unfold(self, |mut feed| async move {
-            let payload = feed.next().await?;
-            Some((payload, feed))
-        })
-        .boxed())
-    }
-
-    fn connects(&self) -> u64 {
-        self.bus
-            .jetstream
-            .client()
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed)
-    }
-
-    async fn next(&mut self) -> Option<Vec<u8>> {
-        let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
-        loop {
-            let Some(messages) = self.messages.as_mut() else {
-                self.open().await;
-                continue;
-            };
-            tokio::select! {
-                message = messages.next() => match message {
-                    // The client has closed for good.
-                    None => return None,
-                    Some(Ok(message)) => {
-                        let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
-                            continue;
-                        };
-                        if sequence <= self.after || self.last_delivered.is_some_and(|last| sequence <= last) {
-                            continue;
-                        }
-                        self.last_delivered = Some(sequence);
-                        metrics::bus_message(self.kind, "received");
-                        return Some(message.message.payload.to_vec());
-                    }
-                    Some(Err(error)) => {
-                        tracing::info!(%error, stream = %self.stream, "allocation bus consumer stopped delivering; making it again");
-                        self.messages = None;
-                    }
-                },
-                _ = reconnect_check.tick() => {
-                    if self.connects() != self.connects {
-                        tracing::info!(stream = %self.stream, "reconnected to NATS; making the allocation bus consumer again");
-                        self.messages = None;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Makes the consumer, trying again until the server answers.
-    async fn open(&mut self) {
-        loop {
-            self.connects = self.connects();
-            match self.try_open().await {
-                Ok(messages) => {
-                    self.messages = Some(messages);
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, stream = %self.stream, "cannot make the allocation bus consumer; trying again");
-                    tokio::time::sleep(RECONNECT_CHECK).await;
-                }
-            }
-        }
-    }
-
-    async fn try_open(&mut self) -> Result<consumer::push::Ordered> {
-        let last_sequence = match self.bus.last_sequence(&self.stream).await {
-            Ok(sequence) => sequence,
-            Err(error) => {
-                // The server may have come back without its streams.
-                self.bus.ensure_streams().await?;
-                return Err(error);
-            }
-        };
-        if self.after.max(self.last_delivered.unwrap_or(0)) > last_sequence {
-            tracing::warn!(stream = %self.stream, "the stream is newer than this subscription (it was deleted and made again); reading it from the start");
-            self.after = 0;
-            self.last_delivered = None;
-            self.first = consumer::DeliverPolicy::All;
-        }
-        let deliver = match self.last_delivered {
-            Some(last) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: last + 1,
-            },
-            None => self.first,
-        };
-        let (messages, _, _) = self
-            .bus
-            .ordered(&self.stream, self.filter.clone(), deliver)
-            .await?;
-        Ok(messages)
-    }
-}
+mod feed;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(name: &str, subjects: &[&str]) -> stream::Config {
-        stream::Config {
-            name: name.into(),
-            subjects: subjects.iter().map(|s| s.to_string()).collect(),
-            max_messages_per_subject: 1,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_matching_stream_is_left_alone_and_limits_are_updated() {
-        let wanted = config("W_DECISIONS", &["w.decisions.>"]);
-        assert_eq!(reconcile(&wanted, &wanted), Ok(None));
-        let tuned = stream::Config {
-            num_replicas: 3,
-            max_messages_per_subject: 5,
-            ..wanted.clone()
-        };
-        let updated = reconcile(&tuned, &wanted)
-            .expect("can be updated")
-            .expect("needs an update");
-        assert_eq!(updated.max_messages_per_subject, 1);
-        assert_eq!(updated.num_replicas, 3, "replicas are the operator's");
-    }
-
-    #[test]
-    fn a_stream_of_someone_else_is_refused_with_a_reason() {
-        let wanted = config("W_DECISIONS", &["w.decisions.>"]);
-        let other = config("W_DECISIONS", &["W.decisions.>"]);
-        let reason = reconcile(&other, &wanted).expect_err("other subjects");
-        assert!(reason.contains("namespace"), "{reason}");
-        let memory = stream::Config {
-            storage: stream::StorageType::Memory,
-            ..wanted.clone()
-        };
-        let reason = reconcile(&memory, &wanted).expect_err("other storage");
-        assert!(reason.contains("nats stream rm W_DECISIONS"), "{reason}");
-    }
-}
+mod tests;

@@ -29,6 +29,7 @@ struct Sql {
     renew: String,
     release: String,
     current: String,
+    raise: String,
 }
 
 impl PostgresLeaseStore {
@@ -58,6 +59,12 @@ impl PostgresLeaseStore {
                  WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp()"
             ),
             current: format!("SELECT name, holder, epoch, expires_at FROM {table} WHERE name = $1"),
+            raise: format!(
+                "UPDATE {table} SET epoch = GREATEST(epoch, $4::bigint), \
+                   expires_at = clock_timestamp() + $5::bigint * interval '1 microsecond' \
+                 WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp() \
+                 RETURNING name, holder, epoch, expires_at"
+            ),
         };
         Self { store, sql }
     }
@@ -131,5 +138,27 @@ impl LeaseStore for PostgresLeaseStore {
             .as_ref()
             .map(lease)
             .transpose()
+    }
+
+    async fn raise_epoch(
+        &self,
+        name: &str,
+        node: &str,
+        epoch: u64,
+        at_least: u64,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        check_ttl(ttl)?;
+        // The column is a bigint: an epoch beyond it cannot be stored, so the
+        // highest one that can is asked for instead.
+        let at_least = i64::try_from(at_least).unwrap_or(i64::MAX);
+        self.query_opt(
+            &self.sql.raise,
+            &[&name, &node, &epoch_param(epoch), &at_least, &micros(ttl)],
+        )
+        .await?
+        .as_ref()
+        .map(lease)
+        .transpose()
     }
 }

@@ -36,6 +36,7 @@ macro_rules! bus_suite {
             invalid_payloads_are_counted_and_skipped,
             fleets_are_isolated,
             retained_gives_the_newest_complete_decision_per_group,
+            a_decision_above_a_stray_one_supersedes_it,
         );
     };
     (@tests $backend:expr; $($name:ident),* $(,)?) => {
@@ -525,4 +526,38 @@ pub async fn retained_gives_the_newest_complete_decision_per_group(backend: &dyn
     );
     // Whole decisions, not just their versions.
     assert_eq!(retained, newest.to_vec());
+}
+
+/// A well-formed decision far ahead of the fleet's epoch, from a publisher that
+/// holds no lease, is stored like any other; the coordinator then moves its epoch
+/// above it, and its next decision must supersede the stray one everywhere:
+/// retained, and delivered to subscribers old and new.
+pub async fn a_decision_above_a_stray_one_supersedes_it(backend: &dyn BusBackend) {
+    let fleet = unique_name("fleet");
+    let bus = backend.connect(&fleet).await;
+    let mut early = bus.subscribe().await.expect("subscribe");
+    publish_all(&*bus, [decision("orders", 4, 2).into()]).await;
+    let stray = Decision {
+        coordinator: "stray".into(),
+        ..decision("orders", 1004, 1)
+    };
+    publish_all(&*bus, [stray.into()]).await;
+    let above = decision("orders", 1005, 1);
+    publish_all(&*bus, [above.clone().into()]).await;
+    assert_eq!(bus.retained().await.expect("retained"), vec![above.clone()]);
+    assert_eq!(
+        retained_on_another_node(backend, &fleet).await,
+        vec![above.clone()]
+    );
+    let seen = read_until(&mut early, |seen| seen.newest("orders") == Some((1005, 1))).await;
+    assert_eq!(seen.decisions.last(), Some(&above));
+    let mut late = backend
+        .connect(&fleet)
+        .await
+        .subscribe()
+        .await
+        .expect("subscribe");
+    // A log-based bus may hand a late subscriber the older ones first, in order.
+    let seen = read_until(&mut late, |seen| seen.newest("orders") == Some((1005, 1))).await;
+    assert_eq!(seen.decisions.last(), Some(&above));
 }

@@ -245,6 +245,19 @@ impl LeaseStore for SwitchableLeases {
     async fn current(&self, name: &str) -> weir::broker::lease::Result<Option<Lease>> {
         self.inner.current(name).await
     }
+    async fn raise_epoch(
+        &self,
+        name: &str,
+        node: &str,
+        epoch: u64,
+        at_least: u64,
+        ttl: Duration,
+    ) -> weir::broker::lease::Result<Option<Lease>> {
+        self.check()?;
+        self.inner
+            .raise_epoch(name, node, epoch, at_least, ttl)
+            .await
+    }
 }
 
 pub struct Node {

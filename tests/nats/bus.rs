@@ -182,6 +182,51 @@ async fn an_invalid_payload_on_a_decision_subject_is_counted_and_skipped() {
 }
 
 #[tokio::test]
+async fn unreadable_bytes_under_a_newer_version_never_block_publishing() {
+    let Some(bus) = shared_bus().await else {
+        return;
+    };
+    let namespace = bus.stream_names()[0]
+        .trim_end_matches("_DECISIONS")
+        .to_lowercase();
+    let jetstream = async_nats::jetstream::new(shared_client().await.expect("connected before"));
+    // Any bytes on a subject naming epoch 1005 of the group.
+    jetstream
+        .publish(
+            format!("{namespace}.decisions.orders.1005.1.1.1"),
+            b"not a decision".to_vec().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let current = decision("orders", 5, 1);
+    bus.publish(&current.clone().into())
+        .await
+        .expect("the unreadable version does not stop the publish");
+    assert_eq!(
+        bus.retained().await.expect("retained"),
+        vec![current.clone()]
+    );
+    assert!(bus.invalid_messages() >= 1, "counted");
+    // Removed: the next decision is not held up either.
+    let next_one = decision("orders", 5, 2);
+    bus.publish(&next_one.clone().into())
+        .await
+        .expect("publish");
+    assert_eq!(bus.retained().await.expect("retained"), vec![next_one]);
+
+    // A readable newer decision stays: the coordinator sees it and moves its
+    // epoch above it (the shared suite shows the publish above it winning).
+    let newer = decision("orders", 1004, 1);
+    bus.publish(&newer.clone().into()).await.expect("publish");
+    bus.publish(&decision("orders", 5, 3).into())
+        .await
+        .expect("a stale publish changes nothing, as on every bus");
+    assert_eq!(bus.retained().await.expect("retained"), vec![newer]);
+}
+
+#[tokio::test]
 async fn a_namespace_differing_only_in_case_is_refused_not_merged() {
     let namespace = unique_name("weir_test");
     let Some(_lower) = shared_bus_in(&namespace).await else {
@@ -344,6 +389,41 @@ async fn publish_eventually(bus: &NatsBus, message: BusMessage) {
             }
             Err(error) => panic!("publishing after the restart failed: {error}"),
         }
+    }
+}
+
+#[tokio::test]
+async fn the_bus_check_fails_while_the_server_is_down_and_passes_again_after() {
+    let Some(mut server) = PrivateServer::start(&[]) else {
+        return;
+    };
+    let bus = NatsBus::connect(&nats_config(&server.url()), &bus_config("check"))
+        .await
+        .expect("connect");
+    bus.check().await.expect("reachable");
+    server.kill();
+    // The client notices the lost connection by itself; the check then fails
+    // (it is polled, so waiting for that is what readiness does too).
+    let started = Instant::now();
+    let error = loop {
+        match bus.check().await {
+            Err(error) => break error,
+            Ok(()) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(()) => panic!("the check still passes with the server down"),
+        }
+    };
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("NATS"), "{error}");
+    server.restart();
+    let started = Instant::now();
+    while bus.check().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never reachable again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
