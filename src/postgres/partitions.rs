@@ -58,9 +58,12 @@ impl<'a> PartitionQuery<'a> {
             let width = self.partition.slices().len();
             let branches: Vec<String> = (0..width)
                 .map(|offset| {
+                    // Each branch ordered and limited on its own: only then does
+                    // the planner merge them lazily instead of sorting them all.
                     format!(
-                        "SELECT {COLUMNS} FROM {events} WHERE category = $4 \
-                         AND slice = ($5::smallint + {offset})::smallint AND {after} AND {BELOW_HORIZON}"
+                        "(SELECT {COLUMNS} FROM {events} WHERE category = $4 \
+                         AND slice = ($5::smallint + {offset})::smallint AND {after} AND {BELOW_HORIZON} \
+                         ORDER BY tx_id, sequence LIMIT $3)"
                     )
                 })
                 .collect();
