@@ -1,0 +1,205 @@
+//! The section types defined by config itself (`[node]`, `[store]`, `[http]`, `[log]`,
+//! `[demo]`, `[[subscriptions]]`) and their defaults. Sections owned by a lower layer
+//! (`[bus]`, `[nats]`, `[kafka]`, `[broker]`, a subscription's `sink` and `consumer`)
+//! are defined there, next to the code that reads them.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{LogFormat, SinkConfig};
+use crate::broker::BrokerRole;
+use crate::consumer::ConsumerSettings;
+use crate::event::Source;
+
+/// `[node]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique within the fleet. Generated at start when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub role: BrokerRole,
+    /// How long stopping waits for each consumer's batch in hand.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Placement tags of this node's subscribers; a group's `required_tags` must
+    /// all be among them for its sources to be placed here.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub tags: BTreeSet<String>,
+}
+
+fn default_shutdown_grace() -> Duration {
+    crate::runtime::DEFAULT_SHUTDOWN_GRACE
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            role: BrokerRole::default(),
+            shutdown_grace: default_shutdown_grace(),
+            tags: BTreeSet::new(),
+        }
+    }
+}
+
+/// Which event store backend to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Postgres,
+}
+
+/// `[store]`
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// `postgres://user:password@host:port/database` (or libpq `key=value` form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The schema holding the `weir_*` tables.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_schema() -> String {
+    "weir".into()
+}
+fn default_pool_size() -> usize {
+    16
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            url: None,
+            schema: default_schema(),
+            pool_size: default_pool_size(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where `/metrics`, `/livez`, `/readyz` and `/status` are served.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9600".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// `[log]`: what is logged, and how. `RUST_LOG` and `--log` override `level`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A filter: a level (`info`) or directives (`info,weir::broker=debug`).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `pretty` lines for a person, `json` lines for a log pipeline.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+/// `[demo]`: an appender that writes a trickle of sample events into the store,
+/// so that a newcomer sees events flow. Also switched on by `weir run --demo`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Events appended per second, over all demo streams.
+    #[serde(default = "default_demo_rate")]
+    pub rate: u32,
+    /// The demo writes to streams `CATEGORY/1`..`CATEGORY/streams` of each category.
+    #[serde(default = "default_demo_categories")]
+    pub categories: Vec<String>,
+    #[serde(default = "default_demo_streams")]
+    pub streams: u32,
+}
+
+fn default_demo_rate() -> u32 {
+    5
+}
+fn default_demo_categories() -> Vec<String> {
+    vec!["orders".into(), "payments".into()]
+}
+fn default_demo_streams() -> u32 {
+    3
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            rate: default_demo_rate(),
+            categories: default_demo_categories(),
+            streams: default_demo_streams(),
+        }
+    }
+}
+
+/// `[[subscriptions]]`: one subscriber group, the sources it consumes and where
+/// its events go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    pub group: String,
+    pub sources: Vec<Source>,
+    /// Subscriber instances of this group on each node.
+    #[serde(default = "default_instances")]
+    pub instances: usize,
+    /// Tags a node must carry (`node.tags`) to be given this group's sources.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub required_tags: BTreeSet<String>,
+    /// Where the events go.
+    #[serde(default)]
+    pub sink: SinkConfig,
+    /// How its consumers read, checkpoint and handle failures; every key optional.
+    #[serde(default)]
+    pub consumer: ConsumerSettings,
+}
+
+fn default_instances() -> usize {
+    1
+}

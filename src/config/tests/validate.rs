@@ -1,0 +1,325 @@
+//! Validation: every problem is reported at once, at its key path, for every section.
+
+use super::*;
+use crate::config::validate::check_template;
+
+#[test]
+fn sinks_bus_connections_and_tags_are_read_and_checked() {
+    let config = load_ok(
+        r#"
+            [node]
+            tags = ["bridge"]
+
+            [bus]
+            kind = "kafka"
+            namespace = "fleet-a"
+
+            [nats]
+            url = "nats://10.0.0.1:4222, tls://10.0.0.2:4222"
+            user = "weir"
+            password = "hunter2"
+
+            [kafka]
+            brokers = "10.0.0.1:9092"
+            partitions = 3
+            properties = { "sasl.password" = "s3cret", "security.protocol" = "SASL_SSL" }
+
+            [[subscriptions]]
+            group = "bridge"
+            sources = ["category:orders"]
+            required_tags = ["bridge"]
+            sink = { kind = "nats", subject = "events.{category}.{stream}", stream = "EVENTS" }
+
+            [[subscriptions]]
+            group = "to-kafka"
+            sources = ["log"]
+            sink = { kind = "kafka", topic = "events.{category}" }
+        "#,
+        &[],
+    );
+    assert_eq!(
+        config.subscriptions[0].required_tags,
+        ["bridge".to_owned()].into()
+    );
+    assert_eq!(
+        config.subscriptions[0].sink,
+        SinkConfig::Nats {
+            subject: "events.{category}.{stream}".into(),
+            stream: Some("EVENTS".into()),
+            max_in_flight: crate::sink::default_max_in_flight(),
+        }
+    );
+    assert_eq!(
+        config.subscriptions[1].sink,
+        SinkConfig::Kafka {
+            topic: "events.{category}".into()
+        }
+    );
+    let printed = config.to_redacted_toml();
+    assert!(
+        !printed.contains("hunter2") && !printed.contains("s3cret"),
+        "{printed}"
+    );
+    assert!(printed.contains("SASL_SSL"), "{printed}");
+    let debug = format!("{:?} {:?}", config.nats, config.kafka);
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("s3cret"),
+        "{debug}"
+    );
+
+    let error = load_err(
+        r#"
+            [node]
+            tags = ["no spaces"]
+
+            [nats]
+            url = "http://localhost"
+            user = "weir"
+            nkey_seed = "UABC"
+
+            [kafka]
+            brokers = "localhost"
+            replication = 0
+
+            [demo]
+            rate = 0
+
+            [[subscriptions]]
+            group = "a"
+            sources = ["log"]
+            sink = { kind = "nats", subject = "events.{categroy}", max_in_flight = 0 }
+
+            [[subscriptions]]
+            group = "b"
+            sources = ["log"]
+            sink = { kind = "kafka", topic = "events/{category}" }
+        "#,
+        &[],
+    );
+    let mut found = keys(&error);
+    found.sort_unstable();
+    found.dedup();
+    assert_eq!(
+        found,
+        [
+            "demo.rate",
+            "kafka.brokers",
+            "kafka.replication",
+            "nats.nkey_seed",
+            "nats.password",
+            "nats.url",
+            "nats.user",
+            "node.tags",
+            "subscriptions[0].sink.max_in_flight",
+            "subscriptions[0].sink.subject",
+            "subscriptions[1].sink.topic",
+        ],
+        "{error}"
+    );
+    assert!(
+        problem(&error, "subscriptions[0].sink.subject")
+            .message
+            .contains("{category}")
+    );
+}
+
+#[test]
+fn templates_accept_known_placeholders_only() {
+    let subject = |c: char| !c.is_whitespace() && c != '*' && c != '>';
+    assert!(check_template("events.{category}.{stream}.{name}", subject).is_ok());
+    assert!(check_template("events.{category", subject).is_err());
+    assert!(check_template("events.}", subject).is_err());
+    assert!(check_template("events.*", subject).is_err());
+    assert!(check_template("", subject).is_err());
+}
+
+#[test]
+fn log_settings_are_read_and_checked() {
+    let config = load_ok(
+        "[log]\nlevel = \"warn,weir=debug\"\nformat = \"json\"\n",
+        &[],
+    );
+    assert_eq!(config.log.level, "warn,weir=debug");
+    assert_eq!(config.log.format, LogFormat::Json);
+    let from_env = load_ok("", &[("WEIR_LOG__FORMAT", "json")]);
+    assert_eq!(from_env.log.format, LogFormat::Json);
+
+    let error = load_err("[log]\nlevel = \"[\"\nformat = \"xml\"\n", &[]);
+    let mut found = keys(&error);
+    found.sort_unstable();
+    assert_eq!(found, ["log.format"], "{error}");
+    let error = load_err("[log]\nlevel = \"info,[\"\n", &[]);
+    assert_eq!(keys(&error), ["log.level"], "{error}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let error = load_err(
+        r#"
+            [store]
+            kind = "postgres"
+            schema = "Bad-Schema"
+            pool_size = 0
+
+            [bus]
+            kind = "nats"
+            namespace = "a.b"
+
+            [http]
+            listen = "nope"
+
+            [[subscriptions]]
+            group = "billing"
+            sources = []
+
+            [[subscriptions]]
+            group = "billing"
+            sources = ["log"]
+            instances = 0
+        "#,
+        &[("WEIR_STORE_URL", "postgres://misspelled@127.0.0.1/db")],
+    );
+    let mut found = keys(&error);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "WEIR_STORE_URL",
+            "bus.namespace",
+            "http.listen",
+            "store.pool_size",
+            "store.schema",
+            "store.url",
+            "subscriptions[0].sources",
+            "subscriptions[1].group",
+            "subscriptions[1].instances",
+        ],
+        "{error}"
+    );
+    assert!(problem(&error, "store.url").message.contains("required"));
+    assert!(
+        problem(&error, "store.schema")
+            .message
+            .contains("Bad-Schema")
+    );
+    assert!(
+        problem(&error, "store.pool_size")
+            .message
+            .contains("1 to 1000")
+    );
+    assert!(problem(&error, "http.listen").message.contains("\"nope\""));
+    assert!(
+        problem(&error, "subscriptions[0].sources")
+            .message
+            .contains("at least one source")
+    );
+    assert!(
+        problem(&error, "subscriptions[1].group")
+            .message
+            .contains("twice")
+    );
+    let shown = error.to_string();
+    for key in keys(&error) {
+        assert!(shown.contains(key), "{key} missing from:\n{shown}");
+    }
+}
+
+#[test]
+fn schema_names_are_simple_identifiers() {
+    for good in ["weir", "_w", "weir_cli_0123456789ab", &"a".repeat(48)] {
+        let config = load_toml(&format!("[store]\nschema = {good:?}\n"), &[]);
+        assert!(config.is_ok(), "{good:?}: {}", config.unwrap_err());
+    }
+    for bad in [
+        "",
+        "Weir",
+        "1weir",
+        "we-ir",
+        "we ir",
+        "weir\"",
+        &"a".repeat(49),
+    ] {
+        let error = load_err(&format!("[store]\nschema = {bad:?}\n"), &[]);
+        assert_eq!(keys(&error), ["store.schema"], "{bad:?}");
+    }
+}
+
+#[test]
+fn store_url_needs_the_postgres_store_and_every_bus_kind_loads() {
+    let error = load_err(
+        "[store]\nkind = \"memory\"\nurl = \"postgres://u@127.0.0.1/db\"\n",
+        &[],
+    );
+    assert_eq!(keys(&error), ["store.url"]);
+    assert!(problem(&error, "store.url").message.contains("memory"));
+
+    for bus in ["nats", "kafka"] {
+        let config = load_ok(&format!("[bus]\nkind = {bus:?}\n"), &[]);
+        assert_eq!(format!("{:?}", config.bus.kind).to_lowercase(), bus);
+    }
+
+    let error = load_err("[bus]\nkind = \"carrier-pigeon\"\n", &[]);
+    assert!(
+        error.problems.iter().any(|p| p.key.contains("bus")),
+        "{error}"
+    );
+
+    let error = load_err(
+        "[store]\nkind = \"postgres\"\nurl = \"definitely not a url\"\n",
+        &[],
+    );
+    assert_eq!(keys(&error), ["store.url"], "{error}");
+    let config = load_toml(
+        "[store]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 user=postgres dbname=test\"\n",
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.store.kind, StoreKind::Postgres);
+}
+
+#[test]
+fn node_ids_are_validated_and_generated_once() {
+    let error = load_err("[node]\nid = \"\"\n", &[]);
+    assert_eq!(keys(&error), ["node.id"]);
+    assert!(problem(&error, "node.id").message.contains("node id"));
+
+    let config = Config::default();
+    let id = config.node_id();
+    assert!(id.starts_with("node-"), "{id}");
+    assert_eq!(config.node_id(), id);
+    let named = load_toml("[node]\nid = \"node-7\"\n", &[]).unwrap();
+    assert_eq!(named.node_id(), "node-7");
+}
+
+#[test]
+fn config_error_display_lists_every_problem_line() {
+    let error = ConfigError {
+        problems: vec![
+            Problem {
+                key: "store.url".into(),
+                message: "is required".into(),
+            },
+            Problem {
+                key: "http.listen".into(),
+                message: "\"nope\" is not an address".into(),
+            },
+            Problem {
+                key: "WEIR_STORE_URL".into(),
+                message: "use WEIR_STORE__URL".into(),
+            },
+        ],
+    };
+    assert_eq!(
+        error.to_string(),
+        "invalid configuration:\n  - store.url: is required\n  - http.listen: \"nope\" is not an address\n  - WEIR_STORE_URL: use WEIR_STORE__URL"
+    );
+
+    let error = load_err("[store]\npool_size = 0\n[http]\nlisten = \"nope\"\n", &[]);
+    let shown = error.to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 1 + error.problems.len(), "{shown}");
+    assert_eq!(lines[0], "invalid configuration:");
+    for (line, problem) in lines[1..].iter().zip(&error.problems) {
+        assert_eq!(*line, format!("  - {problem}"));
+    }
+}

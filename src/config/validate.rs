@@ -1,0 +1,446 @@
+//! Validation: pure checks of everything that can be checked without connecting
+//! anywhere. Every problem is reported, not only the first, each at its key path.
+//! One validator per section; the sections owned by lower layers get their checks
+//! here too, since only config reports problems to the person configuring.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{
+    BusConfig, BusKind, Config, DemoConfig, HttpConfig, KafkaOptions, LogConfig, NatsOptions,
+    NodeConfig, Problem, SinkConfig, StoreConfig, StoreKind, SubscriptionConfig,
+};
+use crate::event::{NameKind, validate_name};
+
+/// The problems found so far, in the order they are reported.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: String) {
+        self.0.push(Problem {
+            key: key.to_owned(),
+            message,
+        });
+    }
+
+    /// Adds the (key, message) pairs of a section validator, keys under `prefix`.
+    fn add_under<K: AsRef<str>>(&mut self, prefix: &str, found: Vec<(K, String)>) {
+        for (key, message) in found {
+            self.add(&format!("{prefix}.{}", key.as_ref()), message);
+        }
+    }
+}
+
+impl Config {
+    /// Checks everything that can be checked without connecting anywhere.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Problems::default();
+        // The order is the order problems have always been listed in, so node tags
+        // come after the connection sections rather than with the node id.
+        validate_node_id(&self.node, &mut problems);
+        validate_store(&self.store, &mut problems);
+        validate_bus(&self.bus, &mut problems);
+        problems.add_under("nats", self.nats.validate());
+        problems.add_under("kafka", self.kafka.validate());
+        problems.add_under("demo", self.demo.validate());
+        validate_node_tags(&self.node, &mut problems);
+        problems.add_under("broker", self.broker.validate());
+        validate_http(&self.http, &mut problems);
+        validate_log(&self.log, &mut problems);
+        validate_subscriptions(&self.subscriptions, &mut problems);
+        problems.0
+    }
+}
+
+fn validate_node_id(node: &NodeConfig, problems: &mut Problems) {
+    if let Some(id) = &node.id {
+        if let Err(e) = crate::event::StreamName::new(id.as_str()) {
+            problems.add("node.id", e.to_string().replace("stream name", "node id"));
+        }
+    }
+}
+
+fn validate_node_tags(node: &NodeConfig, problems: &mut Problems) {
+    for tag in &node.tags {
+        if !is_token(tag) {
+            problems.add(
+                "node.tags",
+                format!("{tag:?} is not a valid tag: use 1 to 48 letters, digits, '-' and '_'"),
+            );
+        }
+    }
+}
+
+fn validate_store(store: &StoreConfig, problems: &mut Problems) {
+    match (store.kind, &store.url) {
+        (StoreKind::Memory, Some(_)) => problems.add(
+            "store.url",
+            "is set but store.kind is \"memory\": set store.kind = \"postgres\" to use it, or remove the url".into(),
+        ),
+        (StoreKind::Postgres, None) => problems.add(
+            "store.url",
+            "is required when store.kind is \"postgres\", e.g. postgres://user@127.0.0.1:5432/weir".into(),
+        ),
+        (StoreKind::Postgres, Some(url)) => {
+            if let Err(message) = check_postgres_url(url) {
+                problems.add("store.url", message);
+            }
+        }
+        (StoreKind::Memory, None) => {}
+    }
+    if store.kind == StoreKind::Postgres && !cfg!(feature = "postgres") {
+        problems.add(
+            "store.kind",
+            "this weir was built without the `postgres` feature".into(),
+        );
+    }
+    if !is_simple_identifier(&store.schema) {
+        problems.add(
+            "store.schema",
+            format!(
+                "{:?} is not a valid schema name: use 1 to 48 lowercase letters, digits and '_', starting with a letter or '_'",
+                store.schema
+            ),
+        );
+    }
+    if !(1..=1000).contains(&store.pool_size) {
+        problems.add(
+            "store.pool_size",
+            format!("{} is out of range: use 1 to 1000", store.pool_size),
+        );
+    }
+    if store.connect_timeout.is_zero() {
+        problems.add("store.connect_timeout", "must be longer than 0s".into());
+    }
+}
+
+fn validate_bus(bus: &BusConfig, problems: &mut Problems) {
+    if let Some(feature) = bus.kind.missing_feature() {
+        problems.add(
+            "bus.kind",
+            format!("this weir was built without the `{feature}` feature"),
+        );
+    }
+    if !is_token(&bus.namespace) {
+        problems.add(
+            "bus.namespace",
+            format!(
+                "{:?} is not a valid namespace: use 1 to 48 letters, digits, '-' and '_'",
+                bus.namespace
+            ),
+        );
+    }
+    if bus.signal_retention < Duration::from_secs(1) {
+        problems.add("bus.signal_retention", "must be at least 1s".into());
+    }
+}
+
+fn validate_http(http: &HttpConfig, problems: &mut Problems) {
+    if let Err(e) = http.listen.parse::<SocketAddr>() {
+        problems.add(
+            "http.listen",
+            format!(
+                "{:?} is not an address: {e}; write IP:PORT, e.g. 0.0.0.0:9600",
+                http.listen
+            ),
+        );
+    }
+}
+
+fn validate_log(log: &LogConfig, problems: &mut Problems) {
+    if let Err(error) = crate::telemetry::logging::parse_filter(&log.level, "log.level") {
+        problems.add("log.level", error.reason);
+    }
+}
+
+fn validate_subscriptions(subscriptions: &[SubscriptionConfig], problems: &mut Problems) {
+    let mut groups = HashSet::new();
+    for (i, subscription) in subscriptions.iter().enumerate() {
+        let key = |field: &str| format!("subscriptions[{i}].{field}");
+        if let Err(e) = validate_name(NameKind::Group, &subscription.group) {
+            problems.add(&key("group"), e.to_string());
+        } else if !groups.insert(subscription.group.as_str()) {
+            problems.add(
+                &key("group"),
+                format!("group {:?} is configured twice", subscription.group),
+            );
+        }
+        if subscription.sources.is_empty() {
+            problems.add(&key("sources"), "give at least one source".into());
+        }
+        if subscription.instances == 0 {
+            problems.add(&key("instances"), "must be at least 1".into());
+        }
+        problems.add_under(&key("consumer"), subscription.consumer.validate());
+        for tag in &subscription.required_tags {
+            if !is_token(tag) {
+                problems.add(
+                    &key("required_tags"),
+                    format!("{tag:?} is not a valid tag: use 1 to 48 letters, digits, '-' and '_'"),
+                );
+            }
+        }
+        problems.add_under(&key("sink"), subscription.sink.validate());
+    }
+}
+
+impl BusKind {
+    /// The cargo feature this backend needs, when this build lacks it.
+    pub fn missing_feature(self) -> Option<&'static str> {
+        match self {
+            BusKind::Memory => None,
+            BusKind::Nats => (!cfg!(feature = "nats")).then_some("nats"),
+            BusKind::Kafka => (!cfg!(feature = "kafka")).then_some("kafka"),
+        }
+    }
+}
+
+impl NatsOptions {
+    /// Problems as (key within `[nats]`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| problems.push((key.to_owned(), message));
+        let servers: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        for server in &servers {
+            match url::Url::parse(server) {
+                Ok(url) if ["nats", "tls", "ws", "wss"].contains(&url.scheme()) => {}
+                _ => problem(
+                    "url",
+                    format!(
+                        "{server:?} is not a NATS server URL; write nats://HOST:PORT or tls://HOST:PORT"
+                    ),
+                ),
+            }
+        }
+        let methods = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.credentials_file.is_some(),
+        ];
+        if methods.iter().filter(|set| **set).count() > 1 {
+            problem(
+                "user",
+                "set only one of user/password, token, nkey_seed and credentials_file".into(),
+            );
+        }
+        if self.user.is_some() != self.password.is_some() {
+            problem(
+                "password",
+                "user and password go together: set both or neither".into(),
+            );
+        }
+        if let Some(seed) = &self.nkey_seed {
+            if !seed.starts_with("SU") {
+                problem(
+                    "nkey_seed",
+                    "is not a user NKey seed: it starts with \"SU\" (the public key starts with \"U\")".into(),
+                );
+            }
+        }
+        if let Some(path) = &self.credentials_file {
+            if !path.is_file() {
+                problem(
+                    "credentials_file",
+                    format!("{} is not a readable file", path.display()),
+                );
+            }
+        }
+        let tls = &self.tls;
+        for (key, path) in [
+            ("tls.ca_file", &tls.ca_file),
+            ("tls.cert_file", &tls.cert_file),
+            ("tls.key_file", &tls.key_file),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    problem(key, format!("{} is not a readable file", path.display()));
+                }
+            }
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            problem(
+                "tls.key_file",
+                "a client certificate needs its key: set both cert_file and key_file or neither"
+                    .into(),
+            );
+        }
+        if self.connect_timeout.is_zero() {
+            problem("connect_timeout", "must be longer than 0s".into());
+        }
+        problems
+    }
+}
+
+impl KafkaOptions {
+    /// Problems as (key within `[kafka]`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if self.brokers.split(',').any(|broker| {
+            let broker = broker.trim();
+            broker
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            problems.push((
+                "brokers".into(),
+                format!(
+                    "{:?} is not a broker list; write HOST:PORT[,HOST:PORT...]",
+                    self.brokers
+                ),
+            ));
+        }
+        if self.partitions < 1 {
+            problems.push(("partitions".into(), "must be at least 1".into()));
+        }
+        if self.replication < 1 {
+            problems.push(("replication".into(), "must be at least 1".into()));
+        }
+        if self.properties.contains_key("bootstrap.servers") {
+            problems.push((
+                "properties".into(),
+                "set the brokers with kafka.brokers, not bootstrap.servers".into(),
+            ));
+        }
+        problems
+    }
+}
+
+impl DemoConfig {
+    /// Problems as (key within `[demo]`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if !(1..=100_000).contains(&self.rate) {
+            problems.push((
+                "rate".into(),
+                format!("{} is out of range: use 1 to 100000", self.rate),
+            ));
+        }
+        if self.categories.is_empty() {
+            problems.push(("categories".into(), "give at least one category".into()));
+        }
+        for category in &self.categories {
+            if let Err(error) = crate::event::Category::new(category.as_str()) {
+                problems.push(("categories".into(), error.to_string()));
+            }
+        }
+        if self.streams == 0 {
+            problems.push(("streams".into(), "must be at least 1".into()));
+        }
+        problems
+    }
+}
+
+impl SinkConfig {
+    /// Problems as (key within `sink`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        match self {
+            SinkConfig::Stdout => {}
+            SinkConfig::Nats {
+                subject,
+                stream,
+                max_in_flight,
+            } => {
+                if !cfg!(feature = "nats") {
+                    problems.push((
+                        "kind".into(),
+                        "this weir was built without the `nats` feature".into(),
+                    ));
+                }
+                if let Err(message) = check_template(subject, |c| !c.is_whitespace() && c != '*' && c != '>')
+                    .and_then(|()| {
+                        if subject.split('.').any(str::is_empty) {
+                            Err("has an empty subject token: do not start or end with '.' or write '..'".into())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                {
+                    problems.push(("subject".into(), format!("{subject:?} {message}")));
+                }
+                if let Some(stream) = stream {
+                    if stream.is_empty()
+                        || stream
+                            .chars()
+                            .any(|c| c.is_whitespace() || ".*>/\\".contains(c))
+                    {
+                        problems.push((
+                            "stream".into(),
+                            format!("{stream:?} is not a JetStream stream name: no spaces, '.', '*', '>', '/' or '\\'"),
+                        ));
+                    }
+                }
+                if *max_in_flight == 0 {
+                    problems.push(("max_in_flight".into(), "must be at least 1".into()));
+                }
+            }
+            SinkConfig::Kafka { topic } => {
+                if !cfg!(feature = "kafka") {
+                    problems.push((
+                        "kind".into(),
+                        "this weir was built without the `kafka` feature".into(),
+                    ));
+                }
+                if let Err(message) =
+                    check_template(topic, |c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                {
+                    problems.push(("topic".into(), format!("{topic:?} {message}")));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// Checks that `template`'s placeholders are known and its literal characters
+/// pass `literal_ok`.
+pub(super) fn check_template(
+    template: &str,
+    literal_ok: impl Fn(char) -> bool,
+) -> Result<(), String> {
+    let parsed = crate::sink::template::Template::parse(template).map_err(|e| e.reason)?;
+    match parsed
+        .with_placeholders_as("")
+        .chars()
+        .find(|c| !literal_ok(*c))
+    {
+        Some(c) => Err(format!("may not contain {c:?}")),
+        None => Ok(()),
+    }
+}
+
+/// Letters, digits, '-' and '_', 1 to 48 of them: safe in subjects, topics and
+/// label values alike.
+fn is_token(value: &str) -> bool {
+    (1..=48).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// A Postgres schema name weir accepts: lowercase, so that it needs no quoting.
+fn is_simple_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 48
+}
+
+/// Parses the URL as the Postgres client will; without the `postgres` feature the
+/// store kind is already reported, so the URL is not checked twice.
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    #[cfg(feature = "postgres")]
+    {
+        url.parse::<tokio_postgres::Config>()
+            .map(|_| ())
+            .map_err(|e| format!("is not a valid Postgres connection string: {e}"))
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = url;
+        Ok(())
+    }
+}
