@@ -958,11 +958,12 @@ async fn changing_the_partition_count_loses_and_repeats_nothing(backend: Backend
     }
     appended.sort_by_key(|e| e.cursor);
     // The old layout: 0/2 handled everything, 1/2 a third of the events.
-    let checkpoints = &backend.stores.checkpoints;
-    for (old, cursor) in [
+    let old_layout = [
         ("category:orders@0/2", appended.last().unwrap().cursor),
         ("category:orders@1/2", appended[appended.len() / 3].cursor),
-    ] {
+    ];
+    let checkpoints = &backend.stores.checkpoints;
+    for (old, cursor) in old_layout {
         let (claim, _) = checkpoints
             .claim("resize", &source(old), "old-node")
             .await
@@ -974,10 +975,6 @@ async fn changing_the_partition_count_loses_and_repeats_nothing(backend: Backend
             .iter()
             .any(|(old, cursor)| e.cursor <= *cursor && source(old).holds(e))
     };
-    let old_layout = [
-        ("category:orders@0/2", appended.last().unwrap().cursor),
-        ("category:orders@1/2", appended[appended.len() / 3].cursor),
-    ];
     let expected: Vec<&StoredEvent> = appended
         .iter()
         .filter(|e| !handled(e, &old_layout))
