@@ -716,7 +716,7 @@ async fn partitions_split_a_category_exactly(store: Store) {
     let whole = read_all(&store, &Source::Category(orders.clone())).await;
     assert_eq!(whole.len(), 800);
 
-    for count in [1, 2, 4, 16, 64, 1024] {
+    for count in [1, 2, 4, 12, 16, 17, 64, 1024] {
         let mut seen: HashMap<Uuid, String> = HashMap::new();
         let mut stream_partition: HashMap<String, String> = HashMap::new();
         for source in Source::Category(orders.clone()).split(count).unwrap() {

@@ -3,9 +3,10 @@
 //!
 //! Every event belongs to one of [`SLICES`] slices, a hash of its stream's name,
 //! so all events of a stream share a slice. A [`Partition`] is a contiguous range
-//! of slices: partition `i` of `n` (`n` a power of two up to [`SLICES`]) holds
-//! slices `i * SLICES / n ..  (i + 1) * SLICES / n`. Its text form, appended to
-//! a source, is `@i/n`: `category:orders@3/16`, `log@0/4`.
+//! of slices: partition `i` of `n` (`n` from 1 to [`SLICES`]) holds slices
+//! `i * SLICES / n .. (i + 1) * SLICES / n`, rounded down. A power of two splits
+//! evenly; other counts give partitions that differ by at most one slice. Its
+//! text form, appended to a source, is `@i/n`: `category:orders@3/16`, `log@0/4`.
 //!
 //! The slice function is part of weir's storage format and must never change: the
 //! Postgres store computes the same value in SQL when it writes a row, and
@@ -40,9 +41,7 @@ pub struct Partition {
 /// Why a partition is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PartitionError {
-    #[error(
-        "a category or the log splits into a power of two of partitions from 1 to {SLICES}, not {0}"
-    )]
+    #[error("a category or the log splits into 1 to {SLICES} partitions, not {0}")]
     Count(u32),
     #[error("partition {index} does not exist among {count} (they are numbered 0 to {last})", last = count - 1)]
     Index { index: u32, count: u32 },
@@ -76,9 +75,11 @@ impl Partition {
     /// The partition of `count` that holds `slice`.
     pub fn holding(slice: u16, count: u32) -> Result<Self, PartitionError> {
         check_count(count)?;
-        let width = SLICES / count as u16;
+        // The i with start(i) <= slice < start(i + 1), start(i) = i * SLICES / count.
+        let slice = u32::from(slice.min(SLICES - 1));
+        let index = ((slice + 1) * count - 1) / u32::from(SLICES);
         Ok(Self {
-            index: slice.min(SLICES - 1) / width,
+            index: index as u16,
             count: count as u16,
         })
     }
@@ -93,8 +94,11 @@ impl Partition {
 
     /// The slices it holds.
     pub fn slices(self) -> Range<u16> {
-        let width = SLICES / self.count;
-        self.index * width..(self.index + 1) * width
+        let start = |index: u16| {
+            let slice = u32::from(index) * u32::from(SLICES) / u32::from(self.count);
+            slice as u16
+        };
+        start(self.index)..start(self.index + 1)
     }
 
     /// Whether events of `slice` belong to it.
@@ -110,7 +114,7 @@ impl Partition {
 }
 
 fn check_count(count: u32) -> Result<(), PartitionError> {
-    if count == 0 || count > u32::from(SLICES) || !count.is_power_of_two() {
+    if count == 0 || count > u32::from(SLICES) {
         return Err(PartitionError::Count(count));
     }
     Ok(())
@@ -178,7 +182,7 @@ mod tests {
 
     #[test]
     fn partitions_cover_every_slice_once() {
-        for count in [1, 2, 4, 16, 1024] {
+        for count in [1, 2, 3, 4, 12, 16, 100, 1000, 1024] {
             let mut covered = vec![0; usize::from(SLICES)];
             for partition in Partition::all(count).unwrap() {
                 for slice in partition.slices() {
@@ -195,9 +199,9 @@ mod tests {
         let partition: Partition = "3/16".parse().unwrap();
         assert_eq!(partition.slices(), 192..256);
         assert_eq!(partition.to_string(), "3/16");
-        for bad in [
-            "3", "16/16", "1/3", "0/0", "0/2048", "03/16", "a/b", "-1/4", "1/",
-        ] {
+        let twelfth: Partition = "1/12".parse().unwrap();
+        assert_eq!(twelfth.slices(), 85..170);
+        for bad in ["3", "16/16", "0/0", "0/1025", "03/16", "a/b", "-1/4", "1/"] {
             assert!(bad.parse::<Partition>().is_err(), "{bad}");
         }
     }

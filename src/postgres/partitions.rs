@@ -119,9 +119,9 @@ fn slice_param(slice: u16) -> i16 {
     i16::try_from(slice.min(SLICES)).unwrap_or(i16::MAX)
 }
 
-/// Statement texts by (statement, category given, partition count).
+/// Statement texts by (statement, category given, slices per partition).
 pub(super) type PartitionCache =
-    std::sync::Mutex<std::collections::HashMap<(Statement, bool, u32), Arc<str>>>;
+    std::sync::Mutex<std::collections::HashMap<(Statement, bool, usize), Arc<str>>>;
 
 /// Which statement of a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,9 +171,13 @@ impl PostgresStore {
     }
 
     /// The statement's text, built once per shape: it depends only on whether a
-    /// category is given and on the partition count.
+    /// category is given and on how many slices the partition holds.
     fn partition_sql(&self, statement: Statement, query: &PartitionQuery<'_>) -> Arc<str> {
-        let key = (statement, query.category.is_some(), query.partition.count());
+        let key = (
+            statement,
+            query.category.is_some(),
+            query.partition.slices().len(),
+        );
         let mut cache = self
             .partition_sql
             .lock()
