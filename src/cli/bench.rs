@@ -72,6 +72,12 @@ pub struct AllocateArgs {
     subscribers: usize,
     #[arg(long, default_value_t = 100_000)]
     sources: usize,
+    /// Groups of the partitioned-fleet case, each of `--subscribers` subscribers.
+    #[arg(long, default_value_t = 100)]
+    groups: usize,
+    /// Partitions of each group's category in the partitioned-fleet case.
+    #[arg(long, default_value_t = 64)]
+    partitions: u32,
     /// Each case runs this many times; the best run counts.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
