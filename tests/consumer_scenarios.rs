@@ -63,6 +63,7 @@ on_every_backend!(
     Backend:
     planned_handovers_process_every_event_exactly_once,
     a_crash_reprocesses_exactly_what_followed_its_checkpoints,
+    partitions_spread_one_category_over_the_fleet,
 );
 
 /// One processing of one event, by one node.
@@ -117,6 +118,10 @@ struct World {
     ledger: Arc<Ledger>,
     nodes: BTreeMap<String, EventRuntime>,
     started: usize,
+    /// What every node's subscriber requests.
+    sources: Vec<Source>,
+    /// Where the appender writes: (categories, streams).
+    layout: (usize, usize),
 }
 
 fn sources() -> Vec<Source> {
@@ -134,7 +139,17 @@ impl World {
             ledger: Arc::default(),
             nodes: BTreeMap::new(),
             started: 0,
+            sources: sources(),
+            layout: (CATEGORIES, STREAMS),
         }
+    }
+
+    /// The same world with its subscribers requesting `sources`, and the appender
+    /// writing to `streams` streams of `categories` categories.
+    fn with_layout(mut self, sources: Vec<Source>, categories: usize, streams: usize) -> Self {
+        self.sources = sources;
+        self.layout = (categories, streams);
+        self
     }
 
     async fn start_node(&mut self) -> String {
@@ -159,7 +174,7 @@ impl World {
         };
         runtime
             .register_subscription_consumer(
-                SubscriberSpec::new(GROUP, format!("{GROUP}@{name}"), sources()),
+                SubscriberSpec::new(GROUP, format!("{GROUP}@{name}"), self.sources.clone()),
                 Arc::new(processor),
                 None,
             )
@@ -181,13 +196,14 @@ impl World {
     /// between appends; returns them all.
     fn start_appending(&self) -> JoinHandle<Vec<StoredEvent>> {
         let store = Arc::clone(&self.backend.stores.events);
+        let (categories, streams) = self.layout;
         tokio::spawn(async move {
             let mut appended = Vec::with_capacity(EVENTS);
             let mut n = 0usize;
             while appended.len() < EVENTS {
-                let stream = n % STREAMS;
-                n += 7; // a stride coprime to STREAMS visits every stream in turn
-                let category = Category::new(format!("c{}", stream % CATEGORIES)).unwrap();
+                let stream = n % streams;
+                n += 7; // a stride coprime to the stream count visits every stream in turn
+                let category = Category::new(format!("c{}", stream % categories)).unwrap();
                 let events = (0..10)
                     .map(|i| NewEvent::new(EventName::new("Happened").unwrap(), json!({"i": i})))
                     .collect();
@@ -386,5 +402,91 @@ async fn a_crash_reprocesses_exactly_what_followed_its_checkpoints(backend: Back
         "{} events processed again after the crash, as expected",
         expected_again.len()
     );
+    world.stop_all().await;
+}
+
+/// How many sources each node consumes now.
+fn running_per_node(world: &World) -> BTreeMap<String, usize> {
+    world
+        .nodes
+        .iter()
+        .map(|(name, runtime)| {
+            let running = runtime
+                .status()
+                .consumers
+                .iter()
+                .filter(|c| matches!(c.state, weir::consumer::source::ConsumerState::Running))
+                .count();
+            (name.clone(), running)
+        })
+        .collect()
+}
+
+/// Every event of `appended` processed exactly once, each stream in order.
+fn assert_exactly_once_in_order(processed: &[Processed], appended: &[StoredEvent]) {
+    let counts = counts(processed);
+    let twice = counts.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "{twice} events processed more than once");
+    let lost = appended
+        .iter()
+        .filter(|e| !counts.contains_key(&e.id))
+        .count();
+    assert_eq!(lost, 0, "{lost} events lost");
+    let mut last: HashMap<(String, String), u64> = HashMap::new();
+    for p in processed {
+        let key = (p.event.category.to_string(), p.event.stream.to_string());
+        if let Some(before) = last.insert(key, p.event.position) {
+            assert!(
+                before < p.event.position,
+                "{}/{} out of order",
+                p.event.category,
+                p.event.stream
+            );
+        }
+    }
+}
+
+/// One category of 12 partitions over three nodes: each owns four; a graceful
+/// stop moves a node's partitions with nothing lost or repeated; a crash loses
+/// nothing.
+async fn partitions_spread_one_category_over_the_fleet(backend: Backend) {
+    let partitions = Source::Category(Category::new("c0").unwrap())
+        .split(12)
+        .unwrap();
+    let mut world = World::new(backend, settings()).with_layout(partitions, 1, 500);
+    let first = world.start_node().await;
+    world.start_node().await;
+    world.start_node().await;
+    let appender = world.start_appending();
+    let started = Instant::now();
+    while running_per_node(&world).values().any(|n| *n != 4) {
+        assert!(
+            started.elapsed() < WAIT,
+            "not 4 each: {:?}",
+            running_per_node(&world)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    world.until_processed(0.4).await;
+    world.stop_node(&first).await;
+    let appended = appender.await.unwrap();
+    world.until_all_processed(&appended).await;
+    assert_exactly_once_in_order(&world.ledger.all(), &appended);
+    let nodes: std::collections::BTreeSet<String> =
+        world.ledger.all().iter().map(|p| p.node.clone()).collect();
+    assert_eq!(nodes.len(), 3, "every node processed a share: {nodes:?}");
+
+    // A crash: its partitions move and nothing is lost (some may repeat).
+    let victim = world.start_node().await;
+    let appender = world.start_appending();
+    world.until_processed(1.2).await;
+    world.crash_node(&victim).await;
+    let more = appender.await.unwrap();
+    world
+        .until_all_processed(&[appended, more.clone()].concat())
+        .await;
+    let counts = counts(&world.ledger.all());
+    let lost = more.iter().filter(|e| !counts.contains_key(&e.id)).count();
+    assert_eq!(lost, 0, "{lost} events lost after the crash");
     world.stop_all().await;
 }

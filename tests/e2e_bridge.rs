@@ -4,7 +4,8 @@
 //!
 //! Each scenario starts three nodes (one coordinator and two observers, or three
 //! full nodes) on one config, appends 10,000 events over 100 streams in 5
-//! categories while they run, and reads everything the sink delivered back from
+//! categories (or 500 streams of one category read as 12 partitions, four per
+//! node) while they run, and reads everything the sink delivered back from
 //! the broker. In the first half an observer is stopped gracefully (nothing may be
 //! lost or delivered twice); in the second half one is killed with SIGKILL
 //! (nothing may be lost; redeliveries of what it processed after its last
@@ -31,11 +32,38 @@ use serde_json::Value;
 use weir::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
 use weir::store::{EventStore, StreamAppend};
 
-const CATEGORIES: usize = 5;
-const STREAMS_PER_CATEGORY: usize = 20;
-/// Events per stream per batch; a batch covers every stream of one category.
-const EVENTS_PER_STREAM_PER_BATCH: usize = 5;
-const BATCH: usize = STREAMS_PER_CATEGORY * EVENTS_PER_STREAM_PER_BATCH;
+/// Where the events go and how the group reads them.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    categories: usize,
+    streams_per_category: usize,
+    /// Streams of one category a batch writes to, in turn.
+    streams_per_batch: usize,
+    events_per_stream_per_batch: usize,
+    /// `partitions` of the subscription.
+    partitions: u32,
+}
+
+/// Five categories of 20 streams, each category one source.
+const SPREAD: Shape = Shape {
+    categories: 5,
+    streams_per_category: 20,
+    streams_per_batch: 20,
+    events_per_stream_per_batch: 5,
+    partitions: 1,
+};
+
+/// One category of 500 streams as 12 partitions: four per node of three.
+const PARTITIONED: Shape = Shape {
+    categories: 1,
+    streams_per_category: 500,
+    streams_per_batch: 100,
+    events_per_stream_per_batch: 1,
+    partitions: 12,
+};
+
+/// Events per batch, the same in every shape.
+const BATCH: usize = 100;
 const BATCHES: usize = 100;
 const TOTAL: usize = BATCH * BATCHES;
 /// Pause between batches, so the nodes work while events keep coming.
@@ -70,6 +98,7 @@ enum Broker {
 
 /// What the nodes of one scenario share: the store, the broker and one config.
 struct Fleet {
+    shape: Shape,
     dir: PathBuf,
     config: PathBuf,
     postgres: TestPostgres,
@@ -87,12 +116,17 @@ struct Node {
 impl Fleet {
     /// A fleet whose bus namespace is `namespace`; its sink forwards under
     /// [`sink_prefix`]`(namespace)`.
-    async fn start(broker: Broker, broker_address: &str, namespace: &str) -> Option<Self> {
+    async fn start(
+        broker: Broker,
+        broker_address: &str,
+        namespace: &str,
+        shape: Shape,
+    ) -> Option<Self> {
         let postgres = TestPostgres::start().await?;
         let prefix = sink_prefix(namespace);
         let dir = std::env::temp_dir().join(namespace);
         std::fs::create_dir_all(&dir).expect("create the scenario's directory");
-        let sources: Vec<String> = (0..CATEGORIES)
+        let sources: Vec<String> = (0..shape.categories)
             .map(|c| format!("\"category:{}\"", category(c)))
             .collect();
         let (bus, sink) = match broker {
@@ -137,6 +171,7 @@ handover_timeout = "3s"
 group = "bridge"
 sources = [{sources}]
 instances = 2
+partitions = {partitions}
 sink = {sink}
 
 [subscriptions.consumer]
@@ -148,10 +183,12 @@ checkpoint_interval = "2s"
             url = postgres.url,
             schema = postgres.schema,
             sources = sources.join(", "),
+            partitions = shape.partitions,
         );
         let path = dir.join("weir.toml");
         std::fs::write(&path, config).expect("write the scenario's config");
         Some(Self {
+            shape,
             dir,
             config: path,
             postgres,
@@ -299,14 +336,19 @@ fn category(index: usize) -> String {
 // ---------------------------------------------------------------------------------
 // Events in, deliveries out
 
-/// Appends batches `batches` (each: every stream of one category, a few events
+/// Appends batches `batches` (each: some streams of one category, a few events
 /// each), pausing between them.
-async fn append(store: &dyn EventStore, batches: std::ops::Range<usize>) {
+async fn append(store: &dyn EventStore, shape: Shape, batches: std::ops::Range<usize>) {
+    assert_eq!(
+        shape.streams_per_batch * shape.events_per_stream_per_batch,
+        BATCH
+    );
     for batch in batches {
-        let category = Category::new(category(batch % CATEGORIES)).expect("valid category");
-        let appends = (0..STREAMS_PER_CATEGORY)
-            .map(|s| {
-                let events = (0..EVENTS_PER_STREAM_PER_BATCH)
+        let category = Category::new(category(batch % shape.categories)).expect("valid category");
+        let appends = (0..shape.streams_per_batch)
+            .map(|i| {
+                let s = (batch * shape.streams_per_batch + i) % shape.streams_per_category;
+                let events = (0..shape.events_per_stream_per_batch)
                     .map(|k| {
                         NewEvent::new(
                             EventName::new("Happened").expect("valid name"),
@@ -315,7 +357,7 @@ async fn append(store: &dyn EventStore, batches: std::ops::Range<usize>) {
                     })
                     .collect();
                 StreamAppend::new(
-                    StreamName::new(format!("s{s:02}")).expect("valid stream"),
+                    StreamName::new(format!("s{s:03}")).expect("valid stream"),
                     WriteCondition::Any,
                     events,
                 )
@@ -386,7 +428,7 @@ fn distinct_ids(deliveries: &Deliveries) -> usize {
 
 /// Checks that each stream's events first arrived in position order without a
 /// gap, and returns how many deliveries were repeats.
-fn check_order_and_count_repeats(deliveries: &[Delivery]) -> usize {
+fn check_order_and_count_repeats(deliveries: &[Delivery], shape: Shape) -> usize {
     let mut next_position: HashMap<&str, u64> = HashMap::new();
     let mut repeats = 0;
     for delivery in deliveries {
@@ -402,7 +444,10 @@ fn check_order_and_count_repeats(deliveries: &[Delivery]) -> usize {
             *next += 1;
         }
     }
-    assert_eq!(next_position.len(), CATEGORIES * STREAMS_PER_CATEGORY);
+    assert_eq!(
+        next_position.len(),
+        shape.categories * shape.streams_per_category
+    );
     repeats
 }
 
@@ -450,6 +495,34 @@ impl Fleet {
     /// What the running nodes export while they work: each its role, one leader
     /// among them, events processed and published by the nodes that consume, bus
     /// traffic, and readiness.
+    /// Waits until every node owns `each` of the group's sources.
+    async fn until_each_owns(&self, each: f64) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let owned: Vec<(String, f64)> = self
+                .nodes
+                .iter()
+                .map(|(id, node)| {
+                    let body = http_get(node.http, "/metrics")
+                        .map(|(_, b)| b)
+                        .unwrap_or_default();
+                    (
+                        id.clone(),
+                        metric_sum(&body, "weir_sources_owned", "group=\"bridge\""),
+                    )
+                })
+                .collect();
+            if owned.iter().all(|(_, n)| *n == each) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {each} sources each: {owned:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn check_metrics(&self, sink: &str) {
         let mut leaders = 0.0;
         let mut processed = 0.0;
@@ -498,27 +571,34 @@ impl Fleet {
 
 /// Three nodes of `roles`; the observer `graceful` is stopped during the first
 /// half and a new one started, `killed` is killed during the second half.
+#[allow(clippy::too_many_arguments)]
 async fn bridge_scenario(
     broker: Broker,
     address: &str,
     namespace: &str,
+    shape: Shape,
     deliveries: Deliveries,
     roles: [(&str, &str); 3],
     graceful: &str,
     killed: &str,
 ) -> Option<Fleet> {
-    let mut fleet = Fleet::start(broker, address, namespace).await?;
+    let mut fleet = Fleet::start(broker, address, namespace, shape).await?;
     for (id, role) in roles {
         fleet.spawn(id, role);
     }
     let store: Arc<dyn EventStore> = fleet.postgres.store.clone();
+    if shape.partitions > 1 {
+        fleet
+            .until_each_owns(f64::from(shape.partitions) / roles.len() as f64)
+            .await;
+    }
 
     // First half: a graceful stop in the middle. Nothing lost, nothing twice.
-    append(&*store, 0..20).await;
+    append(&*store, shape, 0..20).await;
     let stopped_at = Instant::now();
     let appending = tokio::spawn({
         let store = Arc::clone(&store);
-        async move { append(&*store, 20..BATCHES / 2).await }
+        async move { append(&*store, shape, 20..BATCHES / 2).await }
     });
     fleet.stop(graceful);
     fleet.spawn(
@@ -532,7 +612,7 @@ async fn bridge_scenario(
     appending.await.expect("appender");
     wait_for_distinct(&deliveries, TOTAL / 2, &fleet).await;
     let first_half = deliveries.lock().expect("lock").clone();
-    let repeats = check_order_and_count_repeats(&first_half);
+    let repeats = check_order_and_count_repeats(&first_half, shape);
     assert_eq!(
         repeats,
         0,
@@ -543,15 +623,15 @@ async fn bridge_scenario(
     eprintln!("{broker:?}: after a graceful stop, the longest pause of a category was {pause:?}");
 
     // Second half: SIGKILL in the middle. Nothing lost; repeats counted.
-    append(&*store, BATCHES / 2..70).await;
+    append(&*store, shape, BATCHES / 2..70).await;
     let killed_at = Instant::now();
     fleet.kill(killed);
-    append(&*store, 70..BATCHES).await;
+    append(&*store, shape, 70..BATCHES).await;
     wait_for_distinct(&deliveries, TOTAL, &fleet).await;
     // Repeats may still be on their way; give them a moment to be counted.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let all = deliveries.lock().expect("lock").clone();
-    let repeats = check_order_and_count_repeats(&all);
+    let repeats = check_order_and_count_repeats(&all, shape);
     let pause = longest_pause(&all, killed_at, Duration::from_secs(15));
     eprintln!(
         "{broker:?}: {TOTAL} events appended, {} distinct delivered; after SIGKILL {repeats} redeliveries and a longest pause of {pause:?}",
@@ -574,7 +654,7 @@ async fn leader_failover(fleet: &mut Fleet, deliveries: &Deliveries, restart_as:
     let (leader, epoch) = fleet.leader().await.expect("a leader");
     fleet.kill(&leader);
     let extra = BATCHES..BATCHES + 10;
-    append(&*fleet.postgres.store, extra.clone()).await;
+    append(&*fleet.postgres.store, fleet.shape, extra.clone()).await;
     if let Some(role) = restart_as {
         fleet.spawn(&leader, role);
     }
@@ -640,6 +720,7 @@ mod nats {
     }
 
     async fn scenario(
+        shape: Shape,
         roles: [(&str, &str); 3],
         graceful: &str,
         killed: &str,
@@ -651,6 +732,7 @@ mod nats {
             Broker::Nats,
             &url(),
             &namespace,
+            shape,
             Arc::clone(&deliveries),
             roles,
             graceful,
@@ -671,7 +753,12 @@ mod nats {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_coordinator_two_observers_survive_a_stop_a_kill_and_a_new_leader() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        let scenario = scenario(COORDINATOR_AND_TWO_OBSERVERS, "observer-1", "observer-2");
+        let scenario = scenario(
+            SPREAD,
+            COORDINATOR_AND_TWO_OBSERVERS,
+            "observer-1",
+            "observer-2",
+        );
         if let Some((mut fleet, deliveries)) = scenario.await {
             let (leader, _) = fleet.leader().await.expect("a leader");
             assert_eq!(leader, "coordinator", "only the coordinator node competes");
@@ -682,7 +769,13 @@ mod nats {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_full_nodes_survive_a_stop_and_a_kill() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        scenario(THREE_FULL_NODES, "full-2", "full-3").await;
+        scenario(SPREAD, THREE_FULL_NODES, "full-2", "full-3").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twelve_partitions_of_one_category_spread_over_three_nodes() {
+        let _turn = ONE_AT_A_TIME.lock().await;
+        scenario(PARTITIONED, THREE_FULL_NODES, "full-2", "full-3").await;
     }
 }
 
@@ -705,14 +798,14 @@ mod kafka {
 
     /// Creates the sink's topics and reads them from the beginning, duplicates
     /// included.
-    async fn collect(brokers: &str, prefix: &str) -> Option<Deliveries> {
+    async fn collect(brokers: &str, prefix: &str, shape: Shape) -> Option<Deliveries> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", brokers)
             .set("group.id", prefix)
             .set("enable.auto.commit", "false");
         let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
-        let names: Vec<String> = (0..CATEGORIES)
+        let names: Vec<String> = (0..shape.categories)
             .map(|c| format!("{prefix}.{}", category(c)))
             .collect();
         let topics: Vec<NewTopic> = names
@@ -761,6 +854,7 @@ mod kafka {
     }
 
     async fn scenario(
+        shape: Shape,
         roles: [(&str, &str); 3],
         graceful: &str,
         killed: &str,
@@ -768,11 +862,12 @@ mod kafka {
         init_logging();
         let brokers = brokers()?;
         let namespace = unique_name("e2e");
-        let deliveries = collect(&brokers, &sink_prefix(&namespace)).await?;
+        let deliveries = collect(&brokers, &sink_prefix(&namespace), shape).await?;
         let fleet = bridge_scenario(
             Broker::Kafka,
             &brokers,
             &namespace,
+            shape,
             Arc::clone(&deliveries),
             roles,
             graceful,
@@ -785,13 +880,26 @@ mod kafka {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_coordinator_two_observers_survive_a_stop_and_a_kill() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        scenario(COORDINATOR_AND_TWO_OBSERVERS, "observer-1", "observer-2").await;
+        scenario(
+            SPREAD,
+            COORDINATOR_AND_TWO_OBSERVERS,
+            "observer-1",
+            "observer-2",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twelve_partitions_of_one_category_spread_over_three_nodes() {
+        let _turn = ONE_AT_A_TIME.lock().await;
+        scenario(PARTITIONED, THREE_FULL_NODES, "full-2", "full-3").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_full_nodes_survive_a_stop_a_kill_and_a_new_leader() {
         let _turn = ONE_AT_A_TIME.lock().await;
-        if let Some((mut fleet, deliveries)) = scenario(THREE_FULL_NODES, "full-2", "full-3").await
+        if let Some((mut fleet, deliveries)) =
+            scenario(SPREAD, THREE_FULL_NODES, "full-2", "full-3").await
         {
             leader_failover(&mut fleet, &deliveries, None).await;
         }

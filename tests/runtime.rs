@@ -59,6 +59,7 @@ on_every_backend!(
     stop_halts_only_the_failing_source,
     exit_and_raise_stop_the_runtime,
     a_batch_failing_without_an_index_is_split_to_find_the_event,
+    changing_the_partition_count_loses_and_repeats_nothing,
 );
 
 fn category(name: &str) -> Category {
@@ -932,4 +933,106 @@ async fn stopping_keeps_trying_to_store_the_final_checkpoint_within_the_grace_pe
         checkpoint(&backend, "g", "category:orders").await,
         events[4].cursor
     );
+}
+
+/// A group that consumed `category:orders` as two partitions, one further along
+/// than the other, changes to four: the new partitions process exactly the events
+/// the old ones had not handled, each once, each stream in order; then back to
+/// the whole category, likewise.
+async fn changing_the_partition_count_loses_and_repeats_nothing(backend: Backend) {
+    let store = backend.stores.events.as_ref();
+    let mut appended = Vec::new();
+    for round in 0..3 {
+        for stream in 0..40 {
+            appended.extend(
+                append(
+                    store,
+                    "orders",
+                    &format!("order-{stream}"),
+                    1 + round % 2,
+                    &[],
+                )
+                .await,
+            );
+        }
+    }
+    appended.sort_by_key(|e| e.cursor);
+    // The old layout: 0/2 handled everything, 1/2 a third of the events.
+    let old_layout = [
+        ("category:orders@0/2", appended.last().unwrap().cursor),
+        ("category:orders@1/2", appended[appended.len() / 3].cursor),
+    ];
+    let checkpoints = &backend.stores.checkpoints;
+    for (old, cursor) in old_layout {
+        let (claim, _) = checkpoints
+            .claim("resize", &source(old), "old-node")
+            .await
+            .unwrap();
+        checkpoints.save(&claim, cursor).await.unwrap();
+    }
+    let handled = |e: &StoredEvent, layout: &[(&str, Cursor)]| {
+        layout
+            .iter()
+            .any(|(old, cursor)| e.cursor <= *cursor && source(old).holds(e))
+    };
+    let expected: Vec<&StoredEvent> = appended
+        .iter()
+        .filter(|e| !handled(e, &old_layout))
+        .collect();
+    assert!(!expected.is_empty() && expected.len() < appended.len());
+
+    let quarters: Vec<String> = (0..4).map(|i| format!("category:orders@{i}/4")).collect();
+    let quarters: Vec<&str> = quarters.iter().map(String::as_str).collect();
+    let processed = consume_until_idle(&backend, &quarters, expected.len()).await;
+    assert_exactly(&processed, &expected);
+
+    // And back to one source: everything was handled by the quarters.
+    let more = append(store, "orders", "order-new", 5, &[]).await;
+    let processed = consume_until_idle(&backend, &["category:orders"], more.len()).await;
+    assert_exactly(&processed, &more.iter().collect::<Vec<_>>());
+}
+
+/// Runs group `resize` over `sources` until `count` events are processed and a
+/// moment more; what it processed.
+async fn consume_until_idle(backend: &Backend, sources: &[&str], count: usize) -> Vec<StoredEvent> {
+    let runtime = runtime(backend, Arc::new(SingletonBroker::new()));
+    let recorder = Arc::new(Recorder::default());
+    runtime
+        .register_subscription_consumer(spec("resize", sources), recorder.clone(), None)
+        .unwrap();
+    runtime.start().await.unwrap();
+    recorder.wait_for(count).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    runtime.stop().await;
+    recorder.processed()
+}
+
+/// `processed` holds each of `expected` exactly once, each stream in order.
+fn assert_exactly(processed: &[StoredEvent], expected: &[&StoredEvent]) {
+    let mut counts: HashMap<Uuid, usize> = HashMap::new();
+    for event in processed {
+        *counts.entry(event.id).or_default() += 1;
+    }
+    let missing = expected
+        .iter()
+        .filter(|e| !counts.contains_key(&e.id))
+        .count();
+    assert_eq!(missing, 0, "{missing} of {} events lost", expected.len());
+    let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "repeated: {repeated:?}");
+    assert_eq!(
+        processed.len(),
+        expected.len(),
+        "processed events it should have skipped"
+    );
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for event in processed {
+        if let Some(before) = last.insert(event.stream.as_str(), event.position) {
+            assert!(
+                before < event.position,
+                "stream {} out of order",
+                event.stream
+            );
+        }
+    }
 }

@@ -94,6 +94,7 @@ conformance!(
     concurrent_writers_never_make_readers_skip,
     racing_conditional_appends_let_exactly_one_win,
     racing_appends_of_one_idempotency_key_store_it_once,
+    partitions_split_a_category_exactly,
 );
 
 async fn appends_number_positions_and_sequences(store: Store) {
@@ -383,14 +384,7 @@ async fn reads_page_after_a_cursor(store: Store) {
         Source::Category(b.clone()),
         Source::Stream(a.clone(), stream("s-1")),
     ] {
-        let expected: Vec<&StoredEvent> = appended
-            .iter()
-            .filter(|e| match &source {
-                Source::Log => true,
-                Source::Category(c) => &e.category == c,
-                Source::Stream(c, s) => &e.category == c && &e.stream == s,
-            })
-            .collect();
+        let expected: Vec<&StoredEvent> = appended.iter().filter(|e| source.holds(e)).collect();
         let mut paged = Vec::new();
         let mut cursor = Cursor::START;
         loop {
@@ -507,7 +501,15 @@ async fn concurrent_writers_never_make_readers_skip(store: Store) {
     // the horizon has passed it and nothing is left.
     let (writers_done, done) = tokio::sync::watch::channel(None::<Cursor>);
     let mut readers = tokio::task::JoinSet::new();
-    for source in [Source::Log, Source::Category(categories[0].clone())] {
+    // Partitions are read under the same horizon rule: merged per-slice scans
+    // (16 of a category), a filtered category scan (4) and a filtered log scan.
+    for source in [
+        Source::Log,
+        Source::Category(categories[0].clone()),
+        format!("category:{}@1/4", categories[0]).parse().unwrap(),
+        format!("category:{}@5/16", categories[0]).parse().unwrap(),
+        "log@2/4".parse().unwrap(),
+    ] {
         let (store, done) = (store.clone(), done.clone());
         readers.spawn(async move {
             let mut seen = Vec::new();
@@ -590,10 +592,7 @@ async fn concurrent_writers_never_make_readers_skip(store: Store) {
         let (source, seen) = result.unwrap();
         let expected: HashSet<Uuid> = written
             .iter()
-            .filter(|e| match &source {
-                Source::Category(c) => &e.category == c,
-                _ => true,
-            })
+            .filter(|e| source.holds(e))
             .map(|e| e.id)
             .collect();
         let mut counts: HashMap<Uuid, usize> = HashMap::new();
@@ -679,4 +678,117 @@ async fn racing_appends_of_one_idempotency_key_store_it_once(store: Store) {
         ids.insert(result.unwrap().unwrap()[0].id);
     }
     assert_eq!(ids.len(), 1, "one key, one event");
+}
+
+/// Reads every event of `source` in pages of `page`.
+async fn read_paged(store: &Store, source: &Source, page: usize) -> Vec<StoredEvent> {
+    let (mut seen, mut cursor) = (Vec::new(), Cursor::START);
+    loop {
+        let batch = store.read(source, cursor, page).await.unwrap();
+        match batch.last() {
+            Some(last) => cursor = last.cursor,
+            None => return seen,
+        }
+        seen.extend(batch);
+    }
+}
+
+async fn partitions_split_a_category_exactly(store: Store) {
+    let orders = category("split-orders");
+    let other = category("split-other");
+    let mut last = Cursor::START;
+    for round in 0..4u64 {
+        for (c, streams) in [(&orders, 200), (&other, 20)] {
+            let appends = (0..streams)
+                .map(|s| {
+                    StreamAppend::new(
+                        stream(&format!("s-{s}")),
+                        WriteCondition::Any,
+                        events(round..round + 1),
+                    )
+                })
+                .collect();
+            let written = store.append_batch(c, appends).await.unwrap();
+            last = last.max(written.last().unwrap().cursor);
+        }
+    }
+    settle(&store, last).await;
+    let whole = read_all(&store, &Source::Category(orders.clone())).await;
+    assert_eq!(whole.len(), 800);
+
+    for count in [1, 2, 4, 12, 16, 17, 64, 1024] {
+        let mut seen: HashMap<Uuid, String> = HashMap::new();
+        let mut stream_partition: HashMap<String, String> = HashMap::new();
+        for source in Source::Category(orders.clone()).split(count).unwrap() {
+            let events = read_paged(&store, &source, 7).await;
+            assert!(
+                events.windows(2).all(|w| w[0].cursor < w[1].cursor),
+                "{source} out of read order"
+            );
+            for event in &events {
+                assert!(
+                    source.holds(event),
+                    "{source} returned {} of slice {}",
+                    event.id,
+                    event.slice()
+                );
+                assert_eq!(
+                    event.category, orders,
+                    "{source} returned another category's event"
+                );
+                let before = seen.insert(event.id, source.to_string());
+                assert!(
+                    before.is_none(),
+                    "{} read from {source} and {before:?}",
+                    event.id
+                );
+                let owner = stream_partition
+                    .entry(event.stream.to_string())
+                    .or_insert_with(|| source.to_string());
+                assert_eq!(
+                    *owner,
+                    source.to_string(),
+                    "stream {} split over partitions",
+                    event.stream
+                );
+            }
+            let head = store.head(&source).await.unwrap();
+            assert_eq!(
+                head.map(|e| e.id),
+                events.last().map(|e| e.id),
+                "{source} head"
+            );
+            let backlog = store
+                .backlog(&source, Cursor::START, 1_000_000)
+                .await
+                .unwrap();
+            assert_eq!(backlog.events, events.len() as u64, "{source} backlog");
+            if let Some(first) = events.first() {
+                let rest = store
+                    .backlog(&source, first.cursor, 1_000_000)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    rest.events,
+                    events.len() as u64 - 1,
+                    "{source} backlog after its first"
+                );
+            }
+        }
+        assert_eq!(seen.len(), whole.len(), "{count} partitions lost events");
+    }
+    // The log splits the same way, over both categories.
+    let log_total: usize = {
+        let mut total = 0;
+        for source in Source::Log.split(8).unwrap() {
+            let events = read_paged(&store, &source, 50).await;
+            assert!(events.iter().all(|e| source.holds(e)));
+            total += events
+                .iter()
+                .filter(|e| e.category == orders || e.category == other)
+                .count();
+        }
+        total
+    };
+    assert_eq!(log_total, 880);
 }

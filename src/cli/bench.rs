@@ -12,6 +12,7 @@ use super::CliError;
 
 mod allocate;
 mod bridge;
+mod partitions;
 use crate::config::{Config, StoreKind};
 use crate::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, WriteCondition};
 use crate::store::{EventStore, MemoryStore};
@@ -35,6 +36,11 @@ pub enum Bench {
     /// Forward N events of one category from the store through a consumer and
     /// its NATS or Kafka sink, beside a plain client publishing the same messages.
     Bridge(bridge::BridgeArgs),
+    /// Consume one category of N events over many streams as 1, 2, 4, 8 and 16
+    /// partitions spread over three in-process nodes, through a processor that
+    /// waits a fixed time per batch; then the cost of reading one partition of 16
+    /// beside a sixteenth of the category.
+    Partitions(partitions::PartitionsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +72,12 @@ pub struct AllocateArgs {
     subscribers: usize,
     #[arg(long, default_value_t = 100_000)]
     sources: usize,
+    /// Groups of the partitioned-fleet case, each of `--subscribers` subscribers.
+    #[arg(long, default_value_t = 100)]
+    groups: usize,
+    /// Partitions of each group's category in the partitioned-fleet case.
+    #[arg(long, default_value_t = 64)]
+    partitions: u32,
     /// Each case runs this many times; the best run counts.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -119,6 +131,11 @@ pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
         Bench::Consume(args) => {
             let target = Target::open(config).await?;
             let outcome = consume::run(&target, &args).await;
+            (target, outcome)
+        }
+        Bench::Partitions(args) => {
+            let target = Target::open(config).await?;
+            let outcome = partitions::run(&target, &args).await;
             (target, outcome)
         }
         Bench::Bridge(args) => {
@@ -431,7 +448,7 @@ pub(super) mod consume {
         }
     }
 
-    fn stores(target: &Target) -> ConsumerStores {
+    pub(super) fn stores(target: &Target) -> ConsumerStores {
         #[cfg(feature = "postgres")]
         if let Some(postgres) = &target.postgres {
             return ConsumerStores::postgres(Arc::clone(postgres));

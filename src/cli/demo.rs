@@ -43,6 +43,7 @@ pub fn default_subscription(demo: &DemoConfig) -> SubscriptionConfig {
             poll_interval: Duration::from_millis(200),
             ..ConsumerSettings::default()
         },
+        partitions: 1,
     }
 }
 

@@ -51,11 +51,12 @@ fn node_metrics(config: &Config) -> NodeMetrics {
             .subscriptions
             .iter()
             .map(|s| {
-                let labels = s
-                    .sources
+                let labels: std::collections::BTreeSet<String> = s
+                    .allocated_sources()
                     .iter()
                     .map(crate::event::Source::metric_label)
                     .collect();
+                let labels = labels.into_iter().collect();
                 (s.group.clone(), labels)
             })
             .collect()

@@ -189,7 +189,7 @@ async fn register_subscriptions(
             let spec = SubscriberSpec::new(
                 &subscription.group,
                 format!("{node}/{instance}"),
-                subscription.sources.iter().cloned(),
+                subscription.allocated_sources(),
             )
             .with_tags(config.node.tags.iter().cloned());
             runtime

@@ -198,8 +198,39 @@ pub struct SubscriptionConfig {
     /// How its consumers read, checkpoint and handle failures; every key optional.
     #[serde(default)]
     pub consumer: ConsumerSettings,
+    /// Each category source (and the log) is consumed as this many partitions,
+    /// each a source of its own, allocated over the fleet like any other: a power
+    /// of two from 1 (the whole category, one consumer) to 1,024.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
 }
 
 fn default_instances() -> usize {
     1
+}
+
+fn default_partitions() -> u32 {
+    1
+}
+
+impl SubscriptionConfig {
+    /// The sources the group's subscribers request: each category source and the
+    /// log split into `partitions`; stream sources and partitions named in
+    /// `sources` as they are. Empty when `partitions` is invalid (validation says
+    /// why).
+    pub fn allocated_sources(&self) -> Vec<Source> {
+        let mut sources = Vec::new();
+        for source in &self.sources {
+            match source {
+                Source::Log | Source::Category(_) => match source.split(self.partitions) {
+                    Ok(parts) => sources.extend(parts),
+                    Err(_) => return Vec::new(),
+                },
+                other => sources.push(other.clone()),
+            }
+        }
+        sources.sort();
+        sources.dedup();
+        sources
+    }
 }

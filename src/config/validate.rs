@@ -173,6 +173,9 @@ fn validate_subscriptions(subscriptions: &[SubscriptionConfig], problems: &mut P
         if subscription.instances == 0 {
             problems.add(&key("instances"), "must be at least 1".into());
         }
+        if let Err(error) = crate::event::Partition::all(subscription.partitions) {
+            problems.add(&key("partitions"), error.to_string());
+        }
         problems.add_under(&key("consumer"), subscription.consumer.validate());
         for tag in &subscription.required_tags {
             if !is_token(tag) {

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod dead_letter;
 pub mod policy;
 pub mod processor;
+pub mod resume;
 pub mod settings;
 pub mod source;
 pub mod subscription;

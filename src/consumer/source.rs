@@ -23,6 +23,7 @@ use super::checkpoint::{CheckpointError, CheckpointStore, Claim};
 use super::dead_letter::{DeadLetterStore, NewDeadLetter};
 use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
+use super::resume::Resume;
 use super::settings::{ConsumerSettings, Executor};
 use crate::event::{Cursor, Source, StoredEvent};
 use crate::metrics as names;
@@ -295,6 +296,8 @@ struct Progress {
     /// Events consumed since the last store.
     unsaved: u64,
     saved_at: Instant,
+    /// What older sources of the group already handled (see [`Resume`]).
+    resume: Option<Resume>,
 }
 
 struct SourceConsumer {
@@ -385,15 +388,22 @@ impl SourceConsumer {
                 .claim(&self.context.group, &self.source, &self.context.owner)
                 .await
             {
-                Ok((claim, cursor)) => {
-                    return Some(Progress {
-                        claim,
-                        cursor,
-                        saved: cursor,
-                        unsaved: 0,
-                        saved_at: Instant::now(),
-                    });
-                }
+                Ok((claim, cursor)) => match self.resume_plan(cursor).await {
+                    Ok((start, resume)) => {
+                        return Some(Progress {
+                            claim,
+                            cursor: start,
+                            saved: cursor,
+                            // A later start is stored at the first save.
+                            unsaved: u64::from(start != cursor),
+                            saved_at: Instant::now(),
+                            resume,
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot read the group's other checkpoints; trying again");
+                    }
+                },
                 Err(error) => {
                     tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot claim the checkpoint; trying again");
                 }
@@ -402,6 +412,38 @@ impl SourceConsumer {
                 return None;
             }
         }
+    }
+
+    /// Where to start, given the group's checkpoints of overlapping sources.
+    async fn resume_plan(
+        &self,
+        cursor: Cursor,
+    ) -> Result<(Cursor, Option<Resume>), CheckpointError> {
+        let context = &self.context;
+        Resume::plan(&*context.checkpoints, &context.group, &self.source, cursor).await
+    }
+
+    /// The events of `batch` to process: those no older source handled. When it
+    /// keeps none, the cursor moves past the batch.
+    fn not_yet_handled(
+        &self,
+        batch: Vec<StoredEvent>,
+        progress: &mut Progress,
+    ) -> Vec<StoredEvent> {
+        let Some(resume) = &progress.resume else {
+            return batch;
+        };
+        let last = batch.last().map(|e| e.cursor);
+        let keep: Vec<StoredEvent> = batch.into_iter().filter(|e| !resume.handled(e)).collect();
+        if let (true, Some(last)) = (keep.is_empty(), last) {
+            progress.cursor = last;
+            self.context.board.set_cursor(&self.key, last);
+            progress.unsaved += 1;
+        }
+        if resume.passed(progress.cursor) {
+            progress.resume = None;
+        }
+        keep
     }
 
     async fn consume(&self, progress: &mut Progress) -> End {
@@ -444,6 +486,10 @@ impl SourceConsumer {
                 if self.wait_for_appends(&mut watcher).await {
                     return End::Stopped;
                 }
+                continue;
+            }
+            let batch = self.not_yet_handled(batch, progress);
+            if batch.is_empty() {
                 continue;
             }
             if let Err(end) = self.process(batch.into(), progress).await {

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::announcer;
 use super::listener;
+use super::partitions::{PartitionCache, PartitionQuery, Statement};
 use super::xid8::Xid8;
 use crate::event::{
     AcceptedHeads, Category, Cursor, EventName, IdempotencyKey, Source, StoredEvent, StreamName,
@@ -74,6 +75,8 @@ pub struct PostgresStore {
     pub(super) notifier: Notifier,
     pub(super) listener: OnceCell<listener::Listener>,
     pub(super) announcer: announcer::Announcer,
+    /// Partition statements, built on first use.
+    pub(super) partition_sql: PartitionCache,
 }
 
 /// The statements, with the schema written in.
@@ -92,8 +95,8 @@ pub(super) struct Sql {
     pub(super) channel: String,
 }
 
-const COLUMNS: &str = "tx_id, sequence, id, category, stream, position, name, payload, metadata, occurred_at, observed_at, idempotency_key";
-const BELOW_HORIZON: &str = "tx_id < pg_snapshot_xmin(pg_current_snapshot())";
+pub(super) const COLUMNS: &str = "tx_id, sequence, id, category, stream, position, name, payload, metadata, occurred_at, observed_at, idempotency_key";
+pub(super) const BELOW_HORIZON: &str = "tx_id < pg_snapshot_xmin(pg_current_snapshot())";
 
 impl Sql {
     fn new(schema: &str) -> Self {
@@ -194,6 +197,7 @@ impl PostgresStore {
             sql,
             notifier: Notifier::default(),
             listener: OnceCell::new(),
+            partition_sql: PartitionCache::default(),
         })
     }
 
@@ -249,7 +253,7 @@ impl PostgresStore {
     }
 
     /// Runs a read-only query, retried with backoff when the connection fails.
-    async fn query(
+    pub(super) async fn query(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -400,6 +404,16 @@ impl EventStore for PostgresStore {
                 )
                 .await?
             }
+            Source::LogPartition(p) => {
+                let query = PartitionQuery::log(*p);
+                self.partition_rows(Statement::Read, query, after, limit)
+                    .await?
+            }
+            Source::CategoryPartition(c, p) => {
+                let query = PartitionQuery::category(c, *p);
+                self.partition_rows(Statement::Read, query, after, limit)
+                    .await?
+            }
         };
         rows.iter().map(|row| event_from_row(row, 0)).collect()
     }
@@ -421,6 +435,10 @@ impl EventStore for PostgresStore {
                     .await
             }
             Source::Stream(category, stream) => self.latest(category, stream).await,
+            Source::LogPartition(p) => self.partition_head(PartitionQuery::log(*p)).await,
+            Source::CategoryPartition(c, p) => {
+                self.partition_head(PartitionQuery::category(c, *p)).await
+            }
         }
     }
 
@@ -446,6 +464,16 @@ impl EventStore for PostgresStore {
                     &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
                 )
                 .await?
+            }
+            Source::LogPartition(p) => {
+                let query = PartitionQuery::log(*p);
+                self.partition_rows(Statement::Backlog, query, after, limit)
+                    .await?
+            }
+            Source::CategoryPartition(c, p) => {
+                let query = PartitionQuery::category(c, *p);
+                self.partition_rows(Statement::Backlog, query, after, limit)
+                    .await?
             }
         };
         let row = rows
@@ -607,7 +635,7 @@ fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
+pub(super) fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
     let get_u64 = |i: usize| -> Result<u64> {
         let value: i64 = row.try_get(first + i).map_err(classify)?;
         u64::try_from(value)

@@ -22,6 +22,7 @@ mod leases;
 mod listener;
 mod members;
 mod migrations;
+mod partitions;
 mod xid8;
 
 pub use checkpoints::PostgresCheckpointStore;

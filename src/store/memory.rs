@@ -2,6 +2,7 @@
 //! contract. Each append is one transaction, committed whole under a lock, so read
 //! order is commit order and no reader can skip an event.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -13,7 +14,9 @@ use super::{
     AppendNotice, AppendWatcher, Backlog, Error, EventStore, Notifier, Result, StreamAppend,
     store_precision, validate_batch,
 };
-use crate::event::{Category, Cursor, IdempotencyKey, Source, StoredEvent, StreamName};
+use crate::event::{
+    Category, Cursor, IdempotencyKey, Partition, Source, StoredEvent, StreamName, slice_of,
+};
 
 /// An event store held in process memory; everything is lost when the process ends.
 #[derive(Default)]
@@ -26,6 +29,8 @@ pub struct MemoryStore {
 struct State {
     /// Every event, in read order.
     log: Vec<StoredEvent>,
+    /// The slice of each event of `log`, computed once at append.
+    slices: Vec<u16>,
     /// Indexes into `log`, each in read order.
     categories: HashMap<Category, Vec<usize>>,
     streams: HashMap<(Category, StreamName), Vec<usize>>,
@@ -63,13 +68,38 @@ impl State {
             .map(|&i| self.log[i].position)
     }
 
-    /// The indexes into `log` that make up a category or stream source, in read order.
-    fn indexes(&self, source: &Source) -> &[usize] {
-        match source {
-            Source::Log => &[],
-            Source::Category(category) => self.categories.get(category).map_or(&[], Vec::as_slice),
-            Source::Stream(category, stream) => self.stream_indexes(category, stream),
-        }
+    /// The indexes into `log` that make up `source`, in read order; `None` for
+    /// the whole log.
+    fn indexes(&self, source: &Source) -> Option<Cow<'_, [usize]>> {
+        let category = |c: &Category| self.categories.get(c).map_or(&[][..], Vec::as_slice);
+        let in_partition = |p: Partition| move |&&i: &&usize| p.holds(self.slices[i]);
+        Some(match source {
+            Source::Log => return None,
+            Source::Category(c) => Cow::Borrowed(category(c)),
+            Source::Stream(c, s) => Cow::Borrowed(self.stream_indexes(c, s)),
+            Source::LogPartition(p) => Cow::Owned(
+                (0..self.log.len())
+                    .filter(|&i| p.holds(self.slices[i]))
+                    .collect(),
+            ),
+            Source::CategoryPartition(c, p) => Cow::Owned(
+                category(c)
+                    .iter()
+                    .filter(in_partition(*p))
+                    .copied()
+                    .collect(),
+            ),
+        })
+    }
+
+    /// Where in read order `source`'s events after `after` start, and the
+    /// indexes of all of its events.
+    fn after(&self, source: &Source, after: Cursor) -> (usize, Cow<'_, [usize]>) {
+        let indexes = self
+            .indexes(source)
+            .unwrap_or_else(|| Cow::Owned((0..self.log.len()).collect()));
+        let start = indexes.partition_point(|&i| self.log[i].cursor <= after);
+        (start, indexes)
     }
 
     fn read_after(&self, source: &Source, after: Cursor, limit: usize) -> Vec<StoredEvent> {
@@ -77,8 +107,7 @@ impl State {
             let start = self.log.partition_point(|e| e.cursor <= after);
             return self.log[start..].iter().take(limit).cloned().collect();
         }
-        let indexes = self.indexes(source);
-        let start = indexes.partition_point(|&i| self.log[i].cursor <= after);
+        let (start, indexes) = self.after(source, after);
         indexes[start..]
             .iter()
             .take(limit)
@@ -88,24 +117,16 @@ impl State {
 
     /// Events after `after` in `source`, up to `limit`, and the first of them.
     fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> (u64, Option<&StoredEvent>) {
-        let (count, first) = if let Source::Log = source {
-            let start = self.log.partition_point(|e| e.cursor <= after);
-            (self.log.len() - start, self.log.get(start))
-        } else {
-            let indexes = self.indexes(source);
-            let start = indexes.partition_point(|&i| self.log[i].cursor <= after);
-            (
-                indexes.len() - start,
-                indexes.get(start).map(|&i| &self.log[i]),
-            )
-        };
+        let (start, indexes) = self.after(source, after);
+        let count = indexes.len() - start;
+        let first = indexes.get(start).map(|&i| &self.log[i]);
         ((count as u64).min(limit), first)
     }
 
     fn last(&self, source: &Source) -> Option<&StoredEvent> {
-        match source {
-            Source::Log => self.log.last(),
-            _ => self.indexes(source).last().map(|&i| &self.log[i]),
+        match self.indexes(source) {
+            None => self.log.last(),
+            Some(indexes) => indexes.last().map(|&i| &self.log[i]),
         }
     }
 }
@@ -187,6 +208,7 @@ impl EventStore for MemoryStore {
                     .entry((category.clone(), append.stream.clone()))
                     .or_default()
                     .push(index);
+                state.slices.push(slice_of(event.stream.as_str()));
                 state.log.push(event.clone());
                 stored.push(event);
             }

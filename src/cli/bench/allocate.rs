@@ -58,6 +58,59 @@ pub(super) fn run(args: &AllocateArgs) -> Result<(), CliError> {
         "sources": args.sources, "millis": join_time.as_secs_f64() * 1000.0,
         "handovers": joined.handovers.len(),
     }));
+    partitioned_fleet(args)
+}
+
+/// A refresh of a partitioned fleet: `--groups` groups, each of `--subscribers`
+/// subscribers requesting one category split into `--partitions`; every group's
+/// decision computed and encoded as the bus carries it.
+fn partitioned_fleet(args: &AllocateArgs) -> Result<(), CliError> {
+    use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
+    use crate::bus::{Decision, encode_decision_parts};
+    use crate::event::{Category, Source};
+
+    let (mut slowest, mut total, mut bytes) = (Duration::ZERO, Duration::ZERO, 0);
+    let (no_tags, nothing, empty) = (BTreeSet::new(), BTreeSet::new(), Allocation::default());
+    for group in 0..args.groups {
+        let category = Category::new(format!("category-{group}"))
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        let sources: Arc<BTreeSet<Source>> = Arc::new(
+            Source::Category(category)
+                .split(args.partitions)
+                .map_err(|e| CliError::Usage(format!("--partitions: {e}")))?
+                .into_iter()
+                .collect(),
+        );
+        let members: Vec<Member<Source>> = (0..args.subscribers)
+            .map(|i| {
+                Member::new(
+                    format!("node-{i:04}/{group}"),
+                    format!("node-{i:04}"),
+                    Arc::clone(&sources),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        let allocation = allocate(&AllocationInput {
+            members: &members,
+            required_tags: &no_tags,
+            current: &empty,
+            released: &nothing,
+        });
+        let name = format!("group-{group}");
+        let decision = Decision::from_allocation(&name, 1, 1, "bench-node", &allocation);
+        let parts = encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD);
+        let elapsed = started.elapsed();
+        slowest = slowest.max(elapsed);
+        total += elapsed;
+        bytes += parts.iter().map(Vec::len).sum::<usize>();
+    }
+    emit(json!({
+        "bench": "allocate", "case": "partitioned_fleet", "groups": args.groups,
+        "subscribers": args.subscribers, "partitions": args.partitions,
+        "slowest_decision_millis": slowest.as_secs_f64() * 1000.0,
+        "all_decisions_millis": total.as_secs_f64() * 1000.0, "wire_bytes": bytes,
+    }));
     Ok(())
 }
 

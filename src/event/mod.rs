@@ -12,6 +12,10 @@ use uuid::Uuid;
 
 use crate::metrics;
 
+pub mod partition;
+
+pub use partition::{Partition, PartitionError, SLICES, slice_of};
+
 /// The longest name weir accepts, in bytes. Long enough for any sensible identifier,
 /// short enough to keep index entries small.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -242,6 +246,13 @@ pub struct StoredEvent {
     pub cursor: Cursor,
 }
 
+impl StoredEvent {
+    /// The slice its stream belongs to (see [`partition`]).
+    pub fn slice(&self) -> u16 {
+        slice_of(self.stream.as_str())
+    }
+}
+
 /// A position in read order: the writing transaction's id, then the event's sequence.
 ///
 /// Readers order by this pair and only read below the oldest transaction still in
@@ -300,32 +311,92 @@ impl From<Cursor> for String {
     }
 }
 
-/// What can be consumed and allocated: the whole log, one category, or one stream.
+/// What can be consumed and allocated: the whole log, one category, one stream,
+/// or one partition of the log or of a category.
 ///
-/// Canonical text form: `log`, `category:orders`, `stream:orders/order-42`.
+/// Canonical text form: `log`, `category:orders`, `stream:orders/order-42`,
+/// `log@0/4`, `category:orders@3/16` (see [`partition`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Source {
     Log,
     Category(Category),
     Stream(Category, StreamName),
+    LogPartition(Partition),
+    CategoryPartition(Category, Partition),
 }
+
+/// Partitions of one category or the log are exported one series each up to this
+/// many; a finer split is summed into one series per count (`category:orders@*/64`).
+pub const PARTITION_LABELS_LIMIT: u32 = 16;
 
 impl Source {
     /// Whether an event appended to `category` can belong to this source.
     pub fn covers_category(&self, category: &Category) -> bool {
         match self {
-            Source::Log => true,
-            Source::Category(c) | Source::Stream(c, _) => c == category,
+            Source::Log | Source::LogPartition(_) => true,
+            Source::Category(c) | Source::Stream(c, _) | Source::CategoryPartition(c, _) => {
+                c == category
+            }
         }
     }
 
-    /// The `source` label this source's metrics carry: its text form for the log
-    /// and categories, [`metrics::STREAMS_LABEL`] for any stream, so that stream
-    /// sources cannot grow the label set without bound.
+    /// Whether `event` belongs to this source.
+    pub fn holds(&self, event: &StoredEvent) -> bool {
+        match self {
+            Source::Log => true,
+            Source::Category(c) => *c == event.category,
+            Source::Stream(c, s) => *c == event.category && *s == event.stream,
+            Source::LogPartition(p) => p.holds(event.slice()),
+            Source::CategoryPartition(c, p) => *c == event.category && p.holds(event.slice()),
+        }
+    }
+
+    /// The partition this source is, if it is one.
+    pub fn partition(&self) -> Option<Partition> {
+        match self {
+            Source::LogPartition(p) | Source::CategoryPartition(_, p) => Some(*p),
+            _ => None,
+        }
+    }
+
+    /// The source this one is a partition of (the log or the category), or itself.
+    pub fn unpartitioned(&self) -> Source {
+        match self {
+            Source::LogPartition(_) => Source::Log,
+            Source::CategoryPartition(c, _) => Source::Category(c.clone()),
+            other => other.clone(),
+        }
+    }
+
+    /// This source split into `count` partitions: itself for a stream source or a
+    /// count of 1, else one source per partition.
+    pub fn split(&self, count: u32) -> Result<Vec<Source>, PartitionError> {
+        let whole = self.unpartitioned();
+        if count == 1 || matches!(whole, Source::Stream(..)) {
+            let _valid = Partition::all(count)?;
+            return Ok(vec![whole]);
+        }
+        Ok(Partition::all(count)?
+            .map(|p| match &whole {
+                Source::Category(c) => Source::CategoryPartition(c.clone(), p),
+                _ => Source::LogPartition(p),
+            })
+            .collect())
+    }
+
+    /// The `source` label this source's metrics carry: its text form for the log,
+    /// categories and partitions of at most [`PARTITION_LABELS_LIMIT`];
+    /// `category:orders@*/64` for finer partitions; [`metrics::STREAMS_LABEL`] for
+    /// any stream. So no source kind can grow the label set without bound.
     pub fn metric_label(&self) -> String {
         match self {
             Source::Stream(..) => metrics::STREAMS_LABEL.to_owned(),
+            Source::LogPartition(p) | Source::CategoryPartition(_, p)
+                if p.count() > PARTITION_LABELS_LIMIT =>
+            {
+                format!("{}@*/{}", self.unpartitioned(), p.count())
+            }
             other => other.to_string(),
         }
     }
@@ -337,6 +408,10 @@ impl fmt::Display for Source {
             Source::Log => f.write_str("log"),
             Source::Category(category) => write!(f, "category:{category}"),
             Source::Stream(category, stream) => write!(f, "stream:{category}/{stream}"),
+            Source::LogPartition(partition) => write!(f, "log@{partition}"),
+            Source::CategoryPartition(category, partition) => {
+                write!(f, "category:{category}@{partition}")
+            }
         }
     }
 }
@@ -350,6 +425,25 @@ impl FromStr for Source {
         };
         if text == "log" {
             return Ok(Source::Log);
+        }
+        if let Some(partition) = text.strip_prefix("log@") {
+            return partition
+                .parse()
+                .map(Source::LogPartition)
+                .map_err(|e: PartitionError| invalid(e.to_string()));
+        }
+        // A category name cannot hold `/`, so `@INDEX/COUNT` at the end of one can
+        // only be a partition.
+        if let Some((name, partition)) = text
+            .strip_prefix("category:")
+            .and_then(|rest| rest.rsplit_once('@'))
+            .filter(|(_, partition)| partition.contains('/'))
+        {
+            let category = Category::new(name).map_err(|e| invalid(e.to_string()))?;
+            let partition = partition
+                .parse()
+                .map_err(|e: PartitionError| invalid(e.to_string()))?;
+            return Ok(Source::CategoryPartition(category, partition));
         }
         if let Some(name) = text.strip_prefix("category:") {
             return Category::new(name)
