@@ -9,18 +9,23 @@
 //! NATS or Kafka sink. Four writers append a steady trickle of events to 144
 //! streams while the faults hit, in this order:
 //!
-//! 1. the leader is paused (SIGSTOP) past its lease, then resumed (SIGCONT);
-//! 2. a node is killed (SIGKILL) and started again;
+//! 1. the leader is paused (SIGSTOP) past its lease and its membership, until
+//!    the others have taken its sources over, then resumed (SIGCONT);
+//! 2. a node is killed (SIGKILL), and started again once the others have taken
+//!    its sources over;
 //! 3. the broker goes away: NATS is killed and restarted on the same port and
 //!    store. tansu keeps everything in memory, so a restart would wipe every
 //!    topic, which is data loss, not an outage; on Kafka the broker is frozen
 //!    (SIGSTOP) for the same time and resumed instead;
 //! 4. Postgres is stopped (`pg_ctl stop -m fast`) for a few seconds and started
 //!    again on the same port and data;
-//! 5. a node is stopped gracefully (SIGTERM) and started again: a planned move;
-//! 6. garbage and a well-formed but stale decision with an epoch 1000 above the
-//!    current one are put on the bus's decisions stream or topic, then a node is
-//!    stopped gracefully and started again, so the fleet has to decide anew;
+//! 5. a node is stopped gracefully (SIGTERM), and started again once the others
+//!    have taken its sources over: two planned moves;
+//! 6. a decision with an epoch 1000 above the leader's is put on the bus's
+//!    decisions stream or topic, (6a) garbage bytes or (6b) a well-formed decision
+//!    from a coordinator that does not exist, giving every source to a subscriber
+//!    that does not exist; then a node leaves and comes back as in step 5, so the
+//!    fleet has to decide anew;
 //! 7. the store is reset while the bus keeps its decisions: the nodes stop, the
 //!    schema is dropped and `weir migrate` creates it again, the nodes start, and
 //!    the writers carry on in the new store.
@@ -39,7 +44,11 @@
 //!   (`checkpoint_every` events, rounded up to a batch) per source the stricken
 //!   node owned (every source, for broker and store outages), plus one batch in
 //!   flight per source for a paused node; the count is printed;
-//! - step 1 also needs a new leadership term (a higher epoch).
+//! - **sources taken over**: when a node leaves or is paused, the others consume
+//!   its sources before it comes back;
+//! - step 1 also needs a new leadership term (a higher epoch), and the resumed
+//!   node, whose claims are gone, may publish no more of its former sources'
+//!   events than a batch in flight per source.
 //!
 //! It prints how long each fault held a category up (the longest gap between
 //! arrivals), and at the end requires every node's `/readyz` to be 200 and
@@ -52,8 +61,8 @@
 //! `scripts/test.sh`). The two variants take turns. Environment:
 //!
 //! - `FAULT_SUITE_FULL=1`: longer outages and pauses, more events, wider guards;
-//! - `FAULT_SUITE_STEPS=2,5`: only these steps (numbers as above), to look at one
-//!   fault alone;
+//! - `FAULT_SUITE_STEPS=2,5`: only these steps (`1` to `7` as above, `6a`, `6b`),
+//!   to look at one fault alone;
 //! - `WEIR_REQUIRE_SERVICES=1`: fail, rather than skip, when PostgreSQL's server
 //!   programs, `nats-server` or `tansu` are missing (see `common::services` for
 //!   where they are looked up, and the variables that name them);
@@ -94,6 +103,9 @@ const EVENTS_PER_APPEND: usize = 2;
 const BATCH_SIZE: usize = 50;
 const CHECKPOINT_EVERY: usize = 200;
 
+/// Step 7 first makes sure the bus holds decisions of at least this epoch.
+const MIN_EPOCH_BEFORE_RESET: u64 = 3;
+
 /// The broker timings of the config: short, as in the end-to-end tests.
 const MEMBER_TIMEOUT: Duration = Duration::from_millis(1500);
 const LEASE_TTL: Duration = Duration::from_secs(2);
@@ -111,8 +123,6 @@ struct Timings {
     warm_up: Duration,
     /// How long the leader stays paused (step 1).
     leader_pause: Duration,
-    /// How long a killed node stays down (step 2).
-    node_down: Duration,
     /// How long the broker (step 3) and Postgres (step 4) stay away.
     outage: Duration,
     /// Appending after each fault before waiting for the fleet, so that each
@@ -132,7 +142,6 @@ impl Timings {
                 append_every: Duration::from_millis(50),
                 warm_up: Duration::from_secs(10),
                 leader_pause: LEASE_TTL * 5,
-                node_down: Duration::from_secs(5),
                 outage: Duration::from_secs(10),
                 after_fault: Duration::from_secs(5),
                 stall_guard: Duration::from_secs(60),
@@ -144,7 +153,6 @@ impl Timings {
                 warm_up: Duration::from_secs(3),
                 // Past the lease and the member timeout, so both run out.
                 leader_pause: LEASE_TTL + MEMBER_TIMEOUT + Duration::from_secs(1),
-                node_down: Duration::from_secs(1),
                 outage: Duration::from_secs(3),
                 after_fault: Duration::from_secs(2),
                 stall_guard: Duration::from_secs(15),
@@ -279,6 +287,15 @@ struct Struck {
     /// For a paused node: when it was resumed and which categories it consumed,
     /// so that what it published once its claims were gone can be counted.
     zombie: Option<Zombie>,
+}
+
+/// How a node leaves the fleet for a while.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    /// SIGKILL: no goodbye, no final checkpoint.
+    Kill,
+    /// SIGTERM: sources withdrawn and checkpointed, leadership given up.
+    Stop,
 }
 
 /// A node resumed after its sources were taken over.
@@ -764,7 +781,8 @@ impl Suite {
         })
     }
 
-    /// Waits until the running nodes consume every one of `sources`.
+    /// Waits until the running nodes consume every one of `sources`, a node that
+    /// left or is paused having consumed them.
     async fn wait_for_takeover(&self, sources: &[String]) -> Result<(), String> {
         let deadline = Instant::now() + self.timings.stall_guard;
         loop {
@@ -780,7 +798,7 @@ impl Suite {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "the running nodes did not take over {left:?} from the paused node within {:?}",
+                    "the running nodes did not take over {left:?} within {:?}",
                     self.timings.stall_guard
                 ));
             }
@@ -789,24 +807,60 @@ impl Suite {
     }
 
     async fn kill_node(&mut self) -> Result<Struck, String> {
-        let (victim, sources) = self.busiest_follower().await?;
-        self.nodes.kill(&victim)?;
-        tokio::time::sleep(self.timings.node_down).await;
-        self.nodes.start(&[&victim], "full").await?;
+        let (victim, owned) = self.busiest_follower().await?;
+        let sources = owned.len();
+        let (what, failures) = self.out_and_back(&victim, &owned, Exit::Kill).await?;
         Ok(Struck {
-            what: format!(
-                "killed {victim} ({sources} sources), restarted it after {:?}",
-                self.timings.node_down
-            ),
+            what,
             repeat_bound: sources * (CHECKPOINT_EVERY + BATCH_SIZE),
             bound_why: format!(
                 "{sources} sources of the killed node x (checkpoint_every {CHECKPOINT_EVERY} + a batch of {BATCH_SIZE})"
             ),
             epoch_before: None,
-            failures: Vec::new(),
+            failures,
             facts: Vec::new(),
             zombie: None,
         })
+    }
+
+    /// Takes `victim` (consuming `owned`) out of the fleet, waits until the
+    /// others consume its sources (a failure of the step if they do not), and
+    /// starts it again, so that it gets its share back: two moves. What
+    /// happened, and the failures so far.
+    async fn out_and_back(
+        &mut self,
+        victim: &str,
+        owned: &[String],
+        exit: Exit,
+    ) -> Result<(String, Vec<String>), String> {
+        let left_at = Instant::now();
+        match exit {
+            Exit::Kill => self.nodes.kill(victim)?,
+            Exit::Stop => self.nodes.stop(&[victim]).await?,
+        }
+        let mut failures = Vec::new();
+        if let Err(error) = self.wait_for_takeover(owned).await {
+            failures.push(format!("after {victim} left: {error}"));
+        }
+        let down = left_at.elapsed();
+        self.nodes.start(&[victim], "full").await?;
+        let how = match exit {
+            Exit::Kill => "killed (SIGKILL)",
+            Exit::Stop => "stopped (SIGTERM)",
+        };
+        let what = if owned.is_empty() {
+            format!("{how} {victim} (which consumed nothing), started it again {down:.1?} later")
+        } else {
+            format!(
+                "{how} {victim} (owner of {owned:?}), started it again {down:.1?} later, once the others {}",
+                if failures.is_empty() {
+                    "had taken its sources over"
+                } else {
+                    "had failed to take its sources over"
+                }
+            )
+        };
+        Ok((what, failures))
     }
 
     async fn broker_outage(&mut self) -> Result<Struck, String> {
@@ -857,15 +911,14 @@ impl Suite {
     }
 
     async fn graceful_restart(&mut self) -> Result<Struck, String> {
-        let (victim, sources) = self.busiest_follower().await?;
-        self.nodes.stop(&[&victim]).await?;
-        self.nodes.start(&[&victim], "full").await?;
+        let (victim, owned) = self.busiest_follower().await?;
+        let (what, failures) = self.out_and_back(&victim, &owned, Exit::Stop).await?;
         Ok(Struck {
-            what: format!("stopped {victim} ({sources} sources) with SIGTERM and started it again"),
+            what,
             repeat_bound: 0,
-            bound_why: "a planned move processes no event twice".into(),
+            bound_why: "planned moves process no event twice".into(),
             epoch_before: None,
-            failures: Vec::new(),
+            failures,
             facts: Vec::new(),
             zombie: None,
         })
@@ -874,8 +927,9 @@ impl Suite {
     /// Puts a decision of epoch `E + 1000` (`E` the leader's) on the bus: garbage
     /// bytes, or a well-formed decision from a coordinator that does not exist
     /// giving every source to a subscriber that does not exist (applied, it would
-    /// stop all consumption). Then stops a node gracefully and starts it again,
-    /// so the fleet has to decide anew.
+    /// stop all consumption). Then stops a node gracefully, waits for the others
+    /// to take its sources over and starts it again: the fleet has to decide
+    /// anew, twice.
     async fn bad_decision(&mut self, well_formed: bool) -> Result<Struck, String> {
         let (_, epoch) = self.leader().await?;
         let stale = epoch + 1000;
@@ -918,29 +972,36 @@ impl Suite {
         };
         // Let every node read it before the fleet has to decide anew.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (victim, sources) = self.busiest_follower().await?;
-        self.nodes.stop(&[&victim]).await?;
-        self.nodes.start(&[&victim], "full").await?;
+        let (victim, owned) = self.busiest_follower().await?;
+        let (what, failures) = self.out_and_back(&victim, &owned, Exit::Stop).await?;
         Ok(Struck {
-            what: format!(
-                "{put} (the leader's epoch: {epoch}); then stopped {victim} ({sources} sources) gracefully and restarted it"
-            ),
+            what: format!("{put} (the leader's epoch: {epoch}); then {what}"),
             repeat_bound: 0,
             bound_why: "nothing crashed: moves were planned".into(),
             epoch_before: None,
-            failures: Vec::new(),
+            failures,
             facts: Vec::new(),
             zombie: None,
         })
     }
 
     async fn store_reset(&mut self) -> Result<Struck, String> {
+        let mut failures = Vec::new();
+        let mut facts = Vec::new();
+        // A fresh store's first leader starts at epoch 1: the bus must hold
+        // decisions of a higher epoch for the reset to matter (it does after the
+        // earlier steps; this is for the step run alone).
+        match self.raise_epoch(MIN_EPOCH_BEFORE_RESET).await {
+            Ok(Some(epoch)) => facts.push(format!(
+                "first raised the leadership epoch to {epoch} by stopping the leader gracefully and restarting it"
+            )),
+            Ok(None) => {}
+            Err(error) => failures.push(format!("raising the epoch before the reset: {error}")),
+        }
         self.writers.pause().await;
         // What the old store held must arrive before it goes. If it does not (an
         // earlier step may have left the fleet broken), the reset still goes
         // ahead: what follows it is this step's own test.
-        let mut failures = Vec::new();
-        let mut facts = Vec::new();
         if self.reports.iter().all(|report| report.failures.is_empty()) {
             if let Err(error) = self.settle().await {
                 failures.push(format!("before the reset: {error}"));
@@ -959,7 +1020,10 @@ impl Suite {
         }
         let epoch = self.leader().await.map_or(0, |(_, epoch)| epoch);
         let ids: Vec<&str> = NODES.to_vec();
-        self.nodes.stop(&ids).await?;
+        let present: Vec<String> = self.nodes.nodes.keys().cloned().collect();
+        self.nodes
+            .stop(&present.iter().map(String::as_str).collect::<Vec<_>>())
+            .await?;
         let client = connect_postgres(&self.postgres).await?;
         client
             .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema))
@@ -986,6 +1050,54 @@ impl Suite {
         })
     }
 
+    /// Stops the leader gracefully (it gives its lease up), waits for another
+    /// node to lead under a higher epoch and starts the old leader again, until
+    /// the epoch is at least `target`. The epoch reached, if it had to rise.
+    async fn raise_epoch(&mut self, target: u64) -> Result<Option<u64>, String> {
+        let mut raised = None;
+        loop {
+            let (leader, epoch) = self.leader().await?;
+            if epoch >= target {
+                return Ok(raised);
+            }
+            self.nodes.stop(&[&leader]).await?;
+            let deadline = Instant::now() + self.timings.stall_guard;
+            loop {
+                match self.leader().await {
+                    Ok((_, now)) if now > epoch => {
+                        raised = Some(now);
+                        break;
+                    }
+                    Ok(_) | Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok((_, now)) => {
+                        return Err(format!(
+                            "no new leadership term within {:?} of {leader} stopping (epoch {now})",
+                            self.timings.stall_guard
+                        ));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            self.nodes.start(&[&leader], "full").await?;
+            // Let the new term's decisions reach the bus.
+            self.wait_for_allocation().await?;
+        }
+    }
+
+    /// Waits (within the stall guard) until the sources are shared out.
+    async fn wait_for_allocation(&self) -> Result<(), String> {
+        let deadline = Instant::now() + self.timings.stall_guard;
+        loop {
+            match self.allocation().await {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     // -----------------------------------------------------------------------------
     // Looking at the fleet
 
@@ -1007,16 +1119,20 @@ impl Suite {
         }
     }
 
-    /// The running node other than the leader that owns the most sources.
-    async fn busiest_follower(&self) -> Result<(String, usize), String> {
+    /// The running node other than the leader that consumes the most sources,
+    /// and those sources.
+    async fn busiest_follower(&self) -> Result<(String, Vec<String>), String> {
         let (leader, _) = self.leader().await?;
-        let mut best: Option<(String, usize)> = None;
+        let mut best: Option<(String, Vec<String>)> = None;
         for id in self.nodes.running() {
             if id == leader {
                 continue;
             }
-            let owned = self.nodes.owned_sources(&id).await?.len();
-            if best.as_ref().is_none_or(|(_, most)| owned > *most) {
+            let owned = self.nodes.owned_sources(&id).await?;
+            if best
+                .as_ref()
+                .is_none_or(|(_, most)| owned.len() > most.len())
+            {
                 best = Some((id, owned));
             }
         }
