@@ -1450,7 +1450,9 @@ fn config_text(
     format!(
         r#"
 [node]
-shutdown_grace = "10s"
+# No longer than the handover timeout: a source must not move on before its
+# old owner has stored its checkpoint.
+shutdown_grace = "3s"
 
 [store]
 kind = "postgres"
