@@ -67,6 +67,8 @@
 //! - `WEIR_REQUIRE_SERVICES=1`: fail, rather than skip, when PostgreSQL's server
 //!   programs, `nats-server` or `tansu` are missing (see `common::services` for
 //!   where they are looked up, and the variables that name them);
+//! - `WEIR_TEST_BINARY`: the `weir` binary to run instead of the one cargo built
+//!   (see `common::node::weir_binary`);
 //! - `WEIR_TEST_LOG=weir=debug`: the library's logs in the test output. The
 //!   nodes' logs are kept in a temporary directory when a variant fails.
 
