@@ -11,7 +11,11 @@ use weir::postgres::{PostgresStore, PostgresStoreOptions};
 pub mod bus_suite;
 pub mod fleet;
 pub mod node;
+pub mod nodes;
 pub mod promql;
+#[cfg(all(feature = "nats", feature = "kafka"))]
+pub mod reader;
+pub mod services;
 
 /// Defines, for each test body `NAME(backend)` of the file, a test `memory::NAME`
 /// run with `BACKEND::memory()` and a test `postgres::NAME` run with

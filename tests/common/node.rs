@@ -40,10 +40,19 @@ pub fn free_port() -> u16 {
         .expect("a free local port")
 }
 
+/// The `weir` binary under test: the one cargo built for this test, unless
+/// `WEIR_TEST_BINARY` names another (e.g. a copy kept apart from a target
+/// directory that other checkouts' builds overwrite while a long test runs).
+pub fn weir_binary() -> std::path::PathBuf {
+    std::env::var_os("WEIR_TEST_BINARY")
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| WEIR.into(), Into::into)
+}
+
 /// The `weir` binary with no inherited `WEIR_*` variable, so that the
 /// developer's environment cannot change what a test runs, and stdin closed.
 pub fn weir_command() -> Command {
-    let mut command = Command::new(WEIR);
+    let mut command = Command::new(weir_binary());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("WEIR_") {
             command.env_remove(name);
