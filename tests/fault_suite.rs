@@ -89,7 +89,8 @@ use common::{init_logging, unique_name};
 use serde_json::json;
 use tokio::sync::RwLock;
 use weir::event::{Category, EventName, IdempotencyKey, NewEvent, StreamName, WriteCondition};
-use weir::store::{EventStore, PostgresStore, PostgresStoreOptions};
+use weir::postgres::{PostgresStore, PostgresStoreOptions};
+use weir::store::EventStore;
 
 /// Variants take turns: each runs three nodes and three services.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
