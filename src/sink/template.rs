@@ -1,5 +1,8 @@
 //! Destination templates of the forwarding sinks: `events.{category}.{stream}`
 //! becomes `events.orders.order-42` for an event of stream `orders/order-42`.
+//! `{slice}` is the event's slice (0 to 1,023) and `{partition}` the index of the
+//! partition holding it when the group reads its categories as `partitions`
+//! partitions (0 when it does not).
 //!
 //! A template is parsed once when the sink is built; rendering is a walk over its
 //! pieces with each placeholder's value passed through the sink's encoding, which
@@ -17,12 +20,16 @@ enum Piece {
     Category,
     Stream,
     Name,
+    Slice,
+    Partition,
 }
 
 /// A parsed destination template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     pieces: Vec<Piece>,
+    /// How many partitions `{partition}` counts in.
+    partitions: u32,
 }
 
 /// Why a template cannot be used; configuration validation reports the same
@@ -53,9 +60,11 @@ impl Template {
                 "category" => Piece::Category,
                 "stream" => Piece::Stream,
                 "name" => Piece::Name,
+                "slice" => Piece::Slice,
+                "partition" => Piece::Partition,
                 other => {
                     return Err(invalid(format!(
-                        "unknown placeholder {{{other}}}; use {{category}}, {{stream}} or {{name}}"
+                        "unknown placeholder {{{other}}}; use {{category}}, {{stream}}, {{name}}, {{slice}} or {{partition}}"
                     )));
                 }
             });
@@ -70,7 +79,22 @@ impl Template {
         if pieces.is_empty() {
             return Err(invalid("it is empty".into()));
         }
-        Ok(Self { pieces })
+        Ok(Self {
+            pieces,
+            partitions: 1,
+        })
+    }
+
+    /// The same template with `{partition}` counting in `partitions` partitions
+    /// (an invalid count counts as 1).
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = if crate::event::Partition::all(partitions).is_ok() {
+            partitions
+        } else {
+            1
+        };
+        self
     }
 
     /// True when every event renders to the same destination.
@@ -91,6 +115,12 @@ impl Template {
                 Piece::Category => out.push_str(&encode(event.category.as_str())),
                 Piece::Stream => out.push_str(&encode(event.stream.as_str())),
                 Piece::Name => out.push_str(&encode(event.name.as_str())),
+                Piece::Slice => out.push_str(&event.slice().to_string()),
+                Piece::Partition => {
+                    let index = crate::event::Partition::holding(event.slice(), self.partitions)
+                        .map_or(0, |p| p.index());
+                    out.push_str(&index.to_string());
+                }
             }
         }
         out
@@ -139,5 +169,23 @@ mod tests {
         for bad in ["", "a.{nope}", "a.{category", "a.}"] {
             assert!(Template::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn slice_and_partition_name_where_the_stream_falls() {
+        let events = crate::consumer::testing::events(1).await;
+        let event = &events[0];
+        let slice = event.slice();
+        let template = Template::parse("events.{partition}.{slice}").unwrap();
+        assert_eq!(
+            template.render(event, Cow::Borrowed),
+            format!("events.0.{slice}")
+        );
+        let partition = crate::event::Partition::holding(slice, 16).unwrap().index();
+        let sixteen = template.with_partitions(16);
+        assert_eq!(
+            sixteen.render(event, Cow::Borrowed),
+            format!("events.{partition}.{slice}")
+        );
     }
 }
