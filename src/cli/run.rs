@@ -41,7 +41,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         super::demo::enable(&mut config);
     }
     let config = &config;
-    let shutdown = super::signal::shutdown_token()?;
+    let shutdown =
+        super::signal::shutdown_token(config.node.shutdown_grace + super::signal::STOP_MARGIN)?;
     let node = config.node_id();
     let role = config.node.role;
     let (services, stores) = services(config).await?;
