@@ -506,11 +506,36 @@ impl SourceConsumer {
                 }
                 continue;
             }
+            // The claim is checked before the batch goes out, not only when the
+            // checkpoint is next saved: a consumer paused past the member timeout
+            // must not publish what its source's new owner publishes too.
+            match self.verify(progress).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(end) => return end,
+            }
             if let Err(end) = self.process(batch.into(), progress).await {
                 return end;
             }
             if let Err(end) = self.save_if_due(progress).await {
                 return end;
+            }
+        }
+    }
+
+    /// Checks that this consumer's claim still holds the checkpoint: `Ok(true)` if
+    /// it does, `Ok(false)` after a pause if the store could not say (read again,
+    /// then), `Err` if fenced or asked to stop.
+    async fn verify(&self, progress: &Progress) -> Result<bool, End> {
+        match self.context.checkpoints.verify(&progress.claim).await {
+            Ok(()) => Ok(true),
+            Err(error @ CheckpointError::Fenced { .. }) => Err(End::Fenced(error)),
+            Err(error) => {
+                tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot check the claim on the checkpoint; trying again");
+                if self.pause(RETRY_DELAY).await {
+                    return Err(End::Stopped);
+                }
+                Ok(false)
             }
         }
     }
@@ -574,6 +599,9 @@ impl SourceConsumer {
                 if self.wait_transient(&error, &mut retrying).await {
                     return Err(End::Stopped);
                 }
+                // A wait may be long: whoever took the source over meanwhile
+                // publishes these events, so this consumer must not.
+                while !self.verify(progress).await? {}
                 continue;
             }
             attempts += 1;
