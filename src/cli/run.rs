@@ -112,7 +112,9 @@ async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), Cl
                 leases: Arc::new(MemoryLeaseStore::new()),
                 bus,
             },
-            ConsumerStores::in_memory(Arc::new(MemoryStore::new())),
+            ConsumerStores::in_memory(Arc::new(
+                MemoryStore::new().with_max_event_bytes(config.store.max_event_bytes),
+            )),
         ),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
