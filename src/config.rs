@@ -383,6 +383,7 @@ impl Config {
             }
         }
         problems.extend(config.validate());
+        problems.extend(check_grace_within_handover(&config));
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -935,6 +936,24 @@ fn is_simple_identifier(name: &str) -> bool {
         && name.len() <= 48
 }
 
+/// A stopping consumer may take `node.shutdown_grace` to finish its batch and store
+/// its checkpoint; a coordinator gives a moving source to its new owner after
+/// `broker.handover_timeout` whether released or not. A grace longer than the
+/// handover would let the new owner start before the old one's checkpoint is
+/// stored, repeating events a planned handover promises to process once.
+fn check_grace_within_handover(config: &Config) -> Option<Problem> {
+    let (grace, handover) = (config.node.shutdown_grace, config.broker.handover_timeout);
+    // A zero handover timeout is reported by the broker's own checks.
+    (grace > handover && !handover.is_zero()).then(|| Problem {
+        key: "node.shutdown_grace".to_owned(),
+        message: format!(
+            "{} is longer than broker.handover_timeout ({}): a source could move to its new owner before this node stores its checkpoint, and events would be processed twice; make shutdown_grace at most handover_timeout",
+            humantime::format_duration(grace),
+            humantime::format_duration(handover)
+        ),
+    })
+}
+
 fn check_postgres_url(url: &str) -> Result<(), String> {
     #[cfg(feature = "postgres")]
     {
@@ -1119,6 +1138,26 @@ mod tests {
         );
         let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["broker.handover_timeout", "broker.member_timeout"]);
+    }
+
+    #[test]
+    fn the_shutdown_grace_may_not_exceed_the_handover_timeout() {
+        let defaults = load_ok("", &[]);
+        assert!(defaults.node.shutdown_grace <= defaults.broker.handover_timeout);
+        load_ok(
+            "[node]\nshutdown_grace = \"10s\"\n[broker]\nhandover_timeout = \"10s\"\n",
+            &[],
+        );
+        let error = load_err(
+            "[node]\nshutdown_grace = \"30s\"\n",
+            &[("WEIR_BROKER__HANDOVER_TIMEOUT", "10s")],
+        );
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["node.shutdown_grace"]);
+        assert!(
+            error.problems[0].message.contains("handover_timeout (10s)"),
+            "{error}"
+        );
     }
 
     fn load_ok(toml: &str, pairs: &[(&str, &str)]) -> Config {

@@ -37,6 +37,8 @@ impl Node {
         let child = weir_command()
             .args(["run", "--demo", "--listen", &address.to_string()])
             .env("WEIR_NODE__SHUTDOWN_GRACE", grace)
+            // A grace period may not exceed the handover timeout.
+            .env("WEIR_BROKER__HANDOVER_TIMEOUT", grace)
             .env("WEIR_DEMO__RATE", rate)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
