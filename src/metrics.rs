@@ -53,6 +53,9 @@ pub const CHECKPOINT_WRITES: &str = "weir_checkpoint_writes_total";
 pub const FENCED_CONSUMERS: &str = "weir_consumer_fenced_total";
 /// Consumers stopped by their error policy (`stop`). Labels: `group`.
 pub const STOPPED_CONSUMERS: &str = "weir_consumer_stopped_total";
+/// Source consumers of a group now waiting to try a batch again after a
+/// transient failure (destination or service unavailable). Labels: `group`.
+pub const CONSUMERS_RETRYING: &str = "weir_consumers_retrying";
 
 /// Events a sink forwarded and the destination acknowledged. Labels: `sink`
 /// (`nats`, `kafka`, `stdout`).
@@ -236,6 +239,12 @@ pub const CATALOG: &[MetricInfo] = &[
         "Consumers stopped by their error policy",
     ),
     metric(
+        CONSUMERS_RETRYING,
+        Gauge,
+        &["group"],
+        "Source consumers waiting to retry a batch after a transient failure (lag grows meanwhile)",
+    ),
+    metric(
         SINK_PUBLISHED,
         Counter,
         &["sink"],
@@ -380,6 +389,7 @@ pub fn register_node(node: &NodeMetrics) {
     }
     for (group, sources) in &node.groups {
         gauge!(SOURCES_OWNED, "group" => group.clone()).increment(0.0);
+        gauge!(CONSUMERS_RETRYING, "group" => group.clone()).increment(0.0);
         for name in [
             EVENTS_PROCESSED,
             DEAD_LETTERS,

@@ -149,7 +149,7 @@ impl Fleet {
         let config = format!(
             r#"
 [node]
-shutdown_grace = "10s"
+shutdown_grace = "3s"
 
 [store]
 kind = "postgres"

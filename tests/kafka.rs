@@ -570,7 +570,10 @@ async fn a_refused_delivery_fails_at_the_first_refused_event() {
         .process(&batch)
         .await
         .expect_err("event 2 is too large");
-    assert_eq!(error.kind(), "publish");
+    // Permanent: the error policy decides (with `continue`, a dead letter), the
+    // consumer never retries it forever.
+    assert_eq!(error.kind(), "too_large");
+    assert!(!error.is_transient(), "{error}");
     assert_eq!(error.index(), Some(2));
     let records = read_topic(&kafka, &topic, 2).await;
     assert_eq!(

@@ -887,6 +887,12 @@ impl weir::consumer::CheckpointStore for FlakyCheckpoints {
         }
         self.inner.save(claim, cursor).await
     }
+    async fn verify(
+        &self,
+        claim: &weir::consumer::Claim,
+    ) -> Result<(), weir::consumer::CheckpointError> {
+        self.inner.verify(claim).await
+    }
     async fn load(
         &self,
         group: &str,

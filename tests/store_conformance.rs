@@ -95,7 +95,60 @@ conformance!(
     racing_conditional_appends_let_exactly_one_win,
     racing_appends_of_one_idempotency_key_store_it_once,
     partitions_split_a_category_exactly,
+    events_larger_than_the_limit_are_refused_with_nothing_written,
 );
+
+/// An event whose payload is a string padded so that the event counts exactly
+/// `size` bytes against the limit.
+fn sized(size: usize) -> NewEvent {
+    let bare = NewEvent::new(EventName::new("Big").unwrap(), json!(""));
+    let padding = size - weir::store::event_size(&bare);
+    let event = NewEvent::new(EventName::new("Big").unwrap(), json!("x".repeat(padding)));
+    assert_eq!(weir::store::event_size(&event), size);
+    event
+}
+
+async fn events_larger_than_the_limit_are_refused_with_nothing_written(store: Store) {
+    let limit = weir::store::DEFAULT_MAX_EVENT_BYTES;
+    let c = category("sizes");
+    let err = store
+        .append(
+            &c,
+            &stream("s"),
+            WriteCondition::Any,
+            vec![event(0), sized(limit + 1)],
+        )
+        .await
+        .unwrap_err();
+    let Error::EventTooLarge {
+        index,
+        size,
+        limit: named,
+        ..
+    } = &err
+    else {
+        panic!("not EventTooLarge: {err}");
+    };
+    assert_eq!((*index, *size, *named), (1, limit + 1, limit));
+    assert!(
+        err.to_string().contains("store.max_event_bytes = 1048576"),
+        "{err}"
+    );
+    assert!(read_all(&store, &Source::Log).await.is_empty());
+    assert!(store.head(&Source::Log).await.unwrap().is_none());
+    // At the limit is fine; metadata counts too.
+    let stored = store
+        .append(&c, &stream("s"), WriteCondition::Any, vec![sized(limit)])
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    let with_metadata = sized(limit).with_metadata(json!({"trace": "t"}));
+    let err = store
+        .append(&c, &stream("s"), WriteCondition::Any, vec![with_metadata])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::EventTooLarge { .. }), "{err}");
+}
 
 async fn appends_number_positions_and_sequences(store: Store) {
     let orders = category("orders");

@@ -78,7 +78,11 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
             }
             vec![event]
         }
-        None => read_lines(std::io::stdin().lock(), default_name.as_ref())?,
+        None => read_lines(
+            std::io::stdin().lock(),
+            default_name.as_ref(),
+            line_limit(config.store.max_event_bytes),
+        )?,
     };
 
     let store = super::open_store(config).await?;
@@ -100,19 +104,43 @@ fn parse_json(flag: &str, text: &str) -> Result<Value, CliError> {
     serde_json::from_str(text).map_err(|e| CliError::Input(format!("{flag} is not JSON: {e}")))
 }
 
-/// Reads every line before appending anything, so one bad line appends nothing.
+/// Room on a stdin line for what does not count against `store.max_event_bytes`:
+/// the JSON keys, the name and the idempotency key.
+const LINE_OVERHEAD: usize = 64 * 1024;
+
+/// The longest stdin line read, for events of at most `max_event_bytes`.
+fn line_limit(max_event_bytes: usize) -> usize {
+    max_event_bytes.saturating_add(LINE_OVERHEAD)
+}
+
+/// Reads every line before appending anything, so one bad line appends nothing. A
+/// line longer than `limit` bytes is refused as soon as that many are read, so a
+/// huge line is never held in memory whole.
 fn read_lines(
-    input: impl BufRead,
+    mut input: impl BufRead,
     default_name: Option<&EventName>,
+    limit: usize,
 ) -> Result<Vec<NewEvent>, CliError> {
     let mut events = Vec::new();
-    for (index, line) in input.lines().enumerate() {
-        let number = index + 1;
-        let line = line?;
+    let mut buffer = Vec::new();
+    for number in 1.. {
+        buffer.clear();
+        let read =
+            std::io::Read::take(&mut input, limit as u64 + 1).read_until(b'\n', &mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        if buffer.last() != Some(&b'\n') && buffer.len() > limit {
+            return Err(CliError::Input(format!(
+                "stdin line {number} is longer than {limit} bytes, more than an event of store.max_event_bytes can take; nothing was appended"
+            )));
+        }
+        let line = std::str::from_utf8(&buffer)
+            .map_err(|e| CliError::Input(format!("stdin line {number}: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let line: Line = serde_json::from_str(&line)
+        let line: Line = serde_json::from_str(line)
             .map_err(|e| CliError::Input(format!("stdin line {number}: {e}")))?;
         let name = line.name.or_else(|| default_name.cloned()).ok_or_else(|| {
             CliError::Input(format!(
@@ -145,6 +173,7 @@ mod tests {
             "{\"payload\":1}\n\n{\"name\":\"X\",\"payload\":{},\"idempotency_key\":\"k\"}\n"
                 .as_bytes(),
             Some(&name),
+            1000,
         )
         .unwrap();
         assert_eq!(events.len(), 2);
@@ -152,12 +181,36 @@ mod tests {
         assert_eq!(events[1].name.as_str(), "X");
         assert_eq!(events[1].idempotency_key.as_ref().unwrap().as_str(), "k");
 
-        let err = read_lines("{\"payload\":1}\nnot json\n".as_bytes(), Some(&name)).unwrap_err();
+        let err =
+            read_lines("{\"payload\":1}\nnot json\n".as_bytes(), Some(&name), 1000).unwrap_err();
         assert!(err.to_string().starts_with("stdin line 2:"), "{err}");
-        let err = read_lines("{\"payload\":1}\n".as_bytes(), None).unwrap_err();
+        let err = read_lines("{\"payload\":1}\n".as_bytes(), None, 1000).unwrap_err();
         assert!(err.to_string().contains("no --name"), "{err}");
-        let err = read_lines("{\"name\":\"\",\"payload\":1}\n".as_bytes(), None).unwrap_err();
+        let err = read_lines("{\"name\":\"\",\"payload\":1}\n".as_bytes(), None, 1000).unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
-        assert!(read_lines("".as_bytes(), Some(&name)).is_err());
+        assert!(read_lines("".as_bytes(), Some(&name), 1000).is_err());
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_refused_without_reading_it_whole() {
+        let name = EventName::new("Default").unwrap();
+        let long = format!(
+            "{{\"payload\":\"{}\"}}\n{{\"payload\":1}}\n",
+            "x".repeat(5000)
+        );
+        let mut input = std::io::Cursor::new(long.into_bytes());
+        let err = read_lines(&mut input, Some(&name), 1000).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("stdin line 1 is longer than 1000 bytes"),
+            "{err}"
+        );
+        // It stopped reading just past the limit.
+        assert_eq!(input.position(), 1001);
+        // A line of exactly the limit is fine.
+        let line = format!("{{\"payload\":\"{}\"}}", "x".repeat(986));
+        assert_eq!(line.len(), 1000);
+        let events = read_lines(format!("{line}\n").as_bytes(), Some(&name), 1000).unwrap();
+        assert_eq!(events.len(), 1);
     }
 }

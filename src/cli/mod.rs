@@ -209,7 +209,9 @@ pub(crate) fn print_json_lines<T: serde::Serialize>(
 /// The configured store, with its schema checked, ready for use.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn EventStore>, CliError> {
     match config.store.kind {
-        StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        StoreKind::Memory => Ok(Arc::new(
+            MemoryStore::new().with_max_event_bytes(config.store.max_event_bytes),
+        )),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
             let store = open_postgres(config)?;
@@ -234,6 +236,7 @@ pub fn open_postgres(config: &Config) -> Result<crate::postgres::PostgresStore, 
         schema: config.store.schema.clone(),
         pool_size: config.store.pool_size,
         connect_timeout: config.store.connect_timeout,
+        max_event_bytes: config.store.max_event_bytes,
     };
     Ok(crate::postgres::PostgresStore::connect(&options)?)
 }

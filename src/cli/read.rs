@@ -40,7 +40,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
             .map_err(|e| CliError::Input(format!("--after: {e}")))?,
         None => Cursor::START,
     };
-    let shutdown = super::signal::shutdown_token()?;
+    let shutdown = super::signal::shutdown_token(super::signal::STOP_MARGIN)?;
     let store = super::open_store(config).await?;
     // Watch before the first read, so nothing appended after it goes unannounced.
     let mut watcher = if args.follow {

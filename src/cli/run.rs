@@ -41,7 +41,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         super::demo::enable(&mut config);
     }
     let config = &config;
-    let shutdown = super::signal::shutdown_token()?;
+    let shutdown =
+        super::signal::shutdown_token(config.node.shutdown_grace + super::signal::STOP_MARGIN)?;
     let node = config.node_id();
     let role = config.node.role;
     let (services, stores) = services(config).await?;
@@ -111,7 +112,9 @@ async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), Cl
                 leases: Arc::new(MemoryLeaseStore::new()),
                 bus,
             },
-            ConsumerStores::in_memory(Arc::new(MemoryStore::new())),
+            ConsumerStores::in_memory(Arc::new(
+                MemoryStore::new().with_max_event_bytes(config.store.max_event_bytes),
+            )),
         ),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {

@@ -37,6 +37,7 @@ impl fmt::Debug for StoreConfig {
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("max_event_bytes", &self.max_event_bytes)
             .finish()
     }
 }

@@ -71,6 +71,14 @@ pub struct StoreConfig {
     pub pool_size: usize,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The largest event an append may carry, in bytes of payload and metadata
+    /// as JSON; larger ones are refused with nothing written.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+}
+
+fn default_max_event_bytes() -> usize {
+    crate::store::DEFAULT_MAX_EVENT_BYTES
 }
 
 fn default_schema() -> String {
@@ -91,6 +99,7 @@ impl Default for StoreConfig {
             schema: default_schema(),
             pool_size: default_pool_size(),
             connect_timeout: default_connect_timeout(),
+            max_event_bytes: default_max_event_bytes(),
         }
     }
 }

@@ -50,7 +50,28 @@ impl Config {
         validate_http(&self.http, &mut problems);
         validate_log(&self.log, &mut problems);
         validate_subscriptions(&self.subscriptions, &mut problems);
+        check_grace_within_handover(self, &mut problems);
         problems.0
+    }
+}
+
+/// A stopping consumer may take `node.shutdown_grace` to finish its batch and store
+/// its checkpoint; a coordinator gives a moving source to its new owner after
+/// `broker.handover_timeout` whether released or not. A grace longer than the
+/// handover would let the new owner start before the old one's checkpoint is
+/// stored, repeating events a planned handover promises to process once.
+fn check_grace_within_handover(config: &Config, problems: &mut Problems) {
+    let (grace, handover) = (config.node.shutdown_grace, config.broker.handover_timeout);
+    // A zero handover timeout is reported by the broker's own checks.
+    if grace > handover && !handover.is_zero() {
+        problems.add(
+            "node.shutdown_grace",
+            format!(
+                "{} is longer than broker.handover_timeout ({}): a source could move to its new owner before this node stores its checkpoint, and events would be processed twice; make shutdown_grace at most handover_timeout",
+                humantime::format_duration(grace),
+                humantime::format_duration(handover)
+            ),
+        );
     }
 }
 

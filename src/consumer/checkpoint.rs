@@ -4,8 +4,10 @@
 //! Accepting a source *claims* its row: the claim gets a fresh token and every later
 //! save must present it. A consumer that lost its source without knowing (its node
 //! was partitioned, or paused past the member timeout) finds its next save refused
-//! with [`CheckpointError::Fenced`] and stops, so it can neither move the new
-//! owner's cursor nor go on processing unchecked.
+//! with [`CheckpointError::Fenced`] and stops, so it cannot move the new owner's
+//! cursor. Saving happens only every so many events, so before handing each batch
+//! to its processor a consumer also [verifies](CheckpointStore::verify) its claim:
+//! a fenced consumer publishes at most the one batch already in flight.
 //!
 //! Backends: [`MemoryCheckpointStore`] and `PostgresCheckpointStore` (feature
 //! `postgres`, table `weir_checkpoints`).
@@ -111,6 +113,11 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// if another claim has taken it since.
     async fn save(&self, claim: &Claim, cursor: Cursor) -> Result<(), CheckpointError>;
 
+    /// `Ok` if `claim` still holds its row; [`CheckpointError::Fenced`] if another
+    /// claim has taken it since. Changes nothing: one read, cheap enough to ask
+    /// before every batch.
+    async fn verify(&self, claim: &Claim) -> Result<(), CheckpointError>;
+
     /// The checkpoint of (group, source), if it was ever claimed.
     async fn load(
         &self,
@@ -193,6 +200,13 @@ impl CheckpointStore for MemoryCheckpointStore {
                 row.updated_at = Utc::now();
                 Ok(())
             }
+            row => Err(claim.fenced_by(row.map(|row| row.owner.clone()).unwrap_or_default())),
+        }
+    }
+
+    async fn verify(&self, claim: &Claim) -> Result<(), CheckpointError> {
+        match self.rows().get(&key(&claim.group, &claim.source)) {
+            Some(row) if row.token == claim.token => Ok(()),
             row => Err(claim.fenced_by(row.map(|row| row.owner.clone()).unwrap_or_default())),
         }
     }

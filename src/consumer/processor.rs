@@ -1,6 +1,16 @@
 //! What consumers hand events to: an [`EventProcessor`] takes a batch; an
 //! [`EventHandler`] (wrapped in [`PerEvent`]) or a closure ([`from_fn`]) takes one
 //! event at a time. Failures are [`ProcessError`]s whose `kind` error policies map.
+//!
+//! Every failure is [transient](ProcessError::transient) or
+//! [permanent](ProcessError::permanent). A transient one (connection lost, timeout,
+//! broker or store unavailable, broken pipe) says nothing about the event: the
+//! consumer tries the same events again with a capped exponential backoff until
+//! they go through or it is stopped, so the event is never skipped and lag grows
+//! instead. A permanent one (cannot encode, too large, rejected for this message)
+//! is about the event and goes through the consumer's error policy.
+//! [`ProcessError::new`] makes a permanent error: an error a processor does not
+//! classify is treated as the event's, as before classification existed.
 
 use std::fmt;
 use std::future::Future;
@@ -8,6 +18,20 @@ use std::future::Future;
 use async_trait::async_trait;
 
 use crate::event::StoredEvent;
+
+/// Whether trying the same events again may succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The destination or a service is unavailable, not the event at fault: try
+    /// again, with backoff, until it works or the consumer is stopped.
+    Transient,
+    /// The event cannot be processed as it is: the error policy decides.
+    Permanent,
+}
+
+/// The `kind` of a permanent error for an event larger than the destination
+/// accepts.
+pub const KIND_TOO_LARGE: &str = "too_large";
 
 /// Why processing failed. The `kind` is a short, stable string (`timeout`,
 /// `invalid-payload`, …) that an error policy can map; the message is for people.
@@ -17,15 +41,42 @@ pub struct ProcessError {
     kind: String,
     message: String,
     index: Option<usize>,
+    retry: Retry,
 }
 
 impl ProcessError {
+    /// A permanent error: see [`ProcessError::permanent`].
     pub fn new(kind: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self::permanent(kind, message)
+    }
+
+    /// A failure of the event itself (cannot encode, too large, rejected): the
+    /// consumer's error policy decides what happens to it.
+    pub fn permanent(kind: impl Into<String>, message: impl fmt::Display) -> Self {
         Self {
             kind: kind.into(),
             message: message.to_string(),
             index: None,
+            retry: Retry::Permanent,
         }
+    }
+
+    /// A failure of something the event needs (connection lost, timeout, broker
+    /// unavailable, broken pipe): the consumer tries again with backoff and never
+    /// skips the event for it.
+    pub fn transient(kind: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self {
+            retry: Retry::Transient,
+            ..Self::permanent(kind, message)
+        }
+    }
+
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.retry == Retry::Transient
     }
 
     /// The same error, saying that the batch's event at `index` failed and those

@@ -32,6 +32,62 @@ use crate::store::{AppendWatcher, EventStore};
 /// How long to wait before trying an unreachable store again.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
+/// The first wait after a transient processing failure; it doubles with each
+/// failure in a row, up to [`TRANSIENT_MAX`].
+const TRANSIENT_INITIAL: Duration = Duration::from_millis(100);
+const TRANSIENT_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before trying again after `failures` transient failures in a row.
+fn transient_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    TRANSIENT_INITIAL
+        .saturating_mul(1 << doublings)
+        .min(TRANSIENT_MAX)
+}
+
+/// A consumer's run of transient failures, counted in the
+/// `weir_consumers_retrying` gauge while it lasts (also if the task is aborted).
+struct Retrying {
+    group: String,
+    failures: u32,
+}
+
+impl Retrying {
+    fn new(group: &str) -> Self {
+        Self {
+            group: group.to_owned(),
+            failures: 0,
+        }
+    }
+
+    /// Counts one more failure; `true` if it starts a run.
+    fn failed(&mut self) -> bool {
+        self.failures += 1;
+        if self.failures == 1 {
+            metrics::gauge!(names::CONSUMERS_RETRYING, "group" => self.group.clone())
+                .increment(1.0);
+        }
+        self.failures == 1
+    }
+
+    /// Ends the run; `true` if there was one.
+    fn recovered(&mut self) -> bool {
+        let was = self.failures > 0;
+        if was {
+            metrics::gauge!(names::CONSUMERS_RETRYING, "group" => self.group.clone())
+                .decrement(1.0);
+        }
+        self.failures = 0;
+        was
+    }
+}
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.recovered();
+    }
+}
+
 /// What every source consumer of one registered consumer shares.
 pub struct ConsumerContext {
     pub group: String,
@@ -53,6 +109,10 @@ pub struct ConsumerContext {
 pub enum ConsumerState {
     Starting,
     Running,
+    /// Waiting to try a batch again after a transient failure (its destination or
+    /// a service it needs is unavailable); the reason names the failure. Nothing
+    /// is skipped meanwhile, so lag grows.
+    Retrying(String),
     /// Stopped when asked to (a withdraw, or the node stopping).
     Stopped,
     /// Stopped by its error policy, or because the runtime was halted by another
@@ -488,6 +548,14 @@ impl SourceConsumer {
                 }
                 continue;
             }
+            // The claim is checked before the batch goes out, not only when the
+            // checkpoint is next saved: a consumer paused past the member timeout
+            // must not publish what its source's new owner publishes too.
+            match self.verify(progress).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(end) => return end,
+            }
             let batch = self.not_yet_handled(batch, progress);
             if batch.is_empty() {
                 continue;
@@ -497,6 +565,23 @@ impl SourceConsumer {
             }
             if let Err(end) = self.save_if_due(progress).await {
                 return end;
+            }
+        }
+    }
+
+    /// Checks that this consumer's claim still holds the checkpoint: `Ok(true)` if
+    /// it does, `Ok(false)` after a pause if the store could not say (read again,
+    /// then), `Err` if fenced or asked to stop.
+    async fn verify(&self, progress: &Progress) -> Result<bool, End> {
+        match self.context.checkpoints.verify(&progress.claim).await {
+            Ok(()) => Ok(true),
+            Err(error @ CheckpointError::Fenced { .. }) => Err(End::Fenced(error)),
+            Err(error) => {
+                tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot check the claim on the checkpoint; trying again");
+                if self.pause(RETRY_DELAY).await {
+                    return Err(End::Stopped);
+                }
+                Ok(false)
             }
         }
     }
@@ -511,13 +596,15 @@ impl SourceConsumer {
     }
 
     /// Processes a batch under the error policy, moving the cursor past every event
-    /// processed or skipped.
+    /// processed or skipped. Transient failures are tried again until they pass
+    /// (see [`SourceConsumer::wait_transient`]); only permanent ones reach the policy.
     async fn process(&self, batch: Arc<[StoredEvent]>, progress: &mut Progress) -> Result<(), End> {
         let context = &self.context;
         let mut start = 0;
         // Once a batch fails without saying where, its events go one at a time.
         let mut one_at_a_time = false;
         let mut attempts = 0;
+        let mut retrying = Retrying::new(&context.group);
         while start < batch.len() {
             let end = if one_at_a_time {
                 start + 1
@@ -533,6 +620,9 @@ impl SourceConsumer {
                     self.advance(progress, &batch[start..end]);
                     start = end;
                     attempts = 0;
+                    if retrying.recovered() {
+                        self.report(ConsumerState::Running);
+                    }
                     continue;
                 }
                 Err(error) => error,
@@ -540,6 +630,9 @@ impl SourceConsumer {
             metrics::counter!(names::PROCESSING_ERRORS, "group" => context.group.clone(), "kind" => error.kind().to_owned()).increment(1);
             let failed = match error.index() {
                 Some(index) if start + index < end => start + index,
+                // A transient failure says nothing about which event is at fault:
+                // the same events are tried again as they are.
+                _ if error.is_transient() => start,
                 _ if end - start > 1 => {
                     one_at_a_time = true;
                     continue;
@@ -548,38 +641,79 @@ impl SourceConsumer {
             };
             self.advance(progress, &batch[start..failed]);
             start = failed;
+            if error.is_transient() {
+                if self.wait_transient(&error, &mut retrying).await {
+                    return Err(End::Stopped);
+                }
+                // A wait may be long: whoever took the source over meanwhile
+                // publishes these events, so this consumer must not.
+                while !self.verify(progress).await? {}
+                continue;
+            }
             attempts += 1;
-            let event = &batch[start];
-            match context.settings.error_policy.decide(&error, attempts) {
-                Action::RetryAfter(wait) => {
-                    tracing::warn!(group = %context.group, source = %self.source, event = %event.id, attempts, ?wait, %error, "processing failed; retrying");
-                    if self.pause(wait).await {
-                        return Err(End::Stopped);
-                    }
-                }
-                Action::Skip => {
-                    self.dead_letter(event, &error, attempts).await?;
-                    progress.cursor = event.cursor;
-                    context.board.set_cursor(&self.key, event.cursor);
-                    progress.unsaved += 1;
-                    start += 1;
-                    attempts = 0;
-                }
-                Action::Stop => return Err(End::Failed(error, event.clone())),
-                Action::Exit(code) => {
-                    context.board.halt(Halt::Exit {
-                        code,
-                        error: error.clone(),
-                    });
-                    return Err(End::Halted(error, event.clone()));
-                }
-                Action::Raise => {
-                    context.board.halt(Halt::Raise(error.clone()));
-                    return Err(End::Halted(error, event.clone()));
-                }
+            if self
+                .apply_policy(&batch[start], &error, attempts, progress)
+                .await?
+            {
+                start += 1;
+                attempts = 0;
             }
         }
         Ok(())
+    }
+
+    /// Applies the error policy to a permanent failure of `event`, its
+    /// `attempts`th; `Ok(true)` if the event was skipped (kept as a dead letter),
+    /// `Ok(false)` to try it again.
+    async fn apply_policy(
+        &self,
+        event: &StoredEvent,
+        error: &ProcessError,
+        attempts: u32,
+        progress: &mut Progress,
+    ) -> Result<bool, End> {
+        let context = &self.context;
+        match context.settings.error_policy.decide(error, attempts) {
+            Action::RetryAfter(wait) => {
+                tracing::warn!(group = %context.group, source = %self.source, event = %event.id, attempts, ?wait, %error, "processing failed; retrying");
+                if self.pause(wait).await {
+                    return Err(End::Stopped);
+                }
+                Ok(false)
+            }
+            Action::Skip => {
+                self.dead_letter(event, error, attempts).await?;
+                progress.cursor = event.cursor;
+                context.board.set_cursor(&self.key, event.cursor);
+                progress.unsaved += 1;
+                Ok(true)
+            }
+            Action::Stop => Err(End::Failed(error.clone(), event.clone())),
+            Action::Exit(code) => {
+                context.board.halt(Halt::Exit {
+                    code,
+                    error: error.clone(),
+                });
+                Err(End::Halted(error.clone(), event.clone()))
+            }
+            Action::Raise => {
+                context.board.halt(Halt::Raise(error.clone()));
+                Err(End::Halted(error.clone(), event.clone()))
+            }
+        }
+    }
+
+    /// Waits before trying again after a transient failure, reporting the consumer
+    /// as retrying; `true` if asked to stop meanwhile.
+    async fn wait_transient(&self, error: &ProcessError, retrying: &mut Retrying) -> bool {
+        if retrying.failed() {
+            self.report(ConsumerState::Retrying(format!(
+                "transient failure, trying again with backoff: {error}"
+            )));
+        }
+        let wait = transient_backoff(retrying.failures);
+        tracing::warn!(group = %self.context.group, source = %self.source, failures = retrying.failures, ?wait, %error, "transient processing failure; trying again");
+        self.pause(wait).await
     }
 
     fn advance(&self, progress: &mut Progress, processed: &[StoredEvent]) {

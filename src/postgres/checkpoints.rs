@@ -29,6 +29,7 @@ struct Sql {
     claim: String,
     save: String,
     owner: String,
+    verify: String,
     load: String,
     list_all: String,
     list_group: String,
@@ -54,6 +55,9 @@ impl PostgresCheckpointStore {
                  WHERE group_name = $1 AND source = $2 AND claim = $3"
             ),
             owner: format!("SELECT owner FROM {table} WHERE group_name = $1 AND source = $2"),
+            verify: format!(
+                "SELECT owner, claim = $3 FROM {table} WHERE group_name = $1 AND source = $2"
+            ),
             load: format!("SELECT {COLUMNS} FROM {table} WHERE group_name = $1 AND source = $2"),
             // "C" collation: bytewise order, as the memory store's map keeps it,
             // whatever the database's default collation.
@@ -164,6 +168,20 @@ impl CheckpointStore for PostgresCheckpointStore {
             .transpose()?
             .unwrap_or_default();
         Err(claim.fenced_by(owner))
+    }
+
+    async fn verify(&self, claim: &Claim) -> Result<(), CheckpointError> {
+        let source = claim.source.to_string();
+        let rows = self
+            .query(&self.sql.verify, &[&claim.group, &source, &claim.token])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(claim.fenced_by(String::new()));
+        };
+        if row.try_get::<_, bool>(1).map_err(classify)? {
+            return Ok(());
+        }
+        Err(claim.fenced_by(row.try_get(0).map_err(classify)?))
     }
 
     async fn load(

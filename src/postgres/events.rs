@@ -38,6 +38,8 @@ pub struct PostgresStoreOptions {
     pub pool_size: usize,
     /// How long to wait for a connection, new or pooled, before failing.
     pub connect_timeout: Duration,
+    /// The largest event accepted, in bytes (see [`crate::store::event_size`]).
+    pub max_event_bytes: usize,
 }
 
 impl PostgresStoreOptions {
@@ -47,6 +49,7 @@ impl PostgresStoreOptions {
             schema: "weir".into(),
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 
@@ -77,6 +80,8 @@ pub struct PostgresStore {
     pub(super) announcer: announcer::Announcer,
     /// Partition statements, built on first use.
     pub(super) partition_sql: PartitionCache,
+    /// The largest event accepted, in bytes.
+    max_event_bytes: usize,
 }
 
 /// The statements, with the schema written in.
@@ -198,6 +203,7 @@ impl PostgresStore {
             notifier: Notifier::default(),
             listener: OnceCell::new(),
             partition_sql: PartitionCache::default(),
+            max_event_bytes: options.max_event_bytes,
         })
     }
 
@@ -355,6 +361,7 @@ impl EventStore for PostgresStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StoredEvent>> {
         validate_batch(&appends)?;
+        crate::store::check_sizes(category, &appends, self.max_event_bytes)?;
         let ids: Vec<Uuid> = appends
             .iter()
             .flat_map(|a| a.events.iter().map(|_| Uuid::now_v7()))

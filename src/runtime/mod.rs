@@ -37,8 +37,9 @@ use sampler::{DEFAULT_SAMPLE_INTERVAL, Sampler};
 
 pub mod sampler;
 
-/// How long stopping waits for each consumer's batch in hand, by default.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long stopping waits for each consumer's batch in hand, by default: no
+/// longer than the default `broker.handover_timeout`, which it must not exceed.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the runtime refused or failed.
 #[derive(Debug, thiserror::Error)]

@@ -76,7 +76,10 @@ impl Sampler {
         }
         let mut totals: BTreeMap<Series, (u64, f64)> = BTreeMap::new();
         for (key, entry) in self.board.entries_now() {
-            let (ConsumerState::Running, Some(cursor)) = (&entry.state, entry.cursor) else {
+            // A retrying consumer's lag is what tells how far the outage set it back.
+            let (ConsumerState::Running | ConsumerState::Retrying(_), Some(cursor)) =
+                (&entry.state, entry.cursor)
+            else {
                 continue;
             };
             let backlog = match self

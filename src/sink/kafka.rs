@@ -29,8 +29,9 @@ use super::{SinkError, Template};
 use crate::connect::KafkaOptions;
 use crate::connect::kafka_client::{
     CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
-    ensure_topics, set_default,
+    ensure_topics, is_transient, set_default,
 };
+use crate::consumer::processor::KIND_TOO_LARGE;
 use crate::consumer::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
 use crate::metrics;
@@ -244,7 +245,12 @@ impl KafkaSink {
                         let Some((sent, delivery)) = in_flight.pop_front() else {
                             record_failure(
                                 index,
-                                publish_error(topic, "the producer queue is full".into()),
+                                ProcessError::transient(
+                                    "queue_full",
+                                    format!(
+                                        "producing to Kafka topic {topic:?}: the producer queue is full"
+                                    ),
+                                ),
                             );
                             break 'events;
                         };
@@ -255,7 +261,7 @@ impl KafkaSink {
                         record = back;
                     }
                     Err((error, _)) => {
-                        record_failure(index, publish_error(topic, error.to_string()));
+                        record_failure(index, publish_error(topic, &error));
                         break 'events;
                     }
                 }
@@ -284,19 +290,28 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
 async fn settle(topic: &str, delivery: DeliveryFuture) -> Result<(), ProcessError> {
     match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((error, _))) => Err(publish_error(topic, error.to_string())),
-        Err(_) => Err(publish_error(
-            topic,
-            "the producer shut down before the broker answered".into(),
+        Ok(Err((error, _))) => Err(publish_error(topic, &error)),
+        Err(_) => Err(ProcessError::transient(
+            "shutdown",
+            format!(
+                "producing to Kafka topic {topic:?}: the producer shut down before the broker answered"
+            ),
         )),
     }
 }
 
-fn publish_error(topic: &str, reason: String) -> ProcessError {
-    ProcessError::new(
-        "publish",
-        format!("producing to Kafka topic {topic:?} failed: {reason}"),
-    )
+/// A failed produce, classified: a message larger than the broker accepts is
+/// permanent (`too_large`); what [`is_transient`] names (unreachable, timed out,
+/// no leader) is transient; any other refusal is permanent.
+fn publish_error(topic: &str, error: &KafkaError) -> ProcessError {
+    let message = format!("producing to Kafka topic {topic:?} failed: {error}");
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+            ProcessError::permanent(KIND_TOO_LARGE, message)
+        }
+        Some(code) if is_transient(code) => ProcessError::transient("unavailable", message),
+        _ => ProcessError::permanent("publish", message),
+    }
 }
 
 /// Checks what encoding cannot guarantee: the length, and the names Kafka
@@ -351,7 +366,9 @@ impl EventProcessor for KafkaSink {
                         .position(|t| missing.contains(t))
                         .unwrap_or_default();
                     topics.truncate(first);
-                    stop = Some((first, ProcessError::new("topic", error)));
+                    // Mostly a cluster that cannot be reached; a refusal stalls the
+                    // source (visible as retrying) rather than dropping its events.
+                    stop = Some((first, ProcessError::transient("topic", error)));
                 }
             }
         }

@@ -25,6 +25,7 @@ use futures::stream::FuturesOrdered;
 use super::{SinkError, Template};
 use crate::connect::NatsOptions;
 use crate::connect::nats_client::{connect, subject_token};
+use crate::consumer::processor::KIND_TOO_LARGE;
 use crate::consumer::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
 use crate::metrics;
@@ -173,9 +174,29 @@ impl NatsSink {
         self.template.render(event, subject_token)
     }
 
+    /// The error for `event` not stored, classified: what a retry may cure
+    /// (no acknowledgement, no connection, no stream yet) is transient; what is
+    /// about the event (cannot encode, too large, refused) is permanent.
     fn publish_failed(&self, event: &StoredEvent, why: Failure) -> ProcessError {
         let subject = self.subject(event);
+        let transient = matches!(
+            why,
+            Failure::NoStream | Failure::NotAcknowledged | Failure::Client(_)
+        );
+        let kind = match &why {
+            Failure::NoStream => "no_stream",
+            Failure::NotAcknowledged => "timeout",
+            Failure::Client(_) => "connection",
+            Failure::Encode(_) => "encode",
+            Failure::TooLarge(..) => KIND_TOO_LARGE,
+            Failure::Refused(_) => "publish",
+        };
         let message = match why {
+            Failure::Encode(reason) => format!("cannot encode event {}: {reason}", event.id),
+            Failure::TooLarge(size, limit) => format!(
+                "event {} is {size} bytes encoded, more than the NATS server's max_payload of {limit} bytes",
+                event.id
+            ),
             Failure::NoStream => format!(
                 "no JetStream stream captures subject {subject}: set the sink's stream, or create a stream for {}",
                 self.captured_subjects()
@@ -195,7 +216,11 @@ impl NatsSink {
                 format!("cannot publish event {} to {subject}: {reason}", event.id)
             }
         };
-        ProcessError::new("publish", message)
+        if transient {
+            ProcessError::transient(kind, message)
+        } else {
+            ProcessError::permanent(kind, message)
+        }
     }
 
     /// Publishes `events` and waits for their acknowledgements; on failure,
@@ -217,7 +242,12 @@ impl NatsSink {
                 continue;
             }
             let event = &events[sent];
-            let payload = encode(event).map_err(|reason| (sent, Failure::Client(reason)))?;
+            let payload = encode(event).map_err(|reason| (sent, Failure::Encode(reason)))?;
+            let limit = self.client.server_info().max_payload;
+            if limit > 0 && payload.len() > limit {
+                window.fail(sent, Failure::TooLarge(payload.len(), limit));
+                break;
+            }
             if let Err(error) = self
                 .client
                 .publish_with_reply_and_headers(
@@ -254,6 +284,9 @@ enum Failure {
     NotAcknowledged,
     Refused(String),
     Client(String),
+    Encode(String),
+    /// The encoded event's size and the server's `max_payload`.
+    TooLarge(usize, usize),
 }
 
 /// The stored event as JSON, in a buffer sized for a typical event.

@@ -11,18 +11,29 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    AppendNotice, AppendWatcher, Backlog, Error, EventStore, Notifier, Result, StreamAppend,
-    store_precision, validate_batch,
+    AppendNotice, AppendWatcher, Backlog, DEFAULT_MAX_EVENT_BYTES, Error, EventStore, Notifier,
+    Result, StreamAppend, check_sizes, store_precision, validate_batch,
 };
 use crate::event::{
     Category, Cursor, IdempotencyKey, Partition, Source, StoredEvent, StreamName, slice_of,
 };
 
 /// An event store held in process memory; everything is lost when the process ends.
-#[derive(Default)]
 pub struct MemoryStore {
     state: RwLock<State>,
     notifier: Notifier,
+    /// The largest event accepted, in bytes (see [`super::event_size`]).
+    max_event_bytes: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: RwLock::default(),
+            notifier: Notifier::default(),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -42,6 +53,13 @@ struct State {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same store, refusing events larger than `max_event_bytes`.
+    #[must_use]
+    pub fn with_max_event_bytes(mut self, max_event_bytes: usize) -> Self {
+        self.max_event_bytes = max_event_bytes;
+        self
     }
 
     fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -66,6 +84,29 @@ impl State {
         self.stream_indexes(category, stream)
             .last()
             .map(|&i| self.log[i].position)
+    }
+
+    /// Fails if the condition of an append that would write a new event does not
+    /// hold.
+    fn check_conditions(&self, category: &Category, appends: &[StreamAppend]) -> Result<()> {
+        for append in appends {
+            let fresh = append.events.iter().any(|event| {
+                event
+                    .idempotency_key
+                    .as_ref()
+                    .is_none_or(|key| !self.keys.contains_key(&(category.clone(), key.clone())))
+            });
+            let last_position = self.last_position(category, &append.stream);
+            if fresh && !append.condition.holds(last_position) {
+                return Err(Error::WriteConditionFailed {
+                    category: category.clone(),
+                    stream: append.stream.clone(),
+                    condition: append.condition.clone(),
+                    last_position,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The indexes into `log` that make up `source`, in read order; `None` for
@@ -139,26 +180,10 @@ impl EventStore for MemoryStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StoredEvent>> {
         validate_batch(&appends)?;
+        check_sizes(category, &appends, self.max_event_bytes)?;
         let mut state = self.write_state();
-
         // Check every condition before the first write, so a failure writes nothing.
-        for append in &appends {
-            let fresh = append.events.iter().any(|event| {
-                event
-                    .idempotency_key
-                    .as_ref()
-                    .is_none_or(|key| !state.keys.contains_key(&(category.clone(), key.clone())))
-            });
-            let last_position = state.last_position(category, &append.stream);
-            if fresh && !append.condition.holds(last_position) {
-                return Err(Error::WriteConditionFailed {
-                    category: category.clone(),
-                    stream: append.stream.clone(),
-                    condition: append.condition.clone(),
-                    last_position,
-                });
-            }
-        }
+        state.check_conditions(category, &appends)?;
 
         state.last_tx_id += 1;
         let tx_id = state.last_tx_id;

@@ -35,6 +35,17 @@ pub enum Error {
     },
     #[error("invalid append: {0}")]
     InvalidAppend(String),
+    #[error(
+        "append to stream {category}/{stream} rejected: its event {index} is {size} bytes (payload and metadata as JSON), more than store.max_event_bytes = {limit}; nothing was written: make the event smaller (store large data elsewhere and refer to it) or raise store.max_event_bytes"
+    )]
+    EventTooLarge {
+        category: Category,
+        stream: StreamName,
+        /// Which of the stream's events in the append, from 0.
+        index: usize,
+        size: usize,
+        limit: usize,
+    },
     #[error(transparent)]
     Validation(#[from] ValidationError),
     #[error(
@@ -308,6 +319,56 @@ pub(crate) fn store_precision(
 ) -> chrono::DateTime<chrono::Utc> {
     use chrono::SubsecRound;
     time.trunc_subsecs(6)
+}
+
+/// The largest event a store accepts unless told otherwise: 1 MiB, the default
+/// largest message of both NATS and Kafka, so that what is stored can be forwarded.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_048_576;
+
+/// The size an event counts against the store's limit: the bytes of its payload
+/// and of its metadata, each written as compact JSON. Its name, stream and
+/// idempotency key do not count (names are short by validation).
+pub fn event_size(event: &NewEvent) -> usize {
+    /// Counts bytes without keeping them.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, &event.payload);
+    let _ = serde_json::to_writer(&mut counter, &event.metadata);
+    counter.0
+}
+
+/// Refuses the batch if one of its events is larger than `limit` bytes (see
+/// [`event_size`]).
+pub(crate) fn check_sizes(
+    category: &Category,
+    appends: &[StreamAppend],
+    limit: usize,
+) -> Result<()> {
+    for append in appends {
+        for (index, event) in append.events.iter().enumerate() {
+            let size = event_size(event);
+            if size > limit {
+                return Err(Error::EventTooLarge {
+                    category: category.clone(),
+                    stream: append.stream.clone(),
+                    index,
+                    size,
+                    limit,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks what every backend must reject before touching storage: an empty append,

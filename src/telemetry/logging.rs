@@ -5,6 +5,11 @@
 //! `RUST_LOG`, then `log.level`. Unless the filter names `tokio_postgres` itself,
 //! that crate is held at `warn`: at `info` it repeats every server notice, such as
 //! the ones a migration prints for each table that already exists.
+//!
+//! Writing a log line never fails and never blocks the node for long: when stderr is
+//! a closed pipe (`weir run 2>&1 | head`), lines are dropped. The formatter's own
+//! report of a failed write would go to stderr through a printing macro that panics
+//! on a closed pipe, in whichever task logged, so that report is switched off.
 
 use std::io::IsTerminal;
 
@@ -71,7 +76,11 @@ pub fn init(format: LogFormat, level: &str, flag: Option<&str>) -> Result<(), Lo
     let filter = parse_filter(filter, origin)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // On by default, it reports a failed write with `eprintln!`, which panics
+        // when stderr is a closed pipe: that killed the signal task and the
+        // consumers of a node whose stderr reader had gone.
+        .log_internal_errors(false);
     // Ignored when a subscriber is already set (a test that embeds weir).
     let _ = match format {
         LogFormat::Pretty => builder

@@ -154,6 +154,7 @@ impl NodeProbe {
                 ConsumerState::Stopped => continue,
                 ConsumerState::Starting => ("starting", None),
                 ConsumerState::Running => ("running", None),
+                ConsumerState::Retrying(reason) => ("retrying", Some(reason)),
                 ConsumerState::Failed(reason) => ("failed", Some(reason)),
                 ConsumerState::Fenced(reason) => ("fenced", Some(reason)),
             };

@@ -210,7 +210,7 @@ async fn an_existing_stream_is_left_as_it_is() {
 }
 
 #[tokio::test]
-async fn a_subject_no_stream_captures_fails_as_publish_at_the_first_event() {
+async fn a_subject_no_stream_captures_fails_transiently_at_the_first_event() {
     let Some(f) = fixture().await else { return };
     let sink = NatsSink::from_client(
         f.client.clone(),
@@ -225,9 +225,59 @@ async fn a_subject_no_stream_captures_fails_as_publish_at_the_first_event() {
         .await
         .expect("the failure is reported, not waited out")
         .expect_err("nothing stores the subject");
-    assert_eq!(error.kind(), "publish");
+    // Not the event's fault: the consumer waits for a stream rather than
+    // dropping events as dead letters.
+    assert_eq!(error.kind(), "no_stream");
+    assert!(error.is_transient(), "{error}");
     assert_eq!(error.index(), Some(0));
     assert!(error.message().contains("stream"), "{error}");
+}
+
+#[tokio::test]
+async fn an_event_over_the_servers_max_payload_fails_permanently_as_too_large() {
+    let Some(f) = fixture().await else { return };
+    let jetstream = jetstream::new(f.client.clone());
+    jetstream
+        .create_stream(jetstream::stream::Config {
+            name: f.stream.clone(),
+            subjects: vec![format!("{}.>", f.prefix)],
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let limit = f.client.server_info().max_payload;
+    let store = MemoryStore::new().with_max_event_bytes(limit * 2);
+    let mut batch = events().await;
+    batch.truncate(1);
+    batch.extend(
+        store
+            .append(
+                &Category::new("orders").expect("valid"),
+                &StreamName::new("order-big").expect("valid"),
+                WriteCondition::Any,
+                vec![NewEvent::new(
+                    EventName::new("Huge").expect("valid"),
+                    serde_json::json!({ "blob": "x".repeat(limit) }),
+                )],
+            )
+            .await
+            .expect("append"),
+    );
+    let sink = NatsSink::from_client(
+        f.client.clone(),
+        &format!("{}.{{category}}", f.prefix),
+        None,
+        8,
+    )
+    .await
+    .expect("sink");
+    let error = sink.process(&batch).await.expect_err("too large");
+    assert_eq!((error.kind(), error.index()), ("too_large", Some(1)));
+    assert!(!error.is_transient(), "{error}");
+    assert!(error.message().contains("max_payload"), "{error}");
+    // The event before it is stored.
+    let messages = stored(&f.client, &f.stream).await;
+    assert_eq!(header(&messages[0], "Nats-Msg-Id"), batch[0].id.to_string());
 }
 
 #[tokio::test]
@@ -259,7 +309,7 @@ async fn a_failure_part_way_names_the_first_event_not_stored() {
     .expect("sink");
     assert_ne!(events[1].category, events[0].category);
     let error = sink.process(&events).await.expect_err("the second event");
-    assert_eq!((error.kind(), error.index()), ("publish", Some(1)));
+    assert_eq!((error.kind(), error.index()), ("no_stream", Some(1)));
     // The event before the failure is stored. Later ones of its category may be
     // too; the consumer hands them over again and deduplication drops them.
     let messages = stored(&f.client, &f.stream).await;

@@ -323,3 +323,23 @@ fn config_error_display_lists_every_problem_line() {
         assert_eq!(*line, format!("  - {problem}"));
     }
 }
+
+#[test]
+fn the_shutdown_grace_may_not_exceed_the_handover_timeout() {
+    let defaults = load_ok("", &[]);
+    assert!(defaults.node.shutdown_grace <= defaults.broker.handover_timeout);
+    load_ok(
+        "[node]\nshutdown_grace = \"10s\"\n[broker]\nhandover_timeout = \"10s\"\n",
+        &[],
+    );
+    let error = load_err(
+        "[node]\nshutdown_grace = \"30s\"\n",
+        &[("WEIR_BROKER__HANDOVER_TIMEOUT", "10s")],
+    );
+    let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["node.shutdown_grace"]);
+    assert!(
+        error.problems[0].message.contains("handover_timeout (10s)"),
+        "{error}"
+    );
+}
