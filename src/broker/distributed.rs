@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::coordinator::Coordinator;
-use super::lease::{Leadership, LeaseStore};
+use super::lease::{Incarnation, Leadership, LeaseStore};
 use super::membership::MembershipStore;
 use super::observer::Observer;
 use super::{
@@ -36,6 +36,10 @@ pub struct FleetServices {
 /// One node of a coordinated fleet.
 pub struct DistributedBroker {
     node: String,
+    /// This process's run of the node: it holds the lease, signs decisions and
+    /// owns the member registrations, so that another process started with the
+    /// same node id is a stranger to them.
+    incarnation: Incarnation,
     role: BrokerRole,
     settings: BrokerSettings,
     services: FleetServices,
@@ -81,8 +85,10 @@ impl DistributedBroker {
         settings: BrokerSettings,
         services: FleetServices,
     ) -> Self {
+        let node = node.into();
         Self {
-            node: node.into(),
+            incarnation: Incarnation::new(&node),
+            node,
             role,
             settings,
             services,
@@ -110,6 +116,12 @@ impl DistributedBroker {
         &self.node
     }
 
+    /// This process's incarnation of the node: the holder of its lease and of its
+    /// member registrations.
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.incarnation
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every change of state is a single assignment, so a poisoned lock still
         // guards a whole value.
@@ -122,12 +134,12 @@ impl DistributedBroker {
         let leadership = Leadership::new(
             Arc::clone(&self.services.leases),
             COORDINATOR_LEASE,
-            &self.node,
+            self.incarnation.as_str(),
             self.settings.lease_ttl,
         )
         .map_err(|error| BrokerError::InvalidSettings(error.to_string()))?;
         let coordinator = Coordinator::new(
-            &self.node,
+            self.incarnation.as_str(),
             self.settings.clone(),
             Arc::clone(&self.services.membership),
             Arc::clone(&self.services.bus),
@@ -147,7 +159,7 @@ impl DistributedBroker {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut observer = Observer::new(
-            &self.node,
+            self.incarnation.as_str(),
             self.settings.clone(),
             Arc::clone(&self.services.membership),
             Arc::clone(&self.services.bus),
@@ -220,7 +232,7 @@ impl Broker for DistributedBroker {
                 .observes()
                 .then(|| self.start_observer(subscribers)),
         };
-        tracing::info!(node = %self.node, role = %self.role, "broker started");
+        tracing::info!(node = %self.node, incarnation = %self.incarnation, role = %self.role, "broker started");
         *state = State::Started(started);
         Ok(())
     }

@@ -32,8 +32,12 @@ pub struct NodeStatus {
     /// Why it is errored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The coordinator lease's live holder, if anyone holds it.
+    /// The node id of the coordinator lease's live holder, if anyone holds it.
     pub leader: Option<String>,
+    /// The live holder's incarnation (`node-id@token`): which process of that node
+    /// leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_incarnation: Option<String>,
     /// Epoch of the coordinator lease as last written (0 if never taken).
     pub epoch: u64,
     /// Why the leader could not be read, when it could not.
@@ -131,19 +135,22 @@ impl NodeProbe {
             BrokerStatus::Errored(reason) => ("errored".to_owned(), Some(reason.clone())),
             other => (other.to_string(), None),
         };
-        let (leader, epoch, leader_error) = match &self.leases {
+        let (holder, epoch, leader_error) = match &self.leases {
             None => (None, 0, None),
             Some(leases) => {
                 match within("the lease store", leases.current(COORDINATOR_LEASE)).await {
                     Ok(None) => (None, 0, None),
                     Ok(Some(lease)) => {
                         let live = lease.expires_at > Utc::now();
-                        (live.then_some(lease.holder), lease.epoch, None)
+                        let epoch = lease.epoch;
+                        (live.then_some(lease), epoch, None)
                     }
                     Err(error) => (None, 0, Some(error)),
                 }
             }
         };
+        let leader = holder.as_ref().map(|lease| lease.holder_node().to_owned());
+        let leader_incarnation = holder.map(|lease| lease.holder);
         let mut groups: BTreeMap<String, BTreeMap<String, Vec<SourceStatus>>> = BTreeMap::new();
         for (group, id) in self.runtime.subscribers() {
             groups.entry(group).or_default().entry(id).or_default();
@@ -179,6 +186,7 @@ impl NodeProbe {
             state,
             reason,
             leader,
+            leader_incarnation,
             epoch,
             leader_error,
             groups: groups
@@ -307,6 +315,7 @@ mod tests {
             state: "running".into(),
             reason: None,
             leader: Some("node-1".into()),
+            leader_incarnation: None,
             epoch: 3,
             leader_error: None,
             groups: vec![GroupStatus {
