@@ -28,7 +28,7 @@ pub use distributed::DistributedBroker;
 pub use role::{BrokerRole, BrokerStatus};
 pub use settings::BrokerSettings;
 pub use singleton::SingletonBroker;
-pub use subscriber::{Subscriber, SubscriberError, SubscriberSpec};
+pub use subscriber::{Grant, Subscriber, SubscriberError, SubscriberSpec};
 
 use crate::event::ValidationError;
 
