@@ -876,6 +876,15 @@ impl weir::consumer::CheckpointStore for FlakyCheckpoints {
     ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
         self.inner.claim(group, source, owner).await
     }
+    async fn claim_granted(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: weir::broker::Grant,
+    ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
+        self.inner.claim_granted(group, source, owner, grant).await
+    }
     async fn save(
         &self,
         claim: &weir::consumer::Claim,

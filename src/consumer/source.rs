@@ -24,6 +24,7 @@ use super::dead_letter::{DeadLetterStore, NewDeadLetter};
 use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
 use super::settings::{ConsumerSettings, Executor};
+use crate::broker::Grant;
 use crate::event::{Cursor, Source, StoredEvent};
 use crate::metrics as names;
 use crate::store::{AppendWatcher, EventStore};
@@ -217,7 +218,19 @@ impl Drop for RunningConsumer {
 }
 
 impl RunningConsumer {
+    /// Consumes `source`, claiming its checkpoint under no allocation decision.
     pub fn spawn(context: Arc<ConsumerContext>, source: Source) -> Self {
+        Self::spawn_granted(context, source, None)
+    }
+
+    /// Consumes `source`, claiming its checkpoint under `grant` if given: a claim
+    /// refused because the row was claimed under a newer decision ends the
+    /// consumer as fenced.
+    pub fn spawn_granted(
+        context: Arc<ConsumerContext>,
+        source: Source,
+        grant: Option<Grant>,
+    ) -> Self {
         let key = ConsumerKey {
             group: context.group.clone(),
             owner: context.owner.clone(),
@@ -228,6 +241,7 @@ impl RunningConsumer {
         let consumer = SourceConsumer {
             context,
             source,
+            grant,
             key: key.clone(),
             stop: stop.clone(),
         };
@@ -262,6 +276,31 @@ impl RunningConsumer {
                 self.board.set(&self.key, ConsumerState::Stopped);
                 None
             }
+        }
+    }
+
+    /// Whether the consumer ended on its own (fenced, or stopped by its error
+    /// policy) rather than being asked to.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_some_and(JoinHandle::is_finished)
+    }
+
+    /// Whether the consumer ended because another claim holds its checkpoint.
+    pub fn is_fenced(&self) -> bool {
+        self.is_finished()
+            && self
+                .board
+                .entries()
+                .get(&self.key)
+                .is_some_and(|entry| matches!(entry.state, ConsumerState::Fenced(_)))
+    }
+
+    /// Forgets a consumer that ended on its own once its source is no longer this
+    /// subscriber's: it reports stopped, so that neither status nor readiness
+    /// counts it as a source this node owns and does not consume.
+    pub fn retire(mut self) {
+        if self.task.take().is_some() {
+            self.board.set(&self.key, ConsumerState::Stopped);
         }
     }
 
@@ -300,6 +339,8 @@ struct Progress {
 struct SourceConsumer {
     context: Arc<ConsumerContext>,
     source: Source,
+    /// The allocation decision its checkpoint is claimed under, if any.
+    grant: Option<Grant>,
     key: ConsumerKey,
     stop: CancellationToken,
 }
@@ -307,9 +348,19 @@ struct SourceConsumer {
 impl SourceConsumer {
     async fn run(self) -> Option<Cursor> {
         self.report(ConsumerState::Starting);
-        let Some(mut progress) = self.claim().await else {
-            self.report(ConsumerState::Stopped);
-            return None;
+        let mut progress = match self.claim().await {
+            Ok(Some(progress)) => progress,
+            Ok(None) => {
+                self.report(ConsumerState::Stopped);
+                return None;
+            }
+            Err(error) => {
+                let group = self.key.group.clone();
+                metrics::counter!(names::FENCED_CONSUMERS, "group" => group).increment(1);
+                tracing::error!(group = %self.key.group, source = %self.source, %error, "not consuming");
+                self.report(ConsumerState::Fenced(error.to_string()));
+                return None;
+            }
         };
         self.report(ConsumerState::Running);
         self.context.board.set_cursor(&self.key, progress.cursor);
@@ -376,30 +427,36 @@ impl SourceConsumer {
     }
 
     /// Claims the checkpoint, trying again while the store is unreachable; `None`
-    /// if asked to stop first.
-    async fn claim(&self) -> Option<Progress> {
+    /// if asked to stop first, the error if a newer decision's claim holds it.
+    async fn claim(&self) -> Result<Option<Progress>, CheckpointError> {
+        let (group, owner) = (&self.context.group, &self.context.owner);
+        let checkpoints = &self.context.checkpoints;
         loop {
-            match self
-                .context
-                .checkpoints
-                .claim(&self.context.group, &self.source, &self.context.owner)
-                .await
-            {
+            let claimed = match self.grant {
+                Some(grant) => {
+                    checkpoints
+                        .claim_granted(group, &self.source, owner, grant)
+                        .await
+                }
+                None => checkpoints.claim(group, &self.source, owner).await,
+            };
+            match claimed {
+                Err(error @ CheckpointError::Superseded { .. }) => return Err(error),
                 Ok((claim, cursor)) => {
-                    return Some(Progress {
+                    return Ok(Some(Progress {
                         claim,
                         cursor,
                         saved: cursor,
                         unsaved: 0,
                         saved_at: Instant::now(),
-                    });
+                    }));
                 }
                 Err(error) => {
                     tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot claim the checkpoint; trying again");
                 }
             }
             if self.pause(RETRY_DELAY).await {
-                return None;
+                return Ok(None);
             }
         }
     }

@@ -28,6 +28,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "consumers",
         sql: include_str!("migrations/0003_consumers.sql"),
     },
+    Migration {
+        version: 4,
+        name: "claim grants",
+        sql: include_str!("migrations/0004_claim_grants.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.
