@@ -17,7 +17,7 @@ use super::membership::MembershipStore;
 use super::observer::Observer;
 use super::{
     Broker, BrokerError, BrokerRole, BrokerSettings, BrokerStatus, Subscriber, SubscriberSpec,
-    check_registration,
+    check_registration, supervised,
 };
 use crate::bus::AllocationBus;
 
@@ -45,6 +45,8 @@ pub struct DistributedBroker {
     services: FleetServices,
     required_tags: BTreeMap<String, BTreeSet<String>>,
     state: Mutex<State>,
+    /// The first task (coordinator, leadership, observer) to end on its own.
+    failure: Arc<watch::Sender<Option<String>>>,
 }
 
 enum State {
@@ -94,6 +96,7 @@ impl DistributedBroker {
             services,
             required_tags: BTreeMap::new(),
             state: Mutex::new(State::Configured(Vec::new())),
+            failure: Arc::new(watch::channel(None).0),
         }
     }
 
@@ -128,6 +131,15 @@ impl DistributedBroker {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn supervised(
+        &self,
+        what: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        supervised(what, task, cancel.clone(), Arc::clone(&self.failure))
+    }
+
     fn start_coordinator(&self) -> Result<Half, BrokerError> {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -146,8 +158,13 @@ impl DistributedBroker {
         )
         .with_required_tags(self.required_tags.clone());
         let status = coordinator.status();
-        tasks.spawn(coordinator.run(leadership.subscribe(), cancel.clone()));
-        tasks.spawn(leadership.run(cancel.clone()));
+        let leader = leadership.subscribe();
+        tasks.spawn(self.supervised(
+            "coordinator",
+            coordinator.run(leader, cancel.clone()),
+            &cancel,
+        ));
+        tasks.spawn(self.supervised("leadership", leadership.run(cancel.clone()), &cancel));
         Ok(Half {
             cancel,
             tasks,
@@ -168,7 +185,7 @@ impl DistributedBroker {
             observer.add(spec, subscriber);
         }
         let status = observer.status();
-        tasks.spawn(observer.run(cancel.clone()));
+        tasks.spawn(self.supervised("observer", observer.run(cancel.clone()), &cancel));
         Half {
             cancel,
             tasks,
@@ -238,6 +255,9 @@ impl Broker for DistributedBroker {
     }
 
     fn status(&self) -> BrokerStatus {
+        if let Some(reason) = self.failure.borrow().clone() {
+            return BrokerStatus::Errored(reason);
+        }
         match &*self.lock() {
             State::Configured(_) => BrokerStatus::Starting,
             State::Started(started) => {
@@ -293,6 +313,10 @@ impl Broker for DistributedBroker {
         }
         *self.lock() = State::Stopped;
         tracing::info!(node = %self.node, "broker stopped");
+    }
+
+    fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.failure.subscribe()
     }
 
     async fn abort(&self) {

@@ -72,8 +72,14 @@ impl ConsumerState {
 /// A failure that stops the whole runtime, by an error policy's `Exit` or `Raise`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Halt {
-    Exit { code: i32, error: ProcessError },
+    Exit {
+        code: i32,
+        error: ProcessError,
+    },
     Raise(ProcessError),
+    /// A consumer task panicked (in a store it calls, say; a processor's panic is
+    /// an error its policy handles): the reason says which consumer and why.
+    Panicked(String),
 }
 
 /// Identifies one source consumer.
@@ -245,9 +251,10 @@ impl RunningConsumer {
             key: key.clone(),
             stop: stop.clone(),
         };
+        let supervised = supervised(consumer.run(), key.clone(), board.clone());
         Self {
             stop,
-            task: Some(tokio::spawn(consumer.run())),
+            task: Some(tokio::spawn(supervised)),
             key,
             board,
         }
@@ -309,6 +316,33 @@ impl RunningConsumer {
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
+        }
+    }
+}
+
+/// Runs a consumer; should it panic, reports it failed and halts the runtime: a
+/// consumer that stopped without saying so would leave its source unconsumed
+/// while the node looks healthy.
+async fn supervised(
+    run: impl Future<Output = Option<Cursor>>,
+    key: ConsumerKey,
+    board: Board,
+) -> Option<Cursor> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(cursor) => cursor,
+        Err(panic) => {
+            let reason = format!(
+                "the consumer of {} for {} in group {} panicked: {}",
+                key.source,
+                key.owner,
+                key.group,
+                crate::broker::panic_message(panic.as_ref())
+            );
+            tracing::error!("{reason}");
+            board.set(&key, ConsumerState::Failed(reason.clone()));
+            board.halt(Halt::Panicked(reason));
+            None
         }
     }
 }

@@ -96,8 +96,10 @@ pub struct NodeProbe {
 
 impl NodeProbe {
     /// Ready when the store and the bus answer, the lease store answers (on nodes
-    /// that compete for leadership) and the broker does what its role asks:
-    /// running, or waiting while another node leads.
+    /// that compete for leadership), no consumer has failed or been fenced on a
+    /// source it still owns, and the broker does what its role asks: running, or
+    /// waiting while another node leads (an errored broker, say one whose task
+    /// ended, gives its reason).
     pub async fn readiness(&self) -> Readiness {
         let store = within("the event store", self.events.ping());
         let bus = within("the allocation bus", self.bus.check());
@@ -116,7 +118,21 @@ impl NodeProbe {
             .into_iter()
             .filter_map(Result::err)
             .collect();
-        match self.runtime.status().broker {
+        let runtime = self.runtime.status();
+        // A source whose consumer failed or was fenced is consumed by nobody
+        // until it is taken up again or withdrawn (then it reports stopped).
+        for consumer in &runtime.consumers {
+            match &consumer.state {
+                ConsumerState::Failed(reason) | ConsumerState::Fenced(reason) => {
+                    reasons.push(format!(
+                        "{} of group {} is not consumed by {}: {reason}",
+                        consumer.key.source, consumer.key.group, consumer.key.owner
+                    ));
+                }
+                _ => {}
+            }
+        }
+        match runtime.broker {
             status if status.is_healthy() => {}
             BrokerStatus::Starting => {
                 reasons.push("the broker is starting: the node has not joined the fleet yet".into())
