@@ -182,15 +182,12 @@ async fn a_claim_under_an_older_decision_is_refused_and_changes_nothing(backend:
             .claim_granted("billing", &orders, "n1/1", stale)
             .await
         {
-            Err(CheckpointError::Superseded {
-                owner,
-                held,
-                claimant,
-                grant,
-                ..
-            }) => {
-                assert_eq!((owner.as_str(), held), ("n2/1", Grant::new(1, 6)));
-                assert_eq!((claimant.as_str(), grant), ("n1/1", stale));
+            Err(CheckpointError::Superseded(refused)) => {
+                assert_eq!(
+                    (refused.owner.as_str(), refused.held),
+                    ("n2/1", Grant::new(1, 6))
+                );
+                assert_eq!((refused.claimant.as_str(), refused.grant), ("n1/1", stale));
             }
             other => panic!("expected Superseded, got {other:?}"),
         }

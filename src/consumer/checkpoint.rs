@@ -41,22 +41,27 @@ pub enum CheckpointError {
         /// The subscriber whose claim was refused.
         claimant: String,
     },
-    #[error(
-        "the checkpoint of {consumed} in group {group} was claimed by {owner} under allocation decision {held}, newer than decision {grant} under which {claimant} claims it: {claimant} does not own the source and does not consume it; it takes the source up again once a newer decision gives it"
-    )]
-    Superseded {
-        group: String,
-        /// The source whose checkpoint it is.
-        consumed: Source,
-        /// Whoever holds the row now, and under which decision.
-        owner: String,
-        held: Grant,
-        /// The subscriber whose claim was refused, and its decision.
-        claimant: String,
-        grant: Grant,
-    },
+    #[error(transparent)]
+    Superseded(Box<Superseded>),
     #[error(transparent)]
     Store(#[from] store::Error),
+}
+
+/// A claim refused because the row was claimed under a newer allocation decision.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the checkpoint of {consumed} in group {group} was claimed by {owner} under allocation decision {held}, newer than decision {grant} under which {claimant} claims it: {claimant} does not own the source and does not consume it; it takes the source up again once a newer decision gives it"
+)]
+pub struct Superseded {
+    pub group: String,
+    /// The source whose checkpoint it is.
+    pub consumed: Source,
+    /// Whoever holds the row now, and under which decision.
+    pub owner: String,
+    pub held: Grant,
+    /// The subscriber whose claim was refused, and its decision.
+    pub claimant: String,
+    pub grant: Grant,
 }
 
 impl CheckpointError {
@@ -213,14 +218,14 @@ impl MemoryCheckpointStore {
             updated_at: Utc::now(),
         });
         if let Some(grant) = grant.filter(|grant| *grant < row.grant) {
-            return Err(CheckpointError::Superseded {
+            return Err(CheckpointError::Superseded(Box::new(Superseded {
                 group: group.to_owned(),
                 consumed: source.clone(),
                 owner: row.owner.clone(),
                 held: row.grant,
                 claimant: owner.to_owned(),
                 grant,
-            });
+            })));
         }
         row.owner = owner.to_owned();
         row.grant = grant.unwrap_or_default();

@@ -475,7 +475,7 @@ impl SourceConsumer {
                 None => checkpoints.claim(group, &self.source, owner).await,
             };
             match claimed {
-                Err(error @ CheckpointError::Superseded { .. }) => return Err(error),
+                Err(error @ CheckpointError::Superseded(_)) => return Err(error),
                 Ok((claim, cursor)) => {
                     return Ok(Some(Progress {
                         claim,

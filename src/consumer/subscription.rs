@@ -327,7 +327,7 @@ mod tests {
         })
         .await
         .expect("the fenced source was never reported lost");
-        assert_eq!(lost, [orders.clone()]);
+        assert_eq!(lost, std::slice::from_ref(&orders));
 
         // The broker's decision still gives it: accepted again, it is consumed again.
         owner

@@ -10,7 +10,9 @@ use tokio_postgres::types::ToSql;
 
 use super::{PostgresStore, classify, quote_identifier};
 use crate::broker::Grant;
-use crate::consumer::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim};
+use crate::consumer::checkpoint::{
+    Checkpoint, CheckpointError, CheckpointStore, Claim, Superseded,
+};
 use crate::event::{Cursor, Source};
 use crate::store::Error;
 
@@ -155,14 +157,14 @@ impl PostgresCheckpointStore {
             }
             _ => (String::new(), Grant::default()),
         };
-        CheckpointError::Superseded {
+        CheckpointError::Superseded(Box::new(Superseded {
             group: group.to_owned(),
             consumed: source.clone(),
             owner,
             held,
             claimant: claimant.to_owned(),
             grant: grant.unwrap_or_default(),
-        }
+        }))
     }
 }
 
