@@ -102,13 +102,13 @@ async fn each_role_runs_exactly_its_halves() {
     assert!(fleet.services.bus.retained_decision("group-00").is_none());
     let live = fleet.services.membership.live_all(WAIT).await.unwrap();
     assert_eq!(live.len(), 1);
-    assert_eq!(live[0].node, observer);
+    assert_eq!(live[0].node_id(), observer);
 
     let coordinator = fleet.start_node(BrokerRole::Coordinator).await;
     fleet.settle(WAIT).await;
     assert_eq!(fleet.leader().await.unwrap().holder, coordinator);
     let live = fleet.services.membership.live_all(WAIT).await.unwrap();
-    assert!(live.iter().all(|m| m.node == observer), "{live:?}");
+    assert!(live.iter().all(|m| m.node_id() == observer), "{live:?}");
     assert_eq!(
         fleet.nodes[&observer]
             .leases
@@ -128,7 +128,7 @@ async fn each_role_runs_exactly_its_halves() {
     let full = fleet.start_node(BrokerRole::Full).await;
     fleet.settle(WAIT).await;
     let live = fleet.services.membership.live_all(WAIT).await.unwrap();
-    assert!(live.iter().any(|m| m.node == full));
+    assert!(live.iter().any(|m| m.node_id() == full));
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         fleet.nodes[&full]
@@ -259,4 +259,39 @@ async fn a_singleton_reports_a_subscriber_that_cannot_accept() {
     }
     broker.stop().await;
     assert_eq!(broker.status(), BrokerStatus::Stopped);
+}
+
+/// A second process with the node id of a live one (a restarted pod while the old
+/// one still runs, or is only paused) is another lease holder: it waits while the
+/// first renews, and leads under a higher epoch only once the first is gone and its
+/// lease has expired. The two never lead at once.
+#[tokio::test]
+async fn a_second_process_of_a_node_waits_for_the_first_ones_lease() {
+    let mut fleet = Fleet::new(Services::memory(), 1, 2);
+    let node = fleet.start_node(BrokerRole::Coordinator).await;
+    wait_for_status(&fleet.nodes[&node].broker, BrokerStatus::Running).await;
+    let first = fleet.leader().await.expect("the first process leads");
+
+    let second = fleet.build_broker(&node, BrokerRole::Coordinator);
+    assert_ne!(
+        second.incarnation(),
+        fleet.nodes[&node].broker.incarnation()
+    );
+    second.start().await.unwrap();
+    wait_for_status(&second, BrokerStatus::Waiting).await;
+    // Several lease ttls, sampled: the first renews, so the second never leads.
+    let ttl = common::fleet::settings().lease_ttl;
+    let until = tokio::time::Instant::now() + ttl * 3;
+    while tokio::time::Instant::now() < until {
+        assert_eq!(second.status(), BrokerStatus::Waiting);
+        assert_eq!(fleet.nodes[&node].broker.status(), BrokerStatus::Running);
+        assert_eq!(fleet.leader().await.map(|l| l.epoch), Some(first.epoch));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    fleet.crash_node(&node).await;
+    wait_for_status(&second, BrokerStatus::Running).await;
+    let now = fleet.leader().await.expect("the second process leads");
+    assert!(now.epoch > first.epoch, "{now:?} after {first:?}");
+    second.stop().await;
 }

@@ -182,7 +182,11 @@ async fn one_coordinator_and_two_observers_work_together(services: Services) {
         .await
         .unwrap();
     assert_eq!(members.len(), GROUPS * 2);
-    assert!(members.iter().all(|m| observers.contains(&m.node)));
+    assert!(
+        members
+            .iter()
+            .all(|m| observers.iter().any(|o| o == m.node_id()))
+    );
     for group in &fleet.groups {
         let loads: Vec<usize> = loads(&fleet, group).into_values().collect();
         assert_eq!(loads, [3, 3], "{group}");

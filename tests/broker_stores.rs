@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use weir::broker::lease::{LeaseError, LeaseStore};
+use weir::broker::lease::{Incarnation, LeaseError, LeaseStore};
 use weir::broker::membership::{Membership, MembershipStore, Registration, SubscriberKey};
 use weir::event::Source;
 
@@ -49,6 +49,7 @@ on_every_backend!(
     racing_acquirers_let_exactly_one_win,
     holder_reacquires_under_the_same_epoch,
     expired_lease_is_taken_over_with_a_higher_epoch,
+    a_second_incarnation_of_a_node_waits_for_the_lease,
     stale_epoch_changes_nothing,
     release_frees_the_lease_at_once,
     raised_epochs_stay_raised_for_later_terms,
@@ -112,6 +113,60 @@ async fn holder_reacquires_under_the_same_epoch(backend: Backend) {
     assert_eq!(renewed.epoch, first.epoch);
     assert!(renewed.expires_at > again.expires_at);
     assert_eq!(leases.current(LEASE).await.unwrap(), Some(renewed));
+}
+
+/// Two processes started with one node id (a pod restarted while the old one is
+/// paused) are two holders: the second waits for the first's lease to expire and
+/// then leads under a higher epoch; neither can renew or release for the other.
+async fn a_second_incarnation_of_a_node_waits_for_the_lease(backend: Backend) {
+    let leases = &backend.leases;
+    let ttl = SHORT * 3;
+    let (old, new) = (Incarnation::new("n1"), Incarnation::new("n1"));
+    assert_ne!(old.as_str(), new.as_str());
+    let first = leases
+        .try_acquire(LEASE, old.as_str(), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.holder_node(), "n1");
+    assert_eq!(
+        leases.try_acquire(LEASE, new.as_str(), ttl).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        leases
+            .renew(LEASE, new.as_str(), first.epoch, ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    leases
+        .release(LEASE, new.as_str(), first.epoch)
+        .await
+        .unwrap();
+    assert_eq!(leases.current(LEASE).await.unwrap(), Some(first.clone()));
+
+    // The old process is paused: it renews no more, and its lease runs out.
+    let lease = loop {
+        tokio::time::sleep(ttl / 3).await;
+        if let Some(lease) = leases.try_acquire(LEASE, new.as_str(), ttl).await.unwrap() {
+            break lease;
+        }
+    };
+    assert_eq!(lease.holder, new.as_str());
+    assert!(lease.epoch > first.epoch, "{lease:?} after {first:?}");
+    // Back from its pause, the old process cannot renew: it has lost the lease.
+    assert_eq!(
+        leases
+            .renew(LEASE, old.as_str(), first.epoch, ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        leases.try_acquire(LEASE, old.as_str(), ttl).await.unwrap(),
+        None
+    );
 }
 
 async fn expired_lease_is_taken_over_with_a_higher_epoch(backend: Backend) {

@@ -52,6 +52,7 @@ on_every_backend!(
     save_then_load_returns_the_saved_cursor,
     a_claim_by_another_owner_fences_the_earlier_claim,
     a_second_claim_by_the_same_owner_fences_the_first,
+    a_claim_under_an_older_decision_is_refused_and_changes_nothing,
     racing_claims_leave_exactly_one_valid,
     claims_of_other_groups_and_sources_are_independent,
     list_orders_by_group_then_source_and_filters_by_group,
@@ -160,6 +161,65 @@ async fn save_then_load_returns_the_saved_cursor(backend: Backend) {
             .cursor,
         largest
     );
+}
+
+/// A node applying a decision the fleet has moved past (back from a partition, or
+/// walking the bus's history after a restart) cannot take the row from the owner
+/// a newer decision named; an equal decision's claim wins (an owner restarted under
+/// the decision it had), and a claim outside any decision resets the grant.
+async fn a_claim_under_an_older_decision_is_refused_and_changes_nothing(backend: Backend) {
+    use weir::broker::Grant;
+    let checkpoints = &backend.checkpoints;
+    let orders = source("category:orders");
+    let (owner, _) = checkpoints
+        .claim_granted("billing", &orders, "n2/1", Grant::new(1, 6))
+        .await
+        .unwrap();
+    checkpoints.save(&owner, cursor(40, 4)).await.unwrap();
+
+    for stale in [Grant::new(1, 5), Grant::new(0, 99)] {
+        match checkpoints
+            .claim_granted("billing", &orders, "n1/1", stale)
+            .await
+        {
+            Err(CheckpointError::Superseded(refused)) => {
+                assert_eq!(
+                    (refused.owner.as_str(), refused.held),
+                    ("n2/1", Grant::new(1, 6))
+                );
+                assert_eq!((refused.claimant.as_str(), refused.grant), ("n1/1", stale));
+            }
+            other => panic!("expected Superseded, got {other:?}"),
+        }
+    }
+    // The owner never noticed: its claim still holds.
+    checkpoints.save(&owner, cursor(41, 5)).await.unwrap();
+    let row = checkpoints.load("billing", &orders).await.unwrap().unwrap();
+    assert_eq!((row.owner.as_str(), row.cursor), ("n2/1", cursor(41, 5)));
+
+    // The same decision again, or a newer one, takes the row.
+    let (again, at) = checkpoints
+        .claim_granted("billing", &orders, "n2/1", Grant::new(1, 6))
+        .await
+        .unwrap();
+    assert_eq!(at, cursor(41, 5));
+    let (newer, _) = checkpoints
+        .claim_granted("billing", &orders, "n1/1", Grant::new(2, 1))
+        .await
+        .unwrap();
+    expect_fenced(
+        checkpoints.save(&again, cursor(42, 6)).await,
+        &again,
+        "n1/1",
+    );
+    checkpoints.save(&newer, cursor(42, 6)).await.unwrap();
+
+    // A claim under no decision (a single node) resets the grant for the next fleet.
+    checkpoints.claim("billing", &orders, "solo").await.unwrap();
+    checkpoints
+        .claim_granted("billing", &orders, "n1/1", Grant::new(1, 1))
+        .await
+        .unwrap();
 }
 
 async fn a_claim_by_another_owner_fences_the_earlier_claim(backend: Backend) {

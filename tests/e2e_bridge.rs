@@ -293,13 +293,14 @@ checkpoint_interval = "2s"
         all
     }
 
-    /// The coordinator lease's holder and epoch, from the store.
+    /// The coordinator lease's holder (its node id, less the incarnation's token)
+    /// and epoch, from the store.
     async fn leader(&self) -> Option<(String, i64)> {
         let client = self.postgres.raw_client().await;
         let rows = client
             .query(
                 &format!(
-                    "SELECT holder, epoch FROM {}.weir_leases WHERE name = 'coordinator' AND expires_at > now()",
+                    "SELECT regexp_replace(holder, '@[^@]*$', ''), epoch FROM {}.weir_leases WHERE name = 'coordinator' AND expires_at > now()",
                     self.postgres.schema
                 ),
                 &[],

@@ -877,6 +877,15 @@ impl weir::consumer::CheckpointStore for FlakyCheckpoints {
     ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
         self.inner.claim(group, source, owner).await
     }
+    async fn claim_granted(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: weir::broker::Grant,
+    ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
+        self.inner.claim_granted(group, source, owner, grant).await
+    }
     async fn save(
         &self,
         claim: &weir::consumer::Claim,
@@ -1041,4 +1050,175 @@ fn assert_exactly(processed: &[StoredEvent], expected: &[&StoredEvent]) {
             );
         }
     }
+}
+
+/// Checkpoints whose claims panic, so that a consumer task ends.
+struct PanickingCheckpoints(weir::consumer::MemoryCheckpointStore);
+
+#[async_trait]
+impl weir::consumer::CheckpointStore for PanickingCheckpoints {
+    async fn claim(
+        &self,
+        _: &str,
+        _: &Source,
+        _: &str,
+    ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
+        panic!("the checkpoint store broke");
+    }
+    async fn claim_granted(
+        &self,
+        _: &str,
+        _: &Source,
+        _: &str,
+        _: weir::broker::Grant,
+    ) -> Result<(weir::consumer::Claim, Cursor), weir::consumer::CheckpointError> {
+        panic!("the checkpoint store broke");
+    }
+    async fn verify(
+        &self,
+        claim: &weir::consumer::Claim,
+    ) -> Result<(), weir::consumer::CheckpointError> {
+        self.0.verify(claim).await
+    }
+    async fn save(
+        &self,
+        claim: &weir::consumer::Claim,
+        cursor: Cursor,
+    ) -> Result<(), weir::consumer::CheckpointError> {
+        self.0.save(claim, cursor).await
+    }
+    async fn load(
+        &self,
+        group: &str,
+        source: &Source,
+    ) -> Result<Option<weir::consumer::Checkpoint>, weir::consumer::CheckpointError> {
+        self.0.load(group, source).await
+    }
+    async fn list(
+        &self,
+        group: Option<&str>,
+    ) -> Result<Vec<weir::consumer::Checkpoint>, weir::consumer::CheckpointError> {
+        self.0.list(group).await
+    }
+}
+
+/// A consumer task that panics reports its consumer failed with the panic's
+/// message, and the runtime stops and returns the error, so that `weir run` exits
+/// non-zero for its orchestrator to restart it.
+#[tokio::test]
+async fn a_consumer_task_that_panics_fails_its_consumer_and_the_runtime() {
+    let mut backend = Backend::memory();
+    backend.stores.checkpoints = Arc::new(PanickingCheckpoints(Default::default()));
+    let runtime = runtime(&backend, Arc::new(SingletonBroker::new()));
+    runtime
+        .register_consumer(
+            "panics",
+            source("category:orders"),
+            Arc::new(Recorder::default()),
+            None,
+        )
+        .unwrap();
+    let outcome = tokio::time::timeout(WAIT, runtime.run_until(std::future::pending()))
+        .await
+        .expect("the panic stopped the runtime");
+    match outcome {
+        Err(RuntimeError::TaskEnded(reason)) => {
+            assert!(reason.contains("the checkpoint store broke"), "{reason}");
+        }
+        other => panic!("expected TaskEnded, got {other:?}"),
+    }
+    let status = runtime.status();
+    assert!(!status.is_healthy());
+    assert!(
+        status.consumers.iter().any(|c| matches!(
+            &c.state,
+            ConsumerState::Failed(reason) if reason.contains("panicked")
+        )),
+        "{status:?}"
+    );
+}
+
+/// A membership store whose registrations panic, so that the observer task ends.
+struct PanickingMembership(weir::broker::membership::MemoryMembershipStore);
+
+#[async_trait]
+impl weir::broker::membership::MembershipStore for PanickingMembership {
+    async fn register(
+        &self,
+        _: &weir::broker::membership::Registration,
+    ) -> weir::store::Result<weir::broker::membership::MemberRecord> {
+        panic!("the membership store broke");
+    }
+    async fn heartbeat(
+        &self,
+        node: &str,
+        keys: &[weir::broker::membership::SubscriberKey],
+    ) -> weir::store::Result<Vec<weir::broker::membership::SubscriberKey>> {
+        self.0.heartbeat(node, keys).await
+    }
+    async fn leave(&self, group: &str, subscriber: &str) -> weir::store::Result<bool> {
+        self.0.leave(group, subscriber).await
+    }
+    async fn live(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> weir::store::Result<Vec<weir::broker::membership::MemberRecord>> {
+        self.0.live(group, timeout).await
+    }
+    async fn live_all(
+        &self,
+        timeout: Duration,
+    ) -> weir::store::Result<Vec<weir::broker::membership::MemberRecord>> {
+        self.0.live_all(timeout).await
+    }
+    async fn groups(&self) -> weir::store::Result<Vec<String>> {
+        self.0.groups().await
+    }
+    async fn purge(&self, older_than: Duration) -> weir::store::Result<u64> {
+        self.0.purge(older_than).await
+    }
+}
+
+/// A broker task that ends (here the observer, which panics) makes the broker
+/// errored with the reason at once, and the runtime stops with the error.
+#[tokio::test]
+async fn a_broker_task_that_ends_makes_the_node_unready_and_the_runtime_fail() {
+    let backend = Backend::memory();
+    let services = weir::broker::distributed::FleetServices {
+        membership: Arc::new(PanickingMembership(Default::default())),
+        leases: Arc::new(weir::broker::lease::MemoryLeaseStore::new()),
+        bus: Arc::new(weir::bus::MemoryBus::new()),
+    };
+    let broker = weir::broker::DistributedBroker::new(
+        "node-a",
+        BrokerRole::Observer,
+        common::fleet::settings(),
+        services,
+    );
+    let runtime = runtime(&backend, Arc::new(broker));
+    runtime
+        .register_subscription_consumer(
+            spec("g", &["category:orders"]),
+            Arc::new(Recorder::default()),
+            None,
+        )
+        .unwrap();
+    runtime.start().await.unwrap();
+    let started = Instant::now();
+    let reason = loop {
+        if let weir::broker::BrokerStatus::Errored(reason) = runtime.status().broker {
+            break reason;
+        }
+        assert!(started.elapsed() < WAIT, "the broker still looks fine");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(reason.contains("observer task panicked"), "{reason}");
+    let outcome = tokio::time::timeout(WAIT, runtime.wait_until(std::future::pending()))
+        .await
+        .expect("the ended task stopped the runtime");
+    assert!(
+        matches!(&outcome, Err(RuntimeError::TaskEnded(r)) if r.contains("membership store broke")),
+        "{outcome:?}"
+    );
 }

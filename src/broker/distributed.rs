@@ -12,12 +12,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::coordinator::Coordinator;
-use super::lease::{Leadership, LeaseStore};
+use super::lease::{Incarnation, Leadership, LeaseStore};
 use super::membership::MembershipStore;
 use super::observer::Observer;
 use super::{
     Broker, BrokerError, BrokerRole, BrokerSettings, BrokerStatus, Subscriber, SubscriberSpec,
-    check_registration,
+    check_registration, supervised,
 };
 use crate::bus::AllocationBus;
 
@@ -36,11 +36,17 @@ pub struct FleetServices {
 /// One node of a coordinated fleet.
 pub struct DistributedBroker {
     node: String,
+    /// This process's run of the node: it holds the lease, signs decisions and
+    /// owns the member registrations, so that another process started with the
+    /// same node id is a stranger to them.
+    incarnation: Incarnation,
     role: BrokerRole,
     settings: BrokerSettings,
     services: FleetServices,
     required_tags: BTreeMap<String, BTreeSet<String>>,
     state: Mutex<State>,
+    /// The first task (coordinator, leadership, observer) to end on its own.
+    failure: Arc<watch::Sender<Option<String>>>,
 }
 
 enum State {
@@ -81,13 +87,16 @@ impl DistributedBroker {
         settings: BrokerSettings,
         services: FleetServices,
     ) -> Self {
+        let node = node.into();
         Self {
-            node: node.into(),
+            incarnation: Incarnation::new(&node),
+            node,
             role,
             settings,
             services,
             required_tags: BTreeMap::new(),
             state: Mutex::new(State::Configured(Vec::new())),
+            failure: Arc::new(watch::channel(None).0),
         }
     }
 
@@ -110,10 +119,25 @@ impl DistributedBroker {
         &self.node
     }
 
+    /// This process's incarnation of the node: the holder of its lease and of its
+    /// member registrations.
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.incarnation
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every change of state is a single assignment, so a poisoned lock still
         // guards a whole value.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn supervised(
+        &self,
+        what: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        supervised(what, task, cancel.clone(), Arc::clone(&self.failure))
     }
 
     fn start_coordinator(&self) -> Result<Half, BrokerError> {
@@ -122,12 +146,12 @@ impl DistributedBroker {
         let leadership = Leadership::new(
             Arc::clone(&self.services.leases),
             COORDINATOR_LEASE,
-            &self.node,
+            self.incarnation.as_str(),
             self.settings.lease_ttl,
         )
         .map_err(|error| BrokerError::InvalidSettings(error.to_string()))?;
         let coordinator = Coordinator::new(
-            &self.node,
+            self.incarnation.as_str(),
             self.settings.clone(),
             Arc::clone(&self.services.membership),
             Arc::clone(&self.services.bus),
@@ -135,8 +159,13 @@ impl DistributedBroker {
         .with_required_tags(self.required_tags.clone())
         .with_epoch_floor(leadership.epoch_floor());
         let status = coordinator.status();
-        tasks.spawn(coordinator.run(leadership.subscribe(), cancel.clone()));
-        tasks.spawn(leadership.run(cancel.clone()));
+        let leader = leadership.subscribe();
+        tasks.spawn(self.supervised(
+            "coordinator",
+            coordinator.run(leader, cancel.clone()),
+            &cancel,
+        ));
+        tasks.spawn(self.supervised("leadership", leadership.run(cancel.clone()), &cancel));
         Ok(Half {
             cancel,
             tasks,
@@ -148,7 +177,7 @@ impl DistributedBroker {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut observer = Observer::new(
-            &self.node,
+            self.incarnation.as_str(),
             self.settings.clone(),
             Arc::clone(&self.services.membership),
             Arc::clone(&self.services.bus),
@@ -157,7 +186,7 @@ impl DistributedBroker {
             observer.add(spec, subscriber);
         }
         let status = observer.status();
-        tasks.spawn(observer.run(cancel.clone()));
+        tasks.spawn(self.supervised("observer", observer.run(cancel.clone()), &cancel));
         Half {
             cancel,
             tasks,
@@ -221,12 +250,15 @@ impl Broker for DistributedBroker {
                 .observes()
                 .then(|| self.start_observer(subscribers)),
         };
-        tracing::info!(node = %self.node, role = %self.role, "broker started");
+        tracing::info!(node = %self.node, incarnation = %self.incarnation, role = %self.role, "broker started");
         *state = State::Started(started);
         Ok(())
     }
 
     fn status(&self) -> BrokerStatus {
+        if let Some(reason) = self.failure.borrow().clone() {
+            return BrokerStatus::Errored(reason);
+        }
         match &*self.lock() {
             State::Configured(_) => BrokerStatus::Starting,
             State::Started(started) => {
@@ -282,6 +314,10 @@ impl Broker for DistributedBroker {
         }
         *self.lock() = State::Stopped;
         tracing::info!(node = %self.node, "broker stopped");
+    }
+
+    fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.failure.subscribe()
     }
 
     async fn abort(&self) {

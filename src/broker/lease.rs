@@ -41,10 +41,56 @@ pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
     Ok(())
 }
 
+/// One run of one process of a node, written `node-id@token`: the node id and a
+/// token drawn when the process starts. Leases and member registrations belong to
+/// incarnations, not to node ids, so that two processes sharing a node id (a pod
+/// restarted while the old one is only paused, or a copy started by mistake) are
+/// two holders: neither can renew, release or heartbeat for the other.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Incarnation {
+    node: String,
+    holder: String,
+}
+
+impl Incarnation {
+    /// A new incarnation of `node`, with a random token of its own.
+    pub fn new(node: impl Into<String>) -> Self {
+        let node = node.into();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // 64 random bits tell the processes of one node apart; the rest only
+        // lengthens every log line and status that shows the holder.
+        let holder = format!("{node}@{}", &token[..16]);
+        Self { node, holder }
+    }
+
+    /// The node id this is an incarnation of.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The holder name leases and registrations carry: `node-id@token`.
+    pub fn as_str(&self) -> &str {
+        &self.holder
+    }
+}
+
+/// The node id in a holder name written by [`Incarnation`]: everything before the
+/// last `@`, or the whole name if it has none.
+pub fn node_of(holder: &str) -> &str {
+    holder.rsplit_once('@').map_or(holder, |(node, _)| node)
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.holder)
+    }
+}
+
 /// A lease as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub name: String,
+    /// The holder's [`Incarnation`], as written by nodes: `node-id@token`.
     pub holder: String,
     /// Grows by one with every new acquisition; never reused for a name.
     pub epoch: u64,
@@ -52,11 +98,20 @@ pub struct Lease {
     pub expires_at: DateTime<Utc>,
 }
 
+impl Lease {
+    /// The node id of the holder (its incarnation less the token).
+    pub fn holder_node(&self) -> &str {
+        node_of(&self.holder)
+    }
+}
+
 /// Where leases live. Object safe, so a node can hold `Arc<dyn LeaseStore>`.
 ///
 /// Contract (checked on every backend by `tests/broker_stores.rs`):
-/// - At most one node holds a live lease of a name at any instant of the store's clock.
-/// - A new acquisition (of a free or expired lease, or of one another node held)
+/// - At most one holder holds a live lease of a name at any instant of the store's clock.
+///   Holders are compared as whole strings: nodes pass their [`Incarnation`], so two
+///   processes of one node id are two holders.
+/// - A new acquisition (of a free or expired lease, or of one another holder held)
 ///   increments the epoch; re-acquiring one's own live lease keeps it.
 /// - Operations naming a holder and epoch change nothing unless both match a live lease.
 #[async_trait]
@@ -309,7 +364,7 @@ impl LeaderState {
     }
 }
 
-/// Keeps a node's claim on a lease: tries to acquire it every `ttl / 3` while a
+/// Keeps a process's claim on a lease: tries to acquire it every `ttl / 3` while a
 /// follower, renews it as often while leader, and demotes the moment a renewal fails
 /// or the local deadline passes. Spawn [`Leadership::run`]; watch [`Leadership::subscribe`].
 ///
@@ -317,6 +372,11 @@ impl LeaderState {
 /// the ttl, on this node's monotonic clock. The store set the expiry after that call
 /// started, so the node gives up leading no later than the store frees the lease, even
 /// if the store stops answering.
+///
+/// The holder it claims under is an [`Incarnation`], never the bare node id: a
+/// second process started with the same node id (a pod restarted while the old one
+/// is paused) is then another holder, which waits for the lease to expire and leads
+/// under a higher epoch, instead of sharing the old process's term.
 pub struct Leadership {
     store: Arc<dyn LeaseStore>,
     name: String,
@@ -394,33 +454,8 @@ impl Leadership {
         }
     }
 
-    /// A lease this node id already holds before this driver ever acquired it
-    /// belongs to an earlier process of the same node (restarted, say after a
-    /// crash). Releasing it starts this process on a new term with a higher epoch,
-    /// so nothing the old process may still have sent passes for this one's, and
-    /// the restart does not wait out the old lease. Store errors are left to the
-    /// acquisition loop, which reports them.
-    async fn end_earlier_incarnations_term(&self) {
-        if let Ok(Some(lease)) = self.store.current(&self.name).await {
-            if lease.holder == self.node {
-                tracing::info!(
-                    lease = %self.name, node = %self.node, epoch = lease.epoch,
-                    "ending the term of an earlier process of this node"
-                );
-                let _ = self
-                    .store
-                    .release(&self.name, &self.node, lease.epoch)
-                    .await;
-            }
-        }
-    }
-
     /// Runs until `cancel` is cancelled, then releases the lease if it holds it.
     pub async fn run(self, cancel: CancellationToken) {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = self.end_earlier_incarnations_term() => {}
-        }
         let interval = self.attempt_interval();
         // (epoch, local deadline) while leader.
         let mut held: Option<(u64, Instant)> = None;
@@ -645,18 +680,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_restarted_node_leads_under_a_higher_epoch() {
+    async fn a_restarted_node_waits_for_the_lease_and_leads_under_a_higher_epoch() {
         let store = Arc::new(MemoryLeaseStore::new());
-        let (mut state, _cancel, crashed) = start_driver(store.clone(), "a");
+        let old = Incarnation::new("a");
+        let (mut state, _cancel, paused) = start_driver(store.clone(), old.as_str());
         wait_for(&mut state, TTL, LeaderState::is_leader).await;
-        // A crash: the driver stops without releasing; its lease is still live.
-        crashed.abort();
-        let _ = crashed.await;
-        let (mut state, cancel, driver) = start_driver(store.clone(), "a");
-        let led = wait_for(&mut state, TTL, LeaderState::is_leader).await;
+        // The old process stops renewing (paused, or crashed) with its lease live.
+        paused.abort();
+        let _ = paused.await;
+        let lease = store.current("coordinator").await.unwrap().unwrap();
+
+        let new = Incarnation::new("a");
+        assert_ne!(new, old);
+        let (mut state, cancel, driver) = start_driver(store.clone(), new.as_str());
+        let led = wait_for(&mut state, TTL * 2, LeaderState::is_leader).await;
+        // Not before the old process's lease ran out: it may still act on it.
+        let led_at = store.clock.to_utc(Instant::now());
+        assert!(
+            led_at >= lease.expires_at,
+            "{led_at} < {}",
+            lease.expires_at
+        );
         assert_eq!(led, LeaderState::Leader { epoch: 2 });
         cancel.cancel();
         driver.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_processes_of_one_node_never_lead_together() {
+        let store = Arc::new(MemoryLeaseStore::new());
+        let (mut first, cancel_first, first_driver) =
+            start_driver(store.clone(), Incarnation::new("a").as_str());
+        wait_for(&mut first, TTL, LeaderState::is_leader).await;
+        let (second, cancel_second, second_driver) =
+            start_driver(store.clone(), Incarnation::new("a").as_str());
+        // Many ttls: the first keeps renewing, so the second never takes over.
+        for _ in 0..60 {
+            tokio::time::sleep(TTL / 10).await;
+            assert_eq!(*first.borrow(), LeaderState::Leader { epoch: 1 });
+            assert_eq!(*second.borrow(), LeaderState::Follower);
+        }
+        cancel_first.cancel();
+        cancel_second.cancel();
+        first_driver.await.unwrap();
+        second_driver.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

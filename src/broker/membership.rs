@@ -23,13 +23,23 @@ use crate::store::Result;
 pub struct MemberRecord {
     pub group: String,
     pub subscriber: String,
-    /// The node the subscriber runs on, which heartbeats for it.
+    /// The incarnation of the node the subscriber runs on (`node-id@token`), which
+    /// heartbeats for it: a second process of the same node id that registers the
+    /// subscriber takes the record over, and the first one's heartbeats stop
+    /// counting.
     pub node: String,
     /// What the subscriber asks to be allocated.
     pub sources: BTreeSet<Source>,
     pub tags: BTreeSet<String>,
     /// On the store's clock.
     pub heartbeat_at: DateTime<Utc>,
+}
+
+impl MemberRecord {
+    /// The node id the subscriber runs on (its incarnation less the token).
+    pub fn node_id(&self) -> &str {
+        super::lease::node_of(&self.node)
+    }
 }
 
 /// What a node registers for one of its subscribers: a [`MemberRecord`] less the

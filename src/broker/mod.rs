@@ -10,9 +10,13 @@
 //! - [`distributed`] and [`singleton`]: the two [`Broker`]s: a fleet coordinated over
 //!   a bus, and one process that needs no coordination.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 pub mod coordinator;
 pub mod distributed;
@@ -28,7 +32,7 @@ pub use distributed::DistributedBroker;
 pub use role::{BrokerRole, BrokerStatus};
 pub use settings::BrokerSettings;
 pub use singleton::SingletonBroker;
-pub use subscriber::{Subscriber, SubscriberError, SubscriberSpec};
+pub use subscriber::{Grant, Subscriber, SubscriberError, SubscriberSpec};
 
 use crate::event::ValidationError;
 
@@ -94,6 +98,51 @@ pub trait Broker: Send + Sync + 'static {
     /// timeout, lease expiry). For tests of failure and for a process that must
     /// exit immediately.
     async fn abort(&self);
+
+    /// The first of the broker's tasks to end on its own (a panic, or a task that
+    /// returned while the broker runs), with the reason; `None` while all run. A
+    /// broker with such a task cannot do its work: its status is errored from then
+    /// on, and a runtime stops and reports it. The default never reports, for a
+    /// broker that runs no tasks.
+    fn failure(&self) -> watch::Receiver<Option<String>> {
+        watch::channel(None).1
+    }
+}
+
+/// Runs `task` and, should it end on its own (a panic, or returning before
+/// `cancel` asked it to), keeps the first such end's reason in `failure`.
+pub(crate) async fn supervised(
+    what: &'static str,
+    task: impl Future<Output = ()>,
+    cancel: CancellationToken,
+    failure: Arc<watch::Sender<Option<String>>>,
+) {
+    let outcome = AssertUnwindSafe(task).catch_unwind().await;
+    let reason = match outcome {
+        Ok(()) if cancel.is_cancelled() => return,
+        Ok(()) => format!("the {what} task ended while the node runs"),
+        Err(panic) => format!(
+            "the {what} task panicked: {}",
+            panic_message(panic.as_ref())
+        ),
+    };
+    tracing::error!("{reason}: the node is not ready; restart it");
+    failure.send_if_modified(|kept| {
+        let first = kept.is_none();
+        if first {
+            *kept = Some(format!("{reason}; restart the node"));
+        }
+        first
+    });
+}
+
+/// The message a panic was raised with, if it was a string.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// The registration checks both brokers share: a valid name, not already taken.

@@ -2,16 +2,31 @@
 //! decisions from the bus and tells each local subscriber which sources to accept
 //! and which to withdraw.
 //!
-//! Decisions of a group are applied only if newer than the newest seen, by
-//! `(epoch, revision)`, so a deposed coordinator's late decision changes nothing.
+//! Only the newest decision of each group is ever applied. On start the observer
+//! subscribes, then reads what the bus retains (the newest decision of every
+//! group) and applies that; after it, a decision counts only if it is newer, by
+//! `(epoch, revision)`, than the newest known. A bus that replays its history to a
+//! new subscriber (Kafka reads the topic from the beginning) therefore changes
+//! nothing, however many old decisions it holds, and a deposed coordinator's late
+//! decision changes nothing either.
+//!
 //! Each group is applied by a task of its own, so a subscriber slow to withdraw
 //! holds up only its group; within a group every withdraw finishes before any
 //! accept starts, and `released` is published for a source only once its withdraw
-//! has returned, which is what makes a handover safe.
+//! has returned, which is what makes a handover safe. Sources are accepted under
+//! the decision's [`Grant`], so that a claim made for a decision the fleet has
+//! moved past is refused by whatever the subscriber claims.
 //!
 //! A node that cannot heartbeat for a whole member timeout must assume the
 //! coordinator counts it dead and gives its sources away, so it withdraws them
-//! itself; it takes them up again once its heartbeats get through.
+//! itself; it takes them up again once its heartbeats get through, under the
+//! grant of the decision it knows, which loses to the grant of any decision that
+//! gave them away meanwhile.
+//!
+//! A subscriber that loses a source on its own (its claim taken) reports it
+//! through [`Subscriber::take_lost`]; the applier accepts it again while the
+//! newest decision still gives it. While a source the node owns is consumed by
+//! nobody, the observer reports itself errored, which makes the node not ready.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -25,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::BrokerSettings;
 use super::membership::{Membership, MembershipStore, SubscriberKey};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
-use super::subscriber::{Subscriber, SubscriberSpec};
+use super::subscriber::{Grant, Subscriber, SubscriberSpec};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::{Cursor, Source};
 use crate::metrics;
@@ -39,7 +54,7 @@ pub struct Observer {
     bus: Arc<dyn AllocationBus>,
     /// Group to its local subscribers, by subscriber id.
     groups: BTreeMap<String, BTreeMap<String, Arc<dyn Subscriber>>>,
-    status: Reporter,
+    status: Arc<Reporter>,
 }
 
 /// What one group's applier is told: the newest decision, and whether the node has
@@ -59,6 +74,98 @@ impl Target {
             _ => BTreeSet::new(),
         }
     }
+
+    fn grant(&self) -> Grant {
+        self.decision
+            .as_ref()
+            .map(|decision| Grant::new(decision.epoch, decision.revision))
+            .unwrap_or_default()
+    }
+}
+
+/// The targets of every local group: the one place that decides which decision
+/// each group's applier sees.
+struct Targets {
+    senders: BTreeMap<String, watch::Sender<Target>>,
+}
+
+impl Targets {
+    /// A target per group, starting from the newest `retained` decision of each.
+    fn new<'a>(groups: impl IntoIterator<Item = &'a String>, retained: Vec<Decision>) -> Self {
+        let senders: BTreeMap<String, watch::Sender<Target>> = groups
+            .into_iter()
+            .map(|group| (group.clone(), watch::channel(Target::default()).0))
+            .collect();
+        let targets = Self { senders };
+        for decision in retained {
+            targets.offer(decision);
+        }
+        targets
+    }
+
+    fn receiver(&self, group: &str) -> Option<watch::Receiver<Target>> {
+        self.senders.get(group).map(watch::Sender::subscribe)
+    }
+
+    /// Takes `decision` if its group is local and it is newer than the newest
+    /// known; returns whether it was taken.
+    fn offer(&self, decision: Decision) -> bool {
+        let Some(target) = self.senders.get(decision.group.as_str()) else {
+            return false;
+        };
+        target.send_if_modified(|target| {
+            let newer = target
+                .decision
+                .as_ref()
+                .is_none_or(|seen| decision.is_newer_than(seen));
+            if newer {
+                metrics::decision_seen(&decision.group, decision.epoch, decision.revision);
+                target.decision = Some(Arc::new(decision));
+            }
+            newer
+        })
+    }
+
+    fn fence(&self, fenced: bool) {
+        for target in self.senders.values() {
+            target.send_if_modified(|target| {
+                let changed = target.fenced != fenced;
+                target.fenced = fenced;
+                changed
+            });
+        }
+    }
+}
+
+/// When the node must fence itself: a member timeout, less one heartbeat interval,
+/// after the last heartbeat that got through was sent.
+struct FenceClock {
+    after: std::time::Duration,
+    at: Instant,
+    fenced: bool,
+}
+
+impl FenceClock {
+    fn new(settings: &BrokerSettings, registered_at: Instant) -> Self {
+        // The registry stamps a heartbeat at some moment after it was sent, so the
+        // coordinator counts this node dead no earlier than a member timeout after
+        // the last successful send. Fencing one interval before that leaves the
+        // coordinator's tick no chance to give a source away first.
+        let after = settings
+            .member_timeout
+            .saturating_sub(settings.heartbeat_interval);
+        Self {
+            after,
+            at: registered_at + after,
+            fenced: false,
+        }
+    }
+
+    /// A heartbeat sent at `sent` got through; returns whether that unfenced.
+    fn heard(&mut self, sent: Instant) -> bool {
+        self.at = sent + self.after;
+        std::mem::replace(&mut self.fenced, false)
+    }
 }
 
 impl Observer {
@@ -71,7 +178,7 @@ impl Observer {
         let node = node.into();
         Self {
             membership: Membership::new(membership, node.clone()),
-            status: Reporter::new(&node),
+            status: Arc::new(Reporter::new(&node)),
             node,
             settings,
             bus,
@@ -96,16 +203,15 @@ impl Observer {
     /// Registers the subscribers, applies decisions until `cancel` is cancelled,
     /// then withdraws every source, removes the registrations and signals `leaving`.
     pub async fn run(self, cancel: CancellationToken) {
-        if let Some((subscription, registered_at)) = self.start(&cancel).await {
-            self.observe(subscription, registered_at, &cancel).await;
+        if let Some(started) = self.start(&cancel).await {
+            self.observe(started, &cancel).await;
         }
         self.status.set(BrokerStatus::Stopped);
     }
 
-    /// Registers every subscriber, subscribes to the bus and announces the
-    /// subscribers. Returns the subscription and when the registration that
-    /// succeeded was sent; `None` if cancelled first.
-    async fn start(&self, cancel: &CancellationToken) -> Option<(BusSubscription, Instant)> {
+    /// Registers every subscriber, subscribes to the bus, reads the decisions it
+    /// retains and announces the subscribers. `None` if cancelled first.
+    async fn start(&self, cancel: &CancellationToken) -> Option<Started> {
         let registered_at = self
             .status
             .retry(cancel, "cannot register subscribers", || async {
@@ -113,104 +219,105 @@ impl Observer {
                 self.membership.register_all().await.map(|()| sent)
             })
             .await?;
-        let subscription = self
+        // Subscribed before reading what is retained, so that a decision published
+        // in between arrives on the subscription.
+        let subscription = self.subscribe(cancel).await?;
+        let retained = self
             .status
-            .retry(cancel, "cannot subscribe to the allocation bus", || {
-                self.bus.subscribe()
+            .retry(cancel, "cannot read the retained decisions", || {
+                self.bus.retained()
             })
             .await?;
         for key in self.keys() {
             self.signal_joined(&key).await;
         }
         self.status.set(BrokerStatus::Running);
-        Some((subscription, registered_at))
+        Some(Started {
+            subscription,
+            registered_at,
+            retained,
+        })
     }
 
-    async fn observe(
-        &self,
-        mut subscription: BusSubscription,
-        registered_at: Instant,
-        cancel: &CancellationToken,
-    ) {
-        let mut appliers = JoinSet::new();
-        let mut targets: BTreeMap<&str, watch::Sender<Target>> = BTreeMap::new();
-        let stop_appliers = CancellationToken::new();
-        for (group, subscribers) in &self.groups {
-            let (sender, receiver) = watch::channel(Target::default());
-            let applier = GroupApplier {
-                group: group.clone(),
-                subscribers: subscribers.clone(),
-                held: BTreeMap::new(),
-                bus: Arc::clone(&self.bus),
-            };
-            appliers.spawn(applier.run(receiver, stop_appliers.clone()));
-            targets.insert(group, sender);
-        }
+    async fn subscribe(&self, cancel: &CancellationToken) -> Option<BusSubscription> {
+        self.status
+            .retry(cancel, "cannot subscribe to the allocation bus", || {
+                self.bus.subscribe()
+            })
+            .await
+    }
 
+    /// Applies the newest decisions until `cancel`, fencing the node while its
+    /// heartbeats do not get through; then withdraws everything and leaves.
+    async fn observe(&self, started: Started, cancel: &CancellationToken) {
+        let Started {
+            mut subscription,
+            registered_at,
+            retained,
+        } = started;
+        let targets = Targets::new(self.groups.keys(), retained);
+        let stop_appliers = CancellationToken::new();
+        let appliers = self.spawn_appliers(&targets, &stop_appliers);
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         heartbeat.reset();
-        // The registry stamps a heartbeat at some moment after it was sent, so the
-        // coordinator counts this node dead no earlier than a member timeout after
-        // the last successful send. Fencing one interval before that leaves the
-        // coordinator's tick no chance to give a source away first.
-        let fence_after = self
-            .settings
-            .member_timeout
-            .saturating_sub(self.settings.heartbeat_interval);
-        let mut fence_at = registered_at + fence_after;
-        let mut fenced = false;
+        let mut fence = FenceClock::new(&self.settings, registered_at);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = heartbeat.tick() => {
-                    let sent = Instant::now();
-                    if self.heartbeat().await {
-                        fence_at = sent + fence_after;
-                        if fenced {
-                            fenced = false;
-                            tracing::info!(node = %self.node, "heartbeats get through again: taking sources back up");
-                            for target in targets.values() {
-                                target.send_modify(|target| target.fenced = false);
-                            }
-                        }
-                    }
-                }
-                () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    fenced = true;
+                _ = heartbeat.tick() => self.heartbeat_and_unfence(&mut fence, &targets).await,
+                () = tokio::time::sleep_until(fence.at), if !fence.fenced => {
+                    fence.fenced = true;
                     tracing::error!(
                         node = %self.node,
                         "no heartbeat got through for most of a member timeout: withdrawing every source before the coordinator gives them away"
                     );
-                    for target in targets.values() {
-                        target.send_modify(|target| target.fenced = true);
-                    }
+                    targets.fence(true);
                 }
                 message = subscription.next() => match message {
                     Some(BusMessage::Decision(decision)) => {
-                        if let Some(target) = targets.get(decision.group.as_str()) {
-                            target.send_if_modified(|target| {
-                                let newer = target
-                                    .decision
-                                    .as_ref()
-                                    .is_none_or(|seen| decision.is_newer_than(seen));
-                                if newer {
-                                    metrics::decision_seen(&decision.group, decision.epoch, decision.revision);
-                                    target.decision = Some(Arc::new(decision));
-                                }
-                                newer
-                            });
-                        }
+                        targets.offer(decision);
                     }
                     Some(BusMessage::Signal(_)) => {}
-                    None => match self.status.retry(cancel, "cannot subscribe to the allocation bus", || self.bus.subscribe()).await {
+                    None => match self.subscribe(cancel).await {
                         Some(fresh) => subscription = fresh,
                         None => break,
                     },
                 },
             }
         }
+        self.leave(appliers, stop_appliers).await;
+    }
 
+    fn spawn_appliers(&self, targets: &Targets, stop: &CancellationToken) -> JoinSet<()> {
+        let mut appliers = JoinSet::new();
+        for (group, subscribers) in &self.groups {
+            let Some(receiver) = targets.receiver(group) else {
+                continue;
+            };
+            let applier = GroupApplier {
+                group: group.clone(),
+                subscribers: subscribers.clone(),
+                held: BTreeMap::new(),
+                bus: Arc::clone(&self.bus),
+                status: Arc::clone(&self.status),
+            };
+            appliers.spawn(applier.run(receiver, stop.clone()));
+        }
+        appliers
+    }
+
+    async fn heartbeat_and_unfence(&self, fence: &mut FenceClock, targets: &Targets) {
+        let sent = Instant::now();
+        if self.heartbeat().await && fence.heard(sent) {
+            tracing::info!(node = %self.node, "heartbeats get through again: taking sources back up");
+            targets.fence(false);
+        }
+    }
+
+    /// Withdraws and releases every source, then removes the registrations and
+    /// says the subscribers leave.
+    async fn leave(&self, mut appliers: JoinSet<()>, stop_appliers: CancellationToken) {
         self.status.set(BrokerStatus::Stopping);
         // Every source is withdrawn and released before the node says it leaves:
         // the coordinator hands a leaving node's sources on at once.
@@ -272,6 +379,15 @@ impl Observer {
     }
 }
 
+/// What [`Observer::start`] hands to [`Observer::observe`].
+struct Started {
+    subscription: BusSubscription,
+    /// When the registration that succeeded was sent.
+    registered_at: Instant,
+    /// The newest decision of every group, as the bus retained them at start.
+    retained: Vec<Decision>,
+}
+
 /// Signals are hints: the coordinator also reads membership and times handovers
 /// out, so a signal that cannot be published is logged, not retried.
 async fn publish_signal(bus: &dyn AllocationBus, signal: Signal) {
@@ -280,6 +396,12 @@ async fn publish_signal(bus: &dyn AllocationBus, signal: Signal) {
     }
 }
 
+/// Changes an applier plans: (subscriber id, source).
+type Planned = Vec<(String, Source)>;
+
+/// One change an applier makes: a subscriber (by id) and a source.
+type Change<'a> = (&'a String, &'a Arc<dyn Subscriber>, Source);
+
 /// Applies one group's decisions to its local subscribers.
 struct GroupApplier {
     group: String,
@@ -287,15 +409,20 @@ struct GroupApplier {
     /// What each subscriber holds now.
     held: BTreeMap<String, BTreeSet<Source>>,
     bus: Arc<dyn AllocationBus>,
+    status: Arc<Reporter>,
 }
 
 impl GroupApplier {
     /// Applies the newest target whenever it changes, until `stop`; then
     /// withdraws everything.
     async fn run(mut self, mut targets: watch::Receiver<Target>, stop: CancellationToken) {
+        // How often subscribers are asked for sources they lost on their own.
+        let mut recheck = tokio::time::interval(RETRY_DELAY);
+        recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        recheck.reset();
+        let mut target = targets.borrow_and_update().clone();
+        let mut complete = self.apply(&target).await;
         loop {
-            let target = targets.borrow_and_update().clone();
-            let complete = self.apply(&target).await;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -303,12 +430,40 @@ impl GroupApplier {
                     if changed.is_err() {
                         break;
                     }
+                    target = targets.borrow_and_update().clone();
                 }
-                // A failed accept is tried again even if no new decision comes.
-                () = tokio::time::sleep(RETRY_DELAY), if !complete => {}
+                // A failed accept is tried again even if no new decision comes, and
+                // so is a source a subscriber lost.
+                _ = recheck.tick() => {
+                    if !self.forget_lost() && complete {
+                        continue;
+                    }
+                }
             }
+            complete = self.apply(&target).await;
         }
         self.apply(&Target::default()).await;
+        self.status.problem(&self.problem_key(), None);
+    }
+
+    fn problem_key(&self) -> String {
+        format!("group {}", self.group)
+    }
+
+    /// Stops counting as held what subscribers lost on their own; returns whether
+    /// anything was lost.
+    fn forget_lost(&mut self) -> bool {
+        let mut any = false;
+        for (id, subscriber) in &self.subscribers {
+            for source in subscriber.take_lost() {
+                tracing::warn!(group = %self.group, subscriber = %id, %source, "the subscriber lost the source; accepting it again while the decision gives it");
+                if let Some(held) = self.held.get_mut(id) {
+                    held.remove(&source);
+                }
+                any = true;
+            }
+        }
+        any
     }
 
     /// Tells the coordinator `subscriber` no longer consumes `source`.
@@ -323,25 +478,45 @@ impl GroupApplier {
     }
 
     /// Withdraws what the target takes away, then accepts what it gives. Returns
-    /// whether every accept succeeded.
+    /// whether every source it gives is held.
     async fn apply(&mut self, target: &Target) -> bool {
+        let (withdrawals, acceptances) = self.plan(target);
+        let subscribers = self.subscribers.clone();
+        let released = self
+            .withdraw(with_subscribers(&subscribers, withdrawals))
+            .await;
+        self.release_unheld_handovers(target, &released).await;
+        let acceptances = with_subscribers(&subscribers, acceptances);
+        self.accept(acceptances, target.grant()).await;
+        let owned: usize = self.held.values().map(BTreeSet::len).sum();
+        ::metrics::gauge!(metrics::SOURCES_OWNED, "group" => self.group.clone()).set(owned as f64);
+        self.report_unconsumed(target)
+    }
+
+    /// What to withdraw and what to accept, as (subscriber id, source).
+    fn plan(&self, target: &Target) -> (Planned, Planned) {
         let mut withdrawals = Vec::new();
         let mut acceptances = Vec::new();
-        for (id, subscriber) in &self.subscribers {
+        for id in self.subscribers.keys() {
             let wanted = target.sources_of(id);
             let held = self.held.get(id);
             for source in held.into_iter().flatten() {
                 if !wanted.contains(source) {
-                    withdrawals.push((id, subscriber, source.clone()));
+                    withdrawals.push((id.clone(), source.clone()));
                 }
             }
             for source in wanted {
                 if !held.is_some_and(|held| held.contains(&source)) {
-                    acceptances.push((id, subscriber, source));
+                    acceptances.push((id.clone(), source));
                 }
             }
         }
+        (withdrawals, acceptances)
+    }
 
+    /// Withdraws every change at once and releases each source once its withdraw
+    /// returned. Returns what was released.
+    async fn withdraw(&mut self, withdrawals: Vec<Change<'_>>) -> BTreeSet<(String, Source)> {
         let withdrawn = join_all(withdrawals.into_iter().map(
             |(id, subscriber, source)| async move {
                 let outcome = subscriber.withdraw(&source).await;
@@ -356,54 +531,105 @@ impl GroupApplier {
             if let Some(held) = self.held.get_mut(id) {
                 held.remove(&source);
             }
-            let cursor = match outcome {
-                Ok(cursor) => cursor,
-                Err(error) => {
-                    tracing::error!(group = %self.group, subscriber = %id, %source, %error, "withdraw failed; releasing the source anyway");
-                    None
-                }
-            };
+            let cursor = outcome.unwrap_or_else(|error| {
+                tracing::error!(group = %self.group, subscriber = %id, %source, %error, "withdraw failed; releasing the source anyway");
+                None
+            });
             tracing::debug!(group = %self.group, subscriber = %id, %source, "withdrew");
             self.release(id, &source, cursor).await;
-            released.insert((id, source));
+            released.insert((id.clone(), source));
         }
-        // A source can be in handover from a subscriber that never held it: it
-        // applied a later decision than the one that gave it the source, or its
-        // accept failed. Nothing runs on it here, so it is released at once.
-        if let Some(decision) = &target.decision {
-            for (source, handover) in &decision.handovers {
-                let Some((id, _)) = self.subscribers.get_key_value(&handover.from) else {
-                    continue;
-                };
-                let holds = self.held.get(id).is_some_and(|held| held.contains(source));
-                if !holds && !released.contains(&(id, source.clone())) {
-                    self.release(id, source, None).await;
-                }
+        released
+    }
+
+    /// A source can be in handover from a subscriber that never held it: it
+    /// applied a later decision than the one that gave it the source, or its
+    /// accept failed. Nothing runs on it here, so it is released at once.
+    async fn release_unheld_handovers(
+        &self,
+        target: &Target,
+        released: &BTreeSet<(String, Source)>,
+    ) {
+        let Some(decision) = &target.decision else {
+            return;
+        };
+        for (source, handover) in &decision.handovers {
+            let Some((id, _)) = self.subscribers.get_key_value(&handover.from) else {
+                continue;
+            };
+            let holds = self.held.get(id).is_some_and(|held| held.contains(source));
+            if !holds && !released.contains(&(id.clone(), source.clone())) {
+                self.release(id, source, None).await;
             }
         }
+    }
 
+    /// Accepts every change at once under `grant`, counting what succeeded as held.
+    async fn accept(&mut self, acceptances: Vec<Change<'_>>, grant: Grant) {
         let accepted = join_all(acceptances.into_iter().map(
             |(id, subscriber, source)| async move {
-                let outcome = subscriber.accept(&source).await;
+                let outcome = subscriber.accept_granted(&source, grant).await;
                 (id, source, outcome)
             },
         ))
         .await;
-        let mut complete = true;
         for (id, source, outcome) in accepted {
             match outcome {
                 Ok(()) => {
-                    tracing::debug!(group = %self.group, subscriber = %id, %source, "accepted");
+                    tracing::debug!(group = %self.group, subscriber = %id, %source, %grant, "accepted");
                     self.held.entry(id.clone()).or_default().insert(source);
                 }
                 Err(error) => {
                     tracing::warn!(group = %self.group, subscriber = %id, %source, %error, "accept failed; trying again");
-                    complete = false;
                 }
             }
         }
-        let owned: usize = self.held.values().map(BTreeSet::len).sum();
-        ::metrics::gauge!(metrics::SOURCES_OWNED, "group" => self.group.clone()).set(owned as f64);
+    }
+
+    /// Reports the sources the target gives this node that nobody holds (their
+    /// accept failed, or they were lost), or clears the report. Returns whether
+    /// every source is held.
+    fn report_unconsumed(&self, target: &Target) -> bool {
+        let unconsumed: Vec<String> = self
+            .subscribers
+            .keys()
+            .flat_map(|id| {
+                let held = self.held.get(id);
+                target
+                    .sources_of(id)
+                    .into_iter()
+                    .filter(move |source| !held.is_some_and(|held| held.contains(source)))
+                    .map(move |source| format!("{id}: {source}"))
+            })
+            .collect();
+        let problem = (!unconsumed.is_empty()).then(|| {
+            format!(
+                "group {} has sources this node owns but does not consume ({}); trying again",
+                self.group,
+                unconsumed.join(", ")
+            )
+        });
+        let complete = problem.is_none();
+        self.status.problem(&self.problem_key(), problem);
         complete
     }
 }
+
+/// Pairs each (subscriber id, source) with the subscriber.
+fn with_subscribers(
+    subscribers: &BTreeMap<String, Arc<dyn Subscriber>>,
+    changes: Planned,
+) -> Vec<Change<'_>> {
+    changes
+        .into_iter()
+        .filter_map(|(id, source)| {
+            subscribers
+                .get_key_value(&id)
+                .map(|(id, subscriber)| (id, subscriber, source))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "observer_tests.rs"]
+mod tests;

@@ -124,9 +124,20 @@ impl fmt::Display for BrokerStatus {
 
 /// One half of a broker (coordinator or observer) keeping its status: what it
 /// sets, what it reports when something fails, and how it retries.
+///
+/// Besides the status the half sets, parts of it (an observer's group appliers)
+/// report standing problems by key, such as a source the node owns but nobody
+/// consumes. While any is reported, a running or waiting half reads as errored
+/// with those reasons, whatever it sets meanwhile.
 pub(crate) struct Reporter {
     node: String,
     status: watch::Sender<BrokerStatus>,
+    state: std::sync::Mutex<ReporterState>,
+}
+
+struct ReporterState {
+    set: BrokerStatus,
+    problems: std::collections::BTreeMap<String, String>,
 }
 
 impl Reporter {
@@ -134,6 +145,10 @@ impl Reporter {
         Self {
             node: node.to_owned(),
             status: watch::channel(BrokerStatus::Starting).0,
+            state: std::sync::Mutex::new(ReporterState {
+                set: BrokerStatus::Starting,
+                problems: std::collections::BTreeMap::new(),
+            }),
         }
     }
 
@@ -141,8 +156,52 @@ impl Reporter {
         self.status.subscribe()
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, ReporterState> {
+        // Every update is one assignment or one map entry, so a poisoned lock
+        // still guards a whole value.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn publish(&self, state: &ReporterState) {
+        let status = match &state.set {
+            set if set.is_healthy() && !state.problems.is_empty() => {
+                let reasons: Vec<&str> = state.problems.values().map(String::as_str).collect();
+                BrokerStatus::Errored(reasons.join("; "))
+            }
+            set => set.clone(),
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+
     pub(crate) fn set(&self, status: BrokerStatus) {
-        self.status.send_replace(status);
+        let mut state = self.state();
+        state.set = status;
+        self.publish(&state);
+    }
+
+    /// Reports (`Some`) or clears (`None`) the standing problem under `key`.
+    pub(crate) fn problem(&self, key: &str, problem: Option<String>) {
+        let mut state = self.state();
+        let changed = match problem {
+            Some(problem) => {
+                let new = state.problems.get(key) != Some(&problem);
+                if new {
+                    tracing::warn!(node = %self.node, "{problem}");
+                    state.problems.insert(key.to_owned(), problem);
+                }
+                new
+            }
+            None => state.problems.remove(key).is_some(),
+        };
+        if changed {
+            self.publish(&state);
+        }
     }
 
     /// Logs `reason` and reports the half errored until it next sets a status.

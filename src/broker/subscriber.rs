@@ -19,16 +19,60 @@ impl SubscriberError {
     }
 }
 
+/// The allocation decision under which a broker gives a subscriber a source, by
+/// its `(epoch, revision)`, compared lexicographically.
+///
+/// A subscriber that claims something for the source (a checkpoint row) claims it
+/// under its grant, and a claim under an older grant than the row's last one is
+/// refused: an observer that applies a decision the fleet has moved past (a node
+/// back from a partition re-applying the decision it cached, or one walking the
+/// bus's history after a restart) then cannot take the source from the owner a
+/// newer decision named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Grant {
+    pub epoch: u64,
+    pub revision: u64,
+}
+
+impl Grant {
+    pub fn new(epoch: u64, revision: u64) -> Self {
+        Self { epoch, revision }
+    }
+}
+
+impl std::fmt::Display for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.revision)
+    }
+}
+
 /// One instance of a subscriber group on this node.
 ///
 /// The broker calls these one source at a time and never accepts a source twice
-/// without a withdraw in between. A failed accept is tried again later; a failed
+/// without a withdraw in between, unless the subscriber reported it lost
+/// ([`Subscriber::take_lost`]). A failed accept is tried again later; a failed
 /// withdraw is taken as done once the call returns, since the broker cannot make a
 /// subscriber hold on to a source.
 #[async_trait]
 pub trait Subscriber: Send + Sync + 'static {
-    /// Starts consuming `source`.
+    /// Starts consuming `source`, given by no particular decision (a broker that
+    /// coordinates with nobody).
     async fn accept(&self, source: &Source) -> Result<(), SubscriberError>;
+
+    /// Starts consuming `source`, given by the decision `grant`. Subscribers that
+    /// claim anything for the source claim it under `grant`; the default ignores it.
+    async fn accept_granted(&self, source: &Source, grant: Grant) -> Result<(), SubscriberError> {
+        let _ = grant;
+        self.accept(source).await
+    }
+
+    /// Sources this subscriber stopped consuming on its own since last asked (its
+    /// claim was taken by another subscriber), so that the broker no longer counts
+    /// them as held: it accepts them again while its newest decision still gives
+    /// them, under that decision's grant. The default loses nothing.
+    fn take_lost(&self) -> Vec<Source> {
+        Vec::new()
+    }
 
     /// Stops consuming `source`. Returns only once nothing more will be processed
     /// from it and its checkpoint is stored, with the cursor it stopped at (`None`

@@ -97,6 +97,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         Ok(Outcome::Stopped) => Ok(()),
         Ok(Outcome::Exit(code)) => Err(CliError::Halted(code)),
         Err(RuntimeError::Raised(error)) => Err(CliError::Raised(error.to_string())),
+        // Exit 1 after the graceful stop, so that an orchestrator restarts the node.
+        Err(error @ RuntimeError::TaskEnded(_)) => Err(CliError::Raised(error.to_string())),
         Err(error) => Err(CliError::Usage(error.to_string())),
     }
 }

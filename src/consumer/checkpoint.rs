@@ -9,6 +9,11 @@
 //! to its processor a consumer also [verifies](CheckpointStore::verify) its claim:
 //! a fenced consumer publishes at most the one batch already in flight.
 //!
+//! A claim made for an allocation decision carries the decision's [`Grant`], and
+//! a claim under an older grant than the row was last claimed under is refused
+//! with [`CheckpointError::Superseded`]: a node applying a decision the fleet has
+//! moved past cannot take the row from the owner a newer decision named.
+//!
 //! Backends: [`MemoryCheckpointStore`] and `PostgresCheckpointStore` (feature
 //! `postgres`, table `weir_checkpoints`).
 
@@ -19,6 +24,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::broker::Grant;
 use crate::event::{Cursor, Source};
 use crate::store;
 
@@ -38,7 +44,26 @@ pub enum CheckpointError {
         claimant: String,
     },
     #[error(transparent)]
+    Superseded(Box<Superseded>),
+    #[error(transparent)]
     Store(#[from] store::Error),
+}
+
+/// A claim refused because the row was claimed under a newer allocation decision.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the checkpoint of {consumed} in group {group} was claimed by {owner} under allocation decision {held}, newer than decision {grant} under which {claimant} claims it: {claimant} does not own the source and does not consume it; it takes the source up again once a newer decision gives it"
+)]
+pub struct Superseded {
+    pub group: String,
+    /// The source whose checkpoint it is.
+    pub consumed: Source,
+    /// Whoever holds the row now, and under which decision.
+    pub owner: String,
+    pub held: Grant,
+    /// The subscriber whose claim was refused, and its decision.
+    pub claimant: String,
+    pub grant: Grant,
 }
 
 impl CheckpointError {
@@ -101,12 +126,25 @@ pub struct Checkpoint {
 pub trait CheckpointStore: Send + Sync + 'static {
     /// Claims the (group, source) row for `owner`, creating it at [`Cursor::START`]
     /// if there is none, and returns the claim with the stored cursor. Every earlier
-    /// claim is fenced from now on.
+    /// claim is fenced from now on. The claim belongs to no allocation decision:
+    /// the row's grant goes back to the lowest, which every decision's claim beats.
     async fn claim(
         &self,
         group: &str,
         source: &Source,
         owner: &str,
+    ) -> Result<(Claim, Cursor), CheckpointError>;
+
+    /// Claims the row as [`CheckpointStore::claim`] does, for the allocation
+    /// decision `grant`, unless the row was last claimed under a newer one: then
+    /// [`CheckpointError::Superseded`] and nothing changes. An equal grant wins, so
+    /// that an owner restarted under the same decision takes its row back.
+    async fn claim_granted(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: Grant,
     ) -> Result<(Claim, Cursor), CheckpointError>;
 
     /// Stores `cursor` if `claim` still holds the row; [`CheckpointError::Fenced`]
@@ -139,6 +177,8 @@ pub struct MemoryCheckpointStore {
 struct Row {
     source: Source,
     owner: String,
+    /// The decision the row was last claimed under.
+    grant: Grant,
     token: Uuid,
     cursor: Cursor,
     updated_at: DateTime<Utc>,
@@ -165,6 +205,43 @@ impl MemoryCheckpointStore {
     }
 }
 
+impl MemoryCheckpointStore {
+    /// Claims the row under `grant` (`None`: under no decision, unconditionally).
+    fn claim_row(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: Option<Grant>,
+    ) -> Result<(Claim, Cursor), CheckpointError> {
+        let claim = Claim::new(group, source, owner);
+        let mut rows = self.rows();
+        let row = rows.entry(key(group, source)).or_insert_with(|| Row {
+            source: source.clone(),
+            owner: String::new(),
+            grant: Grant::default(),
+            token: Uuid::nil(),
+            cursor: Cursor::START,
+            updated_at: Utc::now(),
+        });
+        if let Some(grant) = grant.filter(|grant| *grant < row.grant) {
+            return Err(CheckpointError::Superseded(Box::new(Superseded {
+                group: group.to_owned(),
+                consumed: source.clone(),
+                owner: row.owner.clone(),
+                held: row.grant,
+                claimant: owner.to_owned(),
+                grant,
+            })));
+        }
+        row.owner = owner.to_owned();
+        row.grant = grant.unwrap_or_default();
+        row.token = claim.token;
+        row.updated_at = Utc::now();
+        Ok((claim, row.cursor))
+    }
+}
+
 fn key(group: &str, source: &Source) -> (String, String) {
     (group.to_owned(), source.to_string())
 }
@@ -177,19 +254,17 @@ impl CheckpointStore for MemoryCheckpointStore {
         source: &Source,
         owner: &str,
     ) -> Result<(Claim, Cursor), CheckpointError> {
-        let claim = Claim::new(group, source, owner);
-        let mut rows = self.rows();
-        let row = rows.entry(key(group, source)).or_insert_with(|| Row {
-            source: source.clone(),
-            owner: String::new(),
-            token: Uuid::nil(),
-            cursor: Cursor::START,
-            updated_at: Utc::now(),
-        });
-        row.owner = owner.to_owned();
-        row.token = claim.token;
-        row.updated_at = Utc::now();
-        Ok((claim, row.cursor))
+        self.claim_row(group, source, owner, None)
+    }
+
+    async fn claim_granted(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: Grant,
+    ) -> Result<(Claim, Cursor), CheckpointError> {
+        self.claim_row(group, source, owner, Some(grant))
     }
 
     async fn save(&self, claim: &Claim, cursor: Cursor) -> Result<(), CheckpointError> {

@@ -25,6 +25,7 @@ use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
 use super::resume::Resume;
 use super::settings::{ConsumerSettings, Executor};
+use crate::broker::Grant;
 use crate::event::{Cursor, Source, StoredEvent};
 use crate::metrics as names;
 use crate::store::{AppendWatcher, EventStore};
@@ -132,8 +133,14 @@ impl ConsumerState {
 /// A failure that stops the whole runtime, by an error policy's `Exit` or `Raise`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Halt {
-    Exit { code: i32, error: ProcessError },
+    Exit {
+        code: i32,
+        error: ProcessError,
+    },
     Raise(ProcessError),
+    /// A consumer task panicked (in a store it calls, say; a processor's panic is
+    /// an error its policy handles): the reason says which consumer and why.
+    Panicked(String),
 }
 
 /// Identifies one source consumer.
@@ -278,7 +285,19 @@ impl Drop for RunningConsumer {
 }
 
 impl RunningConsumer {
+    /// Consumes `source`, claiming its checkpoint under no allocation decision.
     pub fn spawn(context: Arc<ConsumerContext>, source: Source) -> Self {
+        Self::spawn_granted(context, source, None)
+    }
+
+    /// Consumes `source`, claiming its checkpoint under `grant` if given: a claim
+    /// refused because the row was claimed under a newer decision ends the
+    /// consumer as fenced.
+    pub fn spawn_granted(
+        context: Arc<ConsumerContext>,
+        source: Source,
+        grant: Option<Grant>,
+    ) -> Self {
         let key = ConsumerKey {
             group: context.group.clone(),
             owner: context.owner.clone(),
@@ -289,12 +308,14 @@ impl RunningConsumer {
         let consumer = SourceConsumer {
             context,
             source,
+            grant,
             key: key.clone(),
             stop: stop.clone(),
         };
+        let supervised = supervised(consumer.run(), key.clone(), board.clone());
         Self {
             stop,
-            task: Some(tokio::spawn(consumer.run())),
+            task: Some(tokio::spawn(supervised)),
             key,
             board,
         }
@@ -326,11 +347,63 @@ impl RunningConsumer {
         }
     }
 
+    /// Whether the consumer ended on its own (fenced, or stopped by its error
+    /// policy) rather than being asked to.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_some_and(JoinHandle::is_finished)
+    }
+
+    /// Whether the consumer ended because another claim holds its checkpoint.
+    pub fn is_fenced(&self) -> bool {
+        self.is_finished()
+            && self
+                .board
+                .entries()
+                .get(&self.key)
+                .is_some_and(|entry| matches!(entry.state, ConsumerState::Fenced(_)))
+    }
+
+    /// Forgets a consumer that ended on its own once its source is no longer this
+    /// subscriber's: it reports stopped, so that neither status nor readiness
+    /// counts it as a source this node owns and does not consume.
+    pub fn retire(mut self) {
+        if self.task.take().is_some() {
+            self.board.set(&self.key, ConsumerState::Stopped);
+        }
+    }
+
     /// Stops the consumer at once, storing nothing: what a crash does.
     pub async fn abort(mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
+        }
+    }
+}
+
+/// Runs a consumer; should it panic, reports it failed and halts the runtime: a
+/// consumer that stopped without saying so would leave its source unconsumed
+/// while the node looks healthy.
+async fn supervised(
+    run: impl Future<Output = Option<Cursor>>,
+    key: ConsumerKey,
+    board: Board,
+) -> Option<Cursor> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(cursor) => cursor,
+        Err(panic) => {
+            let reason = format!(
+                "the consumer of {} for {} in group {} panicked: {}",
+                key.source,
+                key.owner,
+                key.group,
+                crate::broker::panic_message(panic.as_ref())
+            );
+            tracing::error!("{reason}");
+            board.set(&key, ConsumerState::Failed(reason.clone()));
+            board.halt(Halt::Panicked(reason));
+            None
         }
     }
 }
@@ -363,6 +436,8 @@ struct Progress {
 struct SourceConsumer {
     context: Arc<ConsumerContext>,
     source: Source,
+    /// The allocation decision its checkpoint is claimed under, if any.
+    grant: Option<Grant>,
     key: ConsumerKey,
     stop: CancellationToken,
 }
@@ -370,9 +445,19 @@ struct SourceConsumer {
 impl SourceConsumer {
     async fn run(self) -> Option<Cursor> {
         self.report(ConsumerState::Starting);
-        let Some(mut progress) = self.claim().await else {
-            self.report(ConsumerState::Stopped);
-            return None;
+        let mut progress = match self.claim().await {
+            Ok(Some(progress)) => progress,
+            Ok(None) => {
+                self.report(ConsumerState::Stopped);
+                return None;
+            }
+            Err(error) => {
+                let group = self.key.group.clone();
+                metrics::counter!(names::FENCED_CONSUMERS, "group" => group).increment(1);
+                tracing::error!(group = %self.key.group, source = %self.source, %error, "not consuming");
+                self.report(ConsumerState::Fenced(error.to_string()));
+                return None;
+            }
         };
         self.report(ConsumerState::Running);
         self.context.board.set_cursor(&self.key, progress.cursor);
@@ -439,18 +524,24 @@ impl SourceConsumer {
     }
 
     /// Claims the checkpoint, trying again while the store is unreachable; `None`
-    /// if asked to stop first.
-    async fn claim(&self) -> Option<Progress> {
+    /// if asked to stop first, the error if a newer decision's claim holds it.
+    async fn claim(&self) -> Result<Option<Progress>, CheckpointError> {
+        let (group, owner) = (&self.context.group, &self.context.owner);
+        let checkpoints = &self.context.checkpoints;
         loop {
-            match self
-                .context
-                .checkpoints
-                .claim(&self.context.group, &self.source, &self.context.owner)
-                .await
-            {
+            let claimed = match self.grant {
+                Some(grant) => {
+                    checkpoints
+                        .claim_granted(group, &self.source, owner, grant)
+                        .await
+                }
+                None => checkpoints.claim(group, &self.source, owner).await,
+            };
+            match claimed {
+                Err(error @ CheckpointError::Superseded(_)) => return Err(error),
                 Ok((claim, cursor)) => match self.resume_plan(cursor).await {
                     Ok((start, resume)) => {
-                        return Some(Progress {
+                        return Ok(Some(Progress {
                             claim,
                             cursor: start,
                             saved: cursor,
@@ -458,7 +549,7 @@ impl SourceConsumer {
                             unsaved: u64::from(start != cursor),
                             saved_at: Instant::now(),
                             resume,
-                        });
+                        }));
                     }
                     Err(error) => {
                         tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot read the group's other checkpoints; trying again");
@@ -469,7 +560,7 @@ impl SourceConsumer {
                 }
             }
             if self.pause(RETRY_DELAY).await {
-                return None;
+                return Ok(None);
             }
         }
     }

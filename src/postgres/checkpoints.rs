@@ -9,7 +9,10 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::{PostgresStore, classify, quote_identifier};
-use crate::consumer::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim};
+use crate::broker::Grant;
+use crate::consumer::checkpoint::{
+    Checkpoint, CheckpointError, CheckpointStore, Claim, Superseded,
+};
 use crate::event::{Cursor, Source};
 use crate::store::Error;
 
@@ -27,6 +30,7 @@ pub struct PostgresCheckpointStore {
 
 struct Sql {
     claim: String,
+    holder: String,
     save: String,
     owner: String,
     verify: String,
@@ -41,12 +45,21 @@ impl PostgresCheckpointStore {
         let sql = Sql {
             // On conflict the row is locked and re-read, so of racing claims the last
             // to commit holds the row, and the cursor returned is the last one saved.
+            // A claim under a grant ($7) changes the row only if the row's grant
+            // is not newer; the row lock taken on conflict makes the comparison
+            // and the write one step. Without a grant, the row's goes back to 0.0.
             claim: format!(
-                "INSERT INTO {table} (group_name, source, owner, claim, tx_id, sequence, updated_at) \
-                 VALUES ($1, $2, $3, $4, 0, 0, clock_timestamp()) \
+                "INSERT INTO {table} AS c (group_name, source, owner, claim, tx_id, sequence, updated_at, \
+                   claim_epoch, claim_revision) \
+                 VALUES ($1, $2, $3, $4, 0, 0, clock_timestamp(), $5, $6) \
                  ON CONFLICT (group_name, source) DO UPDATE SET \
-                   owner = EXCLUDED.owner, claim = EXCLUDED.claim, updated_at = clock_timestamp() \
+                   owner = EXCLUDED.owner, claim = EXCLUDED.claim, updated_at = clock_timestamp(), \
+                   claim_epoch = EXCLUDED.claim_epoch, claim_revision = EXCLUDED.claim_revision \
+                 WHERE NOT $7 OR (c.claim_epoch, c.claim_revision) <= (EXCLUDED.claim_epoch, EXCLUDED.claim_revision) \
                  RETURNING tx_id, sequence"
+            ),
+            holder: format!(
+                "SELECT owner, claim_epoch, claim_revision FROM {table} WHERE group_name = $1 AND source = $2"
             ),
             // A save that waited on a concurrent claim's row lock re-checks the token
             // on the claimed row, so it cannot overwrite the new owner's cursor.
@@ -88,6 +101,84 @@ impl PostgresCheckpointStore {
     ) -> Result<u64, CheckpointError> {
         Ok(self.store.execute_once(sql, params).await?)
     }
+}
+
+impl PostgresCheckpointStore {
+    /// Claims the row under `grant` (`None`: under no decision, unconditionally).
+    async fn claim_row(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: Option<Grant>,
+    ) -> Result<(Claim, Cursor), CheckpointError> {
+        let claim = Claim::new(group, source, owner);
+        let (epoch, revision) = grant_columns(grant.unwrap_or_default());
+        let source_text = source.to_string();
+        let rows = self
+            .query(
+                &self.sql.claim,
+                &[
+                    &group,
+                    &source_text,
+                    &owner,
+                    &claim.token,
+                    &epoch,
+                    &revision,
+                    &grant.is_some(),
+                ],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(self.superseded(group, source, owner, grant).await);
+        };
+        let cursor = cursor_from(row, 0)?;
+        Ok((claim, cursor))
+    }
+
+    /// The error for a claim under `grant` that the row's newer grant refused.
+    async fn superseded(
+        &self,
+        group: &str,
+        source: &Source,
+        claimant: &str,
+        grant: Option<Grant>,
+    ) -> CheckpointError {
+        let holder = self
+            .query(&self.sql.holder, &[&group, &source.to_string()])
+            .await;
+        let (owner, held) = match holder.as_deref().map(|rows| rows.first()) {
+            Ok(Some(row)) => {
+                let epoch: i64 = row.try_get(1).unwrap_or_default();
+                let revision: i64 = row.try_get(2).unwrap_or_default();
+                (
+                    row.try_get::<_, String>(0).unwrap_or_default(),
+                    Grant::new(
+                        u64::try_from(epoch).unwrap_or_default(),
+                        u64::try_from(revision).unwrap_or_default(),
+                    ),
+                )
+            }
+            _ => (String::new(), Grant::default()),
+        };
+        CheckpointError::Superseded(Box::new(Superseded {
+            group: group.to_owned(),
+            consumed: source.clone(),
+            owner,
+            held,
+            claimant: claimant.to_owned(),
+            grant: grant.unwrap_or_default(),
+        }))
+    }
+}
+
+/// A grant as the two bigint columns hold it; beyond i64::MAX (never issued)
+/// counts as the largest.
+fn grant_columns(grant: Grant) -> (i64, i64) {
+    (
+        i64::try_from(grant.epoch).unwrap_or(i64::MAX),
+        i64::try_from(grant.revision).unwrap_or(i64::MAX),
+    )
 }
 
 /// The cursor as the two bigint columns hold it.
@@ -133,18 +224,17 @@ impl CheckpointStore for PostgresCheckpointStore {
         source: &Source,
         owner: &str,
     ) -> Result<(Claim, Cursor), CheckpointError> {
-        let claim = Claim::new(group, source, owner);
-        let rows = self
-            .query(
-                &self.sql.claim,
-                &[&group, &source.to_string(), &owner, &claim.token],
-            )
-            .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::Backend("claiming a checkpoint returned no row".to_owned()))?;
-        let cursor = cursor_from(row, 0)?;
-        Ok((claim, cursor))
+        self.claim_row(group, source, owner, None).await
+    }
+
+    async fn claim_granted(
+        &self,
+        group: &str,
+        source: &Source,
+        owner: &str,
+        grant: Grant,
+    ) -> Result<(Claim, Cursor), CheckpointError> {
+        self.claim_row(group, source, owner, Some(grant)).await
     }
 
     async fn save(&self, claim: &Claim, cursor: Cursor) -> Result<(), CheckpointError> {

@@ -33,6 +33,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "slices",
         sql: include_str!("migrations/0004_slices.sql"),
     },
+    Migration {
+        version: 5,
+        name: "claim grants",
+        sql: include_str!("migrations/0005_claim_grants.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

@@ -56,6 +56,8 @@ pub enum RuntimeError {
     Thread(#[from] std::io::Error),
     #[error("a processor's error stopped the runtime (error policy `raise`): {0}")]
     Raised(ProcessError),
+    #[error("a task of the node ended: {0}")]
+    TaskEnded(String),
 }
 
 /// Where consumers read events and keep checkpoints and dead letters.
@@ -428,8 +430,11 @@ impl EventRuntime {
         }
     }
 
-    /// Starts, runs until `shutdown` completes or an error policy halts the
-    /// runtime, then stops gracefully. A `Raise` comes back as the error.
+    /// Starts, runs until `shutdown` completes, an error policy halts the runtime
+    /// or a task of the node ends on its own (a consumer that panicked, a broker
+    /// task that panicked or returned), then stops gracefully. A `Raise` and an
+    /// ended task come back as the error, so that the process exits non-zero and
+    /// its orchestrator restarts it.
     pub async fn run_until(
         &self,
         shutdown: impl Future<Output = ()>,
@@ -445,18 +450,32 @@ impl EventRuntime {
         shutdown: impl Future<Output = ()>,
     ) -> Result<Outcome, RuntimeError> {
         let mut halted = self.board.halted();
+        let mut failure = self.broker.failure();
+        let broker_failed = async {
+            // A broker that reports no failures closes its channel at once.
+            if failure.wait_for(Option::is_some).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = shutdown => {}
             _ = halted.wait_for(Option::is_some) => {
-                tracing::warn!(node = %self.node, "an error policy halted the runtime; stopping");
+                tracing::warn!(node = %self.node, "the runtime was halted; stopping");
+            }
+            () = broker_failed => {
+                tracing::error!(node = %self.node, "a broker task ended; stopping");
             }
         }
         self.stop().await;
         let halt = halted.borrow().clone();
-        match halt {
-            None => Ok(Outcome::Stopped),
-            Some(Halt::Exit { code, .. }) => Ok(Outcome::Exit(code)),
-            Some(Halt::Raise(error)) => Err(RuntimeError::Raised(error)),
+        let failure = failure.borrow().clone();
+        match (halt, failure) {
+            (Some(Halt::Exit { code, .. }), _) => Ok(Outcome::Exit(code)),
+            (Some(Halt::Raise(error)), _) => Err(RuntimeError::Raised(error)),
+            (Some(Halt::Panicked(reason)), _) | (None, Some(reason)) => {
+                Err(RuntimeError::TaskEnded(reason))
+            }
+            (None, None) => Ok(Outcome::Stopped),
         }
     }
 

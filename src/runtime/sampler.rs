@@ -1,4 +1,5 @@
-//! The sampler: on a timer, measures how far each running consumer lags and how
+//! The sampler: on a timer, measures how far each consumer lags (running, or
+//! failed or fenced on a source this node still owns) and how
 //! long the store's visibility horizon holds readers back, and sets the gauges.
 //!
 //! Lag is measured from the store, never per event: for each running consumer, the
@@ -76,10 +77,18 @@ impl Sampler {
         }
         let mut totals: BTreeMap<Series, (u64, f64)> = BTreeMap::new();
         for (key, entry) in self.board.entries_now() {
-            // A retrying consumer's lag is what tells how far the outage set it back.
-            let (ConsumerState::Running | ConsumerState::Retrying(_), Some(cursor)) =
-                (&entry.state, entry.cursor)
-            else {
+            // A retrying consumer's lag is what tells how far the outage set it
+            // back; one that failed or was fenced still owns its source until it is
+            // withdrawn (then it reports stopped): its lag keeps growing, and must
+            // show, or a source nobody consumes would look caught up.
+            let owned = matches!(
+                entry.state,
+                ConsumerState::Running
+                    | ConsumerState::Retrying(_)
+                    | ConsumerState::Failed(_)
+                    | ConsumerState::Fenced(_)
+            );
+            let (true, Some(cursor)) = (owned, entry.cursor) else {
                 continue;
             };
             let backlog = match self

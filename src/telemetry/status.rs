@@ -32,8 +32,12 @@ pub struct NodeStatus {
     /// Why it is errored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The coordinator lease's live holder, if anyone holds it.
+    /// The node id of the coordinator lease's live holder, if anyone holds it.
     pub leader: Option<String>,
+    /// The live holder's incarnation (`node-id@token`): which process of that node
+    /// leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_incarnation: Option<String>,
     /// Epoch of the coordinator lease as last written (0 if never taken).
     pub epoch: u64,
     /// Why the leader could not be read, when it could not.
@@ -92,8 +96,10 @@ pub struct NodeProbe {
 
 impl NodeProbe {
     /// Ready when the store and the bus answer, the lease store answers (on nodes
-    /// that compete for leadership) and the broker does what its role asks:
-    /// running, or waiting while another node leads.
+    /// that compete for leadership), no consumer has failed or been fenced on a
+    /// source it still owns, and the broker does what its role asks: running, or
+    /// waiting while another node leads (an errored broker, say one whose task
+    /// ended, gives its reason).
     pub async fn readiness(&self) -> Readiness {
         let store = within("the event store", self.events.ping());
         let bus = within("the allocation bus", self.bus.check());
@@ -112,7 +118,21 @@ impl NodeProbe {
             .into_iter()
             .filter_map(Result::err)
             .collect();
-        match self.runtime.status().broker {
+        let runtime = self.runtime.status();
+        // A source whose consumer failed or was fenced is consumed by nobody
+        // until it is taken up again or withdrawn (then it reports stopped).
+        for consumer in &runtime.consumers {
+            match &consumer.state {
+                ConsumerState::Failed(reason) | ConsumerState::Fenced(reason) => {
+                    reasons.push(format!(
+                        "{} of group {} is not consumed by {}: {reason}",
+                        consumer.key.source, consumer.key.group, consumer.key.owner
+                    ));
+                }
+                _ => {}
+            }
+        }
+        match runtime.broker {
             status if status.is_healthy() => {}
             BrokerStatus::Starting => {
                 reasons.push("the broker is starting: the node has not joined the fleet yet".into())
@@ -131,19 +151,22 @@ impl NodeProbe {
             BrokerStatus::Errored(reason) => ("errored".to_owned(), Some(reason.clone())),
             other => (other.to_string(), None),
         };
-        let (leader, epoch, leader_error) = match &self.leases {
+        let (holder, epoch, leader_error) = match &self.leases {
             None => (None, 0, None),
             Some(leases) => {
                 match within("the lease store", leases.current(COORDINATOR_LEASE)).await {
                     Ok(None) => (None, 0, None),
                     Ok(Some(lease)) => {
                         let live = lease.expires_at > Utc::now();
-                        (live.then_some(lease.holder), lease.epoch, None)
+                        let epoch = lease.epoch;
+                        (live.then_some(lease), epoch, None)
                     }
                     Err(error) => (None, 0, Some(error)),
                 }
             }
         };
+        let leader = holder.as_ref().map(|lease| lease.holder_node().to_owned());
+        let leader_incarnation = holder.map(|lease| lease.holder);
         let mut groups: BTreeMap<String, BTreeMap<String, Vec<SourceStatus>>> = BTreeMap::new();
         for (group, id) in self.runtime.subscribers() {
             groups.entry(group).or_default().entry(id).or_default();
@@ -180,6 +203,7 @@ impl NodeProbe {
             state,
             reason,
             leader,
+            leader_incarnation,
             epoch,
             leader_error,
             groups: groups
@@ -322,6 +346,7 @@ mod tests {
             state: "running".into(),
             reason: None,
             leader: Some("node-1".into()),
+            leader_incarnation: None,
             epoch: 3,
             leader_error: None,
             groups: vec![GroupStatus {

@@ -363,7 +363,8 @@ impl Fleet {
         self.ledger.died(&node.subscribers);
     }
 
-    /// The node holding the coordinator lease, if any holds it now.
+    /// The coordinator lease, if any holds it now, its holder given as the node id
+    /// (as the fleet names its nodes) rather than the incarnation.
     pub async fn leader(&self) -> Option<Lease> {
         self.services
             .leases
@@ -371,6 +372,10 @@ impl Fleet {
             .await
             .unwrap()
             .filter(|lease| lease.expires_at > chrono::Utc::now())
+            .map(|lease| Lease {
+                holder: lease.holder_node().to_owned(),
+                ..lease
+            })
     }
 
     /// Waits until the fleet has settled, failing the test if that takes longer

@@ -1,0 +1,298 @@
+//! The observer's state machine, driven on tokio's paused clock by a scripted
+//! bus (history replayed to each subscriber, then live messages) and a
+//! subscriber that records what it is told.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::broker::membership::{MemberRecord, MemoryMembershipStore, Registration};
+use crate::broker::subscriber::SubscriberError;
+use crate::bus::encode;
+
+const MINE: &str = "mine";
+const THEIRS: &str = "theirs";
+/// Far beyond anything the tests wait for; only a hang reaches it.
+const HANG_GUARD: Duration = Duration::from_secs(600);
+
+fn settings() -> BrokerSettings {
+    BrokerSettings {
+        heartbeat_interval: Duration::from_millis(100),
+        member_timeout: Duration::from_secs(1),
+        refresh_interval: Duration::from_millis(500),
+        lease_ttl: Duration::from_secs(1),
+        handover_timeout: Duration::from_secs(5),
+    }
+}
+
+fn orders() -> Source {
+    "category:orders".parse().unwrap()
+}
+
+fn decision(epoch: u64, revision: u64, owner: &str) -> Decision {
+    Decision {
+        group: "g".into(),
+        epoch,
+        revision,
+        coordinator: "c".into(),
+        issued_at: chrono::Utc::now(),
+        owners: [(owner.to_owned(), BTreeSet::from([orders()]))].into(),
+        handovers: BTreeMap::new(),
+    }
+}
+
+/// A bus whose subscriptions first replay `history`, one message per
+/// millisecond as a broker's log would deliver it, then what is published.
+struct ScriptedBus {
+    retained: Vec<Decision>,
+    history: Vec<Decision>,
+    live: Mutex<Vec<mpsc::UnboundedSender<Vec<u8>>>>,
+}
+
+impl ScriptedBus {
+    fn new(retained: Vec<Decision>, history: Vec<Decision>) -> Arc<Self> {
+        Arc::new(Self {
+            retained,
+            history,
+            live: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn send(&self, decision: Decision) {
+        let payload = encode(&BusMessage::Decision(decision));
+        for live in self.live.lock().unwrap().iter() {
+            let _ = live.send(payload.clone());
+        }
+    }
+}
+
+#[async_trait]
+impl AllocationBus for ScriptedBus {
+    async fn publish(&self, _: &BusMessage) -> crate::bus::Result<()> {
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> crate::bus::Result<BusSubscription> {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        self.live.lock().unwrap().push(sender);
+        let history: Vec<Vec<u8>> = self
+            .history
+            .iter()
+            .map(|d| encode(&BusMessage::Decision(d.clone())))
+            .collect();
+        let replay = futures::stream::iter(history).then(|payload| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            payload
+        });
+        let live = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+        Ok(BusSubscription::new(
+            replay.chain(live).boxed(),
+            crate::bus::BusMeter::new(),
+        ))
+    }
+
+    async fn retained(&self) -> crate::bus::Result<Vec<Decision>> {
+        Ok(self.retained.clone())
+    }
+}
+
+/// Records every accept (with its grant) and withdraw; can be made to lose a
+/// source or to refuse accepts.
+#[derive(Default)]
+struct Recorder {
+    accepted: Mutex<Vec<(Source, Grant)>>,
+    withdrawn: Mutex<Vec<Source>>,
+    lost: Mutex<Vec<Source>>,
+    refuse: AtomicBool,
+}
+
+impl Recorder {
+    fn accepted(&self) -> Vec<(Source, Grant)> {
+        self.accepted.lock().unwrap().clone()
+    }
+    fn withdrawn(&self) -> usize {
+        self.withdrawn.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Subscriber for Recorder {
+    async fn accept(&self, source: &Source) -> Result<(), SubscriberError> {
+        self.accept_granted(source, Grant::default()).await
+    }
+    async fn accept_granted(&self, source: &Source, grant: Grant) -> Result<(), SubscriberError> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(SubscriberError::new("refused by the test"));
+        }
+        self.accepted.lock().unwrap().push((source.clone(), grant));
+        Ok(())
+    }
+    async fn withdraw(&self, source: &Source) -> Result<Option<Cursor>, SubscriberError> {
+        self.withdrawn.lock().unwrap().push(source.clone());
+        Ok(None)
+    }
+    fn take_lost(&self) -> Vec<Source> {
+        std::mem::take(&mut *self.lost.lock().unwrap())
+    }
+}
+
+/// A membership store whose heartbeats can be made to fail.
+#[derive(Default)]
+struct Flaky {
+    inner: MemoryMembershipStore,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl MembershipStore for Flaky {
+    async fn register(&self, r: &Registration) -> crate::store::Result<MemberRecord> {
+        self.inner.register(r).await
+    }
+    async fn heartbeat(
+        &self,
+        node: &str,
+        keys: &[SubscriberKey],
+    ) -> crate::store::Result<Vec<SubscriberKey>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(crate::store::Error::Unavailable("down by the test".into()));
+        }
+        self.inner.heartbeat(node, keys).await
+    }
+    async fn leave(&self, group: &str, subscriber: &str) -> crate::store::Result<bool> {
+        self.inner.leave(group, subscriber).await
+    }
+    async fn live(&self, g: &str, t: Duration) -> crate::store::Result<Vec<MemberRecord>> {
+        self.inner.live(g, t).await
+    }
+    async fn live_all(&self, t: Duration) -> crate::store::Result<Vec<MemberRecord>> {
+        self.inner.live_all(t).await
+    }
+    async fn groups(&self) -> crate::store::Result<Vec<String>> {
+        self.inner.groups().await
+    }
+    async fn purge(&self, older_than: Duration) -> crate::store::Result<u64> {
+        self.inner.purge(older_than).await
+    }
+}
+
+struct Running {
+    recorder: Arc<Recorder>,
+    status: watch::Receiver<BrokerStatus>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(bus: Arc<dyn AllocationBus>, membership: Arc<dyn MembershipStore>) -> Running {
+    let recorder = Arc::new(Recorder::default());
+    let mut observer = Observer::new("node@1", settings(), membership, bus);
+    observer.add(
+        SubscriberSpec::new("g", MINE, [orders()]),
+        Arc::clone(&recorder) as Arc<dyn Subscriber>,
+    );
+    let status = observer.status();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(observer.run(cancel.clone()));
+    Running {
+        recorder,
+        status,
+        cancel,
+        task,
+    }
+}
+
+async fn until(mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(HANG_GUARD, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the observer never got there");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_applies_only_the_newest_decision_however_long_the_history() {
+    // The bus's history gives the source to this subscriber 2,000 times over;
+    // the newest decision, which it retains, gives it to another.
+    let newest = decision(1, 2_001, THEIRS);
+    let mut history: Vec<Decision> = (1..=2_000).map(|r| decision(1, r, MINE)).collect();
+    history.push(newest.clone());
+    let bus = ScriptedBus::new(vec![newest], history);
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    // Long enough for the whole history to be replayed and applied.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(node.recorder.accepted(), [], "an old decision was applied");
+
+    // A decision newer than the retained one is applied, under its grant.
+    bus.send(decision(1, 2_002, MINE));
+    until(|| !node.recorder.accepted().is_empty()).await;
+    assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(1, 2_002))]);
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_decision_not_newer_than_the_newest_changes_nothing() {
+    let bus = ScriptedBus::new(vec![decision(2, 1, MINE)], Vec::new());
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    until(|| !node.recorder.accepted().is_empty()).await;
+    // A deposed coordinator's late decision, and a redelivery of the newest.
+    bus.send(decision(1, 99, THEIRS));
+    bus.send(decision(2, 1, THEIRS));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(2, 1))]);
+    assert_eq!(node.recorder.withdrawn(), 0);
+    node.cancel.cancel();
+    node.task.await.unwrap();
+    assert_eq!(node.recorder.withdrawn(), 1, "withdrawn on stopping");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_node_withdraws_and_takes_up_again_under_the_grant_it_knows() {
+    let bus = ScriptedBus::new(vec![decision(1, 3, MINE)], Vec::new());
+    let membership = Arc::new(Flaky::default());
+    let node = start(bus.clone(), membership.clone());
+    until(|| node.recorder.accepted().len() == 1).await;
+
+    membership.down.store(true, Ordering::SeqCst);
+    until(|| node.recorder.withdrawn() == 1).await;
+    assert!(!node.status.borrow().is_healthy());
+
+    membership.down.store(false, Ordering::SeqCst);
+    until(|| node.recorder.accepted().len() == 2).await;
+    // Accepted again under the decision it knew: a claim under it loses to
+    // one under any decision that gave the source away meanwhile.
+    assert_eq!(node.recorder.accepted()[1], (orders(), Grant::new(1, 3)));
+    until(|| *node.status.borrow() == BrokerStatus::Running).await;
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_source_makes_the_node_unready_until_it_is_accepted_again() {
+    let bus = ScriptedBus::new(vec![decision(1, 1, MINE)], Vec::new());
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    until(|| node.recorder.accepted().len() == 1).await;
+    until(|| *node.status.borrow() == BrokerStatus::Running).await;
+
+    // The subscriber's claim was taken, and accepting again fails for now.
+    node.recorder.refuse.store(true, Ordering::SeqCst);
+    node.recorder.lost.lock().unwrap().push(orders());
+    until(|| matches!(*node.status.borrow(), BrokerStatus::Errored(_))).await;
+    let BrokerStatus::Errored(reason) = node.status.borrow().clone() else {
+        unreachable!()
+    };
+    assert!(reason.contains("category:orders"), "{reason}");
+
+    node.recorder.refuse.store(false, Ordering::SeqCst);
+    until(|| node.recorder.accepted().len() == 2).await;
+    until(|| *node.status.borrow() == BrokerStatus::Running).await;
+    assert_eq!(node.recorder.accepted()[1], (orders(), Grant::new(1, 1)));
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
