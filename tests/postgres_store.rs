@@ -267,7 +267,10 @@ async fn a_populated_store_upgrades_to_slices() {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let store = PostgresStore::connect(&PostgresStoreOptions::new(url).schema(&schema)).unwrap();
     let report = store.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![(4, "slices".to_owned())]);
+    assert_eq!(
+        report.applied,
+        vec![(4, "slices".to_owned()), (5, "claim grants".to_owned())]
+    );
 
     let orders = Category::new("orders").unwrap();
     let whole = store

@@ -631,5 +631,4 @@ fn with_subscribers(
 }
 
 #[cfg(test)]
-#[path = "observer_tests.rs"]
 mod tests;

@@ -11,6 +11,7 @@
 //! - [`subscription`]: a [`crate::broker::Subscriber`] that runs one source consumer
 //!   per source the broker gives it.
 
+pub mod board;
 pub mod checkpoint;
 pub mod dead_letter;
 pub mod policy;

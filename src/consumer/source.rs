@@ -8,17 +8,14 @@
 //! consumer whose checkpoint write is refused because another subscriber claimed the
 //! source stops at once, without touching the checkpoint again.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use super::board::{Board, ConsumerEntry, ConsumerKey, ConsumerState, Halt, Lag};
 use super::checkpoint::{CheckpointError, CheckpointStore, Claim};
 use super::dead_letter::{DeadLetterStore, NewDeadLetter};
 use super::policy::Action;
@@ -102,167 +99,6 @@ pub struct ConsumerContext {
     pub settings: ConsumerSettings,
     pub executor: Executor,
     pub board: Board,
-}
-
-/// How one source consumer is doing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
-pub enum ConsumerState {
-    Starting,
-    Running,
-    /// Waiting to try a batch again after a transient failure (its destination or
-    /// a service it needs is unavailable); the reason names the failure. Nothing
-    /// is skipped meanwhile, so lag grows.
-    Retrying(String),
-    /// Stopped when asked to (a withdraw, or the node stopping).
-    Stopped,
-    /// Stopped by its error policy, or because the runtime was halted by another
-    /// consumer's; the reason says which event and why.
-    Failed(String),
-    /// Another subscriber claimed the source; this one stopped at once.
-    Fenced(String),
-}
-
-impl ConsumerState {
-    /// Running, starting or stopped on request.
-    pub fn is_healthy(&self) -> bool {
-        !matches!(self, ConsumerState::Failed(_) | ConsumerState::Fenced(_))
-    }
-}
-
-/// A failure that stops the whole runtime, by an error policy's `Exit` or `Raise`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Halt {
-    Exit {
-        code: i32,
-        error: ProcessError,
-    },
-    Raise(ProcessError),
-    /// A consumer task panicked (in a store it calls, say; a processor's panic is
-    /// an error its policy handles): the reason says which consumer and why.
-    Panicked(String),
-}
-
-/// Identifies one source consumer.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ConsumerKey {
-    pub group: String,
-    pub owner: String,
-    pub source: Source,
-}
-
-/// How far a consumer lagged when last measured (see `runtime::sampler`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Lag {
-    /// Readable events after its cursor, counted up to a limit.
-    pub events: u64,
-    /// Age of the oldest of them; 0 when there are none.
-    pub seconds: f64,
-    pub measured_at: DateTime<Utc>,
-}
-
-/// What the board knows of one source consumer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConsumerEntry {
-    pub state: ConsumerState,
-    /// Where it has got to, once it has claimed its checkpoint.
-    pub cursor: Option<Cursor>,
-    pub lag: Option<Lag>,
-}
-
-/// Where source consumers report how they are doing and where they have got to,
-/// and where the first halting failure is kept for the runtime. Clones share the
-/// board.
-#[derive(Clone)]
-pub struct Board {
-    entries: Arc<Mutex<BTreeMap<ConsumerKey, ConsumerEntry>>>,
-    halt: Arc<watch::Sender<Option<Halt>>>,
-}
-
-impl Default for Board {
-    fn default() -> Self {
-        Self {
-            entries: Arc::default(),
-            halt: Arc::new(watch::channel(None).0),
-        }
-    }
-}
-
-impl Board {
-    fn entries(&self) -> MutexGuard<'_, BTreeMap<ConsumerKey, ConsumerEntry>> {
-        // Every update is one insert or one field, so a poisoned map is whole.
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn set(&self, key: &ConsumerKey, state: ConsumerState) {
-        let mut entries = self.entries();
-        match entries.get_mut(key) {
-            Some(entry) => {
-                // A consumer that starts again on a source starts from its
-                // checkpoint, which it reports once claimed.
-                if state == ConsumerState::Starting {
-                    entry.cursor = None;
-                    entry.lag = None;
-                }
-                entry.state = state;
-            }
-            None => {
-                entries.insert(
-                    key.clone(),
-                    ConsumerEntry {
-                        state,
-                        cursor: None,
-                        lag: None,
-                    },
-                );
-            }
-        }
-    }
-
-    fn set_cursor(&self, key: &ConsumerKey, cursor: Cursor) {
-        if let Some(entry) = self.entries().get_mut(key) {
-            entry.cursor = Some(cursor);
-        }
-    }
-
-    /// Keeps a lag measured for the consumer at `key`.
-    pub fn set_lag(&self, key: &ConsumerKey, lag: Lag) {
-        if let Some(entry) = self.entries().get_mut(key) {
-            entry.lag = Some(lag);
-        }
-    }
-
-    /// Every source consumer's state.
-    pub fn states_now(&self) -> Vec<(ConsumerKey, ConsumerState)> {
-        self.entries()
-            .iter()
-            .map(|(key, entry)| (key.clone(), entry.state.clone()))
-            .collect()
-    }
-
-    /// Everything known of every source consumer.
-    pub fn entries_now(&self) -> Vec<(ConsumerKey, ConsumerEntry)> {
-        self.entries()
-            .iter()
-            .map(|(key, entry)| (key.clone(), entry.clone()))
-            .collect()
-    }
-
-    /// Keeps `halt` unless an earlier one is kept already.
-    fn halt(&self, halt: Halt) {
-        self.halt.send_if_modified(|kept| {
-            let first = kept.is_none();
-            if first {
-                *kept = Some(halt);
-            }
-            first
-        });
-    }
-
-    /// Watches for the first halting failure.
-    pub fn halted(&self) -> watch::Receiver<Option<Halt>> {
-        self.halt.subscribe()
-    }
 }
 
 /// A source consumer running as a task. Stop it with [`RunningConsumer::stop`] or
