@@ -188,8 +188,13 @@ async fn register_subscriptions(
     for subscription in &config.subscriptions {
         // One sink per group, shared by its instances: one connection, and the
         // instances' publishes pipeline together.
-        let sink: Arc<dyn EventProcessor> =
-            crate::sink::build(&subscription.sink, &config.nats, &config.kafka).await?;
+        let sink: Arc<dyn EventProcessor> = crate::sink::build(
+            &subscription.sink,
+            &config.nats,
+            &config.kafka,
+            subscription.partitions,
+        )
+        .await?;
         for instance in 1..=subscription.instances {
             let spec = SubscriberSpec::new(
                 &subscription.group,

@@ -111,6 +111,14 @@ fn is_topic_char(c: char) -> bool {
 }
 
 impl KafkaSink {
+    /// The same sink with `{partition}` in its template counting in `partitions`
+    /// partitions: those its group reads its categories as.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.template = self.template.with_partitions(partitions);
+        self
+    }
+
     /// A sink producing to the topics `topic` names (a template such as
     /// `events.{category}`) through the cluster `kafka` describes. Fails with
     /// [`SinkError::Unavailable`] when no broker answers within

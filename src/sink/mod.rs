@@ -82,23 +82,34 @@ impl From<ConnectError> for SinkError {
     }
 }
 
-/// The sink `sink` describes, connected with the `[nats]` / `[kafka]` options.
+/// The sink `sink` describes, connected with the `[nats]` / `[kafka]` options,
+/// for a group that reads its categories as `partitions` partitions (which
+/// `{partition}` in a template counts in).
 pub async fn build(
     sink: &SinkConfig,
     nats: &NatsOptions,
     kafka: &KafkaOptions,
+    partitions: u32,
 ) -> Result<Arc<dyn EventProcessor>, SinkError> {
-    let _ = (nats, kafka);
+    let _ = (nats, kafka, partitions);
     Ok(match sink {
         SinkConfig::Stdout => Arc::new(StdoutSink::new()),
         #[cfg(feature = "kafka")]
-        SinkConfig::Kafka { topic } => Arc::new(KafkaSink::connect(kafka, topic).await?),
+        SinkConfig::Kafka { topic } => Arc::new(
+            KafkaSink::connect(kafka, topic)
+                .await?
+                .with_partitions(partitions),
+        ),
         #[cfg(feature = "nats")]
         SinkConfig::Nats {
             subject,
             stream,
             max_in_flight,
-        } => Arc::new(NatsSink::connect(nats, subject, stream.as_deref(), *max_in_flight).await?),
+        } => Arc::new(
+            NatsSink::connect(nats, subject, stream.as_deref(), *max_in_flight)
+                .await?
+                .with_partitions(partitions),
+        ),
         #[allow(unreachable_patterns)]
         other => {
             return Err(SinkError::Invalid(format!(

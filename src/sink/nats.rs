@@ -52,6 +52,14 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
+    /// The same sink with `{partition}` in its template counting in `partitions`
+    /// partitions: those its group reads its categories as.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.template = self.template.with_partitions(partitions);
+        self
+    }
+
     /// Connects with `config` and builds the sink; see [`NatsSink::from_client`].
     pub async fn connect(
         config: &NatsOptions,

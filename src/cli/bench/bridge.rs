@@ -161,6 +161,7 @@ async fn weir_round(
         &sink_config(args.sink, &prefix_weir, args.max_in_flight),
         &config.nats,
         &config.kafka,
+        1,
     )
     .await?;
     // Built (connected, stream or topics ready) before the clock starts.
