@@ -84,6 +84,11 @@ pub const LAG_COUNT_LIMIT: u64 = 100_000;
 /// The `source` label of stream sources, which are summed per group.
 pub const STREAMS_LABEL: &str = "streams";
 
+/// Kinds of permanent failure that weir's sinks report: an event that cannot be
+/// encoded, one larger than the destination accepts, one it rejects. Counted from
+/// 0, so that rates and alerts on them work before the first failure.
+pub const PERMANENT_ERROR_KINDS: [&str; 3] = ["encode", "too_large", "publish"];
+
 /// The values of the `role` label of [`NODE_ROLE`].
 pub const ROLES: [&str; 3] = ["coordinator", "observer", "full"];
 
@@ -352,8 +357,9 @@ pub struct NodeMetrics {
 
 /// Gives every metric a first value, so that a fresh node exports all of them:
 /// counters at 0 for the known groups, sinks and bus directions, gauges at their
-/// resting value. Consumer error counters appear with their first error, since
-/// their `kind` is the processor's to name.
+/// resting value. Consumer error counters start at 0 for the permanent kinds
+/// weir's own sinks report ([`PERMANENT_ERROR_KINDS`]); other kinds, a user
+/// processor's, appear with their first error.
 pub fn register_node(node: &NodeMetrics) {
     use ::metrics::{counter, gauge, histogram};
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -398,6 +404,9 @@ pub fn register_node(node: &NodeMetrics) {
             STOPPED_CONSUMERS,
         ] {
             counter!(name, "group" => group.clone()).increment(0);
+        }
+        for kind in PERMANENT_ERROR_KINDS {
+            counter!(PROCESSING_ERRORS, "group" => group.clone(), "kind" => kind).increment(0);
         }
         for source in sources {
             let labels = [("group", group.clone()), ("source", source.clone())];
