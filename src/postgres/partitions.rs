@@ -53,11 +53,11 @@ impl<'a> PartitionQuery<'a> {
     /// `SELECT` of the partition's rows after the cursor, in read order, limited;
     /// with `columns` as the select list.
     fn read_sql(&self, events: &str, columns: &str) -> String {
-        let after = "(tx_id, sequence) > ($1, $2)";
         if self.merged() {
             let width = self.partition.slices().len();
             let branches: Vec<String> = (0..width)
                 .map(|offset| {
+                    let after = "(tx_id, sequence) > ($1, $2)";
                     // Each branch ordered and limited on its own: only then does
                     // the planner merge them lazily instead of sorting them all.
                     format!(
@@ -72,25 +72,21 @@ impl<'a> PartitionQuery<'a> {
                 branches.join(" UNION ALL ")
             );
         }
-        let category = if self.category.is_some() {
-            "category = $4 AND "
+        // Through a function of migration 4 that plans its query without sorts
+        // or full scans: a generic plan cannot know how few rows the slice range
+        // keeps, and would otherwise read and sort the whole backlog for every
+        // batch. The read-order index yields rows in order, and skipping other
+        // partitions' rows costs at most the count times our own.
+        let schema = events.strip_suffix(".weir_events").unwrap_or(events);
+        if self.category.is_some() {
+            format!(
+                "SELECT {columns} FROM {schema}.weir_read_category_slices($4, $5::smallint, $6::smallint, $1, $2, $3)"
+            )
         } else {
-            ""
-        };
-        let (low, high) = if self.category.is_some() {
-            ("$5", "$6")
-        } else {
-            ("$4", "$5")
-        };
-        // `slice + 0` keeps the planner off the slice index, which holds the
-        // partition's rows but not in read order: it would read and sort the whole
-        // backlog for every batch. The read-order index yields rows in order, and
-        // skipping other partitions' rows costs at most the count times our own.
-        format!(
-            "SELECT {columns} FROM {events} WHERE {category}slice + 0 >= {low}::smallint \
-             AND slice + 0 < {high}::smallint AND {after} AND {BELOW_HORIZON} \
-             ORDER BY tx_id, sequence LIMIT $3"
-        )
+            format!(
+                "SELECT {columns} FROM {schema}.weir_read_log_slices($4::smallint, $5::smallint, $1, $2, $3)"
+            )
+        }
     }
 
     /// The newest readable row of the partition.
