@@ -119,17 +119,16 @@ impl NodeProbe {
             .filter_map(Result::err)
             .collect();
         let runtime = self.runtime.status();
-        // A source whose consumer failed or was fenced is consumed by nobody
-        // until it is taken up again or withdrawn (then it reports stopped).
+        // A source whose consumer failed is consumed by nobody until it is taken
+        // up again or withdrawn (then it reports stopped). A fenced consumer is
+        // not counted: its source has a new owner, and if a decision still gives
+        // it to this node the observer reports that itself (the broker's status).
         for consumer in &runtime.consumers {
-            match &consumer.state {
-                ConsumerState::Failed(reason) | ConsumerState::Fenced(reason) => {
-                    reasons.push(format!(
-                        "{} of group {} is not consumed by {}: {reason}",
-                        consumer.key.source, consumer.key.group, consumer.key.owner
-                    ));
-                }
-                _ => {}
+            if let ConsumerState::Failed(reason) = &consumer.state {
+                reasons.push(format!(
+                    "{} of group {} is not consumed by {}: {reason}",
+                    consumer.key.source, consumer.key.group, consumer.key.owner
+                ));
             }
         }
         match runtime.broker {
