@@ -278,6 +278,7 @@ mod tests {
             issued_at: Utc::now(),
             owners: [("sub-1".to_owned(), owned)].into(),
             handovers: Default::default(),
+            paused: false,
         }
     }
 

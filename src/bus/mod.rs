@@ -342,6 +342,7 @@ mod tests {
             issued_at: chrono::Utc::now(),
             owners: BTreeMap::new(),
             handovers: BTreeMap::new(),
+            paused: false,
         }
         .into();
         let payloads = || {

@@ -228,6 +228,7 @@ async fn a_first_term_starts_above_the_retained_epochs() {
         issued_at: chrono::Utc::now(),
         owners: BTreeMap::new(),
         handovers: BTreeMap::new(),
+        paused: false,
     };
     harness
         .bus

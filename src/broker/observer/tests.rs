@@ -43,6 +43,7 @@ fn decision(epoch: u64, revision: u64, owner: &str) -> Decision {
         issued_at: chrono::Utc::now(),
         owners: [(owner.to_owned(), BTreeSet::from([orders()]))].into(),
         handovers: BTreeMap::new(),
+        paused: false,
     }
 }
 

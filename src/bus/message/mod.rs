@@ -16,6 +16,9 @@
 //!  "handovers":{"category:refunds":{"from":"billing-1","to":"billing-2"}}}
 //! ```
 //!
+//! A paused group's decision also carries `"paused":true`; its owners keep their
+//! sources and read nothing until a decision without it.
+//!
 //! Signals (`kind` `"signal"`), told apart by `"signal"`:
 //!
 //! ```json
@@ -61,6 +64,9 @@ pub struct Decision {
     pub owners: BTreeMap<String, BTreeSet<Source>>,
     /// Sources owned by nobody until their old owner releases them.
     pub handovers: BTreeMap<Source, Handover>,
+    /// The group is paused: its owners keep their sources but read nothing.
+    /// Absent on the wire when false, and read as false when absent.
+    pub paused: bool,
 }
 
 impl Decision {
@@ -80,7 +86,15 @@ impl Decision {
             issued_at: Utc::now(),
             owners: allocation.owners.clone(),
             handovers: allocation.handovers.clone(),
+            paused: false,
         }
+    }
+
+    /// The same decision, for a group that is paused or not.
+    #[must_use]
+    pub fn with_paused(mut self, paused: bool) -> Self {
+        self.paused = paused;
+        self
     }
 
     /// The allocation this decision carries, e.g. to feed the next `allocate`.
@@ -223,6 +237,8 @@ struct DecisionOut<'a, O, H> {
     issued_at: &'a DateTime<Utc>,
     part: u32,
     parts: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    paused: bool,
     owners: O,
     handovers: H,
 }
@@ -239,6 +255,7 @@ impl<'a, O: Serialize, H: Serialize> DecisionOut<'a, O, H> {
             issued_at: &decision.issued_at,
             part,
             parts,
+            paused: decision.paused,
             owners,
             handovers,
         }
@@ -254,6 +271,8 @@ struct DecisionIn {
     issued_at: DateTime<Utc>,
     part: u32,
     parts: u32,
+    #[serde(default)]
+    paused: bool,
     owners: BTreeMap<String, BTreeSet<Source>>,
     handovers: BTreeMap<Source, Handover>,
 }
@@ -348,6 +367,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, DecodeError> {
                     issued_at: d.issued_at,
                     owners: d.owners,
                     handovers: d.handovers,
+                    paused: d.paused,
                 },
             }))
         }
@@ -564,6 +584,7 @@ impl DecisionAssembler {
                     issued_at: decision.issued_at,
                     owners: BTreeMap::new(),
                     handovers: BTreeMap::new(),
+                    paused: decision.paused,
                 },
             });
             if pending.parts != parts || part == 0 || part > parts {

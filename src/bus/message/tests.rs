@@ -44,6 +44,7 @@ fn small_decision(group: &str, epoch: u64, revision: u64) -> Decision {
             },
         )]
         .into(),
+        paused: false,
     }
 }
 
@@ -339,6 +340,7 @@ fn one_subscribers_sources_are_split_across_parts_when_they_must() {
         )]
         .into(),
         handovers: BTreeMap::new(),
+        paused: false,
         ..small_decision("g", 1, 1)
     };
     let parts = encode_decision_parts(&decision, 2_000);
@@ -431,6 +433,7 @@ fn arbitrary_decision() -> impl Strategy<Value = Decision> {
             issued_at: issued(),
             owners,
             handovers,
+            paused: false,
         })
 }
 
