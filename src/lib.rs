@@ -35,6 +35,9 @@
 //!   and the lag sampler.
 //! - [`telemetry`]: the Prometheus recorder, the HTTP endpoints (`/metrics`,
 //!   `/livez`, `/readyz`, `/status`), node status and logging.
+//! - [`admin`]: the admin API under `/admin/`: checkpoints listed and reset,
+//!   groups paused and resumed, dead letters retried and purged, the fleet's
+//!   status; writes only on the leader, with a token.
 //! - [`config`]: figment layering (defaults < file < `WEIR_*` env < CLI flags) and
 //!   pure validation that reports every problem at once. Each section's type lives
 //!   with the layer that uses it; config gathers and checks them.
@@ -43,6 +46,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod allocation;
 pub mod broker;
 pub mod bus;

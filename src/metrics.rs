@@ -34,6 +34,9 @@ pub const HANDOVER_DURATION: &str = "weir_handover_duration_seconds";
 pub const GROUP_SUBSCRIBERS: &str = "weir_group_subscribers";
 /// Sources this node's subscribers of a group own now. Labels: `group`.
 pub const SOURCES_OWNED: &str = "weir_sources_owned";
+/// 1 while the group is paused by an operator (`weir groups pause`), as this
+/// node's subscribers of it see it; else 0. Labels: `group`.
+pub const GROUP_PAUSED: &str = "weir_group_paused";
 /// Readable events after a consumer's cursor, counted up to [`LAG_COUNT_LIMIT`].
 /// Labels: `group`, `source`.
 pub const CONSUMER_LAG_EVENTS: &str = "weir_consumer_lag_events";
@@ -199,6 +202,12 @@ pub const CATALOG: &[MetricInfo] = &[
         Gauge,
         &["group"],
         "Sources this node's subscribers of the group own",
+    ),
+    metric(
+        GROUP_PAUSED,
+        Gauge,
+        &["group"],
+        "1 while an operator has paused the group, else 0",
     ),
     metric(
         CONSUMER_LAG_EVENTS,
@@ -395,6 +404,7 @@ pub fn register_node(node: &NodeMetrics) {
     }
     for (group, sources) in &node.groups {
         gauge!(SOURCES_OWNED, "group" => group.clone()).increment(0.0);
+        gauge!(GROUP_PAUSED, "group" => group.clone()).increment(0.0);
         gauge!(CONSUMERS_RETRYING, "group" => group.clone()).increment(0.0);
         for name in [
             EVENTS_PROCESSED,

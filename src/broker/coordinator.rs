@@ -29,11 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::BrokerSettings;
+use super::control::{Command, FleetStore, MemoryFleetStore};
 use super::lease::{EpochFloor, LeaderState};
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
@@ -62,6 +63,12 @@ pub struct Coordinator {
     /// When this coordinator last asked for higher epochs, to tell a one-off stray
     /// decision from another fleet publishing on the same namespace.
     raises: std::sync::Mutex<std::collections::VecDeque<Instant>>,
+    /// Which groups are paused, kept where every leader finds it.
+    fleet: Arc<dyn FleetStore>,
+    /// Commands from the admin API; refused while another node leads.
+    commands: Option<mpsc::Receiver<Command>>,
+    /// The epoch this coordinator decides under while it leads, for the admin API.
+    leading: watch::Sender<Option<u64>>,
 }
 
 /// More raises than this within [`OUTBID_WINDOW`] mean that something keeps
@@ -94,7 +101,25 @@ impl Coordinator {
             required_tags: BTreeMap::new(),
             floor: None,
             raises: std::sync::Mutex::default(),
+            fleet: Arc::new(MemoryFleetStore::new()),
+            commands: None,
+            leading: watch::channel(None).0,
         }
+    }
+
+    /// Takes operators' commands from `commands`, keeps paused groups in `fleet`
+    /// and says in `leading` under which epoch it leads.
+    #[must_use]
+    pub(crate) fn with_control(
+        mut self,
+        fleet: Arc<dyn FleetStore>,
+        commands: mpsc::Receiver<Command>,
+        leading: watch::Sender<Option<u64>>,
+    ) -> Self {
+        self.fleet = fleet;
+        self.commands = Some(commands);
+        self.leading = leading;
+        self
     }
 
     /// Lets the coordinator raise its lease's epoch above the epochs the bus holds,
@@ -119,12 +144,23 @@ impl Coordinator {
 
     /// Runs until `cancel` is cancelled or `leader`'s sender is dropped, deciding
     /// whenever `leader` says this node leads.
-    pub async fn run(self, mut leader: watch::Receiver<LeaderState>, cancel: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut leader: watch::Receiver<LeaderState>,
+        cancel: CancellationToken,
+    ) {
+        let mut commands = self.commands.take();
         if let Some(mut subscription) = self.subscribe(&cancel).await {
             let mut following = Following::default();
             let mut previous: Option<Term> = None;
             while let Some(epoch) = self
-                .await_leadership(&mut leader, &mut subscription, &mut following, &cancel)
+                .await_leadership(
+                    &mut leader,
+                    &mut subscription,
+                    &mut following,
+                    &mut commands,
+                    &cancel,
+                )
                 .await
             {
                 tracing::info!(node = %self.node, epoch, "coordinating");
@@ -150,15 +186,18 @@ impl Coordinator {
                         Err(TermEnd::Deposed) => continue,
                     },
                 };
-                let (end, term) = self
+                self.leading.send_replace(Some(term.epoch));
+                let (end, mut term) = self
                     .lead(
                         term,
                         &mut following,
                         &mut leader,
-                        &mut subscription,
+                        (&mut subscription, &mut commands),
                         &cancel,
                     )
                     .await;
+                self.leading.send_replace(None);
+                term.drop_holds();
                 // Only the leader counts a group's subscribers; a former leader's
                 // count would go stale.
                 for group in term.groups.keys() {
@@ -184,6 +223,7 @@ impl Coordinator {
         leader: &mut watch::Receiver<LeaderState>,
         subscription: &mut BusSubscription,
         following: &mut Following,
+        commands: &mut Option<mpsc::Receiver<Command>>,
         cancel: &CancellationToken,
     ) -> Option<u64> {
         self.status.set(BrokerStatus::Waiting);
@@ -206,6 +246,7 @@ impl Coordinator {
                     Some(message) => following.note(&self.node, message),
                     None => *subscription = self.subscribe(cancel).await?,
                 },
+                command = control::next_command(commands) => command.refuse(),
             }
         }
     }
@@ -303,7 +344,7 @@ impl Coordinator {
         mut term: Term,
         following: &mut Following,
         leader: &mut watch::Receiver<LeaderState>,
-        subscription: &mut BusSubscription,
+        (subscription, commands): (&mut BusSubscription, &mut Option<mpsc::Receiver<Command>>),
         cancel: &CancellationToken,
     ) -> (TermEnd, Term) {
         let epoch = term.epoch;
@@ -370,6 +411,10 @@ impl Coordinator {
                         _ => self.decide_all(&mut term).await,
                     }
                 }
+                command = control::next_command(commands) => self.command(&mut term, command).await,
+                Some(done) = term.work.join_next(), if !term.work.is_empty() => {
+                    self.finish_hold(&mut term, done).await;
+                }
                 _ = tick.tick() => self.decide_all(&mut term).await,
                 _ = refresh.tick() => {
                     self.republish(&mut term).await;
@@ -382,6 +427,7 @@ impl Coordinator {
     /// Decides every group that has live members or a decision, from one read of
     /// the registry, and publishes what changed.
     async fn decide_all(&self, term: &mut Term) {
+        self.refresh_paused(term).await;
         let records = match self.membership.live_all(self.settings.member_timeout).await {
             Ok(records) => records,
             Err(error) => {
@@ -437,7 +483,8 @@ impl Coordinator {
         let now = Instant::now();
         let no_tags = BTreeSet::new();
         let required_tags = self.required_tags.get(group).unwrap_or(&no_tags);
-        let members = members_of(records);
+        let members = members_of(records, term.held(group));
+        let paused = term.paused.contains(group);
         let state = term.groups.entry(group.to_owned()).or_default();
         let current = state
             .decision
@@ -453,14 +500,17 @@ impl Coordinator {
         });
         ::metrics::gauge!(metrics::GROUP_SUBSCRIBERS, "group" => group.to_owned())
             .set(records.len() as f64);
-        if state.revision > 0 && next == current {
+        let pause_changed = state.decision.as_ref().is_some_and(|d| d.paused != paused);
+        if state.revision > 0 && next == current && !pause_changed {
+            self.advance_hold(term, group, records);
             return;
         }
         state.measure(group, &current, &next, now);
         state.track_handovers(&next, now);
         state.revision += 1;
         let decision =
-            Decision::from_allocation(group, term.epoch, state.revision, &self.node, &next);
+            Decision::from_allocation(group, term.epoch, state.revision, &self.node, &next)
+                .with_paused(paused);
         tracing::debug!(
             group,
             epoch = term.epoch,
@@ -473,6 +523,7 @@ impl Coordinator {
         state.decision = Some(decision);
         state.unpublished = true;
         self.publish_pending_group(term, group).await;
+        self.advance_hold(term, group, records);
     }
 
     async fn publish_pending_group(&self, term: &mut Term, group: &str) {
@@ -601,6 +652,12 @@ struct Term {
     /// This term asked for its lease's epoch to be raised; it goes on under the
     /// raised epoch once the lease has it.
     raising: bool,
+    /// Groups whose decisions say they are paused.
+    paused: BTreeSet<String>,
+    /// Per group, the sources held away from their owners for an operator's work.
+    holds: BTreeMap<String, control::Hold>,
+    /// Holds' work in progress, each ending with its group and outcome.
+    work: tokio::task::JoinSet<(String, Result<serde_json::Value, String>)>,
 }
 
 impl Term {
@@ -621,6 +678,9 @@ impl Term {
             epoch,
             groups,
             raising: false,
+            paused: BTreeSet::new(),
+            holds: BTreeMap::new(),
+            work: tokio::task::JoinSet::new(),
         }
     }
 
@@ -643,6 +703,9 @@ impl Term {
             ..
         } = signal
         {
+            if let Some(hold) = self.holds.get_mut(&group) {
+                hold.released(&source, &subscriber);
+            }
             // Only a released source that is in handover from this subscriber
             // counts; anything else is forgotten at the group's next decision.
             if let Some(state) = self.groups.get_mut(&group) {
@@ -753,19 +816,21 @@ impl GroupState {
 
 /// The allocator's view of live records. Members requesting the same sources share
 /// one set, which `allocate` recognises cheaply.
-fn members_of(records: &[MemberRecord]) -> Vec<Member<Source>> {
+/// Sources held away for an operator's work are asked for by nobody meanwhile.
+fn members_of(records: &[MemberRecord], held: &BTreeSet<Source>) -> Vec<Member<Source>> {
     let mut shared: HashMap<&BTreeSet<Source>, Arc<BTreeSet<Source>>> = HashMap::new();
     records
         .iter()
         .map(|record| {
             let sources = shared
                 .entry(&record.sources)
-                .or_insert_with(|| Arc::new(record.sources.clone()));
+                .or_insert_with(|| Arc::new(record.sources.difference(held).cloned().collect()));
             Member::new(&record.subscriber, &record.node, Arc::clone(sources))
                 .with_tags(record.tags.iter().cloned())
         })
         .collect()
 }
 
+mod control;
 #[cfg(test)]
 mod tests;

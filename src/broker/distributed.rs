@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::control::{COMMAND_CAPACITY, Command, ControlHandle, FleetStore, MemoryFleetStore};
 use super::coordinator::Coordinator;
 use super::lease::{Incarnation, Leadership, LeaseStore};
 use super::membership::MembershipStore;
@@ -47,6 +48,11 @@ pub struct DistributedBroker {
     state: Mutex<State>,
     /// The first task (coordinator, leadership, observer) to end on its own.
     failure: Arc<watch::Sender<Option<String>>>,
+    /// Paused groups and node reports.
+    fleet: Arc<dyn FleetStore>,
+    control: ControlHandle,
+    /// The coordinator's ends of `control`, handed to it when it starts.
+    control_ends: Mutex<Option<(mpsc::Receiver<Command>, watch::Sender<Option<u64>>)>>,
 }
 
 enum State {
@@ -88,6 +94,14 @@ impl DistributedBroker {
         services: FleetServices,
     ) -> Self {
         let node = node.into();
+        let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
+        let (leading_sender, leading) = watch::channel(None);
+        let control = ControlHandle {
+            commands,
+            leading,
+            leases: Arc::clone(&services.leases),
+            lease_name: COORDINATOR_LEASE,
+        };
         Self {
             incarnation: Incarnation::new(&node),
             node,
@@ -97,7 +111,18 @@ impl DistributedBroker {
             required_tags: BTreeMap::new(),
             state: Mutex::new(State::Configured(Vec::new())),
             failure: Arc::new(watch::channel(None).0),
+            fleet: Arc::new(MemoryFleetStore::new()),
+            control,
+            control_ends: Mutex::new(Some((receiver, leading_sender))),
         }
+    }
+
+    /// Where paused groups are kept (default: this process's memory). Every node
+    /// of a fleet should be given the same store, so a new leader finds them.
+    #[must_use]
+    pub fn with_fleet_store(mut self, fleet: Arc<dyn FleetStore>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Placement tags a subscriber of `group` must carry to own its sources. Only
@@ -158,6 +183,17 @@ impl DistributedBroker {
         )
         .with_required_tags(self.required_tags.clone())
         .with_epoch_floor(leadership.epoch_floor());
+        let ends = self
+            .control_ends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let coordinator = match ends {
+            Some((commands, leading)) => {
+                coordinator.with_control(Arc::clone(&self.fleet), commands, leading)
+            }
+            None => coordinator,
+        };
         let status = coordinator.status();
         let leader = leadership.subscribe();
         tasks.spawn(self.supervised(
@@ -318,6 +354,10 @@ impl Broker for DistributedBroker {
 
     fn failure(&self) -> watch::Receiver<Option<String>> {
         self.failure.subscribe()
+    }
+
+    fn control(&self) -> Option<ControlHandle> {
+        Some(self.control.clone())
     }
 
     async fn abort(&self) {

@@ -7,6 +7,8 @@
 //! - [`observer`]: applies decisions to this node's subscribers.
 //! - [`role`]: what a node does ([`BrokerRole`]) and how it is doing ([`BrokerStatus`]).
 //! - [`subscriber`]: the [`Subscriber`] interface a broker drives.
+//! - [`control`]: what operators steer through the leader: paused groups, node
+//!   reports, and commands to the coordinator.
 //! - [`distributed`] and [`singleton`]: the two [`Broker`]s: a fleet coordinated over
 //!   a bus, and one process that needs no coordination.
 
@@ -18,6 +20,7 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub mod control;
 pub mod coordinator;
 pub mod distributed;
 pub mod lease;
@@ -106,6 +109,12 @@ pub trait Broker: Send + Sync + 'static {
     /// broker that runs no tasks.
     fn failure(&self) -> watch::Receiver<Option<String>> {
         watch::channel(None).1
+    }
+
+    /// How operators' commands reach this node's coordinator, and who leads;
+    /// `None` for a broker that coordinates with nobody.
+    fn control(&self) -> Option<control::ControlHandle> {
+        None
     }
 }
 

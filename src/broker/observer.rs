@@ -480,6 +480,15 @@ impl GroupApplier {
     /// Withdraws what the target takes away, then accepts what it gives. Returns
     /// whether every source it gives is held.
     async fn apply(&mut self, target: &Target) -> bool {
+        let paused = target.decision.as_ref().is_some_and(|d| d.paused);
+        for subscriber in self.subscribers.values() {
+            subscriber.pause(paused);
+        }
+        ::metrics::gauge!(metrics::GROUP_PAUSED, "group" => self.group.clone()).set(if paused {
+            1.0
+        } else {
+            0.0
+        });
         let (withdrawals, acceptances) = self.plan(target);
         let subscribers = self.subscribers.clone();
         let released = self

@@ -79,6 +79,13 @@ pub trait Subscriber: Send + Sync + 'static {
     /// if it read nothing). This is what makes the two-step handover safe: the
     /// broker tells the coordinator the source is released only after this returns.
     async fn withdraw(&self, source: &Source) -> Result<Option<Cursor>, SubscriberError>;
+
+    /// The group was paused (`true`) or resumed by an operator: a paused
+    /// subscriber keeps its sources and claims but reads nothing. The default
+    /// ignores it.
+    fn pause(&self, paused: bool) {
+        let _ = paused;
+    }
 }
 
 /// What a subscriber requests: its group, its id within the group, the sources it

@@ -13,11 +13,13 @@ use crate::store::{self, EventStore, MemoryStore};
 
 mod append;
 mod bench;
+pub mod client;
 mod config_check;
 mod dead_letters;
 mod demo;
 mod migrate;
 mod observe;
+mod operate;
 mod read;
 mod run;
 mod signal;
@@ -71,6 +73,12 @@ pub enum Command {
     /// Inspect the events consumers skipped (dead letters).
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetters),
+    /// List or reset checkpoints through a running node (writes go to the leader).
+    #[command(subcommand)]
+    Checkpoints(operate::Checkpoints),
+    /// Pause or resume a group through a running node (writes go to the leader).
+    #[command(subcommand)]
+    Groups(operate::Groups),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -147,6 +155,9 @@ pub enum CliError {
     /// A running node could not be asked (`weir status`).
     #[error("{0}")]
     Unreachable(String),
+    /// A running node refused an admin request; the message says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl CliError {
@@ -165,7 +176,7 @@ impl CliError {
             CliError::Store(_) => 1,
             CliError::Io(_) => 74,
             CliError::Halted(code) => *code,
-            CliError::Raised(_) => 1,
+            CliError::Raised(_) | CliError::Refused(_) => 1,
         }
     }
 }
@@ -185,6 +196,8 @@ pub async fn run_with_config(cli: Cli, config: Config) -> Result<(), CliError> {
         Command::Read(args) => read::run(&config, args).await,
         Command::Status(args) => status::run(&config, args).await,
         Command::DeadLetters(command) => dead_letters::run(&config, command).await,
+        Command::Checkpoints(command) => operate::checkpoints(&config, command).await,
+        Command::Groups(command) => operate::groups(&config, command).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&config),
         Command::Bench(bench) => bench::run(&config, bench).await,
     }

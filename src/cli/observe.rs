@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 use super::CliError;
+use crate::admin::{Admin, AdminAuth};
 use crate::broker::lease::LeaseStore;
 use crate::bus::AllocationBus;
 use crate::config::{Config, SinkConfig};
@@ -21,13 +25,46 @@ pub(super) struct Observed {
     pub leases: Arc<dyn LeaseStore>,
 }
 
+/// Who may write through the admin API, from `[http]`.
+pub(super) fn admin_auth(config: &Config) -> Result<AdminAuth, CliError> {
+    let tokens = config
+        .http
+        .admin_tokens()
+        .map_err(|error| CliError::Usage(format!("cannot read http.admin_token_file: {error}")))?;
+    let listen = config
+        .http
+        .listen
+        .parse()
+        .map_err(|error| CliError::Usage(format!("http.listen: {error}")))?;
+    Ok(AdminAuth::new(tokens, listen))
+}
+
+/// The HTTP endpoints, and the task that keeps this node's report for the
+/// fleet's status.
+pub(super) struct Served {
+    http: HttpServer,
+    reporter: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl Served {
+    pub(super) async fn stop(self) {
+        if let Some((cancel, task)) = self.reporter {
+            cancel.cancel();
+            let _ = task.await;
+        }
+        self.http.stop().await;
+    }
+}
+
 /// Binds `http.listen` first, so that a taken address stops the node before it
-/// joins the fleet, then registers the metrics and serves the endpoints.
+/// joins the fleet, then registers the metrics and serves the endpoints, with
+/// the admin API if the node has one.
 pub(super) async fn start(
     config: &Config,
     runtime: Arc<EventRuntime>,
     observed: Observed,
-) -> Result<HttpServer, CliError> {
+    admin: Option<Arc<Admin>>,
+) -> Result<Served, CliError> {
     let listener = crate::telemetry::http::bind(&config.http.listen)
         .await
         .map_err(|error| CliError::Usage(error.to_string()))?;
@@ -40,7 +77,23 @@ pub(super) async fn start(
         bus: observed.bus,
         leases: Some(observed.leases),
     };
-    HttpServer::start(listener, probe, metrics).map_err(|error| CliError::Usage(error.to_string()))
+    let routes = admin.as_ref().map_or_else(axum::Router::new, |admin| {
+        crate::admin::http::router(Arc::clone(admin))
+    });
+    let http = HttpServer::start_with(listener, probe.clone(), metrics, routes)
+        .map_err(|error| CliError::Usage(error.to_string()))?;
+    let reporter = admin.map(|admin| {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(crate::admin::fleet::report_periodically(
+            admin,
+            probe,
+            Some(config.http.admin_url()),
+            config.broker.heartbeat_interval,
+            cancel.clone(),
+        ));
+        (cancel, task)
+    });
+    Ok(Served { http, reporter })
 }
 
 /// What this node exports, from its configuration.

@@ -14,9 +14,13 @@
 //! leaves the fleet and gives up leadership, and weir exits 0. A second signal
 //! exits at once. An error policy's `exit` ends the node the same way, with its code.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::CliError;
+use crate::admin::{Admin, AdminParts};
+use crate::broker::Broker;
+use crate::broker::control::{FleetStore, MemoryFleetStore};
 use crate::broker::distributed::FleetServices;
 use crate::broker::lease::MemoryLeaseStore;
 use crate::broker::membership::MemoryMembershipStore;
@@ -45,27 +49,49 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         super::signal::shutdown_token(config.node.shutdown_grace + super::signal::STOP_MARGIN)?;
     let node = config.node_id();
     let role = config.node.role;
-    let (services, stores) = services(config).await?;
+    let (services, stores, fleet) = services(config).await?;
     let events = Arc::clone(&stores.events);
     let observed = super::observe::Observed {
         events: Arc::clone(&events),
         bus: Arc::clone(&services.bus),
         leases: Arc::clone(&services.leases),
     };
-    let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services);
+    let membership = Arc::clone(&services.membership);
+    let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services)
+        .with_fleet_store(Arc::clone(&fleet));
     for subscription in &config.subscriptions {
         broker = broker.with_required_tags(
             &subscription.group,
             subscription.required_tags.iter().cloned(),
         );
     }
+    let control = broker.control();
     let runtime = Arc::new(
-        EventRuntime::new(&node, Arc::new(broker), stores, ConsumerSettings::default())
-            .with_shutdown_grace(config.node.shutdown_grace),
+        EventRuntime::new(
+            &node,
+            Arc::new(broker),
+            stores.clone(),
+            ConsumerSettings::default(),
+        )
+        .with_shutdown_grace(config.node.shutdown_grace),
     );
-    register_subscriptions(config, &node, &runtime).await?;
+    let processors = register_subscriptions(config, &node, &runtime).await?;
+    let auth = super::observe::admin_auth(config)?;
+    let admin = control.map(|control| {
+        Arc::new(Admin::new(AdminParts {
+            node: node.clone(),
+            stores,
+            membership,
+            fleet,
+            control,
+            processors,
+            auth,
+            member_timeout: config.broker.member_timeout,
+            handover_timeout: config.broker.handover_timeout,
+        }))
+    });
     // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
-    let http = super::observe::start(config, Arc::clone(&runtime), observed).await?;
+    let http = super::observe::start(config, Arc::clone(&runtime), observed, admin).await?;
     // ---
     runtime
         .start()
@@ -103,9 +129,12 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     }
 }
 
-/// Membership and leases in the configured store with the configured bus, and
-/// where consumers read events and keep checkpoints and dead letters.
-async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), CliError> {
+/// Membership and leases in the configured store with the configured bus, where
+/// consumers read events and keep checkpoints and dead letters, and where paused
+/// groups and node reports are kept.
+async fn services(
+    config: &Config,
+) -> Result<(FleetServices, ConsumerStores, Arc<dyn FleetStore>), CliError> {
     let bus = bus(config).await?;
     Ok(match config.store.kind {
         StoreKind::Memory => (
@@ -117,11 +146,13 @@ async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), Cl
             ConsumerStores::in_memory(Arc::new(
                 MemoryStore::new().with_max_event_bytes(config.store.max_event_bytes),
             )),
+            Arc::new(MemoryFleetStore::new()),
         ),
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
-            use crate::postgres::PostgresLeaseStore;
-            use crate::postgres::PostgresMembershipStore;
+            use crate::postgres::{
+                PostgresFleetStore, PostgresLeaseStore, PostgresMembershipStore,
+            };
             let store = Arc::new(super::open_postgres(config)?);
             store.check_schema().await?;
             (
@@ -130,7 +161,8 @@ async fn services(config: &Config) -> Result<(FleetServices, ConsumerStores), Cl
                     leases: Arc::new(PostgresLeaseStore::new(Arc::clone(&store))),
                     bus,
                 },
-                ConsumerStores::postgres(store),
+                ConsumerStores::postgres(Arc::clone(&store)),
+                Arc::new(PostgresFleetStore::new(store)),
             )
         }
         #[cfg(not(feature = "postgres"))]
@@ -170,12 +202,15 @@ async fn bus(config: &Config) -> Result<Arc<dyn AllocationBus>, CliError> {
 }
 
 /// Registers `instances` subscription consumers of every configured group, named
-/// `NODE/N`, unless the node only coordinates.
+/// `NODE/N`, unless the node only coordinates. Returns each group's sink, which
+/// the admin API retries dead letters through (on a coordinator-only node too,
+/// since it may lead).
 async fn register_subscriptions(
     config: &Config,
     node: &str,
     runtime: &EventRuntime,
-) -> Result<(), CliError> {
+) -> Result<BTreeMap<String, Arc<dyn EventProcessor>>, CliError> {
+    let mut sinks = BTreeMap::new();
     if !config.node.role.observes() {
         if !config.subscriptions.is_empty() {
             tracing::info!(
@@ -183,7 +218,24 @@ async fn register_subscriptions(
                 "this node runs no subscribers; observer and full nodes run the [[subscriptions]]"
             );
         }
-        return Ok(());
+        for subscription in &config.subscriptions {
+            let sink = crate::sink::build(
+                &subscription.sink,
+                &config.nats,
+                &config.kafka,
+                subscription.partitions,
+            )
+            .await;
+            match sink {
+                Ok(sink) => {
+                    sinks.insert(subscription.group.clone(), sink);
+                }
+                Err(error) => {
+                    tracing::warn!(group = %subscription.group, %error, "cannot build the group's sink here: this node cannot retry its dead letters while it leads");
+                }
+            }
+        }
+        return Ok(sinks);
     }
     for subscription in &config.subscriptions {
         // One sink per group, shared by its instances: one connection, and the
@@ -195,6 +247,7 @@ async fn register_subscriptions(
             subscription.partitions,
         )
         .await?;
+        sinks.insert(subscription.group.clone(), Arc::clone(&sink));
         for instance in 1..=subscription.instances {
             let spec = SubscriberSpec::new(
                 &subscription.group,
@@ -211,5 +264,5 @@ async fn register_subscriptions(
                 .map_err(|error| CliError::Usage(error.to_string()))?;
         }
     }
-    Ok(())
+    Ok(sinks)
 }

@@ -1,15 +1,17 @@
 //! `weir status`: asks a running node for its `/status` and prints it as a table
 //! (or as the JSON itself with `--json`). The node's address defaults to
 //! `http.listen`, so with the node's own configuration no flag is needed.
+//! `--fleet` asks the node for the whole fleet instead (`/admin/fleet`): every
+//! node with its role and readiness, the leader, and every checkpoint.
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use hyper::Method;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::CliError;
+use super::client::{AdminClient, NodeArgs, base_url, join, request};
+use crate::admin::fleet::{FleetStatus, render_fleet};
 use crate::config::Config;
 use crate::telemetry::status::{NodeStatus, render_table};
 
@@ -24,10 +26,25 @@ pub struct Args {
     /// Print the JSON the node answered instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The whole fleet, as the node knows it from the store: every node, the
+    /// leader, and every group's checkpoints with owner, state and lag.
+    #[arg(long)]
+    pub fleet: bool,
 }
 
 pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
-    let base = args.url.unwrap_or_else(|| default_url(&config.http.listen));
+    let base = args
+        .url
+        .clone()
+        .unwrap_or_else(|| default_url(&config.http.listen));
+    if args.fleet {
+        let node = NodeArgs {
+            url: Some(base),
+            token: None,
+        };
+        let fleet: FleetStatus = AdminClient::new(config, &node)?.get("/admin/fleet").await?;
+        return super::operate::print_answer(&fleet, args.json, || render_fleet(&fleet));
+    }
     let url = status_url(&base)?;
     let body = tokio::time::timeout(TIMEOUT, get(&url))
         .await
@@ -54,86 +71,24 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
 /// The URL of a node listening on `listen`: a wildcard address is reached on
 /// this host's loopback.
 fn default_url(listen: &str) -> String {
-    let address = match listen.parse::<std::net::SocketAddr>() {
-        Ok(address) if address.ip().is_unspecified() => {
-            let loopback: std::net::IpAddr = if address.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            };
-            std::net::SocketAddr::new(loopback, address.port()).to_string()
-        }
-        _ => listen.to_owned(),
-    };
-    format!("http://{address}")
+    format!("http://{}", crate::config::reachable(listen))
 }
 
 /// `base` with the path `/status`; `base` may be given without a scheme.
 fn status_url(base: &str) -> Result<url::Url, CliError> {
-    let with_scheme = if base.contains("://") {
-        base.to_owned()
-    } else {
-        format!("http://{base}")
-    };
-    let mut url = url::Url::parse(&with_scheme)
-        .map_err(|error| CliError::Usage(format!("invalid --url {base:?}: {error}")))?;
-    if url.scheme() != "http" {
-        return Err(CliError::Usage(format!(
-            "invalid --url {base:?}: weir serves plain http; give http://HOST:PORT"
-        )));
-    }
-    url.set_path("/status");
-    Ok(url)
+    join(&base_url(base)?, "/status")
 }
 
-/// One GET over HTTP/1.1; the body if the answer is 200.
+/// One GET; the body if the answer is 200.
 async fn get(url: &url::Url) -> Result<Bytes, CliError> {
-    let host = url.host_str().unwrap_or("127.0.0.1");
-    let port = url.port_or_known_default().unwrap_or(80);
-    let unreachable = move |error: &dyn std::fmt::Display| {
-        CliError::Unreachable(format!(
-            "cannot reach a weir node at {url}: {error}; is `weir run` running, and is --url (or http.listen) its address?"
-        ))
-    };
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| unreachable(&e))?;
-    // The connection is driven beside the request and ends with it.
-    let driver = async move {
-        let _ = connection.await;
-    };
-    let request = hyper::Request::get(url.path())
-        .header(hyper::header::HOST, url.authority())
-        .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| CliError::Usage(e.to_string()))?;
-    // Owns the sender, so that the connection closes once the answer is read.
-    let exchange = async move {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let code = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(&e))?
-            .to_bytes();
-        if !code.is_success() {
-            return Err(CliError::Unreachable(format!(
-                "{url} answered {code}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )));
-        }
-        Ok(body)
-    };
-    let (body, ()) = tokio::join!(exchange, driver);
-    body
+    let (code, body) = request(Method::GET, url, None, Bytes::new()).await?;
+    if !code.is_success() {
+        return Err(CliError::Unreachable(format!(
+            "{url} answered {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub use crate::telemetry::logging::LogFormat;
 pub use redact::redact_url;
 pub use sections::{
     DemoConfig, HttpConfig, LogConfig, NodeConfig, StoreConfig, StoreKind, SubscriptionConfig,
+    reachable,
 };
 
 /// The embedded default: memory store and bus. Used when no config file is given.

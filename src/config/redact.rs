@@ -18,6 +18,13 @@ impl Config {
                 *secret = Some("<redacted>".into());
             }
         }
+        let http = &mut printable.http;
+        if http.admin_token.is_some() {
+            http.admin_token = Some("<redacted>".into());
+        }
+        for token in http.admin_tokens.values_mut() {
+            *token = "<redacted>".into();
+        }
         for (key, value) in printable.kafka.properties.iter_mut() {
             if is_secret_property(key) {
                 *value = "<redacted>".into();
@@ -25,6 +32,23 @@ impl Config {
         }
         toml::to_string_pretty(&printable)
             .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+}
+
+// Written by hand so that a logged `HttpConfig` never shows the admin tokens.
+impl fmt::Debug for super::HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&String> = self.admin_tokens.keys().collect();
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("admin_token_file", &self.admin_token_file)
+            .field("admin_tokens", &names)
+            .finish()
     }
 }
 

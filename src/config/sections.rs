@@ -104,13 +104,70 @@ impl Default for StoreConfig {
     }
 }
 
-/// `[http]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[http]` (its `Debug` hides the admin tokens: see `redact.rs`)
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Where `/metrics`, `/livez`, `/readyz` and `/status` are served.
+    /// Where `/metrics`, `/livez`, `/readyz`, `/status` and `/admin/` are served.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// The URL other nodes and the CLI reach this node's admin API at; by
+    /// default `http://` and `listen` (a wildcard address as this host's
+    /// loopback, which only suits a fleet on one host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// The bearer token admin writes need, recorded under the name `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (trailing whitespace ignored), instead of
+    /// `admin_token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// More tokens, by name: `[http.admin_tokens] ci = "..."`. Writes are
+    /// recorded under the name of the token that made them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub admin_tokens: std::collections::BTreeMap<String, String>,
+}
+
+impl HttpConfig {
+    /// Every admin token as (name, token), reading `admin_token_file`.
+    pub fn admin_tokens(&self) -> std::io::Result<Vec<(String, String)>> {
+        let mut tokens: Vec<(String, String)> = self
+            .admin_tokens
+            .iter()
+            .map(|(name, token)| (name.clone(), token.clone()))
+            .collect();
+        if let Some(token) = &self.admin_token {
+            tokens.push(("admin".into(), token.clone()));
+        }
+        if let Some(path) = &self.admin_token_file {
+            let token = std::fs::read_to_string(path)?;
+            tokens.push(("admin".into(), token.trim_end().to_owned()));
+        }
+        Ok(tokens)
+    }
+
+    /// Where this node's admin API is reached from elsewhere.
+    pub fn admin_url(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", reachable(&self.listen)))
+    }
+}
+
+/// `listen`, with a wildcard address replaced by this host's loopback.
+pub fn reachable(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(address) if address.ip().is_unspecified() => {
+            let loopback: std::net::IpAddr = if address.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(loopback, address.port()).to_string()
+        }
+        _ => listen.to_owned(),
+    }
 }
 
 fn default_listen() -> String {
@@ -121,6 +178,10 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            advertise: None,
+            admin_token: None,
+            admin_token_file: None,
+            admin_tokens: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -168,6 +168,44 @@ fn validate_http(http: &HttpConfig, problems: &mut Problems) {
             ),
         );
     }
+    if let Some(advertise) = &http.advertise {
+        if !(advertise.starts_with("http://") || advertise.starts_with("https://")) {
+            problems.add(
+                "http.advertise",
+                format!("{advertise:?} is not a URL: write e.g. http://10.0.0.5:9600"),
+            );
+        }
+    }
+    if http.admin_token.is_some() && http.admin_token_file.is_some() {
+        problems.add(
+            "http.admin_token_file",
+            "set admin_token or admin_token_file, not both".into(),
+        );
+    }
+    if let Some(path) = &http.admin_token_file {
+        match std::fs::read_to_string(path) {
+            Ok(token) if token.trim().is_empty() => problems.add(
+                "http.admin_token_file",
+                format!("{} is empty: put the admin token in it", path.display()),
+            ),
+            Ok(_) => {}
+            Err(error) => problems.add(
+                "http.admin_token_file",
+                format!("cannot read {}: {error}", path.display()),
+            ),
+        }
+    }
+    let empty = http
+        .admin_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+        || http.admin_tokens.values().any(|t| t.trim().is_empty());
+    if empty {
+        problems.add(
+            "http.admin_token",
+            "an admin token is empty: give it a long random value, or leave it out".into(),
+        );
+    }
 }
 
 fn validate_log(log: &LogConfig, problems: &mut Problems) {

@@ -22,6 +22,8 @@ pub enum ConsumerState {
     /// a service it needs is unavailable); the reason names the failure. Nothing
     /// is skipped meanwhile, so lag grows.
     Retrying(String),
+    /// Holding its source but reading nothing: an operator paused the group.
+    Paused,
     /// Stopped when asked to (a withdraw, or the node stopping).
     Stopped,
     /// Stopped by its error policy, or because the runtime was halted by another

@@ -6,6 +6,7 @@
 //!   under a claim that fences out any earlier owner.
 //! - [`dead_letter`]: events skipped under the `Continue` policy, kept with their error.
 //! - [`policy`]: what a consumer does when processing fails.
+//! - [`pause`]: an operator's pause of a group, which its consumers wait out.
 //! - [`source`]: the consumer of one source: read after the cursor, process,
 //!   checkpoint, wait for appends.
 //! - [`subscription`]: a [`crate::broker::Subscriber`] that runs one source consumer
@@ -14,6 +15,7 @@
 pub mod board;
 pub mod checkpoint;
 pub mod dead_letter;
+pub mod pause;
 pub mod policy;
 pub mod processor;
 pub mod resume;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use super::board::{Board, ConsumerEntry, ConsumerKey, ConsumerState, Halt, Lag};
 use super::checkpoint::{CheckpointError, CheckpointStore, Claim};
 use super::dead_letter::{DeadLetterStore, NewDeadLetter};
+use super::pause::PauseSwitch;
 use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
 use super::resume::Resume;
@@ -99,6 +100,8 @@ pub struct ConsumerContext {
     pub settings: ConsumerSettings,
     pub executor: Executor,
     pub board: Board,
+    /// On while an operator has paused the group: nothing is read meanwhile.
+    pub pause: PauseSwitch,
 }
 
 /// A source consumer running as a task. Stop it with [`RunningConsumer::stop`] or
@@ -451,6 +454,12 @@ impl SourceConsumer {
             if self.stop.is_cancelled() {
                 return End::Stopped;
             }
+            if self.context.pause.is_paused() {
+                if let Err(end) = self.wait_out_pause(progress).await {
+                    return end;
+                }
+                continue;
+            }
             let batch = match self
                 .context
                 .events
@@ -494,6 +503,26 @@ impl SourceConsumer {
                 return end;
             }
         }
+    }
+
+    /// Stores the checkpoint, then waits, reading nothing, until the group is
+    /// resumed or the consumer is asked to stop.
+    async fn wait_out_pause(&self, progress: &mut Progress) -> Result<(), End> {
+        if let Err(error) = self.save(progress).await {
+            if let CheckpointError::Fenced { .. } = error {
+                return Err(End::Fenced(error));
+            }
+            tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot store the checkpoint before pausing; it is stored later");
+        }
+        self.report(ConsumerState::Paused);
+        tracing::info!(group = %self.key.group, source = %self.source, "paused");
+        tokio::select! {
+            () = self.stop.cancelled() => return Err(End::Stopped),
+            () = self.context.pause.resumed() => {}
+        }
+        tracing::info!(group = %self.key.group, source = %self.source, "resumed");
+        self.report(ConsumerState::Running);
+        Ok(())
     }
 
     /// Checks that this consumer's claim still holds the checkpoint: `Ok(true)` if

@@ -109,6 +109,10 @@ impl Subscriber for SubscriptionConsumer {
         }
     }
 
+    fn pause(&self, paused: bool) {
+        self.context.pause.set(paused);
+    }
+
     fn take_lost(&self) -> Vec<Source> {
         let mut running = self.running();
         let lost: Vec<Source> = running
@@ -161,6 +165,7 @@ mod tests {
             },
             executor: Executor::Main,
             board: Board::default(),
+            pause: Default::default(),
         });
         let consumer = SubscriptionConsumer::new(context, Duration::from_secs(1));
         let orders: Source = "category:orders".parse().unwrap();
@@ -225,6 +230,7 @@ mod tests {
                 },
                 executor: Executor::Main,
                 board: Board::default(),
+                pause: Default::default(),
             });
             (
                 SubscriptionConsumer::new(context, Duration::from_secs(1)),

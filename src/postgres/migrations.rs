@@ -38,6 +38,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "claim grants",
         sql: include_str!("migrations/0005_claim_grants.sql"),
     },
+    Migration {
+        version: 6,
+        name: "operate",
+        sql: include_str!("migrations/0006_operate.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

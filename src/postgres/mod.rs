@@ -9,6 +9,7 @@
 //! | `members.rs` | [`MembershipStore`](crate::broker::membership::MembershipStore) | `weir_members` |
 //! | `checkpoints.rs` | [`CheckpointStore`](crate::consumer::checkpoint::CheckpointStore) | `weir_checkpoints` |
 //! | `dead_letters.rs` | [`DeadLetterStore`](crate::consumer::dead_letter::DeadLetterStore) | `weir_dead_letters` |
+//! | `fleet.rs` | [`FleetStore`](crate::broker::control::FleetStore) | `weir_groups`, `weir_nodes` |
 //!
 //! `migrations/*.sql` create and upgrade them (`weir migrate`); `announcer.rs` and
 //! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append.
@@ -18,6 +19,7 @@ mod announcer;
 mod checkpoints;
 mod dead_letters;
 mod events;
+mod fleet;
 mod leases;
 mod listener;
 mod members;
@@ -29,6 +31,7 @@ pub use checkpoints::PostgresCheckpointStore;
 pub use dead_letters::PostgresDeadLetterStore;
 pub use events::{PostgresStore, PostgresStoreOptions};
 pub(crate) use events::{classify, quote_identifier};
+pub use fleet::PostgresFleetStore;
 pub use leases::PostgresLeaseStore;
 pub use members::PostgresMembershipStore;
 pub use migrations::{CURRENT_VERSION, MigrationReport};

@@ -343,6 +343,7 @@ impl EventRuntime {
             settings,
             executor,
             board: self.board.clone(),
+            pause: Default::default(),
         }))
     }
 

@@ -121,12 +121,22 @@ impl HttpServer {
         probe: NodeProbe,
         metrics: PrometheusHandle,
     ) -> Result<Self, HttpError> {
+        Self::start_with(listener, probe, metrics, Router::new())
+    }
+
+    /// Serves the endpoints and `more` routes beside them (the admin API).
+    pub fn start_with(
+        listener: TcpListener,
+        probe: NodeProbe,
+        metrics: PrometheusHandle,
+        more: Router,
+    ) -> Result<Self, HttpError> {
         let address = listener.local_addr().map_err(|source| HttpError::Bind {
             address: "the bound listener".into(),
             source,
         })?;
         let stop = CancellationToken::new();
-        let app = router(probe.clone(), metrics.clone());
+        let app = router(probe.clone(), metrics.clone()).merge(more);
         let shutdown = stop.clone();
         let task = tokio::spawn(async move {
             let upkeep = async {

@@ -65,7 +65,7 @@ pub struct SubscriberStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceStatus {
     pub source: String,
-    /// starting, running, failed or fenced.
+    /// starting, running, retrying, paused, failed or fenced.
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -177,6 +177,7 @@ impl NodeProbe {
                 ConsumerState::Starting => ("starting", None),
                 ConsumerState::Running => ("running", None),
                 ConsumerState::Retrying(reason) => ("retrying", Some(reason)),
+                ConsumerState::Paused => ("paused", None),
                 ConsumerState::Failed(reason) => ("failed", Some(reason)),
                 ConsumerState::Fenced(reason) => ("fenced", Some(reason)),
             };

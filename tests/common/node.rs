@@ -20,6 +20,32 @@ pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String
         stream,
         "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
     )?;
+    read_answer(stream)
+}
+
+/// One POST of a JSON `body`, with a bearer `token` if given: the status code
+/// and the body.
+#[allow(dead_code)]
+pub fn http_post(
+    address: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let auth = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    read_answer(stream)
+}
+
+fn read_answer(mut stream: TcpStream) -> std::io::Result<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let invalid = || std::io::Error::other(format!("not an HTTP response: {response:?}"));

@@ -1,0 +1,170 @@
+//! The admin API's routes, under `/admin/`, JSON in and out.
+//!
+//! Reads, answered by any node:
+//! - `GET /admin/checkpoints[?group=G]`: every checkpoint with owner, state and lag;
+//! - `GET /admin/fleet`: the fleet's status.
+//!
+//! Writes, carried out by the leader only (others answer 503 with `leader` and
+//! `leader_url`), each needing `Authorization: Bearer TOKEN`:
+//! - `POST /admin/checkpoints/reset`: a [`ResetRequest`];
+//! - `POST /admin/groups/pause` and `/admin/groups/resume`: `{"group": G}`.
+//!
+//! Errors are `{"error": "..."}` with a status that says whose move it is:
+//! 400 bad request, 401 no or wrong token, 403 writes disabled, 404 nothing to act
+//! on, 503 not the leader or a service unavailable, 500 anything else.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use super::{Admin, AdminError, GroupRequest, ResetRequest};
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// On a 503 from a node that does not lead: who does, and where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_url: Option<String>,
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AdminError::NotLeader { .. } | AdminError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let (leader, leader_url) = match &self {
+            AdminError::NotLeader { leader, url } => (leader.clone(), url.clone()),
+            _ => (None, None),
+        };
+        let body = ErrorBody {
+            error: self.to_string(),
+            leader,
+            leader_url,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// The admin routes, to merge beside the node's other endpoints.
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/admin/checkpoints", get(checkpoints))
+        .route("/admin/fleet", get(fleet))
+        .route("/admin/checkpoints/reset", post(reset))
+        .route("/admin/groups/pause", post(pause))
+        .route("/admin/groups/resume", post(resume))
+        .with_state(admin)
+}
+
+#[derive(Debug, Deserialize)]
+struct GroupQuery {
+    group: Option<String>,
+}
+
+async fn checkpoints(State(admin): State<Arc<Admin>>, Query(query): Query<GroupQuery>) -> Response {
+    answer(admin.checkpoints(query.group.as_deref()).await)
+}
+
+async fn fleet(State(admin): State<Arc<Admin>>) -> Response {
+    answer(admin.fleet_status().await)
+}
+
+async fn reset(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Json(request): Json<ResetRequest>,
+) -> Response {
+    let what = format!("reset checkpoints of group {}", request.group);
+    let dry_run = request.dry_run;
+    write(&admin, &headers, what, dry_run, admin.reset(request)).await
+}
+
+async fn pause(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Json(request): Json<GroupRequest>,
+) -> Response {
+    let what = format!("pause group {}", request.group);
+    write(
+        &admin,
+        &headers,
+        what,
+        false,
+        admin.set_paused(&request.group, true),
+    )
+    .await
+}
+
+async fn resume(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Json(request): Json<GroupRequest>,
+) -> Response {
+    let what = format!("resume group {}", request.group);
+    write(
+        &admin,
+        &headers,
+        what,
+        false,
+        admin.set_paused(&request.group, false),
+    )
+    .await
+}
+
+/// Carries out a write: checks the token, then that this node leads, then runs
+/// `operation` and records the write.
+async fn write<T: Serialize>(
+    admin: &Admin,
+    headers: &HeaderMap,
+    what: String,
+    dry_run: bool,
+    operation: impl Future<Output = Result<T, AdminError>>,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let token = match admin.auth.check(authorization) {
+        Ok(token) => token,
+        Err(error) => {
+            tracing::warn!(%what, %error, "refused an admin write");
+            return error.into_response();
+        }
+    };
+    if let Err(error) = admin.ensure_leader().await {
+        return error.into_response();
+    }
+    let outcome = operation.await;
+    let failure = outcome.as_ref().err().map(ToString::to_string);
+    tracing::info!(%what, token = %token, dry_run, error = failure.as_deref(), "admin write");
+    admin.record_write(&what, &token, dry_run, failure.as_deref());
+    answer(outcome)
+}
+
+fn answer<T: Serialize>(outcome: Result<T, AdminError>) -> Response {
+    match outcome {
+        Ok(value) => Json(value).into_response(),
+        Err(error) => error.into_response(),
+    }
+}

@@ -1,0 +1,107 @@
+//! `PostgresFleetStore`: paused groups in `weir_groups` and the nodes' own
+//! reports in `weir_nodes`, on the database clock.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::{PostgresStore, classify, quote_identifier};
+use crate::broker::control::{FleetStore, NodeEntry};
+use crate::broker::lease::MAX_TTL;
+use crate::store::Result;
+
+/// The fleet store in a Postgres store's schema.
+pub struct PostgresFleetStore {
+    store: Arc<PostgresStore>,
+    sql: Sql,
+}
+
+struct Sql {
+    paused: String,
+    set_paused: String,
+    report: String,
+    reports: String,
+}
+
+impl PostgresFleetStore {
+    pub fn new(store: Arc<PostgresStore>) -> Self {
+        let schema = quote_identifier(store.schema());
+        let groups = format!("{schema}.weir_groups");
+        let nodes = format!("{schema}.weir_nodes");
+        let sql = Sql {
+            paused: format!("SELECT group_name FROM {groups} WHERE paused ORDER BY group_name"),
+            // Returns a row only when the group's state changed.
+            set_paused: format!(
+                "INSERT INTO {groups} (group_name, paused, changed_at) \
+                 VALUES ($1, $2, clock_timestamp()) \
+                 ON CONFLICT (group_name) DO UPDATE \
+                   SET paused = EXCLUDED.paused, changed_at = EXCLUDED.changed_at \
+                   WHERE {groups}.paused IS DISTINCT FROM EXCLUDED.paused \
+                 RETURNING (xmax = 0 AND NOT paused) AS created_running"
+            ),
+            report: format!(
+                "INSERT INTO {nodes} (node, report, reported_at) VALUES ($1, $2, clock_timestamp()) \
+                 ON CONFLICT (node) DO UPDATE \
+                   SET report = EXCLUDED.report, reported_at = EXCLUDED.reported_at"
+            ),
+            reports: format!(
+                "SELECT node, report, reported_at FROM {nodes} \
+                 WHERE reported_at > clock_timestamp() - $1::bigint * interval '1 microsecond' \
+                 ORDER BY node COLLATE \"C\""
+            ),
+        };
+        Self { store, sql }
+    }
+}
+
+#[async_trait]
+impl FleetStore for PostgresFleetStore {
+    async fn paused_groups(&self) -> Result<BTreeSet<String>> {
+        self.store
+            .query_once(&self.sql.paused, &[])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0).map_err(classify))
+            .collect()
+    }
+
+    async fn set_paused(&self, group: &str, paused: bool) -> Result<bool> {
+        let rows = self
+            .store
+            .query_once(&self.sql.set_paused, &[&group, &paused])
+            .await?;
+        // A first row for a group resumed that was never paused changes nothing.
+        let created_running = rows
+            .first()
+            .map(|row| row.try_get::<_, bool>(0).map_err(classify))
+            .transpose()?;
+        Ok(matches!(created_running, Some(false)))
+    }
+
+    async fn report(&self, node: &str, report: &Value) -> Result<()> {
+        self.store
+            .execute_once(&self.sql.report, &[&node, report])
+            .await?;
+        Ok(())
+    }
+
+    async fn reports(&self, max_age: Duration) -> Result<Vec<NodeEntry>> {
+        let micros = i64::try_from(max_age.min(MAX_TTL).as_micros()).unwrap_or(i64::MAX);
+        self.store
+            .query_once(&self.sql.reports, &[&micros])
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(NodeEntry {
+                    node: row.try_get(0).map_err(classify)?,
+                    report: row.try_get(1).map_err(classify)?,
+                    reported_at: row.try_get::<_, DateTime<Utc>>(2).map_err(classify)?,
+                })
+            })
+            .collect()
+    }
+}
