@@ -396,6 +396,11 @@ async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
     let status = json_of(&stdout);
     assert_eq!(status["leader"], new_leader.as_str(), "{stdout}");
     assert_eq!(status["paused_groups"], json!([GROUP]), "{stdout}");
+    let lines = status["checkpoints"].as_array().unwrap();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for line in lines {
+        assert_eq!(line["state"], "paused", "{stdout}");
+    }
     let (code, _, stderr) = fleet
         .weir(
             &["groups", "resume", "--group", GROUP],
