@@ -343,3 +343,50 @@ fn the_shutdown_grace_may_not_exceed_the_handover_timeout() {
         "{error}"
     );
 }
+
+#[test]
+fn admin_tokens_are_read_checked_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let config = load_ok(
+        &format!(
+            "[http]\nadvertise = \"http://10.0.0.5:9600\"\nadmin_token_file = {:?}\n[http.admin_tokens]\nci = \"ci-secret-token\"\n",
+            file.display().to_string()
+        ),
+        &[],
+    );
+    let mut tokens = config.http.admin_tokens().unwrap();
+    tokens.sort();
+    assert_eq!(
+        tokens,
+        [
+            ("admin".to_owned(), "from-a-file".to_owned()),
+            ("ci".to_owned(), "ci-secret-token".to_owned())
+        ]
+    );
+    assert_eq!(config.http.admin_url(), "http://10.0.0.5:9600");
+    let printed = config.to_redacted_toml();
+    assert!(!printed.contains("ci-secret-token"), "{printed}");
+    assert!(!format!("{:?}", config.http).contains("ci-secret-token"));
+    let from_env = load_ok("", &[("WEIR_HTTP__ADMIN_TOKEN", "env-secret-token")]);
+    assert!(!from_env.to_redacted_toml().contains("env-secret-token"));
+    assert_eq!(from_env.http.admin_url(), "http://127.0.0.1:9600");
+
+    let error = load_err(
+        "[http]\nadvertise = \"10.0.0.5:9600\"\nadmin_token = \" \"\nadmin_token_file = \"/nonexistent/token\"\n",
+        &[],
+    );
+    let mut found = keys(&error);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "http.admin_token",
+            "http.admin_token_file",
+            "http.admin_token_file",
+            "http.advertise"
+        ],
+        "{error}"
+    );
+}
