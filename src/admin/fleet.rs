@@ -155,22 +155,32 @@ impl Admin {
         for checkpoint in self.stores.checkpoints.list(group).await? {
             let key = (checkpoint.group.clone(), checkpoint.source.clone());
             let consumer = reported.remove(&key);
-            let backlog = self
-                .stores
-                .events
-                .backlog(&checkpoint.source, checkpoint.cursor, LAG_LIMIT)
-                .await?;
-            let lag_seconds = backlog
-                .oldest
-                .map(|oldest| (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0);
+            // A running consumer's own cursor and lag are newer than its stored
+            // checkpoint (stored every so many events); otherwise the store says.
+            let (cursor, lag_events, lag_seconds) = match &consumer {
+                Some(c) if c.cursor.is_some() && c.lag_events.is_some() => {
+                    (c.cursor, c.lag_events, c.lag_seconds)
+                }
+                _ => {
+                    let backlog = self
+                        .stores
+                        .events
+                        .backlog(&checkpoint.source, checkpoint.cursor, LAG_LIMIT)
+                        .await?;
+                    let seconds = backlog.oldest.map_or(0.0, |oldest| {
+                        (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0
+                    });
+                    (Some(checkpoint.cursor), Some(backlog.events), Some(seconds))
+                }
+            };
             lines.push(CheckpointLine {
                 group: checkpoint.group,
                 source: checkpoint.source,
                 owner: Some(checkpoint.owner),
                 node: consumer.as_ref().map(|c| c.node.clone()),
-                cursor: Some(checkpoint.cursor),
-                lag_events: Some(backlog.events),
-                lag_seconds: Some(lag_seconds.unwrap_or(0.0)),
+                cursor,
+                lag_events,
+                lag_seconds,
                 state: consumer
                     .as_ref()
                     .map_or_else(|| "unowned".to_owned(), |c| c.state.clone()),
