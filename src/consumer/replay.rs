@@ -13,9 +13,10 @@
 //! times with a short backoff; one that outlasts them means the destination is down,
 //! so the letters after it are not tried in this run either.
 //!
-//! Delivery is at least once: an event processed just before its letter could be
-//! removed (the store failed, or the caller gave up waiting) is delivered again by
-//! the next retry. Only the chosen letters are ordered: with ids, an unchosen
+//! Delivery is at least once: the letters of events that went through are removed
+//! [`REMOVE_BATCH`] at a time (one commit each rather than one per letter), so if
+//! the store fails or the caller gives up waiting, the events processed since the
+//! last removal are delivered again by the next retry. Only the chosen letters are ordered: with ids, an unchosen
 //! earlier letter of the same stream is not waited for. Two retries of one group at
 //! once could each deliver the same event; callers run one at a time.
 
@@ -36,6 +37,9 @@ use crate::store::{self, EventStore};
 /// the first wait between them, doubled after each: 0.7 s in all.
 const TRANSIENT_TRIES: u32 = 4;
 const TRANSIENT_FIRST_WAIT: Duration = Duration::from_millis(100);
+
+/// Letters of events that went through, removed at once.
+pub const REMOVE_BATCH: usize = 100;
 
 /// Dead letters listed, removed or looked up at a time, which bounds what a retry
 /// of a large group holds in memory.
@@ -81,7 +85,7 @@ pub enum ReplayError {
         elsewhere: Vec<(u64, String)>,
     },
     #[error(
-        "the dead-letter or event store failed: {0}; letters handled before the failure keep their outcome and the rest are unchanged, so running the same request again once the store answers is safe (an event whose success could not be recorded is delivered once more)"
+        "the dead-letter or event store failed: {0}; the operation stopped there: letters already failed or removed keep that outcome and the others are as they were (for a retry, also those whose events went through since the last removal, which the next retry delivers once more); run it again once the store answers"
     )]
     Store(#[from] store::Error),
 }
@@ -216,6 +220,7 @@ pub async fn retry_dead_letters(
         blocked: HashMap::new(),
         unavailable: None,
         reports: Vec::with_capacity(letters.len()),
+        done: Vec::new(),
     };
     for page in by_event(&letters).chunks(PAGE) {
         let ids: Vec<Uuid> = page.iter().map(|same| same[0].event_id).collect();
@@ -229,6 +234,7 @@ pub async fn retry_dead_letters(
             retry.take(same, found.get(&same[0].event_id)).await?;
         }
     }
+    retry.remove_done().await?;
     let report = RetryReport::new(request, retry.reports);
     tracing::info!(
         group = %report.group, dry_run = report.dry_run, chosen = report.chosen,
@@ -339,9 +345,19 @@ struct Retry<'a> {
     /// The letter that failed transiently after all its tries, if one did.
     unavailable: Option<u64>,
     reports: Vec<LetterReport>,
+    /// Letters whose events went through, not yet removed.
+    done: Vec<u64>,
 }
 
 impl Retry<'_> {
+    async fn remove_done(&mut self) -> store::Result<()> {
+        if !self.done.is_empty() {
+            self.dead_letters.remove(&self.done).await?;
+            self.done.clear();
+        }
+        Ok(())
+    }
+
     /// Retries the letters of one event (`None`: it is gone), recording the outcome.
     async fn take(
         &mut self,
@@ -366,7 +382,10 @@ impl Retry<'_> {
         let ids: Vec<u64> = letters.iter().map(|letter| letter.id).collect();
         let error = match self.deliver(event).await {
             Ok(()) => {
-                self.dead_letters.remove(&ids).await?;
+                self.done.extend(ids);
+                if self.done.len() >= REMOVE_BATCH {
+                    self.remove_done().await?;
+                }
                 self.report(letters, Some(event), |_| Outcome::Retried);
                 return Ok(());
             }
