@@ -471,6 +471,14 @@ async fn purge_removes_the_chosen_letters(backend: Backend) {
         .unwrap();
     assert_eq!((report.chosen, report.removed), (3, 3));
     assert!(letters(&backend).await.is_empty());
+    // Ids are not reused: a letter recorded now cannot be mistaken for a purged one.
+    let later = record_by_hand(&backend, "billing", Uuid::now_v7(), 1).await;
+    assert!(
+        later.id > recorded[4].id,
+        "{} <= {}",
+        later.id,
+        recorded[4].id
+    );
     // Purged is not delivered.
     downstream.fix();
     let report = retry(&backend, &downstream, &request(Selection::All, false))
