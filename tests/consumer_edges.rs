@@ -23,34 +23,14 @@ use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, ProcessErr
 use weir::event::{
     Category, Cursor, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition,
 };
-use weir::runtime::{ConsumerStores, EventRuntime};
+use weir::runtime::EventRuntime;
 use weir::store::EventStore;
+
+use common::ConsumerBackend as Backend;
 
 /// A guard against hangs, never a timing assertion.
 const WAIT: Duration = Duration::from_secs(30);
 const GROUP: &str = "g";
-
-struct Backend {
-    stores: ConsumerStores,
-    _db: Option<common::TestPostgres>,
-}
-
-impl Backend {
-    fn memory() -> Self {
-        Self {
-            stores: ConsumerStores::in_memory(Arc::new(weir::store::MemoryStore::new())),
-            _db: None,
-        }
-    }
-
-    async fn postgres() -> Option<Self> {
-        let db = common::TestPostgres::start().await?;
-        Some(Self {
-            stores: ConsumerStores::postgres(Arc::clone(&db.store)),
-            _db: Some(db),
-        })
-    }
-}
 
 on_every_backend!(
     Backend:

@@ -19,33 +19,12 @@ use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, Isolation,
 use weir::event::{
     Category, Cursor, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition,
 };
-use weir::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
+use weir::runtime::{EventRuntime, Outcome, RuntimeError};
 use weir::store::EventStore;
 
+use common::ConsumerBackend as Backend;
+
 const WAIT: Duration = Duration::from_secs(20);
-
-/// One backend's stores, and the database they live in (kept alive for the test).
-struct Backend {
-    stores: ConsumerStores,
-    _db: Option<common::TestPostgres>,
-}
-
-impl Backend {
-    fn memory() -> Self {
-        Self {
-            stores: ConsumerStores::in_memory(Arc::new(weir::store::MemoryStore::new())),
-            _db: None,
-        }
-    }
-
-    async fn postgres() -> Option<Self> {
-        let db = common::TestPostgres::start().await?;
-        Some(Self {
-            stores: ConsumerStores::postgres(Arc::clone(&db.store)),
-            _db: Some(db),
-        })
-    }
-}
 
 on_every_backend!(
     Backend:

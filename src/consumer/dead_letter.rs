@@ -1,10 +1,12 @@
 //! Dead letters: events a consumer skipped under the `Continue` policy, kept with
 //! the error that made it give up, so an operator can see them (`weir dead-letters
-//! list`) and replay them by hand.
+//! list`), retry them once the cause is fixed, or purge them (see [`super::replay`]).
 //!
 //! Backends: [`MemoryDeadLetterStore`] and `PostgresDeadLetterStore` (feature
 //! `postgres`, table `weir_dead_letters`).
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -31,7 +33,9 @@ pub struct NewDeadLetter {
     pub attempts: u32,
 }
 
-/// A dead letter as the store holds it.
+/// A dead letter as the store holds it. A retry that fails again raises
+/// `attempts` and replaces `kind` and `error` with the newest failure's;
+/// `recorded_at` stays when it was first recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetter {
     /// Assigned by the store, increasing.
@@ -56,12 +60,31 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// Up to `limit` dead letters with an id above `after` (0 for all), oldest first,
     /// of one group or of every group.
     async fn list(&self, group: Option<&str>, after: u64, limit: usize) -> Result<Vec<DeadLetter>>;
+
+    /// The dead letters with these ids, of whatever group, oldest first; ids that
+    /// name none are left out.
+    async fn get(&self, ids: &[u64]) -> Result<Vec<DeadLetter>>;
+
+    /// Removes the dead letters with these ids; returns how many there were.
+    async fn remove(&self, ids: &[u64]) -> Result<u64>;
+
+    /// Notes that processing dead letter `id` failed once more: raises its
+    /// `attempts` by one and keeps `kind` and `error` as its newest failure.
+    /// Returns the letter as now stored, `None` if there is none with that id.
+    async fn record_failure(&self, id: u64, kind: &str, error: &str) -> Result<Option<DeadLetter>>;
 }
 
 /// Dead letters in this process's memory.
 #[derive(Debug, Default)]
 pub struct MemoryDeadLetterStore {
-    letters: Mutex<Vec<DeadLetter>>,
+    letters: Mutex<Letters>,
+}
+
+#[derive(Debug, Default)]
+struct Letters {
+    by_id: BTreeMap<u64, DeadLetter>,
+    /// Ids are never reused, also after a removal.
+    last_id: u64,
 }
 
 impl MemoryDeadLetterStore {
@@ -69,8 +92,8 @@ impl MemoryDeadLetterStore {
         Self::default()
     }
 
-    fn letters(&self) -> MutexGuard<'_, Vec<DeadLetter>> {
-        // Only ever pushed to, so a poisoned list is whole.
+    fn letters(&self) -> MutexGuard<'_, Letters> {
+        // No change can panic halfway, so a poisoned list is whole.
         self.letters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -79,8 +102,9 @@ impl MemoryDeadLetterStore {
 impl DeadLetterStore for MemoryDeadLetterStore {
     async fn record(&self, letter: &NewDeadLetter) -> Result<DeadLetter> {
         let mut letters = self.letters();
+        letters.last_id += 1;
         let stored = DeadLetter {
-            id: letters.len() as u64 + 1,
+            id: letters.last_id,
             group: letter.group.clone(),
             source: letter.source.clone(),
             event_id: letter.event_id,
@@ -90,18 +114,48 @@ impl DeadLetterStore for MemoryDeadLetterStore {
             attempts: letter.attempts,
             recorded_at: crate::store::store_precision(Utc::now()),
         };
-        letters.push(stored.clone());
+        letters.by_id.insert(stored.id, stored.clone());
         Ok(stored)
     }
 
     async fn list(&self, group: Option<&str>, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {
-        Ok(self
-            .letters()
-            .iter()
-            .filter(|letter| letter.id > after)
+        let letters = self.letters();
+        Ok(letters
+            .by_id
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(_, letter)| letter)
             .filter(|letter| group.is_none_or(|wanted| letter.group == wanted))
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn get(&self, ids: &[u64]) -> Result<Vec<DeadLetter>> {
+        let letters = self.letters();
+        let mut found: Vec<DeadLetter> = ids
+            .iter()
+            .filter_map(|id| letters.by_id.get(id).cloned())
+            .collect();
+        found.sort_by_key(|letter| letter.id);
+        found.dedup_by_key(|letter| letter.id);
+        Ok(found)
+    }
+
+    async fn remove(&self, ids: &[u64]) -> Result<u64> {
+        let mut letters = self.letters();
+        Ok(ids
+            .iter()
+            .filter(|id| letters.by_id.remove(id).is_some())
+            .count() as u64)
+    }
+
+    async fn record_failure(&self, id: u64, kind: &str, error: &str) -> Result<Option<DeadLetter>> {
+        let mut letters = self.letters();
+        Ok(letters.by_id.get_mut(&id).map(|letter| {
+            letter.attempts = letter.attempts.saturating_add(1);
+            kind.clone_into(&mut letter.kind);
+            error.clone_into(&mut letter.error);
+            letter.clone()
+        }))
     }
 }

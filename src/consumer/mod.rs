@@ -7,6 +7,7 @@
 //! - [`dead_letter`]: events skipped under the `Continue` policy, kept with their error.
 //! - [`policy`]: what a consumer does when processing fails.
 //! - [`pause`]: an operator's pause of a group, which its consumers wait out.
+//! - [`replay`]: an operator's retry and purge of a group's dead letters.
 //! - [`source`]: the consumer of one source: read after the cursor, process,
 //!   checkpoint, wait for appends.
 //! - [`subscription`]: a [`crate::broker::Subscriber`] that runs one source consumer
@@ -18,6 +19,7 @@ pub mod dead_letter;
 pub mod pause;
 pub mod policy;
 pub mod processor;
+pub mod replay;
 pub mod resume;
 pub mod settings;
 pub mod source;
@@ -27,6 +29,10 @@ pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, Memory
 pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
 pub use policy::ErrorPolicy;
 pub use processor::{EventHandler, EventProcessor, PerEvent, ProcessError, from_fn};
+pub use replay::{
+    DeadLetterRequest, PurgeReport, ReplayError, RetryReport, Selection, purge_dead_letters,
+    retry_dead_letters,
+};
 pub use settings::{ConsumerSettings, Isolation};
 pub use source::{ConsumerState, Halt};
 pub use subscription::SubscriptionConsumer;

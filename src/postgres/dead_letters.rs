@@ -1,5 +1,6 @@
 //! `PostgresDeadLetterStore`: dead letters in the `weir_dead_letters` table of a
-//! Postgres store's schema.
+//! Postgres store's schema. Consumers insert rows; a retry that fails again
+//! updates its row, and a retry that succeeds or a purge deletes it.
 
 use std::sync::Arc;
 
@@ -26,6 +27,9 @@ struct Sql {
     record: String,
     list_all: String,
     list_group: String,
+    get: String,
+    remove: String,
+    record_failure: String,
 }
 
 impl PostgresDeadLetterStore {
@@ -44,6 +48,14 @@ impl PostgresDeadLetterStore {
             list_group: format!(
                 "SELECT {COLUMNS} FROM {table} WHERE group_name = $3 AND id > $1 ORDER BY id LIMIT $2"
             ),
+            get: format!("SELECT {COLUMNS} FROM {table} WHERE id = ANY($1) ORDER BY id"),
+            remove: format!("DELETE FROM {table} WHERE id = ANY($1)"),
+            // Saturates rather than failing on a letter retried 2^31 - 1 times.
+            record_failure: format!(
+                "UPDATE {table} SET attempts = least(attempts::bigint + 1, 2147483647)::integer, \
+                   kind = $2, error = $3 \
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            ),
         };
         Self { store, sql }
     }
@@ -53,6 +65,14 @@ impl PostgresDeadLetterStore {
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.store.query_once(sql, params).await
     }
+}
+
+/// Ids as the table holds them; none is above `i64::MAX`, so a larger id names
+/// no letter and is left out.
+fn table_ids(ids: &[u64]) -> Vec<i64> {
+    ids.iter()
+        .filter_map(|&id| i64::try_from(id).ok())
+        .collect()
 }
 
 /// A column value read back as unsigned: weir never writes a negative one.
@@ -132,5 +152,26 @@ impl DeadLetterStore for PostgresDeadLetterStore {
             None => self.query(&self.sql.list_all, &[&after, &limit]).await?,
         };
         rows.iter().map(dead_letter).collect()
+    }
+
+    async fn get(&self, ids: &[u64]) -> Result<Vec<DeadLetter>> {
+        let rows = self.query(&self.sql.get, &[&table_ids(ids)]).await?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    async fn remove(&self, ids: &[u64]) -> Result<u64> {
+        self.store
+            .execute_once(&self.sql.remove, &[&table_ids(ids)])
+            .await
+    }
+
+    async fn record_failure(&self, id: u64, kind: &str, error: &str) -> Result<Option<DeadLetter>> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let rows = self
+            .query(&self.sql.record_failure, &[&id, &kind, &error])
+            .await?;
+        rows.first().map(dead_letter).transpose()
     }
 }

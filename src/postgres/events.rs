@@ -492,6 +492,16 @@ impl EventStore for PostgresStore {
         })
     }
 
+    async fn events_by_id(&self, ids: &[Uuid]) -> Result<Vec<StoredEvent>> {
+        // One lookup in the unique index on id (constraint weir_events_id).
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {} WHERE id = ANY($1) ORDER BY tx_id, sequence",
+            self.sql.events_table
+        );
+        let rows = self.query(&sql, &[&ids]).await?;
+        rows.iter().map(|row| event_from_row(row, 0)).collect()
+    }
+
     async fn ping(&self) -> Result<()> {
         let client = self.connection().await?;
         let exists: bool = client

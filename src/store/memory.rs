@@ -3,7 +3,7 @@
 //! order is commit order and no reader can skip an event.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
@@ -263,6 +263,17 @@ impl EventStore for MemoryStore {
 
     async fn watch(&self) -> Result<AppendWatcher> {
         Ok(self.notifier.watch())
+    }
+
+    async fn events_by_id(&self, ids: &[Uuid]) -> Result<Vec<StoredEvent>> {
+        let wanted: HashSet<&Uuid> = ids.iter().collect();
+        Ok(self
+            .read_state()
+            .log
+            .iter()
+            .filter(|event| wanted.contains(&event.id))
+            .cloned()
+            .collect())
     }
 
     async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {

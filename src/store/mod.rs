@@ -3,11 +3,13 @@
 //! (feature `postgres`). One conformance suite (`tests/store_conformance.rs`) runs
 //! against each.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
+use uuid::Uuid;
 
 use crate::event::{
     Category, Cursor, NewEvent, Source, StoredEvent, StreamName, ValidationError, WriteCondition,
@@ -113,6 +115,9 @@ pub enum AppendNotice {
     /// Anything may have changed (e.g. after the notification connection was restored).
     Any,
 }
+
+/// Events read at a time by the default [`EventStore::events_by_id`].
+const LOOKUP_PAGE: usize = 1000;
 
 /// How many notices a slow listener may fall behind before it sees [`AppendNotice::Any`].
 const NOTICE_CAPACITY: usize = 1024;
@@ -238,6 +243,22 @@ pub trait EventStore: Send + Sync + 'static {
         })
     }
 
+    /// The events with these ids, in read order; ids the store does not hold
+    /// (never appended, or pruned since) are left out. The default reads the
+    /// whole log; backends look the ids up instead.
+    async fn events_by_id(&self, ids: &[Uuid]) -> Result<Vec<StoredEvent>> {
+        let mut wanted: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut found = Vec::with_capacity(wanted.len());
+        let mut after = Cursor::START;
+        while !wanted.is_empty() {
+            let page = self.read(&Source::Log, after, LOOKUP_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.cursor;
+            found.extend(page.into_iter().filter(|event| wanted.remove(&event.id)));
+        }
+        Ok(found)
+    }
+
     /// Answers once the store is reachable and its schema in place; the error
     /// says what is wrong. One quick attempt, for health checks.
     async fn ping(&self) -> Result<()> {
@@ -294,6 +315,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {
         (**self).backlog(source, after, limit).await
+    }
+    async fn events_by_id(&self, ids: &[Uuid]) -> Result<Vec<StoredEvent>> {
+        (**self).events_by_id(ids).await
     }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await

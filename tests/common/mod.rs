@@ -87,6 +87,33 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// One backend's consumer stores (events, checkpoints, dead letters), and the
+/// database they live in, kept alive for the test: the `BACKEND` of
+/// [`on_every_backend!`] for tests of consumers.
+pub struct ConsumerBackend {
+    pub stores: weir::runtime::ConsumerStores,
+    pub db: Option<TestPostgres>,
+}
+
+impl ConsumerBackend {
+    pub fn memory() -> Self {
+        Self {
+            stores: weir::runtime::ConsumerStores::in_memory(Arc::new(
+                weir::store::MemoryStore::new(),
+            )),
+            db: None,
+        }
+    }
+
+    pub async fn postgres() -> Option<Self> {
+        let db = TestPostgres::start().await?;
+        Some(Self {
+            stores: weir::runtime::ConsumerStores::postgres(Arc::clone(&db.store)),
+            db: Some(db),
+        })
+    }
+}
+
 /// A migrated Postgres store in a schema of its own, dropped with this value.
 pub struct TestPostgres {
     pub store: Arc<PostgresStore>,
