@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use weir::broker::lease::MemoryLeaseStore;
 use weir::broker::membership::MemoryMembershipStore;
 use weir::broker::{Broker, BrokerRole, DistributedBroker, SubscriberSpec};
 use weir::bus::MemoryBus;
-use weir::consumer::{ConsumerSettings, ConsumerState, from_fn};
+use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, ProcessError, from_fn};
 use weir::event::{Category, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition};
 use weir::postgres::{PostgresFleetStore, PostgresLeaseStore, PostgresMembershipStore};
 use weir::runtime::{ConsumerStores, EventRuntime};
@@ -81,6 +82,17 @@ struct Node {
 
 impl Node {
     async fn start(backend: &Backend, id: &str, sources: &[Source], handled: &Handled) -> Self {
+        Self::start_failing(backend, id, sources, handled, &Arc::default()).await
+    }
+
+    /// A node whose processor fails permanently on every event while `failing`.
+    async fn start_failing(
+        backend: &Backend,
+        id: &str,
+        sources: &[Source],
+        handled: &Handled,
+        failing: &Arc<AtomicBool>,
+    ) -> Self {
         let broker = DistributedBroker::new(
             id,
             BrokerRole::Full,
@@ -103,10 +115,16 @@ impl Node {
             backend.stores.clone(),
             consumer,
         ));
-        let log = Arc::clone(handled);
-        let processor = Arc::new(from_fn(move |event: StoredEvent| {
-            let log = Arc::clone(&log);
+        let (log, failing) = (Arc::clone(handled), Arc::clone(failing));
+        let processor: Arc<dyn EventProcessor> = Arc::new(from_fn(move |event: StoredEvent| {
+            let (log, failing) = (Arc::clone(&log), Arc::clone(&failing));
             async move {
+                if failing.load(Ordering::SeqCst) {
+                    return Err(ProcessError::permanent(
+                        "rejected",
+                        "the downstream refused it",
+                    ));
+                }
                 log.lock().unwrap().push(event);
                 Ok(())
             }
@@ -114,7 +132,7 @@ impl Node {
         runtime
             .register_subscription_consumer(
                 SubscriberSpec::new(GROUP, format!("{id}/1"), sources.iter().cloned()),
-                processor,
+                Arc::clone(&processor),
                 None,
             )
             .unwrap();
@@ -127,7 +145,7 @@ impl Node {
             membership: Arc::clone(&backend.fleet_services.membership),
             fleet: Arc::clone(&backend.fleet),
             control,
-            processors: BTreeMap::new(),
+            processors: BTreeMap::from([(GROUP.to_owned(), processor)]),
             auth: AdminAuth::new(vec![("ops".into(), TOKEN.into())], address),
             member_timeout: settings().member_timeout,
             handover_timeout: settings().handover_timeout,
@@ -348,6 +366,19 @@ async fn a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order
     .await;
     let nodes = [&a, &b];
     let leading = leader(&nodes).await;
+    // Checkpoints are stored after their batch is handled: wait until they are.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines = leading.admin.checkpoints(Some(GROUP)).await.unwrap();
+        if lines.len() == 4 && lines.iter().all(|line| line.lag_events == Some(0)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoints did not catch up: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let dry = json!({ "group": GROUP, "to": "start", "dry_run": true });
     let (status, plan) = post(&leading.url, "/admin/checkpoints/reset", Some(TOKEN), dry).await;
@@ -448,6 +479,103 @@ async fn a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order
     }
     a.stop().await;
     b.stop().await;
+}
+
+async fn dead_letters_that_are_fixed_come_back_once_in_order(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let failing = Arc::new(AtomicBool::new(true));
+    let node = Node::start_failing(&backend, "node-a", &orders(), &handled, &failing).await;
+    let mut appended = Vec::new();
+    for round in 0..20 {
+        for stream in ["o-1", "o-2", "o-3", "o-4", "o-5"] {
+            appended.extend(append(&backend, stream, 1).await);
+        }
+        let _ = round;
+    }
+    assert_eq!(appended.len(), 100);
+    let dead_letters = Arc::clone(&backend.stores.dead_letters);
+    let deadline = Instant::now() + WAIT;
+    while dead_letters.list(Some(GROUP), 0, 1000).await.unwrap().len() < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the failures did not become dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leader(&[&node]).await;
+    failing.store(false, Ordering::SeqCst);
+
+    let all = |dry_run: bool| json!({ "group": GROUP, "selection": "all", "dry_run": dry_run });
+    let (status, answer) = post(&node.url, "/admin/dead-letters/retry", None, all(true)).await;
+    assert_eq!(status, 401, "a retry without the token: {answer}");
+    let (status, answer) = post(
+        &node.url,
+        "/admin/dead-letters/retry",
+        Some(TOKEN),
+        all(true),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["would_retry"], 100, "{answer}");
+    assert!(
+        handled.lock().unwrap().is_empty(),
+        "the dry run processed something"
+    );
+    assert_eq!(
+        dead_letters.list(Some(GROUP), 0, 1000).await.unwrap().len(),
+        100
+    );
+
+    let (status, answer) = post(
+        &node.url,
+        "/admin/dead-letters/retry",
+        Some(TOKEN),
+        all(false),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["retried"], 100, "{answer}");
+    let log = handled.lock().unwrap().clone();
+    let ids: Vec<uuid::Uuid> = log.iter().map(|e| e.id).collect();
+    let expected: Vec<uuid::Uuid> = appended.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids, expected,
+        "the fixed events did not come back once each, in order"
+    );
+    assert!(
+        dead_letters
+            .list(Some(GROUP), 0, 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (status, answer) = post(
+        &node.url,
+        "/admin/dead-letters/retry",
+        Some(TOKEN),
+        all(false),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        handled.lock().unwrap().len(),
+        100,
+        "a second retry delivered again"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_dead_letters_that_are_fixed_come_back_once_in_order() {
+    dead_letters_that_are_fixed_come_back_once_in_order(memory()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_dead_letters_that_are_fixed_come_back_once_in_order() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    dead_letters_that_are_fixed_come_back_once_in_order(backend).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,7 +7,9 @@
 //! Writes, carried out by the leader only (others answer 503 with `leader` and
 //! `leader_url`), each needing `Authorization: Bearer TOKEN`:
 //! - `POST /admin/checkpoints/reset`: a [`ResetRequest`];
-//! - `POST /admin/groups/pause` and `/admin/groups/resume`: `{"group": G}`.
+//! - `POST /admin/groups/pause` and `/admin/groups/resume`: `{"group": G}`;
+//! - `POST /admin/dead-letters/retry` and `/admin/dead-letters/purge`:
+//!   `{"group": G, "selection": "all" | {"ids": [..]}, "dry_run": false}`.
 //!
 //! Errors are `{"error": "..."}` with a status that says whose move it is:
 //! 400 bad request, 401 no or wrong token, 403 writes disabled, 404 nothing to act
@@ -23,6 +25,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::{Admin, AdminError, GroupRequest, ResetRequest};
+use crate::consumer::replay::DeadLetterRequest;
 
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +78,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/admin/checkpoints/reset", post(reset))
         .route("/admin/groups/pause", post(pause))
         .route("/admin/groups/resume", post(resume))
+        .route("/admin/dead-letters/retry", post(retry_dead_letters))
+        .route("/admin/dead-letters/purge", post(purge_dead_letters))
         .with_state(admin)
 }
 
@@ -129,6 +134,40 @@ async fn resume(
         what,
         false,
         admin.set_paused(&request.group, false),
+    )
+    .await
+}
+
+async fn retry_dead_letters(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Json(request): Json<DeadLetterRequest>,
+) -> Response {
+    let what = format!("retry dead letters of group {}", request.group);
+    let dry_run = request.dry_run;
+    write(
+        &admin,
+        &headers,
+        what,
+        dry_run,
+        admin.retry_dead_letters(&request),
+    )
+    .await
+}
+
+async fn purge_dead_letters(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Json(request): Json<DeadLetterRequest>,
+) -> Response {
+    let what = format!("purge dead letters of group {}", request.group);
+    let dry_run = request.dry_run;
+    write(
+        &admin,
+        &headers,
+        what,
+        dry_run,
+        admin.purge_dead_letters(&request),
     )
     .await
 }

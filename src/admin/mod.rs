@@ -9,6 +9,7 @@
 //!
 //! - [`auth`]: who may write.
 //! - [`reset`]: checkpoint resets and their dry runs.
+//! - [`dead_letters`]: dead letters retried or purged.
 //! - [`fleet`]: the nodes' reports and the fleet's status.
 //! - [`http`]: the routes under `/admin/`.
 
@@ -25,6 +26,7 @@ use crate::event::Source;
 use crate::runtime::ConsumerStores;
 
 pub mod auth;
+pub mod dead_letters;
 pub mod fleet;
 pub mod http;
 pub mod reset;
@@ -138,6 +140,8 @@ pub struct Admin {
     pub(crate) report_max_age: Duration,
     /// How long a reset may wait for the leader: the handover timeout and then some.
     pub(crate) write_timeout: Duration,
+    /// Held while dead letters are retried or purged.
+    pub(crate) dead_letter_lock: tokio::sync::Mutex<()>,
 }
 
 /// What an [`Admin`] needs from the node.
@@ -169,6 +173,7 @@ impl Admin {
             auth: parts.auth,
             report_max_age: parts.member_timeout,
             write_timeout: parts.handover_timeout + WRITE_MARGIN,
+            dead_letter_lock: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -24,7 +24,7 @@
 //!
 //! [`Leadership`]: super::lease::Leadership
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,12 +33,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use self::group::GroupState;
 use super::BrokerSettings;
 use super::control::{Command, FleetStore, MemoryFleetStore};
 use super::lease::{EpochFloor, LeaderState};
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
-use crate::allocation::{Allocation, AllocationInput, Handover, Member, allocate};
+use crate::allocation::{AllocationInput, Handover, Member, allocate};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::Source;
 use crate::metrics;
@@ -379,36 +380,8 @@ impl Coordinator {
                         }
                         continue;
                     };
-                    // A burst of signals (a node starting with many subscribers) is
-                    // decided in one go.
-                    let mut dirty = BTreeSet::new();
-                    let mut next = Some(message);
-                    while let Some(message) = next {
-                        match message {
-                            // The lease store says this node leads: a newer epoch on
-                            // the bus is stale or foreign, and this term moves above it.
-                            BusMessage::Decision(decision) if decision.epoch > epoch => {
-                                following.newest_epoch = following.newest_epoch.max(decision.epoch);
-                                if !self.outranked(epoch, decision.epoch) {
-                                    return (TermEnd::Deposed, term);
-                                }
-                                term.raising = true;
-                            }
-                            BusMessage::Decision(_) => {}
-                            BusMessage::Signal(signal) => {
-                                dirty.insert(signal.group().to_owned());
-                                term.note(signal);
-                            }
-                        }
-                        next = subscription.next().now_or_never().flatten();
-                    }
-                    match dirty.len() {
-                        0 => {}
-                        1 => {
-                            let group = dirty.pop_first().unwrap_or_default();
-                            self.decide_group(&mut term, &group).await;
-                        }
-                        _ => self.decide_all(&mut term).await,
+                    if !self.take_burst(&mut term, following, subscription, message).await {
+                        return (TermEnd::Deposed, term);
                     }
                 }
                 command = control::next_command(commands) => self.command(&mut term, command).await,
@@ -422,6 +395,49 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// Takes `first` and every message already waiting (a burst of signals, say
+    /// a node starting with many subscribers, is decided in one go); `false` if
+    /// a newer epoch it cannot rise above deposes this term.
+    async fn take_burst(
+        &self,
+        term: &mut Term,
+        following: &mut Following,
+        subscription: &mut BusSubscription,
+        first: BusMessage,
+    ) -> bool {
+        let epoch = term.epoch;
+        let mut dirty = BTreeSet::new();
+        let mut next = Some(first);
+        while let Some(message) = next {
+            match message {
+                // The lease store says this node leads: a newer epoch on the bus
+                // is stale or foreign, and this term moves above it.
+                BusMessage::Decision(decision) if decision.epoch > epoch => {
+                    following.newest_epoch = following.newest_epoch.max(decision.epoch);
+                    if !self.outranked(epoch, decision.epoch) {
+                        return false;
+                    }
+                    term.raising = true;
+                }
+                BusMessage::Decision(_) => {}
+                BusMessage::Signal(signal) => {
+                    dirty.insert(signal.group().to_owned());
+                    term.note(signal);
+                }
+            }
+            next = subscription.next().now_or_never().flatten();
+        }
+        match dirty.len() {
+            0 => {}
+            1 => {
+                let group = dirty.pop_first().unwrap_or_default();
+                self.decide_group(term, &group).await;
+            }
+            _ => self.decide_all(term).await,
+        }
+        true
     }
 
     /// Decides every group that has live members or a decision, from one read of
@@ -715,105 +731,6 @@ impl Term {
     }
 }
 
-#[derive(Default)]
-struct GroupState {
-    /// The newest decision: this term's, or the one inherited from the bus.
-    decision: Option<Decision>,
-    /// Revision of this term's newest decision; 0 before its first.
-    revision: u64,
-    /// The newest decision has yet to reach the bus.
-    unpublished: bool,
-    /// When each source in handover started moving, and from whom.
-    handovers_since: HashMap<Source, (String, Instant)>,
-    /// Sources a subscriber said it released: (source, subscriber).
-    released: HashSet<(Source, String)>,
-}
-
-impl GroupState {
-    /// Sources in handover that may go to their new owner: released by their old
-    /// owner, or waiting longer than `timeout`. (A dead old owner is seen to by
-    /// `allocate`, which knows who is live.)
-    fn ready_handovers(
-        &self,
-        current: &Allocation<Source>,
-        now: Instant,
-        timeout: Duration,
-    ) -> BTreeSet<Source> {
-        current
-            .handovers
-            .iter()
-            .filter(|(source, handover)| {
-                let released = self
-                    .released
-                    .contains(&((*source).clone(), handover.from.clone()));
-                let timed_out = self
-                    .handovers_since
-                    .get(*source)
-                    .is_some_and(|(_, since)| now.duration_since(*since) >= timeout);
-                if timed_out && !released {
-                    tracing::warn!(
-                        source = %source, from = %handover.from, to = %handover.to,
-                        "handover timed out without a release; giving the source to its new owner"
-                    );
-                }
-                released || timed_out
-            })
-            .map(|(source, _)| source.clone())
-            .collect()
-    }
-
-    /// Counts a decision that takes sources from their owners as a rebalance, and
-    /// records how long each source that `next` hands to its new owner was in
-    /// handover. Measured here, where both decisions are made, with one clock.
-    fn measure(
-        &self,
-        group: &str,
-        current: &Allocation<Source>,
-        next: &Allocation<Source>,
-        now: Instant,
-    ) {
-        let moved = current.owners.iter().any(|(owner, sources)| {
-            sources
-                .iter()
-                .any(|source| next.owner_of(source) != Some(owner.as_str()))
-        });
-        if moved {
-            ::metrics::counter!(metrics::REBALANCES, "group" => group.to_owned()).increment(1);
-        }
-        for (source, handover) in &current.handovers {
-            if next.handovers.contains_key(source) {
-                continue;
-            }
-            if let Some((_, since)) = self.handovers_since.get(source) {
-                let elapsed = now.duration_since(*since);
-                ::metrics::histogram!(metrics::HANDOVER_DURATION, "group" => group.to_owned())
-                    .record(elapsed.as_secs_f64());
-                tracing::debug!(group, %source, from = %handover.from, to = %handover.to, ?elapsed, "handover complete");
-            }
-        }
-    }
-
-    /// Starts the clock on handovers that `next` begins, keeps it on those that go
-    /// on from the same owner, and forgets the rest and their releases.
-    fn track_handovers(&mut self, next: &Allocation<Source>, now: Instant) {
-        self.handovers_since.retain(|source, (from, _)| {
-            next.handovers
-                .get(source)
-                .is_some_and(|handover| &handover.from == from)
-        });
-        for (source, handover) in &next.handovers {
-            self.handovers_since
-                .entry(source.clone())
-                .or_insert_with(|| (handover.from.clone(), now));
-        }
-        self.released.retain(|(source, from)| {
-            next.handovers
-                .get(source)
-                .is_some_and(|handover| &handover.from == from)
-        });
-    }
-}
-
 /// The allocator's view of live records. Members requesting the same sources share
 /// one set, which `allocate` recognises cheaply.
 /// Sources held away for an operator's work are asked for by nobody meanwhile.
@@ -832,5 +749,6 @@ fn members_of(records: &[MemberRecord], held: &BTreeSet<Source>) -> Vec<Member<S
 }
 
 mod control;
+mod group;
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,10 @@ pub struct FleetServices {
     pub bus: Arc<dyn AllocationBus>,
 }
 
+/// The coordinator's ends of a [`ControlHandle`]: the commands it takes, and
+/// where it says under which epoch it leads.
+type ControlEnds = (mpsc::Receiver<Command>, watch::Sender<Option<u64>>);
+
 /// One node of a coordinated fleet.
 pub struct DistributedBroker {
     node: String,
@@ -52,7 +56,7 @@ pub struct DistributedBroker {
     fleet: Arc<dyn FleetStore>,
     control: ControlHandle,
     /// The coordinator's ends of `control`, handed to it when it starts.
-    control_ends: Mutex<Option<(mpsc::Receiver<Command>, watch::Sender<Option<u64>>)>>,
+    control_ends: Mutex<Option<ControlEnds>>,
 }
 
 enum State {

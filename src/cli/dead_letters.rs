@@ -1,10 +1,12 @@
-//! `weir dead-letters`: inspect the events consumers skipped. `list` prints dead
-//! letters as JSON lines, oldest first, each with the `id` to page on with `--after`.
+//! `weir dead-letters`: the events consumers skipped. `list` prints dead letters
+//! as JSON lines, oldest first, each with the `id` to page on with `--after`;
+//! `retry` and `purge` go through a running node's admin API to the leader.
 
 use std::sync::Arc;
 
 use super::CliError;
 use crate::config::{Config, StoreKind};
+use crate::consumer::replay::{DeadLetterRequest, Selection};
 use crate::consumer::{DeadLetterStore, MemoryDeadLetterStore};
 use crate::event::{NameKind, validate_name};
 
@@ -15,6 +17,37 @@ const PAGE_SIZE: usize = 1000;
 pub enum DeadLetters {
     /// Print dead letters as JSON lines, oldest first.
     List(ListArgs),
+    /// Process dead letters again through the group's processor or sink, oldest
+    /// first and in stream order; those that go through are removed.
+    Retry(ChooseArgs),
+    /// Forget dead letters without processing them.
+    Purge(ChooseArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("chosen").required(true).multiple(false))]
+pub struct ChooseArgs {
+    #[arg(long)]
+    group: String,
+    /// These dead letters (ids as `list` prints them); repeat or separate with commas.
+    #[arg(
+        long = "id",
+        value_name = "ID",
+        value_delimiter = ',',
+        group = "chosen"
+    )]
+    ids: Vec<u64>,
+    /// Every dead letter of the group.
+    #[arg(long, group = "chosen")]
+    all: bool,
+    /// Print what would happen to each and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the JSON the node answered instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    node: super::client::NodeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -41,7 +74,69 @@ pub struct ListArgs {
 pub async fn run(config: &Config, command: DeadLetters) -> Result<(), CliError> {
     match command {
         DeadLetters::List(args) => list(config, args).await,
+        DeadLetters::Retry(args) => choose(config, args, "retry").await,
+        DeadLetters::Purge(args) => choose(config, args, "purge").await,
     }
+}
+
+/// Sends a retry or purge of the chosen dead letters to the leader.
+async fn choose(config: &Config, args: ChooseArgs, what: &str) -> Result<(), CliError> {
+    let request = DeadLetterRequest {
+        group: args.group,
+        selection: if args.all {
+            Selection::All
+        } else {
+            Selection::Ids(args.ids)
+        },
+        dry_run: args.dry_run,
+    };
+    let client = super::client::AdminClient::new(config, &args.node)?;
+    let report: serde_json::Value = client
+        .post(&format!("/admin/dead-letters/{what}"), &request)
+        .await?;
+    super::operate::print_answer(&report, args.json, || summary(&report))
+}
+
+/// One line per dead letter, then the counts.
+fn summary(report: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for letter in report["letters"].as_array().into_iter().flatten() {
+        let outcome = letter["outcome"].as_str().unwrap_or("purged");
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<12}  {}  {}",
+            letter["id"],
+            outcome,
+            letter["event_id"].as_str().unwrap_or("-"),
+            letter["error"].as_str().unwrap_or(""),
+        );
+    }
+    let counts: Vec<String> = [
+        "chosen",
+        "would_retry",
+        "retried",
+        "failed",
+        "held_back",
+        "not_tried",
+        "events_missing",
+        "removed",
+    ]
+    .iter()
+    .filter_map(|key| report[*key].as_u64().map(|n| format!("{key} {n}")))
+    .collect();
+    let dry = if report["dry_run"] == true {
+        " (dry run: nothing changed)"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        out,
+        "group {}: {}{dry}",
+        report["group"].as_str().unwrap_or("?"),
+        counts.join(", ")
+    );
+    out
 }
 
 fn parse_limit(text: &str) -> Result<usize, CliError> {

@@ -19,7 +19,7 @@ mod dead_letters;
 mod demo;
 mod migrate;
 mod observe;
-mod operate;
+pub(crate) mod operate;
 mod read;
 mod run;
 mod signal;

@@ -20,9 +20,10 @@ use std::sync::Arc;
 use super::CliError;
 use crate::admin::{Admin, AdminParts};
 use crate::broker::Broker;
-use crate::broker::control::{FleetStore, MemoryFleetStore};
+use crate::broker::control::{ControlHandle, FleetStore, MemoryFleetStore};
 use crate::broker::distributed::FleetServices;
 use crate::broker::lease::MemoryLeaseStore;
+use crate::broker::membership::MembershipStore;
 use crate::broker::membership::MemoryMembershipStore;
 use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::{AllocationBus, MemoryBus};
@@ -76,20 +77,12 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         .with_shutdown_grace(config.node.shutdown_grace),
     );
     let processors = register_subscriptions(config, &node, &runtime).await?;
-    let auth = super::observe::admin_auth(config)?;
-    let admin = control.map(|control| {
-        Arc::new(Admin::new(AdminParts {
-            node: node.clone(),
-            stores,
-            membership,
-            fleet,
-            control,
-            processors,
-            auth,
-            member_timeout: config.broker.member_timeout,
-            handover_timeout: config.broker.handover_timeout,
-        }))
-    });
+    let admin = match control {
+        Some(control) => Some(admin(
+            config, &node, stores, membership, fleet, control, processors,
+        )?),
+        None => None,
+    };
     // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
     let http = super::observe::start(config, Arc::clone(&runtime), observed, admin).await?;
     // ---
@@ -119,6 +112,34 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     }
     http.stop().await;
     tracing::info!(node = %node, "weir node stopped");
+    exit_of(outcome)
+}
+
+/// The admin API of this node.
+fn admin(
+    config: &Config,
+    node: &str,
+    stores: ConsumerStores,
+    membership: Arc<dyn MembershipStore>,
+    fleet: Arc<dyn FleetStore>,
+    control: ControlHandle,
+    processors: BTreeMap<String, Arc<dyn EventProcessor>>,
+) -> Result<Arc<Admin>, CliError> {
+    Ok(Arc::new(Admin::new(AdminParts {
+        node: node.to_owned(),
+        stores,
+        membership,
+        fleet,
+        control,
+        processors,
+        auth: super::observe::admin_auth(config)?,
+        member_timeout: config.broker.member_timeout,
+        handover_timeout: config.broker.handover_timeout,
+    })))
+}
+
+/// How `weir run` ends for how its runtime ended.
+fn exit_of(outcome: Result<Outcome, RuntimeError>) -> Result<(), CliError> {
     match outcome {
         Ok(Outcome::Stopped) => Ok(()),
         Ok(Outcome::Exit(code)) => Err(CliError::Halted(code)),
