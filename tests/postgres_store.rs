@@ -35,15 +35,17 @@ async fn migrations_are_idempotent_under_concurrency() {
         assert_eq!(report.version, weir::postgres::CURRENT_VERSION);
     }
     let client = db.raw_client().await;
-    let rows: i64 = client
+    // Versions may skip numbers (a number is reserved for a change still on its
+    // way), so the newest one recorded is what must match.
+    let newest: i32 = client
         .query_one(
-            &format!("SELECT count(*) FROM \"{}\".weir_migrations", db.schema),
+            &format!("SELECT max(version) FROM \"{}\".weir_migrations", db.schema),
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, i64::from(weir::postgres::CURRENT_VERSION));
+    assert_eq!(newest, weir::postgres::CURRENT_VERSION);
     db.store.check_schema().await.unwrap();
 }
 
@@ -81,7 +83,17 @@ async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
         applied.push(count.unwrap());
     }
     applied.sort();
-    assert_eq!(applied, [0, 0, 0, weir::postgres::CURRENT_VERSION as usize]);
+    let recorded: i64 = db
+        .raw_client()
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".weir_migrations"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, [0, 0, 0, recorded as usize]);
     store.check_schema().await.unwrap();
     db.raw_client()
         .await

@@ -38,6 +38,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "claim grants",
         sql: include_str!("migrations/0005_claim_grants.sql"),
     },
+    // 6 and 7 are taken by changes on their way; versions are applied in order,
+    // and a gap is skipped.
+    Migration {
+        version: 8,
+        name: "lifecycle",
+        sql: include_str!("migrations/0008_lifecycle.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

@@ -11,7 +11,8 @@
 //! | `dead_letters.rs` | [`DeadLetterStore`](crate::consumer::dead_letter::DeadLetterStore) | `weir_dead_letters` |
 //!
 //! `migrations/*.sql` create and upgrade them (`weir migrate`); `announcer.rs` and
-//! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append.
+//! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append;
+//! `prune.rs` deletes old events of weir's reserved categories (`$weir`).
 //! All of them share one connection pool, the [`PostgresStore`]'s.
 
 mod announcer;
@@ -23,6 +24,7 @@ mod listener;
 mod members;
 mod migrations;
 mod partitions;
+mod prune;
 mod xid8;
 
 pub use checkpoints::PostgresCheckpointStore;
