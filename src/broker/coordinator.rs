@@ -40,7 +40,10 @@ use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use crate::allocation::{Allocation, AllocationInput, Handover, Member, allocate};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::Source;
+use crate::lifecycle::Journal;
 use crate::metrics;
+
+mod journal;
 
 /// Records silent for this many member timeouts are deleted from the registry.
 /// Long after they stopped counting, so a node back from a short partition finds
@@ -62,6 +65,8 @@ pub struct Coordinator {
     /// When this coordinator last asked for higher epochs, to tell a one-off stray
     /// decision from another fleet publishing on the same namespace.
     raises: std::sync::Mutex<std::collections::VecDeque<Instant>>,
+    /// Where leadership, membership and source moves are recorded.
+    journal: Journal,
 }
 
 /// More raises than this within [`OUTBID_WINDOW`] mean that something keeps
@@ -94,7 +99,15 @@ impl Coordinator {
             required_tags: BTreeMap::new(),
             floor: None,
             raises: std::sync::Mutex::default(),
+            journal: Journal::disabled(),
         }
+    }
+
+    /// Records terms, members and source moves in `journal` (by default nowhere).
+    #[must_use]
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = journal;
+        self
     }
 
     /// Lets the coordinator raise its lease's epoch above the epochs the bus holds,
@@ -144,12 +157,13 @@ impl Coordinator {
                             Some(term) if term.raising && self.floor_is(epoch) => {
                                 term.renumber(epoch)
                             }
-                            _ => Term::new(epoch, inherited),
+                            _ => Term::new(epoch, inherited, self.journal.clone()),
                         },
                         Err(TermEnd::Cancelled) => break,
                         Err(TermEnd::Deposed) => continue,
                     },
                 };
+                journal::leadership(&self.journal, &self.node, epoch, None);
                 let (end, term) = self
                     .lead(
                         term,
@@ -166,6 +180,7 @@ impl Coordinator {
                         .set(0.0);
                 }
                 previous = Some(term);
+                journal::leadership(&self.journal, &self.node, epoch, Some(&end));
                 match end {
                     TermEnd::Cancelled => break,
                     TermEnd::Deposed => {
@@ -453,9 +468,12 @@ impl Coordinator {
         });
         ::metrics::gauge!(metrics::GROUP_SUBSCRIBERS, "group" => group.to_owned())
             .set(records.len() as f64);
+        let grace = self.settings.heartbeat_interval;
+        (term.members).decided(group, records, state.decision.is_some(), grace);
         if state.revision > 0 && next == current {
             return;
         }
+        journal::record_moves(&self.journal, group, &current, &next);
         state.measure(group, &current, &next, now);
         state.track_handovers(&next, now);
         state.revision += 1;
@@ -601,11 +619,12 @@ struct Term {
     /// This term asked for its lease's epoch to be raised; it goes on under the
     /// raised epoch once the lease has it.
     raising: bool,
+    members: journal::Members,
 }
 
 impl Term {
     /// A term that starts from the decisions the bus retains.
-    fn new(epoch: u64, inherited: Vec<Decision>) -> Self {
+    fn new(epoch: u64, inherited: Vec<Decision>, journal: Journal) -> Self {
         let groups = inherited
             .into_iter()
             .map(|decision| {
@@ -621,6 +640,7 @@ impl Term {
             epoch,
             groups,
             raising: false,
+            members: journal::Members::new(journal),
         }
     }
 
@@ -636,6 +656,7 @@ impl Term {
     }
 
     fn note(&mut self, signal: Signal) {
+        self.members.note(&signal);
         if let Signal::Released {
             group,
             subscriber,

@@ -24,6 +24,7 @@ use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::{AllocationBus, MemoryBus};
 use crate::config::{BusKind, Config, StoreKind};
 use crate::consumer::{ConsumerSettings, EventProcessor};
+use crate::lifecycle::Journal;
 use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
 use crate::store::MemoryStore;
 
@@ -47,12 +48,14 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let role = config.node.role;
     let (services, stores) = services(config).await?;
     let events = Arc::clone(&stores.events);
+    let (journal, journal_task) = Journal::start(Arc::clone(&events), &node, &config.lifecycle);
     let observed = super::observe::Observed {
         events: Arc::clone(&events),
         bus: Arc::clone(&services.bus),
         leases: Arc::clone(&services.leases),
     };
-    let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services);
+    let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services)
+        .with_journal(journal.clone());
     for subscription in &config.subscriptions {
         broker = broker.with_required_tags(
             &subscription.group,
@@ -61,7 +64,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     }
     let runtime = Arc::new(
         EventRuntime::new(&node, Arc::new(broker), stores, ConsumerSettings::default())
-            .with_shutdown_grace(config.node.shutdown_grace),
+            .with_shutdown_grace(config.node.shutdown_grace)
+            .with_journal(journal),
     );
     register_subscriptions(config, &node, &runtime).await?;
     // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
@@ -92,6 +96,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         let _ = demo.await;
     }
     http.stop().await;
+    // Last, so that what the stopping broker and consumers recorded is written.
+    journal_task.stop().await;
     tracing::info!(node = %node, "weir node stopped");
     match outcome {
         Ok(Outcome::Stopped) => Ok(()),
