@@ -4,7 +4,7 @@
 //! the reserved category [`CATEGORY`] (`$weir`): one stream per group
 //! (`group-NAME`) and one for the fleet ([`FLEET_STREAM`]).
 //!
-//! They are read like any category (`weir read category:$weir`) and consumed by
+//! They are read like any category (`weir read --source 'category:$weir'`) and consumed by
 //! subscriptions to `category:$weir`; the `log` leaves reserved categories out,
 //! so that a `log` subscription never forwards weir's records of its own work back
 //! into it. [`Journal`] records them without ever holding up or failing the work

@@ -72,7 +72,7 @@ pub enum Error {
     #[error("the event store failed: {0}")]
     Backend(String),
     #[error(
-        "category {category} is reserved for weir's own records (names starting with '$'): only weir appends to it; append to a category whose name does not start with '$', and read this one with `weir read category:{category}`"
+        "category {category} is reserved for weir's own records (names starting with '$'): only weir appends to it; append to a category whose name does not start with '$', and read this one with `weir read --source 'category:{category}'`"
     )]
     ReservedCategory { category: Category },
     #[error(
