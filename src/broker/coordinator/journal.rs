@@ -205,3 +205,114 @@ pub(super) fn leadership(journal: &Journal, node: &str, epoch: u64, end: Option<
         },
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::allocation::Handover;
+    use crate::event::Cursor;
+    use crate::lifecycle::{CATEGORY, LifecycleSettings};
+    use crate::store::{EventStore, MemoryStore};
+
+    fn source() -> Source {
+        "category:orders".parse().unwrap()
+    }
+
+    fn record(subscriber: &str) -> MemberRecord {
+        MemberRecord {
+            group: "g".into(),
+            subscriber: subscriber.into(),
+            node: format!("node-{subscriber}"),
+            sources: [source()].into(),
+            tags: BTreeSet::new(),
+            heartbeat_at: chrono::Utc::now(),
+        }
+    }
+
+    fn owned_by(subscriber: &str) -> Allocation<Source> {
+        Allocation {
+            owners: [(subscriber.to_owned(), [source()].into())].into(),
+            handovers: BTreeMap::new(),
+        }
+    }
+
+    /// Runs `script` against a journal on a memory store; returns the event
+    /// names and payloads it recorded.
+    async fn recorded(script: impl FnOnce(&Journal)) -> Vec<(String, serde_json::Value)> {
+        let store = Arc::new(MemoryStore::new());
+        let (journal, task) = Journal::start(store.clone(), "n", &LifecycleSettings::default());
+        script(&journal);
+        task.stop().await;
+        let all: Source = format!("category:{CATEGORY}").parse().unwrap();
+        let events = store.read(&all, Cursor::START, 100).await.unwrap();
+        events
+            .into_iter()
+            .map(|e| (e.name.to_string(), e.payload))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_handover_is_a_release_then_a_reassignment() {
+        let handing_over = Allocation {
+            owners: BTreeMap::new(),
+            handovers: [(
+                source(),
+                Handover {
+                    from: "a".into(),
+                    to: "b".into(),
+                },
+            )]
+            .into(),
+        };
+        let events = recorded(|journal| {
+            record_moves(journal, "g", &Allocation::default(), &owned_by("a"));
+            record_moves(journal, "g", &owned_by("a"), &handing_over);
+            record_moves(journal, "g", &handing_over, &owned_by("b"));
+            record_moves(journal, "g", &owned_by("b"), &owned_by("b"));
+        })
+        .await;
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["SourceAssigned", "SourceReleased", "SourceReassigned"]
+        );
+        assert_eq!(events[1].1["to"], "b");
+        assert_eq!(
+            (&events[2].1["from"], &events[2].1["to"]),
+            (&"a".into(), &"b".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn members_that_vanish_silently_are_declared_dead_and_those_that_said_so_left() {
+        let events = recorded(|journal| {
+            let mut members = Members::new(journal.clone());
+            let grace = Duration::ZERO;
+            members.decided("g", &[record("a"), record("b")], false, grace);
+            members.note(&Signal::Leaving {
+                group: "g".into(),
+                subscriber: "a".into(),
+                node: "node-a".into(),
+            });
+            members.decided("g", &[], false, grace);
+            // A new term looking at a group that has a decision only takes note.
+            let mut next_term = Members::new(journal.clone());
+            next_term.decided("g", &[record("c")], true, grace);
+        })
+        .await;
+        let seen: Vec<(String, String)> = events
+            .iter()
+            .map(|(name, payload)| (name.clone(), payload["subscriber"].to_string()))
+            .collect();
+        let expected = [
+            ("MemberJoined", "\"a\""),
+            ("MemberJoined", "\"b\""),
+            ("MemberLeft", "\"a\""),
+            ("MemberDeclaredDead", "\"b\""),
+        ]
+        .map(|(name, subscriber)| (name.to_owned(), subscriber.to_owned()));
+        assert_eq!(seen, expected);
+    }
+}
