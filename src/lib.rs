@@ -18,6 +18,10 @@
 //! - [`connect`]: how to reach NATS and Kafka (`[nats]`, `[kafka]`) and the client
 //!   setup that the bus and the sinks share.
 //! - [`store`]: the [`store::EventStore`] trait and the in-memory store.
+//! - [`lifecycle`]: lifecycle events (leaders, members, sources, consumers,
+//!   dead letters, pauses, admin writes) recorded as ordinary events in the
+//!   reserved category `$weir` by the [`lifecycle::Journal`], which never holds up
+//!   the work it records, and pruned past their retention.
 //! - [`allocation`]: the pure allocation function (balanced, sticky,
 //!   deterministic, two-step handover) and the decision types the bus carries.
 //! - [`bus`]: the allocation bus: the versioned wire format of decisions and
@@ -55,6 +59,7 @@ pub mod config;
 pub mod connect;
 pub mod consumer;
 pub mod event;
+pub mod lifecycle;
 pub mod metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -74,6 +74,9 @@ pub const BUS_INVALID_MESSAGES: &str = "weir_bus_invalid_messages_total";
 /// How long the oldest transaction still in progress holds log and category
 /// readers back (0 on the memory store).
 pub const STORE_VISIBILITY_HORIZON: &str = "weir_store_visibility_horizon_seconds";
+/// Lifecycle events (`$weir`) dropped unrecorded: the queue was full while the
+/// store was slow or down, or the store refused them.
+pub const LIFECYCLE_DROPPED: &str = "weir_lifecycle_dropped_total";
 /// Always 1; the `version` label says which weir runs.
 pub const BUILD_INFO: &str = "weir_build_info";
 /// 1 while the node is ready (what `/readyz` answers), 0 otherwise; re-evaluated
@@ -289,6 +292,12 @@ pub const CATALOG: &[MetricInfo] = &[
         "How long the oldest transaction in progress holds log and category readers back",
     ),
     metric(
+        LIFECYCLE_DROPPED,
+        Counter,
+        &[],
+        "Lifecycle events dropped unrecorded (queue full while the store was slow or down)",
+    ),
+    metric(
         BUILD_INFO,
         Gauge,
         &["version"],
@@ -385,6 +394,7 @@ pub fn register_node(node: &NodeMetrics) {
         }
     }
     counter!(BUS_INVALID_MESSAGES).increment(0);
+    counter!(LIFECYCLE_DROPPED).increment(0);
     gauge!(STORE_VISIBILITY_HORIZON).set(0.0);
     for sink in &node.sinks {
         counter!(SINK_PUBLISHED, "sink" => *sink).increment(0);

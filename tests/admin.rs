@@ -23,6 +23,7 @@ use weir::broker::{Broker, BrokerRole, DistributedBroker, SubscriberSpec};
 use weir::bus::MemoryBus;
 use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, ProcessError, from_fn};
 use weir::event::{Category, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition};
+use weir::lifecycle::{Journal, JournalTask, LifecycleSettings};
 use weir::postgres::{PostgresFleetStore, PostgresLeaseStore, PostgresMembershipStore};
 use weir::runtime::{ConsumerStores, EventRuntime};
 
@@ -75,6 +76,7 @@ type Handled = Arc<Mutex<Vec<StoredEvent>>>;
 struct Node {
     id: String,
     runtime: Arc<EventRuntime>,
+    journal: JournalTask,
     admin: Arc<Admin>,
     url: String,
     server: tokio::task::JoinHandle<()>,
@@ -116,6 +118,11 @@ impl Node {
             consumer,
         ));
         let (log, failing) = (Arc::clone(handled), Arc::clone(failing));
+        let (journal, journal_task) = Journal::start(
+            Arc::clone(&backend.stores.events),
+            id,
+            &LifecycleSettings::default(),
+        );
         let processor: Arc<dyn EventProcessor> = Arc::new(from_fn(move |event: StoredEvent| {
             let (log, failing) = (Arc::clone(&log), Arc::clone(&failing));
             async move {
@@ -149,6 +156,7 @@ impl Node {
             auth: AdminAuth::new(vec![("ops".into(), TOKEN.into())], address),
             member_timeout: settings().member_timeout,
             handover_timeout: settings().handover_timeout,
+            journal,
         }));
         let router = weir::admin::http::router(Arc::clone(&admin));
         let server = tokio::spawn(async move {
@@ -165,6 +173,7 @@ impl Node {
         Self {
             id: id.to_owned(),
             runtime,
+            journal: journal_task,
             admin,
             url,
             server,
@@ -174,6 +183,7 @@ impl Node {
     async fn stop(self) {
         self.runtime.stop().await;
         self.server.abort();
+        self.journal.stop().await;
     }
 
     fn consumer_states(&self) -> Vec<ConsumerState> {
@@ -344,6 +354,34 @@ async fn writes_go_to_the_leader_with_a_token_and_a_pause_survives_a_leader_chan
         );
     }
     other.stop().await;
+    // Each write and each change of the pause is on the group's record, named
+    // by the token that made it.
+    let record: Vec<(String, Value)> = backend
+        .stores
+        .events
+        .read(&"category:$weir".parse().unwrap(), Default::default(), 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.stream.as_str() == "group-bridge")
+        .map(|event| (event.name.as_str().to_owned(), event.payload))
+        .collect();
+    let operator: Vec<(&str, &Value)> = record
+        .iter()
+        .filter(|(name, _)| ["GroupPaused", "GroupResumed", "AdminWrite"].contains(&name.as_str()))
+        .map(|(name, payload)| (name.as_str(), payload))
+        .collect();
+    let names: Vec<&str> = operator.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        names,
+        ["GroupPaused", "AdminWrite", "GroupResumed", "AdminWrite"],
+        "{record:#?}"
+    );
+    assert_eq!(operator[0].1["by"], "ops");
+    assert_eq!(operator[1].1["token"], "ops");
+    assert_eq!(operator[1].1["what"], "pause of group bridge");
+    assert_eq!(operator[1].1["outcome"], "done");
+    assert_eq!(operator[3].1["what"], "resume of group bridge");
 }
 
 async fn a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order(backend: Backend) {

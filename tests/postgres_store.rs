@@ -35,15 +35,17 @@ async fn migrations_are_idempotent_under_concurrency() {
         assert_eq!(report.version, weir::postgres::CURRENT_VERSION);
     }
     let client = db.raw_client().await;
-    let rows: i64 = client
+    // Versions may skip numbers (a number is reserved for a change still on its
+    // way), so the newest one recorded is what must match.
+    let newest: i32 = client
         .query_one(
-            &format!("SELECT count(*) FROM \"{}\".weir_migrations", db.schema),
+            &format!("SELECT max(version) FROM \"{}\".weir_migrations", db.schema),
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, i64::from(weir::postgres::CURRENT_VERSION));
+    assert_eq!(newest, weir::postgres::CURRENT_VERSION);
     db.store.check_schema().await.unwrap();
 }
 
@@ -81,7 +83,17 @@ async fn fresh_schemas_migrate_concurrently_and_unmigrated_ones_say_so() {
         applied.push(count.unwrap());
     }
     applied.sort();
-    assert_eq!(applied, [0, 0, 0, weir::postgres::CURRENT_VERSION as usize]);
+    let recorded: i64 = db
+        .raw_client()
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".weir_migrations"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, [0, 0, 0, recorded as usize]);
     store.check_schema().await.unwrap();
     db.raw_client()
         .await
@@ -267,10 +279,12 @@ async fn a_populated_store_upgrades_to_slices() {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let store = PostgresStore::connect(&PostgresStoreOptions::new(url).schema(&schema)).unwrap();
     let report = store.migrate().await.unwrap();
+    // Every later migration too, up to the newest.
     assert_eq!(
-        report.applied,
-        vec![(4, "slices".to_owned()), (5, "claim grants".to_owned())]
+        report.applied[..2],
+        [(4, "slices".to_owned()), (5, "claim grants".to_owned())]
     );
+    assert_eq!(report.version, weir::postgres::CURRENT_VERSION);
 
     let orders = Category::new("orders").unwrap();
     let whole = store

@@ -96,6 +96,8 @@ conformance!(
     racing_appends_of_one_idempotency_key_store_it_once,
     partitions_split_a_category_exactly,
     events_larger_than_the_limit_are_refused_with_nothing_written,
+    reserved_categories_are_weirs_own_and_stay_out_of_the_log,
+    pruning_keeps_each_streams_last_event_so_positions_go_on,
 );
 
 /// An event whose payload is a string padded so that the event counts exactly
@@ -844,4 +846,155 @@ async fn partitions_split_a_category_exactly(store: Store) {
         total
     };
     assert_eq!(log_total, 880);
+}
+
+/// Waits until `source` reads up to `through` (log and category reads stay below
+/// the Postgres visibility horizon).
+async fn settle_source(store: &Store, source: &Source, through: Cursor) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store
+        .head(source)
+        .await
+        .unwrap()
+        .is_none_or(|head| head.cursor < through)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{through} never became readable in {source}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn reserved_categories_are_weirs_own_and_stay_out_of_the_log(store: Store) {
+    let reserved = category("$test");
+    let user = category("orders");
+    let one = |s: &str, n| {
+        vec![StreamAppend::new(
+            stream(s),
+            WriteCondition::Any,
+            events(0..n),
+        )]
+    };
+
+    // Anyone may name the category, but only weir appends to it.
+    let err = store
+        .append(&reserved, &stream("s"), WriteCondition::Any, events(0..1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ReservedCategory { .. }), "{err}");
+    assert!(err.to_string().contains("only weir appends"), "{err}");
+    let err = store.append_reserved(&user, one("s", 1)).await.unwrap_err();
+    assert!(matches!(err, Error::NotReserved { .. }), "{err}");
+    assert!(
+        read_all(&store, &Source::Category(reserved.clone()))
+            .await
+            .is_empty()
+    );
+
+    let first_user = store.append_batch(&user, one("o-1", 2)).await.unwrap();
+    let own = store.append_reserved(&reserved, one("s", 3)).await.unwrap();
+    let last_user = store.append_batch(&user, one("o-2", 1)).await.unwrap();
+    let own_source = Source::Category(reserved.clone());
+    settle_source(&store, &own_source, own[2].cursor).await;
+    settle(&store, last_user[0].cursor).await;
+
+    // Read as a category like any other, with positions of its own.
+    let read = read_all(&store, &own_source).await;
+    assert_eq!(read, own);
+    assert_eq!(
+        read.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    // The log and its partitions leave it out, whatever the reader asks for.
+    let users: Vec<StoredEvent> = first_user.into_iter().chain(last_user).collect();
+    assert_eq!(read_all(&store, &Source::Log).await, users);
+    assert_eq!(
+        store.head(&Source::Log).await.unwrap().as_ref(),
+        users.last()
+    );
+    let backlog = store
+        .backlog(&Source::Log, Cursor::START, 100)
+        .await
+        .unwrap();
+    assert_eq!(backlog.events, 3);
+    let mut partitioned = Vec::new();
+    for partition in Source::Log.split(4).unwrap() {
+        partitioned.extend(read_all(&store, &partition).await);
+        let head = store.head(&partition).await.unwrap();
+        assert!(
+            head.is_none_or(|e| !e.category.is_reserved()),
+            "{partition}"
+        );
+    }
+    partitioned.sort_by_key(|e| e.cursor);
+    assert_eq!(partitioned, users);
+}
+
+async fn pruning_keeps_each_streams_last_event_so_positions_go_on(store: Store) {
+    let reserved = category("$pruned");
+    let appends = vec![
+        StreamAppend::new(stream("a"), WriteCondition::Any, events(0..3)),
+        StreamAppend::new(stream("b"), WriteCondition::Any, events(0..1)),
+    ];
+    store.append_reserved(&reserved, appends).await.unwrap();
+    let source = Source::Category(reserved.clone());
+    let past = chrono::Utc::now() - chrono::Duration::hours(1);
+    let future = chrono::Utc::now() + chrono::Duration::hours(1);
+
+    // Nothing is older than an hour.
+    assert_eq!(store.prune(&reserved, past).await.unwrap(), 0);
+    // Everything is older than in an hour, but each stream's last event stays.
+    assert_eq!(store.prune(&reserved, future).await.unwrap(), 2);
+    let kept: Vec<(String, u64)> = read_all(&store, &source)
+        .await
+        .iter()
+        .map(|e| (e.stream.to_string(), e.position))
+        .collect();
+    assert_eq!(kept, [("a".to_owned(), 2), ("b".to_owned(), 0)]);
+
+    // A pruned stream goes on from its last position, and holds it as its head.
+    let next = store
+        .append_reserved(
+            &reserved,
+            vec![StreamAppend::new(
+                stream("a"),
+                WriteCondition::Any,
+                events(3..5),
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.iter().map(|e| e.position).collect::<Vec<_>>(), [3, 4]);
+    let condition = WriteCondition::PositionIs(4);
+    let more = vec![StreamAppend::new(stream("a"), condition, events(5..6))];
+    assert_eq!(
+        store.append_reserved(&reserved, more).await.unwrap()[0].position,
+        5
+    );
+    assert_eq!(
+        store
+            .latest(&reserved, &stream("a"))
+            .await
+            .unwrap()
+            .unwrap()
+            .position,
+        5
+    );
+    assert_eq!(store.prune(&reserved, future).await.unwrap(), 3);
+
+    // Only reserved categories are pruned.
+    let user = category("kept");
+    store
+        .append(&user, &stream("k"), WriteCondition::Any, events(0..2))
+        .await
+        .unwrap();
+    let err = store.prune(&user, future).await.unwrap_err();
+    assert!(matches!(err, Error::NotReserved { .. }), "{err}");
+    assert_eq!(
+        read_all(&store, &Source::Stream(user, stream("k")))
+            .await
+            .len(),
+        2
+    );
 }

@@ -101,9 +101,8 @@ async fn reset(
     headers: HeaderMap,
     Json(request): Json<ResetRequest>,
 ) -> Response {
-    let what = format!("reset checkpoints of group {}", request.group);
-    let dry_run = request.dry_run;
-    write(&admin, &headers, what, dry_run, admin.reset(request)).await
+    let asked = Asked::new("reset checkpoints", &request.group, request.dry_run);
+    write(&admin, &headers, asked, |_| admin.reset(request)).await
 }
 
 async fn pause(
@@ -111,15 +110,9 @@ async fn pause(
     headers: HeaderMap,
     Json(request): Json<GroupRequest>,
 ) -> Response {
-    let what = format!("pause group {}", request.group);
-    write(
-        &admin,
-        &headers,
-        what,
-        false,
-        admin.set_paused(&request.group, true),
-    )
-    .await
+    let asked = Asked::new("pause", &request.group, false);
+    let operation = |token| admin.set_paused(&request.group, true, token);
+    write(&admin, &headers, asked, operation).await
 }
 
 async fn resume(
@@ -127,15 +120,9 @@ async fn resume(
     headers: HeaderMap,
     Json(request): Json<GroupRequest>,
 ) -> Response {
-    let what = format!("resume group {}", request.group);
-    write(
-        &admin,
-        &headers,
-        what,
-        false,
-        admin.set_paused(&request.group, false),
-    )
-    .await
+    let asked = Asked::new("resume", &request.group, false);
+    let operation = |token| admin.set_paused(&request.group, false, token);
+    write(&admin, &headers, asked, operation).await
 }
 
 async fn retry_dead_letters(
@@ -143,15 +130,10 @@ async fn retry_dead_letters(
     headers: HeaderMap,
     Json(request): Json<DeadLetterRequest>,
 ) -> Response {
-    let what = format!("retry dead letters of group {}", request.group);
-    let dry_run = request.dry_run;
-    write(
-        &admin,
-        &headers,
-        what,
-        dry_run,
-        admin.retry_dead_letters(&request),
-    )
+    let asked = Asked::new("retry dead letters", &request.group, request.dry_run);
+    write(&admin, &headers, asked, |_| {
+        admin.retry_dead_letters(&request)
+    })
     .await
 }
 
@@ -160,26 +142,37 @@ async fn purge_dead_letters(
     headers: HeaderMap,
     Json(request): Json<DeadLetterRequest>,
 ) -> Response {
-    let what = format!("purge dead letters of group {}", request.group);
-    let dry_run = request.dry_run;
-    write(
-        &admin,
-        &headers,
-        what,
-        dry_run,
-        admin.purge_dead_letters(&request),
-    )
+    let asked = Asked::new("purge dead letters", &request.group, request.dry_run);
+    write(&admin, &headers, asked, |_| {
+        admin.purge_dead_letters(&request)
+    })
     .await
 }
 
+/// What a write asks for, as it is logged and recorded.
+pub(crate) struct Asked {
+    pub what: String,
+    pub group: String,
+    pub dry_run: bool,
+}
+
+impl Asked {
+    fn new(what: &str, group: &str, dry_run: bool) -> Self {
+        Self {
+            what: format!("{what} of group {group}"),
+            group: group.to_owned(),
+            dry_run,
+        }
+    }
+}
+
 /// Carries out a write: checks the token, then that this node leads, then runs
-/// `operation` and records the write.
-async fn write<T: Serialize>(
+/// `operation` with the token's name and records the write.
+async fn write<T: Serialize, F: Future<Output = Result<T, AdminError>>>(
     admin: &Admin,
     headers: &HeaderMap,
-    what: String,
-    dry_run: bool,
-    operation: impl Future<Output = Result<T, AdminError>>,
+    asked: Asked,
+    operation: impl FnOnce(String) -> F,
 ) -> Response {
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -187,17 +180,17 @@ async fn write<T: Serialize>(
     let token = match admin.auth.check(authorization) {
         Ok(token) => token,
         Err(error) => {
-            tracing::warn!(%what, %error, "refused an admin write");
+            tracing::warn!(what = %asked.what, %error, "refused an admin write");
             return error.into_response();
         }
     };
     if let Err(error) = admin.ensure_leader().await {
         return error.into_response();
     }
-    let outcome = operation.await;
+    let outcome = operation(token.clone()).await;
     let failure = outcome.as_ref().err().map(ToString::to_string);
-    tracing::info!(%what, token = %token, dry_run, error = failure.as_deref(), "admin write");
-    admin.record_write(&what, &token, dry_run, failure.as_deref());
+    tracing::info!(what = %asked.what, token = %token, dry_run = asked.dry_run, error = failure.as_deref(), "admin write");
+    admin.record_write(&asked, &token, failure.as_deref());
     answer(outcome)
 }
 

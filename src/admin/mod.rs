@@ -23,6 +23,7 @@ use crate::broker::control::{ControlError, ControlHandle, FleetStore, HoldWork};
 use crate::broker::membership::MembershipStore;
 use crate::consumer::{CheckpointError, EventProcessor};
 use crate::event::Source;
+use crate::lifecycle::{Journal, LifecycleEvent};
 use crate::runtime::ConsumerStores;
 
 pub mod auth;
@@ -142,6 +143,8 @@ pub struct Admin {
     pub(crate) write_timeout: Duration,
     /// Held while dead letters are retried or purged.
     pub(crate) dead_letter_lock: tokio::sync::Mutex<()>,
+    /// Where admin writes and pauses are recorded.
+    pub(crate) journal: Journal,
 }
 
 /// What an [`Admin`] needs from the node.
@@ -155,6 +158,8 @@ pub struct AdminParts {
     pub auth: AdminAuth,
     pub member_timeout: Duration,
     pub handover_timeout: Duration,
+    /// Where admin writes are recorded (`Journal::disabled()` for nowhere).
+    pub journal: Journal,
 }
 
 /// How much longer than the handover timeout a write may take: the holding
@@ -174,6 +179,7 @@ impl Admin {
             report_max_age: parts.member_timeout,
             write_timeout: parts.handover_timeout + WRITE_MARGIN,
             dead_letter_lock: tokio::sync::Mutex::new(()),
+            journal: parts.journal,
         }
     }
 
@@ -282,15 +288,35 @@ impl Admin {
     }
 
     /// Records an admin write as a lifecycle event.
-    pub(crate) fn record_write(&self, what: &str, token: &str, dry_run: bool, error: Option<&str>) {
-        let _ = (what, token, dry_run, error);
+    pub(crate) fn record_write(&self, asked: &http::Asked, token: &str, error: Option<&str>) {
+        self.journal.record(LifecycleEvent::AdminWrite {
+            what: asked.what.clone(),
+            group: Some(asked.group.clone()),
+            token: Some(token.to_owned()),
+            dry_run: asked.dry_run,
+            outcome: error.map_or_else(|| "done".to_owned(), str::to_owned),
+        });
     }
 
-    /// Pauses (`true`) or resumes a group, through the leader's coordinator.
-    pub async fn set_paused(&self, group: &str, paused: bool) -> Result<GroupReport, AdminError> {
+    /// Pauses (`true`) or resumes a group, through the leader's coordinator, at
+    /// the request of the token named `by`.
+    pub async fn set_paused(
+        &self,
+        group: &str,
+        paused: bool,
+        by: String,
+    ) -> Result<GroupReport, AdminError> {
         crate::event::validate_name(crate::event::NameKind::Group, group)
             .map_err(|error| AdminError::BadRequest(error.to_string()))?;
         let changed = self.control.set_paused(group, paused).await?;
+        if changed {
+            let (group, by) = (group.to_owned(), Some(by));
+            self.journal.record(if paused {
+                LifecycleEvent::GroupPaused { group, by }
+            } else {
+                LifecycleEvent::GroupResumed { group, by }
+            });
+        }
         Ok(GroupReport {
             group: group.to_owned(),
             paused,

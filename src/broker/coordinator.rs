@@ -42,7 +42,10 @@ use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use crate::allocation::{AllocationInput, Handover, Member, allocate};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
 use crate::event::Source;
+use crate::lifecycle::Journal;
 use crate::metrics;
+
+mod journal;
 
 /// Records silent for this many member timeouts are deleted from the registry.
 /// Long after they stopped counting, so a node back from a short partition finds
@@ -70,6 +73,8 @@ pub struct Coordinator {
     commands: Option<mpsc::Receiver<Command>>,
     /// The epoch this coordinator decides under while it leads, for the admin API.
     leading: watch::Sender<Option<u64>>,
+    /// Where leadership, membership and source moves are recorded.
+    journal: Journal,
 }
 
 /// More raises than this within [`OUTBID_WINDOW`] mean that something keeps
@@ -105,6 +110,7 @@ impl Coordinator {
             fleet: Arc::new(MemoryFleetStore::new()),
             commands: None,
             leading: watch::channel(None).0,
+            journal: Journal::disabled(),
         }
     }
 
@@ -120,6 +126,13 @@ impl Coordinator {
         self.fleet = fleet;
         self.commands = Some(commands);
         self.leading = leading;
+        self
+    }
+
+    /// Records terms, members and source moves in `journal` (by default nowhere).
+    #[must_use]
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = journal;
         self
     }
 
@@ -181,13 +194,14 @@ impl Coordinator {
                             Some(term) if term.raising && self.floor_is(epoch) => {
                                 term.renumber(epoch)
                             }
-                            _ => Term::new(epoch, inherited),
+                            _ => Term::new(epoch, inherited, self.journal.clone()),
                         },
                         Err(TermEnd::Cancelled) => break,
                         Err(TermEnd::Deposed) => continue,
                     },
                 };
                 self.leading.send_replace(Some(term.epoch));
+                journal::leadership(&self.journal, &self.node, epoch, None);
                 let (end, mut term) = self
                     .lead(
                         term,
@@ -206,6 +220,7 @@ impl Coordinator {
                         .set(0.0);
                 }
                 previous = Some(term);
+                journal::leadership(&self.journal, &self.node, epoch, Some(&end));
                 match end {
                     TermEnd::Cancelled => break,
                     TermEnd::Deposed => {
@@ -516,11 +531,14 @@ impl Coordinator {
         });
         ::metrics::gauge!(metrics::GROUP_SUBSCRIBERS, "group" => group.to_owned())
             .set(records.len() as f64);
+        let grace = self.settings.heartbeat_interval;
+        (term.members).decided(group, records, state.decision.is_some(), grace);
         let pause_changed = state.decision.as_ref().is_some_and(|d| d.paused != paused);
         if state.revision > 0 && next == current && !pause_changed {
             self.advance_hold(term, group, records);
             return;
         }
+        journal::record_moves(&self.journal, group, &current, &next);
         state.measure(group, &current, &next, now);
         state.track_handovers(&next, now);
         state.revision += 1;
@@ -674,11 +692,12 @@ struct Term {
     holds: BTreeMap<String, control::Hold>,
     /// Holds' work in progress, each ending with its group and outcome.
     work: tokio::task::JoinSet<(String, Result<serde_json::Value, String>)>,
+    members: journal::Members,
 }
 
 impl Term {
     /// A term that starts from the decisions the bus retains.
-    fn new(epoch: u64, inherited: Vec<Decision>) -> Self {
+    fn new(epoch: u64, inherited: Vec<Decision>, journal: Journal) -> Self {
         let groups = inherited
             .into_iter()
             .map(|decision| {
@@ -697,6 +716,7 @@ impl Term {
             paused: BTreeSet::new(),
             holds: BTreeMap::new(),
             work: tokio::task::JoinSet::new(),
+            members: journal::Members::new(journal),
         }
     }
 
@@ -712,6 +732,7 @@ impl Term {
     }
 
     fn note(&mut self, signal: Signal) {
+        self.members.note(&signal);
         if let Signal::Released {
             group,
             subscriber,

@@ -21,6 +21,7 @@ use super::{
     check_registration, supervised,
 };
 use crate::bus::AllocationBus;
+use crate::lifecycle::Journal;
 
 /// The name of the lease whose holder coordinates the fleet. Fleets are told
 /// apart by their store schema, so one name serves.
@@ -49,6 +50,8 @@ pub struct DistributedBroker {
     settings: BrokerSettings,
     services: FleetServices,
     required_tags: BTreeMap<String, BTreeSet<String>>,
+    /// Where the coordinator records leadership, members and source moves.
+    journal: Journal,
     state: Mutex<State>,
     /// The first task (coordinator, leadership, observer) to end on its own.
     failure: Arc<watch::Sender<Option<String>>>,
@@ -113,6 +116,7 @@ impl DistributedBroker {
             settings,
             services,
             required_tags: BTreeMap::new(),
+            journal: Journal::disabled(),
             state: Mutex::new(State::Configured(Vec::new())),
             failure: Arc::new(watch::channel(None).0),
             fleet: Arc::new(MemoryFleetStore::new()),
@@ -141,6 +145,14 @@ impl DistributedBroker {
             .entry(group.into())
             .or_default()
             .extend(tags.into_iter().map(Into::into));
+        self
+    }
+
+    /// Records what the coordinator sees happen to the fleet in `journal` (by
+    /// default nowhere).
+    #[must_use]
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = journal;
         self
     }
 
@@ -186,7 +198,8 @@ impl DistributedBroker {
             Arc::clone(&self.services.bus),
         )
         .with_required_tags(self.required_tags.clone())
-        .with_epoch_floor(leadership.epoch_floor());
+        .with_epoch_floor(leadership.epoch_floor())
+        .with_journal(self.journal.clone());
         let ends = self
             .control_ends
             .lock()

@@ -17,20 +17,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use super::CliError;
 use crate::admin::{Admin, AdminParts};
 use crate::broker::Broker;
-use crate::broker::control::{ControlHandle, FleetStore, MemoryFleetStore};
+use crate::broker::control::{FleetStore, MemoryFleetStore};
 use crate::broker::distributed::FleetServices;
 use crate::broker::lease::MemoryLeaseStore;
-use crate::broker::membership::MembershipStore;
 use crate::broker::membership::MemoryMembershipStore;
 use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::{AllocationBus, MemoryBus};
 use crate::config::{BusKind, Config, StoreKind};
 use crate::consumer::{ConsumerSettings, EventProcessor};
+use crate::lifecycle::Journal;
 use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
-use crate::store::MemoryStore;
+use crate::store::{EventStore, MemoryStore};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -52,20 +54,17 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let role = config.node.role;
     let (services, stores, fleet) = services(config).await?;
     let events = Arc::clone(&stores.events);
+    let (journal, journal_task) = Journal::start(Arc::clone(&events), &node, &config.lifecycle);
     let observed = super::observe::Observed {
         events: Arc::clone(&events),
         bus: Arc::clone(&services.bus),
         leases: Arc::clone(&services.leases),
     };
     let membership = Arc::clone(&services.membership);
-    let mut broker = DistributedBroker::new(&node, role, config.broker.clone(), services)
-        .with_fleet_store(Arc::clone(&fleet));
-    for subscription in &config.subscriptions {
-        broker = broker.with_required_tags(
-            &subscription.group,
-            subscription.required_tags.iter().cloned(),
-        );
-    }
+    let broker = DistributedBroker::new(&node, role, config.broker.clone(), services)
+        .with_fleet_store(Arc::clone(&fleet))
+        .with_journal(journal.clone());
+    let broker = with_required_tags(broker, config);
     let control = broker.control();
     let runtime = Arc::new(
         EventRuntime::new(
@@ -74,15 +73,25 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
             stores.clone(),
             ConsumerSettings::default(),
         )
-        .with_shutdown_grace(config.node.shutdown_grace),
+        .with_shutdown_grace(config.node.shutdown_grace)
+        .with_journal(journal.clone()),
     );
     let processors = register_subscriptions(config, &node, &runtime).await?;
-    let admin = match control {
-        Some(control) => Some(admin(
-            config, &node, stores, membership, fleet, control, processors,
-        )?),
-        None => None,
-    };
+    let auth = super::observe::admin_auth(config)?;
+    let admin = control.map(|control| {
+        Arc::new(Admin::new(AdminParts {
+            node: node.clone(),
+            stores,
+            membership,
+            fleet,
+            control,
+            processors,
+            auth,
+            member_timeout: config.broker.member_timeout,
+            handover_timeout: config.broker.handover_timeout,
+            journal: journal.clone(),
+        }))
+    });
     // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
     let http = super::observe::start(config, Arc::clone(&runtime), observed, admin).await?;
     // ---
@@ -90,14 +99,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         .start()
         .await
         .map_err(|error| CliError::Usage(error.to_string()))?;
-    let demo_stop = shutdown.child_token();
-    let demo = config.demo.enabled.then(|| {
-        tokio::spawn(super::demo::run(
-            events,
-            config.demo.clone(),
-            demo_stop.clone(),
-        ))
-    });
+    let demo = Demo::start(config, events, &shutdown);
     tracing::info!(
         node = %node,
         %role,
@@ -106,36 +108,43 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         "weir node started; stop it with Ctrl-C or SIGTERM"
     );
     let outcome = runtime.wait_until(shutdown.cancelled()).await;
-    demo_stop.cancel();
-    if let Some(demo) = demo {
-        let _ = demo.await;
-    }
+    demo.stop().await;
     http.stop().await;
+    // Last, so that what the stopping broker and consumers recorded is written.
+    journal_task.stop().await;
     tracing::info!(node = %node, "weir node stopped");
     exit_of(outcome)
 }
 
-/// The admin API of this node.
-fn admin(
-    config: &Config,
-    node: &str,
-    stores: ConsumerStores,
-    membership: Arc<dyn MembershipStore>,
-    fleet: Arc<dyn FleetStore>,
-    control: ControlHandle,
-    processors: BTreeMap<String, Arc<dyn EventProcessor>>,
-) -> Result<Arc<Admin>, CliError> {
-    Ok(Arc::new(Admin::new(AdminParts {
-        node: node.to_owned(),
-        stores,
-        membership,
-        fleet,
-        control,
-        processors,
-        auth: super::observe::admin_auth(config)?,
-        member_timeout: config.broker.member_timeout,
-        handover_timeout: config.broker.handover_timeout,
-    })))
+/// The demo appender, while `[demo] enabled`.
+struct Demo(Option<(CancellationToken, tokio::task::JoinHandle<()>)>);
+
+impl Demo {
+    fn start(config: &Config, events: Arc<dyn EventStore>, shutdown: &CancellationToken) -> Self {
+        Self(config.demo.enabled.then(|| {
+            let stop = shutdown.child_token();
+            let task = tokio::spawn(super::demo::run(events, config.demo.clone(), stop.clone()));
+            (stop, task)
+        }))
+    }
+
+    async fn stop(self) {
+        if let Some((stop, task)) = self.0 {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+}
+
+/// The broker, with every configured group's required placement tags.
+fn with_required_tags(mut broker: DistributedBroker, config: &Config) -> DistributedBroker {
+    for subscription in &config.subscriptions {
+        broker = broker.with_required_tags(
+            &subscription.group,
+            subscription.required_tags.iter().cloned(),
+        );
+    }
+    broker
 }
 
 /// How `weir run` ends for how its runtime ended.

@@ -54,6 +54,7 @@ impl Config {
                 extract_section(&figment, "http", &mut config.http, &mut problems);
                 extract_section(&figment, "log", &mut config.log, &mut problems);
                 extract_section(&figment, "demo", &mut config.demo, &mut problems);
+                extract_section(&figment, "lifecycle", &mut config.lifecycle, &mut problems);
                 extract_section(
                     &figment,
                     "subscriptions",

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{BrokerRole, BrokerSettings};
 pub use crate::bus::{BusConfig, BusKind};
 pub use crate::connect::{KafkaOptions, NatsOptions, NatsTls, is_secret_property};
+pub use crate::lifecycle::LifecycleSettings;
 pub use crate::sink::SinkConfig;
 pub use crate::telemetry::logging::LogFormat;
 pub use redact::redact_url;
@@ -54,6 +55,7 @@ const SECTIONS: &[&str] = &[
     "http",
     "log",
     "demo",
+    "lifecycle",
     "subscriptions",
 ];
 
@@ -79,6 +81,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub demo: DemoConfig,
+    #[serde(default)]
+    pub lifecycle: LifecycleSettings,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<SubscriptionConfig>,
 }

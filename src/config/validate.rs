@@ -50,6 +50,7 @@ impl Config {
         validate_http(&self.http, &mut problems);
         validate_log(&self.log, &mut problems);
         validate_subscriptions(&self.subscriptions, &mut problems);
+        problems.add_under("lifecycle", self.lifecycle.validate());
         check_grace_within_handover(self, &mut problems);
         problems.0
     }

@@ -9,8 +9,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::dead_letter::DeadLetter;
 use super::processor::ProcessError;
 use crate::event::{Cursor, Source};
+use crate::lifecycle::{Journal, LifecycleEvent};
 
 /// How one source consumer is doing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -87,6 +89,8 @@ pub struct ConsumerEntry {
 pub struct Board {
     entries: Arc<Mutex<BTreeMap<ConsumerKey, ConsumerEntry>>>,
     halt: Arc<watch::Sender<Option<Halt>>>,
+    /// Where fenced and failed consumers and dead letters are recorded.
+    journal: Journal,
 }
 
 impl Default for Board {
@@ -94,17 +98,59 @@ impl Default for Board {
         Self {
             entries: Arc::default(),
             halt: Arc::new(watch::channel(None).0),
+            journal: Journal::disabled(),
         }
     }
 }
 
 impl Board {
+    /// The same board, recording consumers that end fenced or failed, and dead
+    /// letters, in `journal`.
+    #[must_use]
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = journal;
+        self
+    }
+
+    /// Records a dead letter a consumer kept.
+    pub(super) fn dead_lettered(&self, key: &ConsumerKey, letter: &DeadLetter) {
+        self.journal.record(LifecycleEvent::DeadLetterRecorded {
+            group: key.group.clone(),
+            source: key.source.clone(),
+            event_id: letter.event_id,
+            dead_letter: letter.id,
+            kind: letter.kind.clone(),
+        });
+    }
+
+    /// Records a consumer that ended fenced or failed.
+    fn journal_state(&self, key: &ConsumerKey, state: &ConsumerState) {
+        let (group, source, subscriber) =
+            (key.group.clone(), key.source.clone(), key.owner.clone());
+        self.journal.record(match state {
+            ConsumerState::Fenced(reason) => LifecycleEvent::ConsumerFenced {
+                group,
+                source,
+                subscriber,
+                reason: reason.clone(),
+            },
+            ConsumerState::Failed(reason) => LifecycleEvent::ConsumerErrored {
+                group,
+                source,
+                subscriber,
+                reason: reason.clone(),
+            },
+            _ => return,
+        });
+    }
+
     pub(super) fn entries(&self) -> MutexGuard<'_, BTreeMap<ConsumerKey, ConsumerEntry>> {
         // Every update is one insert or one field, so a poisoned map is whole.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(super) fn set(&self, key: &ConsumerKey, state: ConsumerState) {
+        self.journal_state(key, &state);
         let mut entries = self.entries();
         match entries.get_mut(key) {
             Some(entry) => {

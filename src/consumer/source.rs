@@ -701,7 +701,8 @@ impl SourceConsumer {
         };
         loop {
             match self.context.dead_letters.record(&letter).await {
-                Ok(_) => {
+                Ok(stored) => {
+                    self.context.board.dead_lettered(&self.key, &stored);
                     metrics::counter!(names::DEAD_LETTERS, "group" => self.context.group.clone())
                         .increment(1);
                     tracing::warn!(group = %self.context.group, source = %self.source, event = %event.id, attempts, %error, "skipped an event; kept as a dead letter");

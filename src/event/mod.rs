@@ -161,6 +161,19 @@ validated_name!(
         }
     }
 );
+/// Categories whose name starts with this are weir's own (`$weir`, its lifecycle
+/// events): only weir appends to them, and the log and its partitions leave them
+/// out, so that a `log` subscription never forwards weir's records of its own work
+/// back into that work. They are read as `category:$weir` like any category.
+pub const RESERVED_PREFIX: char = '$';
+
+impl Category {
+    /// Whether this category is weir's own (see [`RESERVED_PREFIX`]).
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with(RESERVED_PREFIX)
+    }
+}
+
 validated_name!(
     /// The events of one entity within a category, e.g. `order-42`.
     StreamName,
@@ -334,7 +347,7 @@ impl Source {
     /// Whether an event appended to `category` can belong to this source.
     pub fn covers_category(&self, category: &Category) -> bool {
         match self {
-            Source::Log | Source::LogPartition(_) => true,
+            Source::Log | Source::LogPartition(_) => !category.is_reserved(),
             Source::Category(c) | Source::Stream(c, _) | Source::CategoryPartition(c, _) => {
                 c == category
             }
@@ -344,10 +357,10 @@ impl Source {
     /// Whether `event` belongs to this source.
     pub fn holds(&self, event: &StoredEvent) -> bool {
         match self {
-            Source::Log => true,
+            Source::Log => !event.category.is_reserved(),
             Source::Category(c) => *c == event.category,
             Source::Stream(c, s) => *c == event.category && *s == event.stream,
-            Source::LogPartition(p) => p.holds(event.slice()),
+            Source::LogPartition(p) => !event.category.is_reserved() && p.holds(event.slice()),
             Source::CategoryPartition(c, p) => *c == event.category && p.holds(event.slice()),
         }
     }

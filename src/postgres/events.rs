@@ -102,6 +102,9 @@ pub(super) struct Sql {
 
 pub(super) const COLUMNS: &str = "tx_id, sequence, id, category, stream, position, name, payload, metadata, occurred_at, observed_at, idempotency_key";
 pub(super) const BELOW_HORIZON: &str = "tx_id < pg_snapshot_xmin(pg_current_snapshot())";
+/// What the log shows: everything but weir's reserved categories (`$weir`). A
+/// filter on the read-order scan, which meets few reserved rows.
+pub(super) const NOT_RESERVED: &str = "category NOT LIKE '$%'";
 
 impl Sql {
     fn new(schema: &str) -> Self {
@@ -113,7 +116,7 @@ impl Sql {
             ),
             read_log: format!(
                 "SELECT {COLUMNS} FROM {events} WHERE (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} \
-                 ORDER BY tx_id, sequence LIMIT $3"
+                 AND {NOT_RESERVED} ORDER BY tx_id, sequence LIMIT $3"
             ),
             read_category: format!(
                 "SELECT {COLUMNS} FROM {events} WHERE category = $4 AND (tx_id, sequence) > ($1, $2) \
@@ -131,7 +134,8 @@ impl Sql {
                  ORDER BY position DESC LIMIT 1"
             ),
             head_log: format!(
-                "SELECT {COLUMNS} FROM {events} WHERE {BELOW_HORIZON} ORDER BY tx_id DESC, sequence DESC LIMIT 1"
+                "SELECT {COLUMNS} FROM {events} WHERE {BELOW_HORIZON} AND {NOT_RESERVED} \
+                 ORDER BY tx_id DESC, sequence DESC LIMIT 1"
             ),
             head_category: format!(
                 "SELECT {COLUMNS} FROM {events} WHERE category = $1 AND {BELOW_HORIZON} \
@@ -141,7 +145,7 @@ impl Sql {
             // at most `limit` index entries however far the reader is behind.
             backlog_log: format!(
                 "SELECT count(*), min(observed_at) FROM (SELECT observed_at FROM {events} \
-                 WHERE (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} \
+                 WHERE (tx_id, sequence) > ($1, $2) AND {BELOW_HORIZON} AND {NOT_RESERVED} \
                  ORDER BY tx_id, sequence LIMIT $3) AS backlog"
             ),
             backlog_category: format!(
@@ -360,6 +364,7 @@ impl EventStore for PostgresStore {
         category: &Category,
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StoredEvent>> {
+        crate::store::check_category(category)?;
         validate_batch(&appends)?;
         crate::store::check_sizes(category, &appends, self.max_event_bytes)?;
         let ids: Vec<Uuid> = appends
@@ -531,6 +536,11 @@ impl EventStore for PostgresStore {
         // A transaction that began a moment before clock_timestamp() was read on
         // another backend can come out a hair below zero.
         Ok(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or_default())
+    }
+
+    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+        crate::store::check_reserved(category)?;
+        self.prune_reserved(category, before).await
     }
 
     async fn watch(&self) -> Result<AppendWatcher> {

@@ -43,6 +43,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "operate",
         sql: include_str!("migrations/0006_operate.sql"),
     },
+    Migration {
+        version: 7,
+        name: "lifecycle",
+        sql: include_str!("migrations/0007_lifecycle.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

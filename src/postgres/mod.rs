@@ -12,7 +12,8 @@
 //! | `fleet.rs` | [`FleetStore`](crate::broker::control::FleetStore) | `weir_groups`, `weir_nodes` |
 //!
 //! `migrations/*.sql` create and upgrade them (`weir migrate`); `announcer.rs` and
-//! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append.
+//! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append;
+//! `prune.rs` deletes old events of weir's reserved categories (`$weir`).
 //! All of them share one connection pool, the [`PostgresStore`]'s.
 
 mod announcer;
@@ -25,6 +26,7 @@ mod listener;
 mod members;
 mod migrations;
 mod partitions;
+mod prune;
 mod xid8;
 
 pub use checkpoints::PostgresCheckpointStore;

@@ -8,7 +8,8 @@
 //! slice, however far behind the reader is. A coarser partition (fewer than 16 of
 //! a category) is read from the category's index, skipping other partitions' rows:
 //! the merge would need hundreds of scans, and skipping costs at most its count
-//! times its own rows. Log partitions are always read from the log's index.
+//! times its own rows. Log partitions are always read from the log's index, and
+//! like the log leave weir's reserved categories out.
 
 use std::sync::{Arc, PoisonError};
 
@@ -16,7 +17,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::PostgresStore;
-use super::events::{BELOW_HORIZON, COLUMNS, event_from_row};
+use super::events::{BELOW_HORIZON, COLUMNS, NOT_RESERVED, event_from_row};
 use super::xid8::Xid8;
 use crate::event::{Category, Cursor, Partition, SLICES, StoredEvent};
 use crate::store::Result;
@@ -92,9 +93,9 @@ impl<'a> PartitionQuery<'a> {
     /// The newest readable row of the partition.
     fn head_sql(&self, events: &str) -> String {
         let (category, low, high) = if self.category.is_some() {
-            ("category = $1 AND ", "$2", "$3")
+            ("category = $1 AND ".to_owned(), "$2", "$3")
         } else {
-            ("", "$1", "$2")
+            (format!("{NOT_RESERVED} AND "), "$1", "$2")
         };
         format!(
             "SELECT {COLUMNS} FROM {events} WHERE {category}slice + 0 >= {low}::smallint \

@@ -207,6 +207,14 @@ impl EventRuntime {
         self
     }
 
+    /// Records consumers that end fenced or failed, and dead letters, in `journal`
+    /// (by default nothing is recorded).
+    #[must_use]
+    pub fn with_journal(mut self, journal: crate::lifecycle::Journal) -> Self {
+        self.board = self.board.with_journal(journal);
+        self
+    }
+
     /// How often consumer lag and the store's visibility horizon are measured for
     /// the metrics and the status (default 5 s). Each measurement is one bounded
     /// count per running consumer.

@@ -7,12 +7,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
     AppendNotice, AppendWatcher, Backlog, DEFAULT_MAX_EVENT_BYTES, Error, EventStore, Notifier,
-    Result, StreamAppend, check_sizes, store_precision, validate_batch,
+    Result, StreamAppend, check_category, check_reserved, check_sizes, store_precision,
+    validate_batch,
 };
 use crate::event::{
     Category, Cursor, IdempotencyKey, Partition, Source, StoredEvent, StreamName, slice_of,
@@ -42,7 +43,9 @@ struct State {
     log: Vec<StoredEvent>,
     /// The slice of each event of `log`, computed once at append.
     slices: Vec<u16>,
-    /// Indexes into `log`, each in read order.
+    /// Indexes into `log`, each in read order. `public` holds what the log shows:
+    /// every event outside the reserved categories.
+    public: Vec<usize>,
     categories: HashMap<Category, Vec<usize>>,
     streams: HashMap<(Category, StreamName), Vec<usize>>,
     keys: HashMap<(Category, IdempotencyKey), usize>,
@@ -109,18 +112,19 @@ impl State {
         Ok(())
     }
 
-    /// The indexes into `log` that make up `source`, in read order; `None` for
-    /// the whole log.
-    fn indexes(&self, source: &Source) -> Option<Cow<'_, [usize]>> {
+    /// The indexes into `log` that make up `source`, in read order.
+    fn indexes(&self, source: &Source) -> Cow<'_, [usize]> {
         let category = |c: &Category| self.categories.get(c).map_or(&[][..], Vec::as_slice);
         let in_partition = |p: Partition| move |&&i: &&usize| p.holds(self.slices[i]);
-        Some(match source {
-            Source::Log => return None,
+        match source {
+            Source::Log => Cow::Borrowed(&self.public),
             Source::Category(c) => Cow::Borrowed(category(c)),
             Source::Stream(c, s) => Cow::Borrowed(self.stream_indexes(c, s)),
             Source::LogPartition(p) => Cow::Owned(
-                (0..self.log.len())
-                    .filter(|&i| p.holds(self.slices[i]))
+                self.public
+                    .iter()
+                    .filter(in_partition(*p))
+                    .copied()
                     .collect(),
             ),
             Source::CategoryPartition(c, p) => Cow::Owned(
@@ -130,24 +134,18 @@ impl State {
                     .copied()
                     .collect(),
             ),
-        })
+        }
     }
 
     /// Where in read order `source`'s events after `after` start, and the
     /// indexes of all of its events.
     fn after(&self, source: &Source, after: Cursor) -> (usize, Cow<'_, [usize]>) {
-        let indexes = self
-            .indexes(source)
-            .unwrap_or_else(|| Cow::Owned((0..self.log.len()).collect()));
+        let indexes = self.indexes(source);
         let start = indexes.partition_point(|&i| self.log[i].cursor <= after);
         (start, indexes)
     }
 
     fn read_after(&self, source: &Source, after: Cursor, limit: usize) -> Vec<StoredEvent> {
-        if let Source::Log = source {
-            let start = self.log.partition_point(|e| e.cursor <= after);
-            return self.log[start..].iter().take(limit).cloned().collect();
-        }
         let (start, indexes) = self.after(source, after);
         indexes[start..]
             .iter()
@@ -165,10 +163,60 @@ impl State {
     }
 
     fn last(&self, source: &Source) -> Option<&StoredEvent> {
-        match self.indexes(source) {
-            None => self.log.last(),
-            Some(indexes) => indexes.last().map(|&i| &self.log[i]),
+        self.indexes(source).last().map(|&i| &self.log[i])
+    }
+
+    /// Files the event at `index` of `log` (already pushed) under its category,
+    /// stream, idempotency key and slice.
+    fn index(&mut self, index: usize) {
+        let event = &self.log[index];
+        let (category, stream) = (event.category.clone(), event.stream.clone());
+        if let Some(key) = &event.idempotency_key {
+            self.keys.insert((category.clone(), key.clone()), index);
         }
+        if !category.is_reserved() {
+            self.public.push(index);
+        }
+        self.slices.push(slice_of(stream.as_str()));
+        self.categories
+            .entry(category.clone())
+            .or_default()
+            .push(index);
+        self.streams
+            .entry((category, stream))
+            .or_default()
+            .push(index);
+    }
+
+    /// Deletes `category`'s events stored before `before`, but each stream's
+    /// last, and files what is left again.
+    fn prune(&mut self, category: &Category, before: DateTime<Utc>) -> u64 {
+        let heads: HashSet<usize> = self
+            .streams
+            .iter()
+            .filter(|((c, _), _)| c == category)
+            .filter_map(|(_, indexes)| indexes.last().copied())
+            .collect();
+        let doomed = |(i, event): &(usize, &StoredEvent)| {
+            event.category == *category && event.observed_at < before && !heads.contains(i)
+        };
+        let pruned = self.log.iter().enumerate().filter(doomed).count();
+        if pruned == 0 {
+            return 0;
+        }
+        let log = std::mem::take(&mut self.log);
+        *self = State {
+            last_tx_id: self.last_tx_id,
+            last_sequence: self.last_sequence,
+            ..State::default()
+        };
+        for (i, event) in log.into_iter().enumerate() {
+            if !doomed(&(i, &event)) {
+                self.log.push(event);
+                self.index(self.log.len() - 1);
+            }
+        }
+        pruned as u64
     }
 }
 
@@ -179,6 +227,7 @@ impl EventStore for MemoryStore {
         category: &Category,
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StoredEvent>> {
+        check_category(category)?;
         validate_batch(&appends)?;
         check_sizes(category, &appends, self.max_event_bytes)?;
         let mut state = self.write_state();
@@ -220,21 +269,8 @@ impl EventStore for MemoryStore {
                     cursor: Cursor::new(tx_id, sequence),
                 };
                 next_position += 1;
-                if let Some(key) = &event.idempotency_key {
-                    state.keys.insert((category.clone(), key.clone()), index);
-                }
-                state
-                    .categories
-                    .entry(category.clone())
-                    .or_default()
-                    .push(index);
-                state
-                    .streams
-                    .entry((category.clone(), append.stream.clone()))
-                    .or_default()
-                    .push(index);
-                state.slices.push(slice_of(event.stream.as_str()));
                 state.log.push(event.clone());
+                state.index(index);
                 stored.push(event);
             }
         }
@@ -274,6 +310,11 @@ impl EventStore for MemoryStore {
             .filter(|event| wanted.contains(&event.id))
             .cloned()
             .collect())
+    }
+
+    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+        check_reserved(category)?;
+        Ok(self.write_state().prune(category, before))
     }
 
     async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {

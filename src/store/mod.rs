@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -72,6 +73,18 @@ pub enum Error {
     Unavailable(String),
     #[error("the event store failed: {0}")]
     Backend(String),
+    #[error(
+        "category {category} is reserved for weir's own records (names starting with '$'): only weir appends to it; append to a category whose name does not start with '$', and read this one with `weir read --source 'category:{category}'`"
+    )]
+    ReservedCategory { category: Category },
+    #[error(
+        "category {category} is not reserved: only weir's own categories (names starting with '$') take weir's records and are pruned; the events of every other category are kept for good"
+    )]
+    NotReserved { category: Category },
+    #[error(
+        "this event store cannot {0}: use the memory or the Postgres store, or implement it for this backend"
+    )]
+    Unsupported(&'static str),
 }
 
 fn describe_head(last_position: Option<u64>) -> String {
@@ -86,6 +99,37 @@ impl Error {
     /// errors will fail the same way again.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Unavailable(_))
+    }
+}
+
+tokio::task_local! {
+    /// Set while [`EventStore::append_reserved`] runs: the permission to append to
+    /// a reserved category travels with that one call, so every backend keeps a
+    /// single append path and checks it with [`check_category`].
+    static RESERVED_APPEND: ();
+}
+
+/// Refuses an append to a reserved category unless it comes through
+/// [`EventStore::append_reserved`]; backends call it first thing in
+/// `append_batch`.
+pub(crate) fn check_category(category: &Category) -> Result<()> {
+    if category.is_reserved() && RESERVED_APPEND.try_with(|_| ()).is_err() {
+        return Err(Error::ReservedCategory {
+            category: category.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a category that is not reserved, where only weir's own may go (to be
+/// appended to as weir, or pruned).
+pub(crate) fn check_reserved(category: &Category) -> Result<()> {
+    if category.is_reserved() {
+        Ok(())
+    } else {
+        Err(Error::NotReserved {
+            category: category.clone(),
+        })
     }
 }
 
@@ -272,6 +316,30 @@ pub trait EventStore: Send + Sync + 'static {
         Ok(Duration::ZERO)
     }
 
+    /// Appends to a reserved category (`$weir`): weir's own records, which
+    /// [`EventStore::append_batch`] refuses to anyone else. Refuses any other
+    /// category.
+    async fn append_reserved(
+        &self,
+        category: &Category,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StoredEvent>> {
+        check_reserved(category)?;
+        RESERVED_APPEND
+            .scope((), self.append_batch(category, appends))
+            .await
+    }
+
+    /// Deletes the events of a reserved `category` stored before `before`, except
+    /// the last event of each stream, which is kept so that the stream's positions
+    /// go on from where they were. Returns how many were deleted. Refuses any
+    /// category that is not reserved: weir prunes only its own records.
+    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+        check_reserved(category)?;
+        let _ = before;
+        Err(Error::Unsupported("prune"))
+    }
+
     /// Appends to one stream under `condition`.
     async fn append(
         &self,
@@ -324,6 +392,16 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     async fn visibility_horizon(&self) -> Result<Duration> {
         (**self).visibility_horizon().await
+    }
+    async fn append_reserved(
+        &self,
+        category: &Category,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StoredEvent>> {
+        (**self).append_reserved(category, appends).await
+    }
+    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+        (**self).prune(category, before).await
     }
 }
 
