@@ -7,15 +7,17 @@
 //! - [`dead_letter`]: events skipped under the `Continue` policy, kept with their error.
 //! - [`policy`]: what a consumer does when processing fails.
 //! - [`source`]: the consumer of one source: read after the cursor, process,
-//!   checkpoint, wait for appends.
+//!   checkpoint, wait for appends; `read_ahead` reads its next batch meanwhile.
 //! - [`subscription`]: a [`crate::broker::Subscriber`] that runs one source consumer
 //!   per source the broker gives it.
 
+mod background_save;
 pub mod board;
 pub mod checkpoint;
 pub mod dead_letter;
 pub mod policy;
 pub mod processor;
+mod read_ahead;
 pub mod resume;
 pub mod settings;
 pub mod source;
