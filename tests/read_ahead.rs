@@ -22,9 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use weir::consumer::source::{Board, ConsumerContext, RunningConsumer};
 use weir::consumer::{ConsumerSettings, ConsumerState, ErrorPolicy, EventProcessor, ProcessError};
-use weir::event::{
-    Category, Cursor, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition,
-};
+use weir::event::{Category, Cursor, Source, StoredEvent, StreamName};
 use weir::runtime::ConsumerStores;
 use weir::store::{AppendWatcher, EventStore, StreamAppend};
 
@@ -129,18 +127,7 @@ fn source() -> Source {
 }
 
 async fn append(store: &dyn EventStore, count: usize) -> Vec<StoredEvent> {
-    let events = (0..count)
-        .map(|n| NewEvent::new(EventName::new("Happened").unwrap(), json!({"n": n})))
-        .collect();
-    store
-        .append(
-            &Category::new("orders").unwrap(),
-            &StreamName::new("order-1").unwrap(),
-            WriteCondition::Any,
-            events,
-        )
-        .await
-        .unwrap()
+    common::append_orders(store, (0..count).map(|n| json!({"n": n}))).await
 }
 
 /// Checkpoints only when stopping, so that what is stored is what the stop

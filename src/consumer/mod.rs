@@ -38,10 +38,17 @@ pub(crate) mod testing {
 
     /// `count` events of one stream, as a store returns them.
     pub(crate) async fn events(count: u64) -> Vec<StoredEvent> {
+        store_with(count).await.1
+    }
+
+    /// A store holding `count` events of one stream of category `things`, and
+    /// those events.
+    pub(crate) async fn store_with(count: u64) -> (MemoryStore, Vec<StoredEvent>) {
         let events = (0..count)
             .map(|n| NewEvent::new(EventName::new("Happened").unwrap(), serde_json::json!(n)))
             .collect();
-        MemoryStore::new()
+        let store = MemoryStore::new();
+        let stored = store
             .append(
                 &Category::new("things").unwrap(),
                 &StreamName::new("thing-1").unwrap(),
@@ -49,6 +56,7 @@ pub(crate) mod testing {
                 events,
             )
             .await
-            .unwrap()
+            .unwrap();
+        (store, stored)
     }
 }

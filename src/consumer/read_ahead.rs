@@ -105,63 +105,50 @@ impl Drop for ReadAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
-    use crate::store::MemoryStore;
+    use crate::consumer::testing;
 
-    async fn store_with(count: u64) -> (Arc<dyn EventStore>, Source) {
-        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-        let events = (0..count)
-            .map(|n| NewEvent::new(EventName::new("Happened").unwrap(), serde_json::json!(n)))
-            .collect();
-        store
-            .append(
-                &Category::new("things").unwrap(),
-                &StreamName::new("thing-1").unwrap(),
-                WriteCondition::Any,
-                events,
-            )
-            .await
-            .unwrap();
-        (store, "category:things".parse().unwrap())
+    /// A store of five events, the source holding them, and their cursors.
+    async fn five() -> (Arc<dyn EventStore>, Source, Vec<Cursor>) {
+        let (store, events) = testing::store_with(5).await;
+        let cursors = events.iter().map(|e| e.cursor).collect();
+        (Arc::new(store), "category:things".parse().unwrap(), cursors)
+    }
+
+    async fn positions(ahead: &mut ReadAhead, cursor: Cursor) -> Option<Vec<u64>> {
+        let batch = ahead.take(cursor).await?.unwrap();
+        Some(batch.iter().map(|e| e.position).collect())
     }
 
     #[tokio::test]
     async fn a_batch_read_ahead_is_taken_from_the_cursor_it_was_read_after() {
-        let (store, source) = store_with(5).await;
-        let first = store.read(&source, Cursor::START, 2).await.unwrap();
+        let (store, source, cursors) = five().await;
         let mut ahead = ReadAhead::default();
-        ahead.start(&store, &source, first[1].cursor, 2);
-        let next = ahead.take(first[1].cursor).await.unwrap().unwrap();
-        let positions: Vec<u64> = next.iter().map(|e| e.position).collect();
-        assert_eq!(positions, [2, 3]);
+        ahead.start(&store, &source, cursors[1], 2);
+        assert_eq!(positions(&mut ahead, cursors[1]).await, Some(vec![2, 3]));
         assert!(!ahead.is_pending(), "a batch is taken only once");
-        assert!(ahead.take(first[1].cursor).await.is_none());
+        assert_eq!(positions(&mut ahead, cursors[1]).await, None);
     }
 
     #[tokio::test]
     async fn a_batch_read_ahead_from_elsewhere_is_dropped() {
-        let (store, source) = store_with(5).await;
-        let first = store.read(&source, Cursor::START, 2).await.unwrap();
+        let (store, source, cursors) = five().await;
         let mut ahead = ReadAhead::default();
-        ahead.start(&store, &source, first[1].cursor, 2);
+        ahead.start(&store, &source, cursors[1], 2);
         // The consumer moved elsewhere (say, it skipped an event): the guess is
         // of no use and must not be handed out later either.
-        assert!(ahead.take(first[0].cursor).await.is_none());
+        assert_eq!(positions(&mut ahead, cursors[0]).await, None);
         assert!(!ahead.is_pending());
-        assert!(ahead.take(first[1].cursor).await.is_none());
+        assert_eq!(positions(&mut ahead, cursors[1]).await, None);
     }
 
     #[tokio::test]
     async fn starting_again_keeps_one_read_only() {
-        let (store, source) = store_with(5).await;
-        let first = store.read(&source, Cursor::START, 3).await.unwrap();
+        let (store, source, cursors) = five().await;
         let mut ahead = ReadAhead::default();
-        ahead.start(&store, &source, first[0].cursor, 2);
-        ahead.start(&store, &source, first[2].cursor, 2);
-        assert!(ahead.take(first[0].cursor).await.is_none());
-        ahead.start(&store, &source, first[2].cursor, 2);
-        let next = ahead.take(first[2].cursor).await.unwrap().unwrap();
-        let positions: Vec<u64> = next.iter().map(|e| e.position).collect();
-        assert_eq!(positions, [3, 4]);
+        ahead.start(&store, &source, cursors[0], 2);
+        ahead.start(&store, &source, cursors[2], 2);
+        assert_eq!(positions(&mut ahead, cursors[0]).await, None);
+        ahead.start(&store, &source, cursors[2], 2);
+        assert_eq!(positions(&mut ahead, cursors[2]).await, Some(vec![3, 4]));
     }
 }
