@@ -61,11 +61,8 @@ impl ReadAhead {
             pending.read.abort();
             return None;
         }
-        match pending.read.await {
-            Ok(batch) => Some(batch),
-            // Aborted or panicked: the consumer reads the batch itself.
-            Err(_) => None,
-        }
+        // Aborted or panicked: the consumer reads the batch itself.
+        pending.read.await.ok()
     }
 
     /// The batch after `cursor`: the one read ahead from there if there is
