@@ -23,7 +23,7 @@ use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, ProcessErr
 use weir::event::{
     Category, Cursor, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition,
 };
-use weir::runtime::EventRuntime;
+use weir::runtime::{ConsumerStores, EventRuntime};
 use weir::store::EventStore;
 
 use common::ConsumerBackend as Backend;
@@ -44,25 +44,14 @@ fn source() -> Source {
 }
 
 async fn append(store: &dyn EventStore, count: usize, big: &[usize]) -> Vec<StoredEvent> {
-    let events = (0..count)
-        .map(|n| {
-            let payload = if big.contains(&n) {
-                json!({"n": n, "big": true})
-            } else {
-                json!({"n": n})
-            };
-            NewEvent::new(EventName::new("Happened").unwrap(), payload)
-        })
-        .collect();
-    store
-        .append(
-            &Category::new("orders").unwrap(),
-            &StreamName::new("order-1").unwrap(),
-            WriteCondition::Any,
-            events,
-        )
-        .await
-        .unwrap()
+    let payloads = (0..count).map(|n| {
+        if big.contains(&n) {
+            json!({"n": n, "big": true})
+        } else {
+            json!({"n": n})
+        }
+    });
+    common::append_orders(store, payloads).await
 }
 
 /// Checkpoints only when stopping, so that only the claim check can catch a

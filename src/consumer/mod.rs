@@ -9,16 +9,18 @@
 //! - [`pause`]: an operator's pause of a group, which its consumers wait out.
 //! - [`replay`]: an operator's retry and purge of a group's dead letters.
 //! - [`source`]: the consumer of one source: read after the cursor, process,
-//!   checkpoint, wait for appends.
+//!   checkpoint, wait for appends; `read_ahead` reads its next batch meanwhile.
 //! - [`subscription`]: a [`crate::broker::Subscriber`] that runs one source consumer
 //!   per source the broker gives it.
 
+mod background_save;
 pub mod board;
 pub mod checkpoint;
 pub mod dead_letter;
 pub mod pause;
 pub mod policy;
 pub mod processor;
+mod read_ahead;
 pub mod replay;
 pub mod resume;
 pub mod settings;
@@ -44,10 +46,17 @@ pub(crate) mod testing {
 
     /// `count` events of one stream, as a store returns them.
     pub(crate) async fn events(count: u64) -> Vec<StoredEvent> {
+        store_with(count).await.1
+    }
+
+    /// A store holding `count` events of one stream of category `things`, and
+    /// those events.
+    pub(crate) async fn store_with(count: u64) -> (MemoryStore, Vec<StoredEvent>) {
         let events = (0..count)
             .map(|n| NewEvent::new(EventName::new("Happened").unwrap(), serde_json::json!(n)))
             .collect();
-        MemoryStore::new()
+        let store = MemoryStore::new();
+        let stored = store
             .append(
                 &Category::new("things").unwrap(),
                 &StreamName::new("thing-1").unwrap(),
@@ -55,6 +64,7 @@ pub(crate) mod testing {
                 events,
             )
             .await
-            .unwrap()
+            .unwrap();
+        (store, stored)
     }
 }

@@ -41,6 +41,9 @@ pub struct ConsumerSettings {
     pub isolation: Isolation,
     /// Events read and handed to the processor at once.
     pub batch_size: usize,
+    /// Read the next batch while the processor works on this one: a consumer
+    /// then holds at most one batch beyond the one in its processor.
+    pub read_ahead: bool,
     /// Store the checkpoint after this many events…
     pub checkpoint_every: u64,
     /// …or this long after the last store, whichever comes first.
@@ -55,6 +58,7 @@ impl Default for ConsumerSettings {
             poll_interval: Duration::from_secs(1),
             isolation: Isolation::Main,
             batch_size: 100,
+            read_ahead: true,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(5),
         }

@@ -1,7 +1,9 @@
 //! The consumer of one source: claims the source's checkpoint, reads batches after
 //! its cursor, hands them to the processor under the error policy, stores the
 //! checkpoint every `checkpoint_every` events or `checkpoint_interval`, and between
-//! batches waits for an append notification or the poll interval.
+//! batches waits for an append notification or the poll interval. While the
+//! processor works on a full batch, the next one is read ahead (see
+//! [`super::read_ahead`]).
 //!
 //! Asked to stop, it finishes the batch in hand, stores its checkpoint and returns
 //! the cursor it stopped at: that is what lets a handover process no event twice. A
@@ -15,12 +17,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::background_save::BackgroundSave;
 pub use super::board::{Board, ConsumerEntry, ConsumerKey, ConsumerState, Halt, Lag};
 use super::checkpoint::{CheckpointError, CheckpointStore, Claim};
 use super::dead_letter::{DeadLetterStore, NewDeadLetter};
 use super::pause::PauseSwitch;
 use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
+use super::read_ahead::ReadAhead;
 use super::resume::Resume;
 use super::settings::{ConsumerSettings, Executor};
 use crate::broker::Grant;
@@ -270,6 +274,8 @@ struct Progress {
     saved_at: Instant,
     /// What older sources of the group already handled (see [`Resume`]).
     resume: Option<Resume>,
+    /// The checkpoint write under way while consuming goes on.
+    saving: BackgroundSave,
 }
 
 struct SourceConsumer {
@@ -388,6 +394,7 @@ impl SourceConsumer {
                             unsaved: u64::from(start != cursor),
                             saved_at: Instant::now(),
                             resume,
+                            saving: BackgroundSave::default(),
                         }));
                     }
                     Err(error) => {
@@ -450,6 +457,7 @@ impl SourceConsumer {
             }
         };
         let settings = &self.context.settings;
+        let mut read_ahead = ReadAhead::default();
         loop {
             if self.stop.is_cancelled() {
                 return End::Stopped;
@@ -460,12 +468,9 @@ impl SourceConsumer {
                 }
                 continue;
             }
-            let batch = match self
-                .context
-                .events
-                .read(&self.source, progress.cursor, settings.batch_size)
-                .await
-            {
+            let (events, limit) = (&self.context.events, settings.batch_size);
+            let next = read_ahead.take_or_read(events, &self.source, progress.cursor, limit);
+            let batch = match next.await {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot read events; trying again");
@@ -491,6 +496,12 @@ impl SourceConsumer {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(end) => return end,
+            }
+            // A short batch reached the end of the source: what comes next is
+            // for the watcher to announce.
+            let full = settings.read_ahead && batch.len() >= limit;
+            if let (true, Some(last)) = (full, batch.last()) {
+                read_ahead.start(events, &self.source, last.cursor, limit);
             }
             let batch = self.not_yet_handled(batch, progress);
             if batch.is_empty() {
@@ -718,9 +729,10 @@ impl SourceConsumer {
         }
     }
 
-    /// Stores the checkpoint if `checkpoint_every` events or `checkpoint_interval`
-    /// have passed since the last store. Only a fenced claim ends consuming; a
-    /// store that cannot be reached is tried again next time.
+    /// Starts storing the checkpoint if `checkpoint_every` events or
+    /// `checkpoint_interval` have passed since the last store, once the write
+    /// before it has finished. Only a fenced claim ends consuming; a store that
+    /// cannot be reached is tried again next time.
     async fn save_if_due(&self, progress: &mut Progress) -> Result<(), End> {
         let settings = &self.context.settings;
         let due = progress.unsaved >= settings.checkpoint_every
@@ -728,26 +740,47 @@ impl SourceConsumer {
         if !due {
             return Ok(());
         }
-        match self.save(progress).await {
-            Err(error @ CheckpointError::Fenced { .. }) => Err(End::Fenced(error)),
+        match self.finish_saving(progress).await {
+            Err(error @ CheckpointError::Fenced { .. }) => return Err(End::Fenced(error)),
             Err(error) => {
-                tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot store the checkpoint; trying again later");
-                Ok(())
+                tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot store the checkpoint; trying again");
             }
-            Ok(()) => Ok(()),
+            Ok(()) => {}
+        }
+        self.start_saving(progress);
+        progress.unsaved = 0;
+        progress.saved_at = Instant::now();
+        Ok(())
+    }
+
+    /// Starts writing the cursor reached, unless it is stored already.
+    fn start_saving(&self, progress: &mut Progress) {
+        if progress.cursor != progress.saved {
+            let (claim, cursor) = (&progress.claim, progress.cursor);
+            progress
+                .saving
+                .start(&self.context.checkpoints, claim, cursor);
         }
     }
 
-    async fn save(&self, progress: &mut Progress) -> Result<(), CheckpointError> {
-        if progress.cursor != progress.saved {
-            self.context
-                .checkpoints
-                .save(&progress.claim, progress.cursor)
-                .await?;
-            progress.saved = progress.cursor;
+    /// Waits for the checkpoint write under way, if any.
+    async fn finish_saving(&self, progress: &mut Progress) -> Result<(), CheckpointError> {
+        if let Some(cursor) = progress.saving.finish().await.transpose()? {
+            progress.saved = cursor;
             metrics::counter!(names::CHECKPOINT_WRITES, "group" => self.context.group.clone())
                 .increment(1);
         }
+        Ok(())
+    }
+
+    /// Stores the checkpoint now, after the write under way.
+    async fn save(&self, progress: &mut Progress) -> Result<(), CheckpointError> {
+        // Any other failure of the earlier write is made good by this one.
+        if let Err(error @ CheckpointError::Fenced { .. }) = self.finish_saving(progress).await {
+            return Err(error);
+        }
+        self.start_saving(progress);
+        self.finish_saving(progress).await?;
         progress.unsaved = 0;
         progress.saved_at = Instant::now();
         Ok(())

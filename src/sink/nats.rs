@@ -241,6 +241,9 @@ impl NatsSink {
             .await
             .map_err(|error| (0, Failure::Client(error.to_string())))?;
         let mut window = AckWindow::new(events.len());
+        // Asked once a batch: the client hands out a copy of everything the
+        // server said about itself.
+        let limit = self.client.server_info().max_payload;
         let mut sent = 0;
         while sent < events.len() && window.failure.is_none() {
             if sent - window.acknowledged >= self.max_in_flight {
@@ -251,7 +254,6 @@ impl NatsSink {
             }
             let event = &events[sent];
             let payload = encode(event).map_err(|reason| (sent, Failure::Encode(reason)))?;
-            let limit = self.client.server_info().max_payload;
             if limit > 0 && payload.len() > limit {
                 window.fail(sent, Failure::TooLarge(payload.len(), limit));
                 break;

@@ -51,6 +51,27 @@ macro_rules! on_every_backend {
 
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// Appends one event named `Happened` per payload to stream `orders/order-1`.
+pub async fn append_orders(
+    store: &dyn weir::store::EventStore,
+    payloads: impl IntoIterator<Item = serde_json::Value>,
+) -> Vec<weir::event::StoredEvent> {
+    use weir::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
+    let events = payloads
+        .into_iter()
+        .map(|payload| NewEvent::new(EventName::new("Happened").unwrap(), payload))
+        .collect();
+    store
+        .append(
+            &Category::new("orders").unwrap(),
+            &StreamName::new("order-1").unwrap(),
+            WriteCondition::Any,
+            events,
+        )
+        .await
+        .unwrap()
+}
+
 pub fn postgres_url() -> String {
     std::env::var("WEIR_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into())
 }

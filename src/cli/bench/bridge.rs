@@ -39,6 +39,10 @@ pub struct BridgeArgs {
     /// Each side runs this many times, alternating; the best run counts.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Read each batch only once the sink has acknowledged the one before, as
+    /// consumers did before read-ahead: to see what read-ahead gains.
+    #[arg(long)]
+    no_read_ahead: bool,
 }
 
 /// The sink under test, counting what it delivered.
@@ -100,6 +104,7 @@ pub(super) async fn run(
     let settings = ConsumerSettings {
         batch_size: args.batch,
         checkpoint_every: args.batch as u64,
+        read_ahead: !args.no_read_ahead,
         ..ConsumerSettings::default()
     };
     let sink_name = match args.sink {
@@ -131,8 +136,8 @@ pub(super) async fn run(
     let raw_rate = rate(args.events, raw_best);
     emit(json!({
         "bench": "bridge", "sink": sink_name, "backend": target.backend, "events": args.events,
-        "batch": args.batch, "max_in_flight": args.max_in_flight, "message_bytes": bytes,
-        "seconds": weir_best.as_secs_f64(), "events_per_sec": weir_rate,
+        "batch": args.batch, "read_ahead": settings.read_ahead,
+        "max_in_flight": args.max_in_flight, "message_bytes": bytes, "seconds": weir_best.as_secs_f64(), "events_per_sec": weir_rate,
     }));
     emit(json!({
         "bench": "bridge_raw_publish", "sink": sink_name, "events": args.events,
