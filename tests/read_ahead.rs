@@ -160,6 +160,7 @@ fn spawn(
         settings,
         executor: weir::consumer::settings::Executor::Main,
         board: board.clone(),
+        pause: Default::default(),
     };
     (RunningConsumer::spawn(Arc::new(context), source()), board)
 }
