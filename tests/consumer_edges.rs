@@ -20,10 +20,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use weir::broker::SingletonBroker;
 use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, ProcessError};
-use weir::event::{
-    Category, Cursor, EventName, NewEvent, Source, StoredEvent, StreamName, WriteCondition,
-};
-use weir::runtime::{ConsumerStores, EventRuntime};
+use weir::event::{Cursor, Source, StoredEvent};
+use weir::runtime::EventRuntime;
 use weir::store::EventStore;
 
 use common::ConsumerBackend as Backend;
