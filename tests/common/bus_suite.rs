@@ -135,6 +135,7 @@ pub fn decision(group: &str, epoch: u64, revision: u64) -> Decision {
             },
         )]
         .into(),
+        paused: false,
     }
 }
 
