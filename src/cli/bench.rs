@@ -12,6 +12,8 @@ use super::CliError;
 
 mod allocate;
 mod bridge;
+mod latency;
+mod nodes;
 mod partitions;
 use crate::config::{Config, StoreKind};
 use crate::event::{Category, Cursor, EventName, NewEvent, Source, StreamName, WriteCondition};
@@ -41,6 +43,10 @@ pub enum Bench {
     /// waits a fixed time per batch; then the cost of reading one partition of 16
     /// beside a sixteenth of the category.
     Partitions(partitions::PartitionsArgs),
+    /// End-to-end latency: two `weir run` nodes forward a category to NATS or
+    /// Kafka while the bench appends at steady rates and a plain client
+    /// subscribed to the destination times each event from its append.
+    Latency(latency::LatencyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,6 +147,11 @@ pub async fn run(config: &Config, bench: Bench) -> Result<(), CliError> {
         Bench::Bridge(args) => {
             let target = Target::open(config).await?;
             let outcome = bridge::run(config, &target, &args).await;
+            (target, outcome)
+        }
+        Bench::Latency(args) => {
+            let target = Target::open(config).await?;
+            let outcome = latency::run(config, &target, &args).await;
             (target, outcome)
         }
     };

@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tokio_postgres::{NoTls, Row};
@@ -276,6 +277,32 @@ impl PostgresStore {
         .await
     }
 
+    /// Runs a read of events and decodes each row as it arrives, while the server
+    /// is still sending the rest: decoding is most of a read's client time, and
+    /// collecting every row first left the server idle meanwhile. Retried as
+    /// [`PostgresStore::query`].
+    async fn read_events(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<StoredEvent>> {
+        retry(|| async {
+            let client = self.connection().await?;
+            let statement = client.prepare_cached(sql).await.map_err(classify)?;
+            let rows = client
+                .query_raw(&statement, params.iter().copied())
+                .await
+                .map_err(classify)?;
+            futures::pin_mut!(rows);
+            let mut events = Vec::new();
+            while let Some(row) = rows.next().await {
+                events.push(event_from_row(&row.map_err(classify)?, 0)?);
+            }
+            Ok(events)
+        })
+        .await
+    }
+
     async fn append_once(
         &self,
         category: &Category,
@@ -399,22 +426,25 @@ impl EventStore for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match source {
             Source::Log => {
-                self.query(&self.sql.read_log, &[&tx, &sequence, &limit])
-                    .await?
+                return self
+                    .read_events(&self.sql.read_log, &[&tx, &sequence, &limit])
+                    .await;
             }
             Source::Category(category) => {
-                self.query(
-                    &self.sql.read_category,
-                    &[&tx, &sequence, &limit, &category.as_str()],
-                )
-                .await?
+                return self
+                    .read_events(
+                        &self.sql.read_category,
+                        &[&tx, &sequence, &limit, &category.as_str()],
+                    )
+                    .await;
             }
             Source::Stream(category, stream) => {
-                self.query(
-                    &self.sql.read_stream,
-                    &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
-                )
-                .await?
+                return self
+                    .read_events(
+                        &self.sql.read_stream,
+                        &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
+                    )
+                    .await;
             }
             Source::LogPartition(p) => {
                 let query = PartitionQuery::log(*p);

@@ -61,14 +61,14 @@ impl EventProcessor for Counted {
 
 /// Destination names unique to one round, so that neither side's messages are
 /// deduplicated against the other's.
-fn prefix(round: usize, side: &str) -> String {
+pub(super) fn prefix(round: usize, side: &str) -> String {
     format!(
         "bench_{}_{side}{round}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
 }
 
-fn sink_config(kind: SinkKind, prefix: &str, max_in_flight: usize) -> SinkConfig {
+pub(super) fn sink_config(kind: SinkKind, prefix: &str, max_in_flight: usize) -> SinkConfig {
     match kind {
         SinkKind::Nats => SinkConfig::Nats {
             subject: format!("{prefix}.{{category}}.{{stream}}"),
@@ -195,7 +195,7 @@ async fn weir_round(
 }
 
 /// The plain clients: messages built first, then only the publishing is timed.
-mod raw {
+pub(super) mod raw {
     #[allow(unused_imports)]
     use super::*;
 
@@ -247,7 +247,7 @@ mod raw {
 
     /// Removes a stream the bench made, so runs leave nothing behind.
     #[cfg(feature = "nats")]
-    pub(super) async fn delete_nats_stream(config: &Config, stream: &str) {
+    pub(in crate::cli::bench) async fn delete_nats_stream(config: &Config, stream: &str) {
         if let Ok(client) =
             crate::connect::nats_client::connect(&config.nats, "weir bench cleanup").await
         {
