@@ -249,6 +249,7 @@ async fn a_deposed_coordinators_late_decision_changes_nothing(services: Services
             issued_at: chrono::Utc::now(),
             owners: [(mine, fleet.sources_of(group))].into(),
             handovers: BTreeMap::new(),
+            paused: false,
         };
         fleet
             .services
@@ -290,6 +291,7 @@ async fn a_reset_lease_store_starts_above_the_epochs_the_bus_holds(services: Ser
             issued_at: chrono::Utc::now(),
             owners: [(format!("{group}@gone"), fleet.sources_of(&group))].into(),
             handovers: BTreeMap::new(),
+            paused: false,
         };
         fleet
             .services
