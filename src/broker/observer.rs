@@ -8,7 +8,10 @@
 //! `(epoch, revision)`, than the newest known. A bus that replays its history to a
 //! new subscriber (Kafka reads the topic from the beginning) therefore changes
 //! nothing, however many old decisions it holds, and a deposed coordinator's late
-//! decision changes nothing either.
+//! decision changes nothing either. When the coordinator's digest names a decision
+//! this node does not hold (it missed a change, or holds another decision of that
+//! version), or a change arrives to a decision it does not hold, the observer
+//! fetches what the bus retains in the background and takes it like any other.
 //!
 //! Each group is applied by a task of its own, so a subscriber slow to withdraw
 //! holds up only its group; within a group every withdraw finishes before any

@@ -5,15 +5,17 @@
 //! Two topics per namespace. `{namespace}.decisions` holds decisions, each part
 //! keyed by group and part number (`GROUP#PART`), so that compaction keeps the
 //! newest decision's every part; all parts of a group go to one partition (chosen
-//! from the group's name), in order. A decision with fewer parts than the one
-//! before tombstones the keys of the parts it no longer has. The topic is created
+//! from the group's name), in order. A decision that changes little is a delta
+//! ([`super::chain`]) keyed `GROUP#delta.EPOCH.REVISION`; the next whole decision
+//! tombstones those keys and the keys of the parts it no longer has. The topic is created
 //! with `cleanup.policy=compact`, and a node warns at start if an existing one is
 //! not compacted. Nothing here relies on compaction having run: readers start from
 //! the beginning of every partition and keep the newest decision per group.
 //!
 //! What a start-up reads is bounded by the decisions that changed since the last
 //! compaction, not by the fleet's age: an unchanged decision is not written again
-//! at every refresh, only every [`REPUBLISH_UNCHANGED_AFTER`]. Observers cannot
+//! at every refresh (a refresh is a digest, sent with the signals), only every
+//! [`REPUBLISH_UNCHANGED_AFTER`]. Observers cannot
 //! miss a decision here (they read the topic from the beginning and then follow
 //! it, and compaction keeps the newest record of every key); the slow republish
 //! only restores a topic that was deleted and made again. `{namespace}.signals` holds signals, kept
@@ -175,6 +177,8 @@ struct Written {
     parts: u32,
     /// The decision this bus published last and the deltas since its snapshot.
     chain: Option<Chain>,
+    /// When this bus last wrote a whole decision of the group.
+    snapshot_at: Option<Instant>,
     /// Keys of deltas the topic may hold: tombstoned with the next snapshot.
     delta_keys: BTreeSet<String>,
 }
@@ -454,7 +458,10 @@ impl Inner {
             Some(key) => {
                 entry.delta_keys.insert(key);
             }
-            None => entry.delta_keys.clear(),
+            None => {
+                entry.delta_keys.clear();
+                entry.snapshot_at = Some(Instant::now());
+            }
         }
     }
 
@@ -471,14 +478,15 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// After a digest: writes the decision it names again if this bus wrote it
-    /// and has not for [`REPUBLISH_UNCHANGED_AFTER`], which restores a topic that
-    /// was deleted and made again.
+    /// After a digest: writes the decision it names again, whole, if this bus
+    /// wrote it and has written no whole decision of the group for
+    /// [`REPUBLISH_UNCHANGED_AFTER`], which restores a topic that was deleted and
+    /// made again.
     async fn refresh(&self, digest: &Digest) -> Result<()> {
         let known = self.written(&digest.group);
-        let stale = known.published.is_some_and(|(version, at)| {
-            version == digest.version() && at.elapsed() >= REPUBLISH_UNCHANGED_AFTER
-        });
+        let stale = known
+            .snapshot_at
+            .is_some_and(|at| at.elapsed() >= REPUBLISH_UNCHANGED_AFTER);
         match known.chain {
             Some(chain) if stale && chain.decision.version() == digest.version() => {
                 self.forget_chain(&digest.group);

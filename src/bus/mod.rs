@@ -8,8 +8,9 @@
 //! feature `nats`) and [`kafka`] (feature `kafka`).
 //!
 //! Decisions are state, signals are events: a bus retains the newest decision of
-//! each group and hands it to every new subscriber, while a signal reaches only
-//! those subscribed when it was published.
+//! each group (as a snapshot and the deltas after it, see [`chain`]) and hands it
+//! to every new subscriber, while a signal, and a coordinator's digest of its
+//! decisions, reaches only those subscribed when it was published.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,15 +9,17 @@
 //!
 //! | stream | subjects | kept |
 //! |---|---|---|
-//! | `NS_DECISIONS` | `N.decisions.G.EPOCH.REVISION.PARTS.PART` | one message per subject, file storage |
-//! | `NS_SIGNALS` | `N.signals.G` | `bus.signal_retention`, file storage |
+//! | `NS_DECISIONS` | `N.decisions.G.EPOCH.REVISION.PARTS.PART`, `N.decisions.G.EPOCH.REVISION.delta` | one message per subject, file storage |
+//! | `NS_SIGNALS` | `N.signals.G` (signals and digests) | `bus.signal_retention`, file storage |
 //!
 //! A decision's version and part numbers are part of its subjects. Publishing a
-//! newer decision adds its parts beside the old ones and only then purges the
-//! old version, so a group always has a complete decision stored even if a
-//! publish fails half way; and a decision of 3 parts followed by one of 2 leaves
-//! no third part behind to confuse readers. Readers take the newest complete
-//! decision per group, so leftovers of a failed purge do no harm either.
+//! newer whole decision adds its parts beside the old ones and only then purges
+//! the older versions (parts and deltas), so a group always has a complete
+//! decision stored even if a publish fails half way; and a decision of 3 parts
+//! followed by one of 2 leaves no third part behind to confuse readers. A delta
+//! ([`super::chain`]) is stored only on top of the version this bus stored last.
+//! Readers take the newest complete decision per group, so leftovers of a failed
+//! purge do no harm either.
 //!
 //! A subscription is two ordered consumers: one delivering the last message of
 //! every decision subject and then new ones, one delivering signals published

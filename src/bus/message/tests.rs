@@ -581,3 +581,16 @@ fn names_that_need_escaping_are_written_as_serde_writes_them() {
     assert_eq!(value["group"], "bill\"ing\n");
     assert_eq!(decode(&bytes), Ok(BusMessage::Decision(d)));
 }
+
+#[test]
+fn a_decision_exactly_at_the_limit_is_one_part_and_one_byte_over_is_split() {
+    let d = split_decision("billing", 3, 17);
+    let whole = encode(&d.clone().into()).len();
+    assert_eq!(
+        encode_decision_parts(&d, whole),
+        vec![encode(&d.clone().into())]
+    );
+    let parts = encode_decision_parts(&d, whole - 1);
+    assert!(parts.len() > 1);
+    assert!(parts.iter().all(|part| part.len() < whole), "{parts:?}");
+}

@@ -56,8 +56,8 @@ impl SourceWriter {
     }
 }
 
-/// The start of a decision payload, up to and including `"handovers":` being
-/// left for [`Body`]: `{"v":1,"kind":"decision",…,"part":P,"parts":N`.
+/// The start of a decision payload, before its owners and handovers:
+/// `{"v":1,"kind":"decision",…,"part":P,"parts":N` and `"paused":true` if so.
 fn header(out: &mut Vec<u8>, decision: &Decision, part: u32, parts: u32) {
     out.extend_from_slice(b"{\"v\":");
     out.extend_from_slice(WIRE_VERSION.to_string().as_bytes());
@@ -183,8 +183,9 @@ pub(super) fn encode_parts(decision: &Decision, max_bytes: usize) -> Vec<Vec<u8>
     let mut probe = Vec::with_capacity(256);
     header(&mut probe, decision, 1, 1);
     let joined = |items: usize, bytes: usize| bytes + items.saturating_sub(1);
+    // `,"owners":{` `},"handovers":{` `}}` around the entries.
     let whole = probe.len()
-        + 24
+        + 28
         + joined(entries.len(), entries.iter().map(|e| e.bytes.len()).sum())
         + joined(handovers.len(), handovers.iter().map(Vec::len).sum());
     // The header with the widest part numbers, `,"owners":`, `,"handovers":`, `}`.

@@ -39,11 +39,14 @@ pub(super) fn run(args: &AllocateArgs) -> Result<(), CliError> {
         current: &empty,
         released: &nothing,
     });
+    let wire = wire_costs(args, group, &initial)?;
     emit(json!({
         "bench": "allocate", "case": "initial", "subscribers": args.subscribers,
         "sources": args.sources, "millis": initial_time.as_secs_f64() * 1000.0,
+        "encode_millis": wire["encode_millis"], "wire_bytes": wire["full_bytes"],
+        "wire_parts": wire["full_parts"], "largest_part_bytes": wire["largest_part_bytes"],
     }));
-    wire_costs(args, group, &initial)?;
+    emit(wire);
 
     let (join_time, joined) = best_of(&AllocationInput {
         members: &members,
@@ -112,7 +115,8 @@ fn partitioned_fleet(args: &AllocateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// What a decision costs on the bus, beside the encoding before it, for one
+/// What a decision costs on the bus, beside the encoding before it (the
+/// `wire` line), for one
 /// decision of `group` (whose allocation is `initial`): the whole decision, a
 /// refresh and a change of one source (a source added to every member's
 /// requests), as the memory and NATS buses write them at their default
@@ -121,7 +125,7 @@ fn wire_costs(
     args: &AllocateArgs,
     group: &[Member<String>],
     initial: &Allocation<String>,
-) -> Result<(), CliError> {
+) -> Result<serde_json::Value, CliError> {
     use crate::bus::chain::{Chain, Publication};
     use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
     use crate::bus::{BusMessage, Digest, encode, encode_decision_parts};
@@ -161,7 +165,7 @@ fn wire_costs(
                 .to_vec(),
         )
     }));
-    emit(json!({
+    Ok(json!({
         "bench": "allocate", "case": "wire", "subscribers": args.subscribers,
         "sources": args.sources,
         "full_bytes": full_bytes, "full_parts": parts.len(),
@@ -172,8 +176,7 @@ fn wire_costs(
         // Before: a full encoding, every refresh and every change.
         "baseline_bytes": baseline_bytes, "baseline_encode_millis": baseline_encode_millis,
         "baseline_refresh_bytes": baseline_bytes, "baseline_one_source_change_bytes": baseline_bytes,
-    }));
-    Ok(())
+    }))
 }
 
 /// The next decision of `group` after `initial` once every member also requests
