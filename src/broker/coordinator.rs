@@ -299,6 +299,7 @@ impl Coordinator {
 
     /// Leads for as long as `term`'s epoch holds the lease. Returns why it ended,
     /// and the term, which goes on should the lease come back under that epoch.
+    /// Long because every event a term reacts to is one arm of its one select.
     async fn lead(
         &self,
         mut term: Term,

@@ -98,7 +98,7 @@ fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
     to_json(&value).len()
 }
 
-/// The old `encode_decision_parts`.
+/// The old `encode_decision_parts`, long because it is kept as it was.
 pub(super) fn encode_decision_parts(decision: &Decision, max_bytes: usize) -> Vec<Vec<u8>> {
     let whole = to_json(&DecisionOut::new(
         decision,
