@@ -225,7 +225,7 @@ async fn the_producers_message_size_limit_passes_through_and_splits_decisions() 
     let first = read_topic(&kafka, bus.decisions_topic(), 1).await;
     let parts = match decode_frame(&first[0].value).expect("a decision part") {
         Frame::Decision(part) => usize::try_from(part.parts).unwrap(),
-        Frame::Signal(signal) => panic!("a signal among decisions: {signal:?}"),
+        other => panic!("not a decision part: {other:?}"),
     };
     assert!(parts > 1, "split");
     let records = read_topic(&kafka, bus.decisions_topic(), parts + 1).await;

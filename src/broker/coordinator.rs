@@ -5,8 +5,9 @@
 //!
 //! It decides again at once when a subscriber signals that it joined, is leaving or
 //! released a source; on every membership tick (the heartbeat interval), which is how
-//! dead members are noticed; and it republishes every decision each refresh interval
-//! so that an observer that missed one converges. A source in handover goes to its
+//! dead members are noticed; and each refresh interval it publishes the digest of
+//! every decision (a few dozen bytes), so that an observer that missed one notices
+//! and fetches it from what the bus retains. A source in handover goes to its
 //! new owner once the old owner has released it, has died, or the handover timeout
 //! has passed.
 //!
@@ -40,7 +41,7 @@ use super::lease::{EpochFloor, LeaderState};
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use crate::allocation::{AllocationInput, Handover, Member, allocate};
-use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
+use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Digest, Signal};
 use crate::event::Source;
 use crate::lifecycle::Journal;
 use crate::metrics;
@@ -355,6 +356,7 @@ impl Coordinator {
 
     /// Leads for as long as `term`'s epoch holds the lease. Returns why it ended,
     /// and the term, which goes on should the lease come back under that epoch.
+    /// Long because every event a term reacts to is one arm of its one select.
     async fn lead(
         &self,
         mut term: Term,
@@ -429,14 +431,17 @@ impl Coordinator {
             match message {
                 // The lease store says this node leads: a newer epoch on the bus
                 // is stale or foreign, and this term moves above it.
-                BusMessage::Decision(decision) if decision.epoch > epoch => {
-                    following.newest_epoch = following.newest_epoch.max(decision.epoch);
-                    if !self.outranked(epoch, decision.epoch) {
+                BusMessage::Decision(Decision { epoch: theirs, .. })
+                | BusMessage::Digest(Digest { epoch: theirs, .. })
+                    if theirs > epoch =>
+                {
+                    following.newest_epoch = following.newest_epoch.max(theirs);
+                    if !self.outranked(epoch, theirs) {
                         return false;
                     }
                     term.raising = true;
                 }
-                BusMessage::Decision(_) => {}
+                BusMessage::Decision(_) | BusMessage::Digest(_) => {}
                 BusMessage::Signal(signal) => {
                     dirty.insert(signal.group().to_owned());
                     term.note(signal);
@@ -596,10 +601,18 @@ impl Coordinator {
         }
     }
 
-    /// Publishes every group's current decision again.
+    /// Publishes the digest of every group's current decision, so that an
+    /// observer lacking it fetches it from the bus, and the decisions whose
+    /// publication failed.
     async fn republish(&self, term: &mut Term) {
-        for state in term.groups.values_mut() {
-            state.unpublished |= state.decision.is_some();
+        for (group, state) in &term.groups {
+            let Some(decision) = state.decision.as_ref().filter(|_| !state.unpublished) else {
+                continue;
+            };
+            let digest = BusMessage::Digest(Digest::of(decision));
+            if let Err(error) = self.bus.publish(&digest).await {
+                tracing::warn!(group, %error, "could not publish the digest of a decision");
+            }
         }
         self.publish_pending(term).await;
     }
@@ -649,6 +662,11 @@ impl Following {
                 let handovers = &self.handovers;
                 self.releases
                     .retain(|signal| Self::is_pending(handovers, signal));
+            }
+            BusMessage::Digest(digest) => {
+                if digest.coordinator != node {
+                    self.newest_epoch = self.newest_epoch.max(digest.epoch);
+                }
             }
             BusMessage::Signal(signal) => {
                 if Self::is_pending(&self.handovers, &signal) {

@@ -8,7 +8,10 @@
 //! `(epoch, revision)`, than the newest known. A bus that replays its history to a
 //! new subscriber (Kafka reads the topic from the beginning) therefore changes
 //! nothing, however many old decisions it holds, and a deposed coordinator's late
-//! decision changes nothing either.
+//! decision changes nothing either. When the coordinator's digest names a decision
+//! this node does not hold (it missed a change, or holds another decision of that
+//! version), or a change arrives to a decision it does not hold, the observer
+//! fetches what the bus retains in the background and takes it like any other.
 //!
 //! Each group is applied by a task of its own, so a subscriber slow to withdraw
 //! holds up only its group; within a group every withdraw finishes before any
@@ -28,7 +31,7 @@
 //! newest decision still gives it. While a source the node owns is consumed by
 //! nobody, the observer reports itself errored, which makes the node not ready.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -41,7 +44,9 @@ use super::BrokerSettings;
 use super::membership::{Membership, MembershipStore, SubscriberKey};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use super::subscriber::{Grant, Subscriber, SubscriberSpec};
-use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Signal};
+use crate::bus::{
+    AllocationBus, BusMessage, BusSubscription, ContentDigest, Decision, Digest, Signal,
+};
 use crate::event::{Cursor, Source};
 use crate::metrics;
 
@@ -87,6 +92,9 @@ impl Target {
 /// each group's applier sees.
 struct Targets {
     senders: BTreeMap<String, watch::Sender<Target>>,
+    /// Per group, the digest of the target's decision, by its version: computed
+    /// when a coordinator's digest is first compared with it.
+    digests: HashMap<String, ((u64, u64), ContentDigest)>,
 }
 
 impl Targets {
@@ -96,7 +104,10 @@ impl Targets {
             .into_iter()
             .map(|group| (group.clone(), watch::channel(Target::default()).0))
             .collect();
-        let targets = Self { senders };
+        let targets = Self {
+            senders,
+            digests: HashMap::new(),
+        };
         for decision in retained {
             targets.offer(decision);
         }
@@ -124,6 +135,45 @@ impl Targets {
             }
             newer
         })
+    }
+
+    /// Whether the coordinator's `digest` names a decision this node does not
+    /// hold for a local group: then it fetches what the bus retains.
+    fn lacks(&mut self, digest: &Digest) -> bool {
+        let Some(target) = self.senders.get(digest.group.as_str()) else {
+            return false;
+        };
+        let Some(decision) = target.borrow().decision.clone() else {
+            return true;
+        };
+        let version = decision.version();
+        let held = match self.digests.get(&digest.group) {
+            Some(&(at, held)) if at == version => held,
+            _ => {
+                let held = decision.digest();
+                self.digests.insert(digest.group.clone(), (version, held));
+                held
+            }
+        };
+        digest.is_lacked_by(Some((version, held)))
+    }
+
+    /// Takes a decision fetched from what the bus retains: if it is newer, or of
+    /// the same version as the target's but with other content (which only a
+    /// fault makes), it replaces the target's.
+    fn repair(&self, decision: Decision) {
+        let Some(target) = self.senders.get(decision.group.as_str()) else {
+            return;
+        };
+        let differs = target.borrow().decision.as_ref().is_some_and(|held| {
+            held.version() == decision.version() && held.digest() != decision.digest()
+        });
+        if differs {
+            tracing::warn!(group = %decision.group, epoch = decision.epoch, revision = decision.revision, "the decision held differs from the one the bus retains; taking the retained one");
+            target.send_modify(|target| target.decision = Some(Arc::new(decision)));
+        } else {
+            self.offer(decision);
+        }
     }
 
     fn fence(&self, fenced: bool) {
@@ -255,7 +305,9 @@ impl Observer {
             registered_at,
             retained,
         } = started;
-        let targets = Targets::new(self.groups.keys(), retained);
+        let mut targets = Targets::new(self.groups.keys(), retained);
+        // At most one fetch of the retained decisions at a time.
+        let mut fetches: JoinSet<crate::bus::Result<Vec<Decision>>> = JoinSet::new();
         let stop_appliers = CancellationToken::new();
         let appliers = self.spawn_appliers(&targets, &stop_appliers);
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
@@ -274,9 +326,19 @@ impl Observer {
                     );
                     targets.fence(true);
                 }
+                Some(fetched) = fetches.join_next(), if !fetches.is_empty() => {
+                    take_fetched(fetched, &mut subscription, &targets);
+                }
                 message = subscription.next() => match message {
                     Some(BusMessage::Decision(decision)) => {
                         targets.offer(decision);
+                    }
+                    Some(BusMessage::Digest(digest)) => {
+                        if fetches.is_empty() && targets.lacks(&digest) {
+                            tracing::info!(group = %digest.group, epoch = digest.epoch, revision = digest.revision, "this node lacks the coordinator's newest decision; fetching it from the bus");
+                            let bus = Arc::clone(&self.bus);
+                            fetches.spawn(async move { bus.retained().await });
+                        }
                     }
                     Some(BusMessage::Signal(_)) => {}
                     None => match self.subscribe(cancel).await {
@@ -386,6 +448,27 @@ struct Started {
     registered_at: Instant,
     /// The newest decision of every group, as the bus retained them at start.
     retained: Vec<Decision>,
+}
+
+/// Applies a fetch of the retained decisions: each becomes the base of the
+/// changes the subscription reads next, and the target of its group if newer.
+fn take_fetched(
+    fetched: Result<crate::bus::Result<Vec<Decision>>, tokio::task::JoinError>,
+    subscription: &mut BusSubscription,
+    targets: &Targets,
+) {
+    match fetched {
+        Ok(Ok(decisions)) => {
+            for decision in decisions {
+                subscription.adopt(&decision);
+                targets.repair(decision);
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot fetch the retained decisions; trying again at the next digest");
+        }
+        Err(error) => tracing::warn!(%error, "fetching the retained decisions failed"),
+    }
 }
 
 /// Signals are hints: the coordinator also reads membership and times handovers

@@ -5,15 +5,17 @@
 //! Two topics per namespace. `{namespace}.decisions` holds decisions, each part
 //! keyed by group and part number (`GROUP#PART`), so that compaction keeps the
 //! newest decision's every part; all parts of a group go to one partition (chosen
-//! from the group's name), in order. A decision with fewer parts than the one
-//! before tombstones the keys of the parts it no longer has. The topic is created
+//! from the group's name), in order. A decision that changes little is a delta
+//! ([`super::chain`]) keyed `GROUP#delta.EPOCH.REVISION`; the next whole decision
+//! tombstones those keys and the keys of the parts it no longer has. The topic is created
 //! with `cleanup.policy=compact`, and a node warns at start if an existing one is
 //! not compacted. Nothing here relies on compaction having run: readers start from
 //! the beginning of every partition and keep the newest decision per group.
 //!
 //! What a start-up reads is bounded by the decisions that changed since the last
 //! compaction, not by the fleet's age: an unchanged decision is not written again
-//! at every refresh, only every [`REPUBLISH_UNCHANGED_AFTER`]. Observers cannot
+//! at every refresh (a refresh is a digest, sent with the signals), only every
+//! [`REPUBLISH_UNCHANGED_AFTER`]. Observers cannot
 //! miss a decision here (they read the topic from the beginning and then follow
 //! it, and compaction keeps the newest record of every key); the slow republish
 //! only restores a topic that was deleted and made again. `{namespace}.signals` holds signals, kept
@@ -27,7 +29,7 @@
 //! the decisions). librdkafka still requires a `group.id`, which is set but never
 //! joined.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,8 +45,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::BusConfig;
-use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
-use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_decision_parts};
+use super::chain::{Chain, Publication};
+use super::message::{BusMessage, Decision, DecisionReader, Digest, Frame, decode_frame, encode};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result};
 use crate::connect::KafkaOptions;
 use crate::connect::kafka_client::{
     CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
@@ -128,6 +131,12 @@ fn part_key(group: &str, part: u32) -> String {
     format!("{group}#{part}")
 }
 
+/// The key of the delta making decision `version` of `group`; like a part key,
+/// its last `#`-separated field is never a number.
+fn delta_key(group: &str, (epoch, revision): (u64, u64)) -> String {
+    format!("{group}#delta.{epoch}.{revision}")
+}
+
 /// Runs a blocking librdkafka call on the blocking pool.
 async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> T + Send + 'static,
@@ -166,6 +175,12 @@ struct Written {
     published: Option<((u64, u64), Instant)>,
     /// The most parts any decision of the group had (their keys may hold records).
     parts: u32,
+    /// The decision this bus published last and the deltas since its snapshot.
+    chain: Option<Chain>,
+    /// When this bus last wrote a whole decision of the group.
+    snapshot_at: Option<Instant>,
+    /// Keys of deltas the topic may hold: tombstoned with the next snapshot.
+    delta_keys: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -330,9 +345,15 @@ impl Inner {
     /// Produces one decision record (a tombstone without `payload`) to the
     /// partition of `group`, and waits until the broker has stored it.
     async fn send_decision(&self, group: &str, part: u32, payload: Option<&[u8]>) -> Result<()> {
-        let key = part_key(group, part);
+        self.send_keyed(group, &part_key(group, part), payload)
+            .await
+    }
+
+    /// Produces one record of `group` keyed `key` (a tombstone without
+    /// `payload`) to the group's partition of the decisions topic.
+    async fn send_keyed(&self, group: &str, key: &str, payload: Option<&[u8]>) -> Result<()> {
         let record = FutureRecord::to(&self.decisions_topic)
-            .key(key.as_str())
+            .key(key)
             .partition(partition_of(group, self.decision_partitions));
         match payload {
             Some(payload) => self.send_record(record.payload(payload)).await,
@@ -367,27 +388,46 @@ impl Inner {
         }) {
             return Ok(());
         }
-        let parts = encode_decision_parts(decision, limit);
+        // A change is written only on top of the decision this bus wrote last.
+        let chain = known.chain.filter(|chain| {
+            known
+                .published
+                .is_some_and(|(version, _)| version == chain.decision.version())
+        });
+        self.forget_chain(group);
+        let publication = Chain::plan(chain.as_ref(), decision, limit);
+        let parts = publication.payloads();
         if let Some(part) = parts.iter().find(|part| part.len() > limit) {
             return Err(Error::TooLarge {
                 size: part.len(),
                 limit,
             });
         }
+        if let Publication::Delta(payload) = &publication {
+            let key = delta_key(group, decision.version());
+            self.send_keyed(group, &key, Some(payload)).await?;
+            metrics::bus_message("delta", "sent");
+            self.note_published(decision, &publication, chain, known.parts, Some(key));
+            return Ok(());
+        }
         let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         let sends = (1..)
-            .zip(&parts)
+            .zip(parts)
             .map(|(part, payload)| self.send_decision(group, part, Some(payload)));
         // Pipelined; Ok only once every part is stored.
         for result in join_all(sends).await {
             result?;
             metrics::bus_message("decision", "sent");
         }
-        // Parts beyond this decision's are superseded: tombstoned for compaction.
-        // The bare group key is where weir kept whole decisions before.
+        // Parts beyond this decision's and the deltas before it are superseded:
+        // tombstoned for compaction.
         for part in count + 1..=known.parts {
             self.send_decision(group, part, None).await?;
         }
+        for key in &known.delta_keys {
+            self.send_keyed(group, key, None).await?;
+        }
+        // The bare group key is where weir kept whole decisions before.
         if known.published.is_none() {
             // Best effort: a leftover costs a start one more record to read.
             let legacy = FutureRecord::<str, [u8]>::to(&self.decisions_topic).key(group);
@@ -395,14 +435,68 @@ impl Inner {
                 tracing::debug!(%error, group, "could not tombstone the group's old decision key");
             }
         }
-        let mut written = self
-            .written
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = written.entry(group.to_owned()).or_default();
-        entry.published = Some((decision.version(), Instant::now()));
-        entry.parts = count;
+        self.note_published(decision, &publication, None, count, None);
         Ok(())
+    }
+
+    /// Notes that `publication` of `decision` is stored, after `chain`; the
+    /// topic holds part keys up to `parts` and, for a delta, `delta_key`.
+    fn note_published(
+        &self,
+        decision: &Decision,
+        publication: &Publication,
+        chain: Option<Chain>,
+        parts: u32,
+        delta_key: Option<String>,
+    ) {
+        let mut written = self.lock_written();
+        let entry = written.entry(decision.group.clone()).or_default();
+        entry.published = Some((decision.version(), Instant::now()));
+        entry.parts = parts;
+        entry.chain = Some(Chain::after(chain, decision, publication));
+        match delta_key {
+            Some(key) => {
+                entry.delta_keys.insert(key);
+            }
+            None => {
+                entry.delta_keys.clear();
+                entry.snapshot_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Until a publication succeeds, the next is a snapshot.
+    fn forget_chain(&self, group: &str) {
+        if let Some(entry) = self.lock_written().get_mut(group) {
+            entry.chain = None;
+        }
+    }
+
+    fn lock_written(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Written>> {
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// After a digest: writes the decision it names again, whole, if this bus
+    /// wrote it and has written no whole decision of the group for
+    /// [`REPUBLISH_UNCHANGED_AFTER`], which restores a topic that was deleted and
+    /// made again.
+    async fn refresh(&self, digest: &Digest) -> Result<()> {
+        let known = self.written(&digest.group);
+        let stale = known
+            .snapshot_at
+            .is_some_and(|at| at.elapsed() >= REPUBLISH_UNCHANGED_AFTER);
+        match known.chain {
+            Some(chain) if stale && chain.decision.version() == digest.version() => {
+                self.forget_chain(&digest.group);
+                if let Some(entry) = self.lock_written().get_mut(&digest.group) {
+                    entry.published = None;
+                }
+                self.publish_decision(&chain.decision).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// What this bus knows the decisions topic holds of `group`.
@@ -498,106 +592,6 @@ impl Inner {
         self.meter.invalid().fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The newest complete decision per group in the decisions topic, read from
-    /// the beginning up to where each partition ended when the read started.
-    fn read_retained(&self, deadline: Instant) -> Result<Vec<Decision>> {
-        let topic = self.decisions_topic.as_str();
-        let consumer: BaseConsumer = self.consumer()?;
-        let consumer = DropOffRuntime::new(consumer);
-        // partition -> offset the read must reach
-        let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
-        let mut assignment = TopicPartitionList::new();
-        for (partition, low, high) in self.watermarks(&*consumer, topic)? {
-            if high > low {
-                remaining.insert(partition, high);
-                assignment
-                    .add_partition_offset(topic, partition, Offset::Beginning)
-                    .map_err(|error| self.read_error(topic, error))?;
-            }
-        }
-        let mut assembler = DecisionAssembler::new();
-        let mut newest: BTreeMap<String, Decision> = BTreeMap::new();
-        if remaining.is_empty() {
-            return Ok(Vec::new());
-        }
-        consumer
-            .assign(&assignment)
-            .map_err(|error| self.read_error(topic, error))?;
-        while !remaining.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Unavailable(format!(
-                    "reading the retained decisions from Kafka topic {topic:?} at {} took longer than {} s",
-                    self.kafka.brokers,
-                    RETAINED_TIMEOUT.as_secs()
-                )));
-            }
-            match consumer.poll(left.min(Duration::from_millis(200))) {
-                Some(Ok(message)) => {
-                    let partition = message.partition();
-                    if remaining
-                        .get(&partition)
-                        .is_some_and(|&high| message.offset() + 1 >= high)
-                    {
-                        remaining.remove(&partition);
-                    }
-                    self.records_read.fetch_add(1, Ordering::Relaxed);
-                    self.take_record(&message, &mut assembler, &mut newest);
-                }
-                Some(Err(error)) => {
-                    tracing::debug!(%error, topic, "reading retained decisions: retrying");
-                }
-                None => {
-                    // Records below the high watermark may be gone (compacted or
-                    // past retention): the position says how far the read got.
-                    if let Ok(positions) = consumer.position() {
-                        for element in positions.elements() {
-                            if let Offset::Offset(at) = element.offset()
-                                && remaining
-                                    .get(&element.partition())
-                                    .is_some_and(|&high| at >= high)
-                            {
-                                remaining.remove(&element.partition());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Ok(newest.into_values().collect())
-    }
-
-    /// Adds one record of a retained read to what was read.
-    fn take_record(
-        &self,
-        message: &rdkafka::message::BorrowedMessage<'_>,
-        assembler: &mut DecisionAssembler,
-        newest: &mut BTreeMap<String, Decision>,
-    ) {
-        // A tombstone: a part key that a newer decision no longer uses.
-        let Some(payload) = message.payload() else {
-            return;
-        };
-        match decode_frame(payload) {
-            Ok(Frame::Decision(part)) => {
-                self.saw_parts(&part.decision.group, part.parts);
-                if let Some(decision) = assembler.push(part) {
-                    newest.insert(decision.group.clone(), decision);
-                }
-            }
-            Ok(Frame::Signal(_)) => {
-                tracing::debug!(topic = %self.decisions_topic, "ignored a signal in the decisions topic");
-            }
-            Err(error) => {
-                self.count_invalid();
-                tracing::warn!(
-                    %error, topic = %self.decisions_topic, partition = message.partition(),
-                    offset = message.offset(), "skipped a decisions record that cannot be read"
-                );
-            }
-        }
-    }
-
     /// A consumer assigned every decisions partition from the beginning and every
     /// signals partition from where it ends now.
     fn subscribed_consumer(&self) -> Result<StreamConsumer> {
@@ -670,8 +664,13 @@ impl AllocationBus for KafkaBus {
         let inner = &self.inner;
         match message {
             BusMessage::Decision(decision) => inner.publish_decision(decision).await,
-            BusMessage::Signal(signal) => {
-                let key = signal.group();
+            // Digests travel with the signals: news for those listening now.
+            BusMessage::Signal(_) | BusMessage::Digest(_) => {
+                let (kind, key) = match message {
+                    BusMessage::Digest(digest) => ("digest", digest.group.as_str()),
+                    BusMessage::Signal(signal) => ("signal", signal.group()),
+                    BusMessage::Decision(_) => unreachable!("matched above"),
+                };
                 let payload = encode(message);
                 let limit = inner.payload_limit(key);
                 if payload.len() > limit {
@@ -681,8 +680,11 @@ impl AllocationBus for KafkaBus {
                     });
                 }
                 inner.send(&inner.signals_topic, key, &payload).await?;
-                metrics::bus_message("signal", "sent");
-                Ok(())
+                metrics::bus_message(kind, "sent");
+                match message {
+                    BusMessage::Digest(digest) => inner.refresh(digest).await,
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -710,6 +712,8 @@ impl AllocationBus for KafkaBus {
         blocking(move || inner.read_retained(deadline)).await?
     }
 }
+
+mod retained;
 
 #[cfg(test)]
 mod tests {

@@ -3,8 +3,10 @@
 //!
 //! It behaves like the network buses where it matters: every message is encoded to
 //! the wire format and decoded again by each subscriber, decisions larger than the
-//! payload limit (1 MiB by default, like NATS) travel as parts, and the newest
-//! decision of each group is retained for subscribers that come later.
+//! payload limit (1 MiB by default, like NATS) travel as parts, a decision that
+//! changes little travels as a delta ([`super::chain`]), and the newest decision
+//! of each group is retained, as its snapshot and the deltas since, for
+//! subscribers that come later.
 //!
 //! Delivery uses a bounded broadcast channel, so a slow subscriber never holds up
 //! a publisher. A subscriber that falls more than the channel's capacity behind
@@ -22,6 +24,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::broadcast;
 
+use super::chain::{Chain, Publication};
 use super::message::{BusMessage, Decision, encode, encode_decision_parts};
 use super::{AllocationBus, BusMeter, BusSubscription, Error, Result};
 use crate::metrics as names;
@@ -53,10 +56,11 @@ struct Inner {
     meter: Arc<BusMeter>,
 }
 
+/// A group's newest decision: its snapshot and the deltas after it.
 #[derive(Debug)]
 struct Retained {
-    decision: Arc<Decision>,
-    payloads: Arc<[Payload]>,
+    chain: Chain,
+    payloads: Vec<Payload>,
 }
 
 impl Default for MemoryBus {
@@ -98,7 +102,7 @@ impl MemoryBus {
         self.inner
             .lock()
             .get(group)
-            .map(|retained| Decision::clone(&retained.decision))
+            .map(|retained| Decision::clone(&retained.chain.decision))
     }
 
     /// Payloads dropped because they did not decode, summed over all
@@ -123,6 +127,63 @@ impl MemoryBus {
     }
 }
 
+impl MemoryBus {
+    /// Retains `decision` as a change to the retained one where that is
+    /// cheaper, and sends what was retained to every subscriber.
+    fn publish_decision(&self, decision: &Decision) -> Result<()> {
+        let max_payload = self.inner.max_payload;
+        let mut retained = self.inner.lock();
+        let current = retained.remove(&decision.group);
+        let newer = current
+            .as_ref()
+            .is_none_or(|r| decision.is_newer_than(&r.chain.decision));
+        let publication = match &current {
+            Some(current) if newer => Chain::plan(Some(&current.chain), decision, max_payload),
+            _ => Publication::Snapshot(encode_decision_parts(decision, max_payload)),
+        };
+        let checked = publication
+            .payloads()
+            .iter()
+            .try_for_each(|payload| self.check_size(payload));
+        let sent: Vec<Payload> = publication
+            .payloads()
+            .iter()
+            .map(|payload| Payload::from(payload.as_slice()))
+            .collect();
+        match (current, newer && checked.is_ok()) {
+            (current, true) => {
+                let (chain, mut payloads) = current
+                    .map(|current| (Some(current.chain), current.payloads))
+                    .unwrap_or_default();
+                if let Publication::Snapshot(_) = publication {
+                    payloads.clear();
+                }
+                payloads.extend(sent.iter().cloned());
+                let chain = Chain::after(chain, decision, &publication);
+                retained.insert(decision.group.clone(), Retained { chain, payloads });
+            }
+            (Some(current), false) => {
+                retained.insert(decision.group.clone(), current);
+            }
+            (None, false) => {}
+        }
+        checked?;
+        if !newer {
+            tracing::debug!(
+                group = %decision.group, epoch = decision.epoch, revision = decision.revision,
+                "decision is not newer than the retained one; delivered but not retained"
+            );
+        }
+        // A stale decision is still delivered, as a network broker would;
+        // subscriptions drop decisions older than what they have seen.
+        for payload in sent {
+            let _ = self.inner.sender.send(payload);
+            names::bus_message(publication.kind(), "sent");
+        }
+        Ok(())
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Retained>> {
         // Nothing panics while the lock is held, so a poisoned map is still whole.
@@ -141,40 +202,11 @@ impl Inner {
 impl AllocationBus for MemoryBus {
     async fn publish(&self, message: &BusMessage) -> Result<()> {
         match message {
-            BusMessage::Decision(decision) => {
-                // Encoded before taking the lock: a large decision takes a while.
-                let payloads: Arc<[Payload]> =
-                    encode_decision_parts(decision, self.inner.max_payload)
-                        .into_iter()
-                        .map(Payload::from)
-                        .collect();
-                for payload in payloads.iter() {
-                    self.check_size(payload)?;
-                }
-                let mut retained = self.inner.lock();
-                let newer = retained
-                    .get(&decision.group)
-                    .is_none_or(|r| decision.is_newer_than(&r.decision));
-                if newer {
-                    retained.insert(
-                        decision.group.clone(),
-                        Retained {
-                            decision: Arc::new(decision.clone()),
-                            payloads: Arc::clone(&payloads),
-                        },
-                    );
-                } else {
-                    tracing::debug!(
-                        group = %decision.group, epoch = decision.epoch, revision = decision.revision,
-                        "decision is not newer than the retained one; delivered but not retained"
-                    );
-                }
-                // A stale decision is still delivered, as a network broker would;
-                // subscriptions drop decisions older than what they have seen.
-                for payload in payloads.iter() {
-                    let _ = self.inner.sender.send(Payload::clone(payload));
-                    names::bus_message("decision", "sent");
-                }
+            BusMessage::Decision(decision) => self.publish_decision(decision),
+            BusMessage::Digest(_) => {
+                let payload = encode(message);
+                let _ = self.inner.sender.send(payload.into());
+                names::bus_message("digest", "sent");
                 Ok(())
             }
             BusMessage::Signal(_) => {
@@ -192,7 +224,7 @@ impl AllocationBus for MemoryBus {
             .inner
             .lock()
             .values()
-            .map(|retained| Decision::clone(&retained.decision))
+            .map(|retained| Decision::clone(&retained.chain.decision))
             .collect())
     }
 
@@ -296,6 +328,76 @@ mod tests {
         assert!(encode_decision_parts(&big, 1_000).len() > 1);
         bus.publish(&big.clone().into()).await.expect("publish");
         assert_eq!(next(&mut subscription).await, Some(big.into()));
+    }
+
+    /// `decision` with its first source moved to a new subscriber.
+    fn one_source_moved(decision: &Decision, revision: u64) -> Decision {
+        let mut next = decision.clone();
+        next.revision = revision;
+        let owned = next.owners.get_mut("sub-1").expect("sub-1 owns");
+        let first = owned.pop_first().expect("a source");
+        next.owners
+            .insert(format!("sub-{revision}"), [first].into());
+        next
+    }
+
+    fn retained_bytes(bus: &MemoryBus, group: &str) -> usize {
+        bus.inner.lock()[group]
+            .payloads
+            .iter()
+            .map(|p| p.len())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_change_travels_as_a_delta_and_late_subscribers_still_get_it_whole() {
+        let bus = MemoryBus::with_options(64, 1_000);
+        let mut early = bus.subscribe().await.expect("subscribe");
+        let mut raw = bus.inner.sender.subscribe();
+        let first = decision("g", 1, 1, 200);
+        bus.publish(&first.clone().into()).await.expect("publish");
+        let second = one_source_moved(&first, 2);
+        bus.publish(&second.clone().into()).await.expect("publish");
+        let mut sent = Vec::new();
+        while let Ok(payload) = raw.try_recv() {
+            sent.push(payload.len());
+        }
+        let snapshot = encode_decision_parts(&first, 1_000);
+        assert_eq!(sent.len(), snapshot.len() + 1, "the parts, then one delta");
+        assert!(*sent.last().unwrap() < 400, "a delta of {sent:?} bytes");
+
+        assert_eq!(next(&mut early).await, Some(first.into()));
+        assert_eq!(next(&mut early).await, Some(second.clone().into()));
+        // A late subscriber reads the snapshot, then the delta on top of it.
+        let mut late = bus.subscribe().await.expect("subscribe");
+        let _snapshot = next(&mut late).await;
+        assert!(next(&mut late).await == Some(second.clone().into()));
+        assert!(bus.retained().await.expect("retained") == vec![second]);
+    }
+
+    #[tokio::test]
+    async fn what_a_group_retains_stays_under_twice_its_snapshot() {
+        let bus = MemoryBus::with_options(4, 1_000);
+        let mut current = decision("g", 1, 1, 100);
+        bus.publish(&current.clone().into()).await.expect("publish");
+        for revision in 2..=99 {
+            current = one_source_moved(&current, revision);
+            bus.publish(&current.clone().into()).await.expect("publish");
+            // Snapshots only grow here, so the newest bounds the one retained.
+            let snapshot: usize = encode_decision_parts(&current, 1_000)
+                .iter()
+                .map(Vec::len)
+                .sum();
+            assert!(retained_bytes(&bus, "g") <= 2 * snapshot);
+        }
+        let mut late = bus.subscribe().await.expect("subscribe");
+        let mut newest = None;
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(100), late.next()).await
+        {
+            newest = Some(message);
+        }
+        assert_eq!(newest, Some(current.into()));
     }
 
     #[tokio::test]

@@ -8,8 +8,9 @@
 //! feature `nats`) and [`kafka`] (feature `kafka`).
 //!
 //! Decisions are state, signals are events: a bus retains the newest decision of
-//! each group and hands it to every new subscriber, while a signal reaches only
-//! those subscribed when it was published.
+//! each group (as a snapshot and the deltas after it, see [`chain`]) and hands it
+//! to every new subscriber, while a signal, and a coordinator's digest of its
+//! decisions, reaches only those subscribed when it was published.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+pub mod chain;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
@@ -33,8 +35,9 @@ use crate::metrics as names;
 pub use kafka::KafkaBus;
 pub use memory::MemoryBus;
 pub use message::{
-    BusMessage, Decision, DecisionAssembler, DecisionPart, DecodeError, Frame, Signal, decode,
-    decode_frame, encode, encode_decision_parts,
+    BusMessage, ContentDigest, Decision, DecisionAssembler, DecisionPart, DecisionReader,
+    DecodeError, Delta, Digest, Frame, Signal, decode, decode_frame, encode, encode_decision_parts,
+    encode_delta,
 };
 #[cfg(feature = "nats")]
 pub use nats::NatsBus;
@@ -184,7 +187,7 @@ impl BusMeter {
 /// bad publisher must not cut every observer off from decisions.
 pub struct BusSubscription {
     payloads: BoxStream<'static, Vec<u8>>,
-    assembler: DecisionAssembler,
+    reader: DecisionReader,
     invalid: u64,
     meter: Arc<BusMeter>,
     id: u64,
@@ -197,11 +200,23 @@ impl BusSubscription {
         let id = meter.ids.fetch_add(1, Ordering::Relaxed) + 1;
         Self {
             payloads,
-            assembler: DecisionAssembler::new(),
+            reader: DecisionReader::new(),
             invalid: 0,
             meter,
             id,
         }
+    }
+
+    /// The same subscription, losing every payload `lose` says it loses, as a
+    /// subscriber cut off for a while would: for tests of convergence.
+    #[cfg(any(test, feature = "testing"))]
+    #[must_use]
+    pub fn with_loss(mut self, mut lose: impl FnMut(&[u8]) -> bool + Send + 'static) -> Self {
+        let payloads = std::mem::replace(&mut self.payloads, futures::stream::empty().boxed());
+        self.payloads = payloads
+            .filter(move |payload| std::future::ready(!lose(payload)))
+            .boxed();
+        self
     }
 
     /// Whether this subscription is the one of its bus that counts metrics,
@@ -220,23 +235,19 @@ impl BusSubscription {
     ///
     /// A decision is delivered only if it is newer than the last one delivered
     /// for its group, so a stale coordinator's late decision or a redelivery
-    /// never takes an observer back.
+    /// never takes an observer back. A decision published as a change to one
+    /// this subscription does not hold arrives as the [`Digest`] of the decision
+    /// it makes: fetch it with [`AllocationBus::retained`] and [`adopt`](Self::adopt) it.
     pub async fn next(&mut self) -> Option<BusMessage> {
         loop {
             let payload = self.payloads.next().await?;
             match decode_frame(&payload) {
-                Ok(Frame::Signal(signal)) => {
+                Ok(frame) => {
                     if self.meters() {
-                        names::bus_message("signal", "received");
+                        names::bus_message(frame_kind(&frame), "received");
                     }
-                    return Some(BusMessage::Signal(signal));
-                }
-                Ok(Frame::Decision(part)) => {
-                    if self.meters() {
-                        names::bus_message("decision", "received");
-                    }
-                    if let Some(decision) = self.assembler.push(part) {
-                        return Some(BusMessage::Decision(decision));
+                    if let Some(message) = self.reader.push(frame) {
+                        return Some(message);
                     }
                 }
                 Err(error) => {
@@ -259,6 +270,13 @@ impl BusSubscription {
         }
     }
 
+    /// Takes `decision`, fetched from [`AllocationBus::retained`] after a
+    /// [`BusMessage::Digest`] said this subscription lacks it, as the base that
+    /// the changes published after it apply to.
+    pub fn adopt(&mut self, decision: &Decision) {
+        self.reader.adopt(decision);
+    }
+
     /// How many payloads this subscription dropped because they did not decode.
     pub fn invalid_messages(&self) -> u64 {
         self.invalid
@@ -267,6 +285,16 @@ impl BusSubscription {
     /// The counter shared with the bus (over all its subscriptions).
     pub fn invalid_counter(&self) -> Arc<AtomicU64> {
         self.meter.invalid()
+    }
+}
+
+/// The metric kind of a payload.
+fn frame_kind(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Decision(_) => "decision",
+        Frame::Signal(_) => "signal",
+        Frame::Delta(_) => "delta",
+        Frame::Digest(_) => "digest",
     }
 }
 
@@ -284,7 +312,7 @@ impl std::fmt::Debug for BusSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BusSubscription")
             .field("invalid", &self.invalid)
-            .field("pending_decisions", &self.assembler.pending())
+            .field("pending_decisions", &self.reader.pending())
             .finish_non_exhaustive()
     }
 }

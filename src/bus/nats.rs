@@ -9,24 +9,26 @@
 //!
 //! | stream | subjects | kept |
 //! |---|---|---|
-//! | `NS_DECISIONS` | `N.decisions.G.EPOCH.REVISION.PARTS.PART` | one message per subject, file storage |
-//! | `NS_SIGNALS` | `N.signals.G` | `bus.signal_retention`, file storage |
+//! | `NS_DECISIONS` | `N.decisions.G.EPOCH.REVISION.PARTS.PART`, `N.decisions.G.EPOCH.REVISION.delta` | one message per subject, file storage |
+//! | `NS_SIGNALS` | `N.signals.G` (signals and digests) | `bus.signal_retention`, file storage |
 //!
 //! A decision's version and part numbers are part of its subjects. Publishing a
-//! newer decision adds its parts beside the old ones and only then purges the
-//! old version, so a group always has a complete decision stored even if a
-//! publish fails half way; and a decision of 3 parts followed by one of 2 leaves
-//! no third part behind to confuse readers. Readers take the newest complete
-//! decision per group, so leftovers of a failed purge do no harm either.
+//! newer whole decision adds its parts beside the old ones and only then purges
+//! the older versions (parts and deltas), so a group always has a complete
+//! decision stored even if a publish fails half way; and a decision of 3 parts
+//! followed by one of 2 leaves no third part behind to confuse readers. A delta
+//! ([`super::chain`]) is stored only on top of the version this bus stored last.
+//! Readers take the newest complete decision per group, so leftovers of a failed
+//! purge do no harm either.
 //!
 //! A subscription is two ordered consumers: one delivering the last message of
 //! every decision subject and then new ones, one delivering signals published
 //! after it started. Ordered consumers recreate themselves from the last stream
 //! sequence they delivered when the server restarts, so no decision is lost.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::Client;
@@ -36,8 +38,9 @@ use futures::stream::PollNext;
 use futures::{StreamExt, TryStreamExt};
 
 use super::BusConfig;
-use super::message::{BusMessage, Decision, DecisionAssembler, Frame, decode_frame, encode};
-use super::{AllocationBus, BusMeter, BusSubscription, Error, Result, encode_decision_parts};
+use super::chain::{Chain, Publication};
+use super::message::{BusMessage, Decision, DecisionReader, Digest, Frame, decode_frame, encode};
+use super::{AllocationBus, BusMeter, BusSubscription, Error, Result};
 use crate::connect::NatsOptions;
 use crate::connect::nats_client::{connect, subject_token};
 use crate::metrics;
@@ -65,6 +68,9 @@ pub struct NatsBus {
     decisions_stream: String,
     signals_stream: String,
     meter: Arc<BusMeter>,
+    /// Per group, the decision this bus wrote last and the deltas since its
+    /// snapshot: what the next decision may be written as a change to.
+    chains: Arc<Mutex<HashMap<String, Chain>>>,
 }
 
 impl NatsBus {
@@ -90,6 +96,7 @@ impl NatsBus {
             namespace,
             signal_retention: bus.signal_retention,
             meter: BusMeter::new(),
+            chains: Arc::default(),
         };
         this.ensure_streams().await?;
         Ok(this)
@@ -230,25 +237,26 @@ impl NatsBus {
                         .collect::<Result<_, _>>()
                         .ok()
                 });
-            if let Some([epoch, revision, parts, _part]) = numbers.as_deref() {
-                let stored = versions
-                    .entry((*epoch, *revision))
-                    .or_insert_with(|| StoredVersion {
-                        parts: *parts,
-                        subjects: Vec::new(),
-                    });
-                stored.subjects.push(subject);
-            }
+            let (version, parts) = match numbers.as_deref() {
+                Some(&[epoch, revision, parts, _part]) => ((epoch, revision), Some(parts)),
+                _ => match delta_version(prefix, &subject) {
+                    Some(version) => (version, None),
+                    None => continue,
+                },
+            };
+            let stored = versions.entry(version).or_insert_with(|| StoredVersion {
+                parts: parts.unwrap_or(1),
+                subjects: Vec::new(),
+            });
+            stored.subjects.push(subject);
         }
         Ok(versions)
     }
 
     async fn publish_decision(&self, decision: &Decision) -> Result<()> {
-        let limit = self.max_payload();
-        let payloads = encode_decision_parts(decision, limit);
-        if let Some(size) = payloads.iter().map(Vec::len).find(|size| *size > limit) {
-            return Err(Error::TooLarge { size, limit });
-        }
+        // Forgotten until this publication succeeds: after a failure the next one
+        // is a snapshot, whatever the stream holds.
+        let chain = self.chains().remove(&decision.group);
         let prefix = self.group_prefix(&decision.group);
         let mut stored = self.stored_versions(&prefix).await?;
         let version = decision.version();
@@ -263,28 +271,78 @@ impl NatsBus {
             return Ok(());
         }
         if stored.get(&version).is_some_and(StoredVersion::is_whole) {
-            // Already stored whole: a refresh republishing it changes nothing.
+            // Already stored whole: publishing it again changes nothing.
+            if let Some(chain) = chain.filter(|chain| chain.decision.version() == version) {
+                self.chains().insert(decision.group.clone(), chain);
+            }
             return Ok(());
+        }
+        // A change is written only on top of the very decision this bus wrote last.
+        let newest_stored = stored
+            .iter()
+            .rev()
+            .find(|(_, stored)| stored.is_whole())
+            .map(|(version, _)| *version);
+        let chain = chain.filter(|chain| Some(chain.decision.version()) == newest_stored);
+        let limit = self.max_payload();
+        let publication = Chain::plan(chain.as_ref(), decision, limit);
+        let payloads = publication.payloads();
+        if let Some(size) = payloads.iter().map(Vec::len).find(|size| *size > limit) {
+            return Err(Error::TooLarge { size, limit });
         }
         let parts = payloads.len();
         let mut acks = Vec::with_capacity(parts);
+        let (epoch, revision) = version;
         for (part, payload) in (1..).zip(payloads) {
-            let subject = format!(
-                "{prefix}.{}.{}.{parts}.{part}",
-                decision.epoch, decision.revision
-            );
-            acks.push(self.send(subject, payload).await?);
+            let subject = match publication {
+                Publication::Snapshot(_) => format!("{prefix}.{epoch}.{revision}.{parts}.{part}"),
+                Publication::Delta(_) => format!("{prefix}.{epoch}.{revision}.delta"),
+            };
+            acks.push(self.send(subject, payload.clone()).await?);
         }
         for ack in acks {
             ack.await.map_err(|e| self.publish_error(e))?;
-            metrics::bus_message("decision", "sent");
+            metrics::bus_message(publication.kind(), "sent");
         }
-        let superseded: Vec<String> = stored
-            .range(..version)
-            .flat_map(|(_, stored)| stored.subjects.iter().cloned())
-            .collect();
-        self.remove(&superseded).await;
+        if let Publication::Snapshot(_) = publication {
+            let superseded: Vec<String> = stored
+                .range(..version)
+                .flat_map(|(_, stored)| stored.subjects.iter().cloned())
+                .collect();
+            self.remove(&superseded).await;
+        }
+        let chain = Chain::after(chain, decision, &publication);
+        self.chains().insert(decision.group.clone(), chain);
         Ok(())
+    }
+
+    fn chains(&self) -> std::sync::MutexGuard<'_, HashMap<String, Chain>> {
+        // Nothing panics while the lock is held, so a poisoned map is still whole.
+        self.chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Publishes the decision `digest` names again if the stream lost it (it was
+    /// deleted and made again) and this bus wrote it.
+    async fn restore(&self, digest: &Digest) -> Result<()> {
+        let written = self.chains().get(&digest.group).cloned();
+        let Some(chain) = written.filter(|chain| chain.decision.version() == digest.version())
+        else {
+            return Ok(());
+        };
+        let stored = self
+            .stored_versions(&self.group_prefix(&digest.group))
+            .await?;
+        if stored
+            .get(&digest.version())
+            .is_some_and(StoredVersion::is_whole)
+        {
+            return Ok(());
+        }
+        tracing::warn!(group = %digest.group, "the stream lost the group's decision; publishing it again");
+        self.chains().remove(&digest.group);
+        self.publish_decision(&chain.decision).await
     }
 
     /// The newest readable stored version newer than `decision`, if any. Newer
@@ -340,11 +398,13 @@ impl NatsBus {
                 .get_last_raw_message_by_subject(subject)
                 .await
                 .map_err(|e| request_error("read a decision from", &self.decisions_stream, e))?;
-            let readable = matches!(
-                decode_frame(&message.payload),
-                Ok(Frame::Decision(part))
-                    if part.decision.group == group && part.decision.version() == version
-            );
+            let readable = match decode_frame(&message.payload) {
+                Ok(Frame::Decision(part)) => {
+                    part.decision.group == group && part.decision.version() == version
+                }
+                Ok(Frame::Delta(delta)) => delta.group == group && delta.version() == version,
+                _ => false,
+            };
             if !readable {
                 return Ok(false);
             }
@@ -451,9 +511,9 @@ impl NatsBus {
     }
 }
 
-/// The parts of one decision version found in the stream.
+/// The parts of one decision version found in the stream, or its delta.
 struct StoredVersion {
-    /// How many parts the decision has.
+    /// How many parts the decision has (1 for a delta).
     parts: u64,
     subjects: Vec<String>,
 }
@@ -462,6 +522,14 @@ impl StoredVersion {
     fn is_whole(&self) -> bool {
         self.subjects.len() as u64 == self.parts
     }
+}
+
+/// The version of the delta stored at `subject` (`PREFIX.EPOCH.REVISION.delta`).
+fn delta_version(prefix: &str, subject: &str) -> Option<(u64, u64)> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (epoch, rest) = rest.split_once('.')?;
+    let revision = rest.strip_suffix(".delta")?;
+    Some((epoch.parse().ok()?, revision.parse().ok()?))
 }
 
 /// Whether `error` says that the stream does not exist.
@@ -533,7 +601,12 @@ impl NatsBus {
     async fn publish_once(&self, message: &BusMessage) -> Result<()> {
         match message {
             BusMessage::Decision(decision) => self.publish_decision(decision).await,
-            BusMessage::Signal(signal) => {
+            BusMessage::Signal(_) | BusMessage::Digest(_) => {
+                let (kind, group) = match message {
+                    BusMessage::Digest(digest) => ("digest", digest.group.as_str()),
+                    BusMessage::Signal(signal) => ("signal", signal.group()),
+                    BusMessage::Decision(_) => unreachable!("matched above"),
+                };
                 let payload = encode(message);
                 let limit = self.max_payload();
                 if payload.len() > limit {
@@ -542,16 +615,16 @@ impl NatsBus {
                         limit,
                     });
                 }
-                let subject = format!(
-                    "{}.signals.{}",
-                    self.namespace,
-                    subject_token(signal.group())
-                );
+                // Digests travel with the signals: news for those listening now.
+                let subject = format!("{}.signals.{}", self.namespace, subject_token(group));
                 self.send(subject, payload)
                     .await?
                     .await
                     .map_err(|e| self.publish_error(e))?;
-                metrics::bus_message("signal", "sent");
+                metrics::bus_message(kind, "sent");
+                if let BusMessage::Digest(digest) = message {
+                    self.restore(digest).await?;
+                }
                 Ok(())
             }
         }
@@ -645,8 +718,7 @@ impl AllocationBus for NatsBus {
                 consumer::DeliverPolicy::LastPerSubject,
             )
             .await?;
-        let mut assembler = DecisionAssembler::new();
-        let mut newest: BTreeMap<String, Decision> = BTreeMap::new();
+        let mut reader = DecisionReader::new();
         let reading = async {
             while pending > 0 {
                 let Some(message) = messages.next().await else {
@@ -661,14 +733,11 @@ impl AllocationBus for NatsBus {
                 };
                 pending = message.info().map(|info| info.pending).unwrap_or(0);
                 match decode_frame(&message.payload) {
-                    Ok(Frame::Decision(part)) => {
-                        // The assembler yields only decisions newer than the last it
-                        // yielded for their group.
-                        if let Some(decision) = assembler.push(part) {
-                            newest.insert(decision.group.clone(), decision);
-                        }
+                    // The reader keeps the newest decision of every group.
+                    Ok(frame @ (Frame::Decision(_) | Frame::Delta(_))) => {
+                        reader.push(frame);
                     }
-                    Ok(Frame::Signal(_)) => {
+                    Ok(Frame::Signal(_) | Frame::Digest(_)) => {
                         count_invalid(&self.meter.invalid(), "a signal among decisions")
                     }
                     Err(error) => count_invalid(&self.meter.invalid(), &error.to_string()),
@@ -695,7 +764,7 @@ impl AllocationBus for NatsBus {
                 )));
             }
         }
-        Ok(newest.into_values().collect())
+        Ok(reader.into_decisions())
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use super::CliError;
 
 mod allocate;
+mod baseline_encoding;
 mod bridge;
 mod latency;
 mod nodes;

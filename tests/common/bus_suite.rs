@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use weir::allocation::Handover;
-use weir::bus::{AllocationBus, BusMessage, BusSubscription, Decision, MemoryBus, Signal};
+use weir::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Digest, MemoryBus, Signal};
 use weir::event::{Cursor, Source};
 
 use super::unique_name;
@@ -37,6 +37,8 @@ macro_rules! bus_suite {
             fleets_are_isolated,
             retained_gives_the_newest_complete_decision_per_group,
             a_decision_above_a_stray_one_supersedes_it,
+            changes_travel_as_deltas_and_late_subscribers_converge,
+            a_subscriber_that_missed_changes_converges_through_a_digest,
         );
     };
     (@tests $backend:expr; $($name:ident),* $(,)?) => {
@@ -222,6 +224,7 @@ pub async fn drain(
                 decisions.insert(d.group.clone(), d);
             }
             BusMessage::Signal(s) => signals.push(s),
+            BusMessage::Digest(_) => {}
         }
     }
     (decisions, signals)
@@ -262,6 +265,7 @@ pub async fn read_until(subscription: &mut BusSubscription, done: impl Fn(&Seen)
                 seen.decisions.push(d);
             }
             BusMessage::Signal(s) => seen.signals.push(s),
+            BusMessage::Digest(_) => {}
         }
     }
     seen
@@ -550,15 +554,114 @@ pub async fn a_decision_above_a_stray_one_supersedes_it(backend: &dyn BusBackend
         retained_on_another_node(backend, &fleet).await,
         vec![above.clone()]
     );
-    let seen = read_until(&mut early, |seen| seen.newest("orders") == Some((1005, 1))).await;
-    assert_eq!(seen.decisions.last(), Some(&above));
+    reads_up_to(&mut early, &above).await;
+    // A log-based bus may hand a late subscriber the older ones first, in order.
+    a_late_subscriber_reaches(backend, &fleet, &above).await;
+}
+
+/// Reads `subscription` until `decision`'s version and checks it arrived whole.
+pub async fn reads_up_to(subscription: &mut BusSubscription, decision: &Decision) {
+    let version = Some(decision.version());
+    let seen = read_until(subscription, |seen| seen.newest(&decision.group) == version).await;
+    assert_eq!(seen.decisions.last(), Some(decision));
+}
+
+/// Checks that a node subscribing to `fleet`'s bus now reaches `decision`.
+pub async fn a_late_subscriber_reaches(backend: &dyn BusBackend, fleet: &str, decision: &Decision) {
     let mut late = backend
-        .connect(&fleet)
+        .connect(fleet)
         .await
         .subscribe()
         .await
         .expect("subscribe");
-    // A log-based bus may hand a late subscriber the older ones first, in order.
-    let seen = read_until(&mut late, |seen| seen.newest("orders") == Some((1005, 1))).await;
-    assert_eq!(seen.decisions.last(), Some(&above));
+    reads_up_to(&mut late, decision).await;
+}
+
+/// `decision` with one source of its last subscriber moved to another, as
+/// revision `revision`.
+pub fn one_source_moved(decision: &Decision, revision: u64) -> Decision {
+    let mut next = decision.clone();
+    next.revision = revision;
+    next.issued_at = Utc::now();
+    let (last, _) = next.owners.last_key_value().expect("an owner");
+    let last = last.clone();
+    let moving = next
+        .owners
+        .get_mut(&last)
+        .and_then(BTreeSet::pop_first)
+        .expect("a source to move");
+    next.owners
+        .entry(format!("moved-{revision}"))
+        .or_default()
+        .insert(moving);
+    next
+}
+
+/// Whether `payload` is a decision written as a change.
+pub fn is_delta(payload: &[u8]) -> bool {
+    matches!(
+        weir::bus::decode_frame(payload),
+        Ok(weir::bus::Frame::Delta(_))
+    )
+}
+
+pub async fn changes_travel_as_deltas_and_late_subscribers_converge(backend: &dyn BusBackend) {
+    let fleet = unique_name("fleet");
+    let coordinator = backend.connect(&fleet).await;
+    let observer = backend.connect(&fleet).await;
+    let mut early = observer.subscribe().await.expect("subscribe");
+    let mut current = large_decision("orders", 1);
+    publish_all(&*coordinator, [current.clone().into()]).await;
+    read_until(&mut early, |seen| seen.newest("orders") == Some((1, 1))).await;
+    for revision in 2..=4 {
+        current = one_source_moved(&current, revision);
+        publish_all(&*coordinator, [current.clone().into()]).await;
+    }
+    reads_up_to(&mut early, &current).await;
+    a_late_subscriber_reaches(backend, &fleet, &current).await;
+    assert_eq!(
+        retained_on_another_node(backend, &fleet).await,
+        vec![current]
+    );
+}
+
+pub async fn a_subscriber_that_missed_changes_converges_through_a_digest(backend: &dyn BusBackend) {
+    let fleet = unique_name("fleet");
+    let coordinator = backend.connect(&fleet).await;
+    let observer = backend.connect(&fleet).await;
+    let first = large_decision("orders", 1);
+    publish_all(&*coordinator, [first.clone().into()]).await;
+    // Loses the next two changes, as a subscriber cut off for a while would.
+    let mut lost = 0;
+    let mut lossy = observer
+        .subscribe()
+        .await
+        .expect("subscribe")
+        .with_loss(move |payload| {
+            let lose = lost < 2 && is_delta(payload);
+            lost += usize::from(lose);
+            lose
+        });
+    read_until(&mut lossy, |seen| seen.newest("orders") == Some((1, 1))).await;
+    let second = one_source_moved(&first, 2);
+    let third = one_source_moved(&second, 3);
+    publish_all(&*coordinator, [second.into(), third.clone().into()]).await;
+    // The refresh names the decision it lacks.
+    let digest = Digest::of(&third);
+    publish_all(&*coordinator, [BusMessage::Digest(digest.clone())]).await;
+    loop {
+        match next(&mut lossy).await {
+            BusMessage::Digest(seen) if seen == digest => break,
+            BusMessage::Decision(d) => panic!("applied {:?} without its base", d.version()),
+            _ => {}
+        }
+    }
+    let fetched = observer.retained().await.expect("retained");
+    assert_eq!(fetched, vec![third.clone()]);
+    lossy.adopt(&third);
+    // The next change applies to the fetched decision.
+    let fourth = one_source_moved(&third, 4);
+    publish_all(&*coordinator, [fourth.clone().into()]).await;
+    let seen = read_until(&mut lossy, |seen| !seen.decisions.is_empty()).await;
+    assert_eq!(seen.decisions, vec![fourth]);
 }

@@ -50,7 +50,9 @@ fn decision(epoch: u64, revision: u64, owner: &str) -> Decision {
 /// A bus whose subscriptions first replay `history`, one message per
 /// millisecond as a broker's log would deliver it, then what is published.
 struct ScriptedBus {
-    retained: Vec<Decision>,
+    retained: Mutex<Vec<Decision>>,
+    /// How many times the retained decisions were read.
+    fetches: std::sync::atomic::AtomicUsize,
     history: Vec<Decision>,
     live: Mutex<Vec<mpsc::UnboundedSender<Vec<u8>>>>,
 }
@@ -58,17 +60,31 @@ struct ScriptedBus {
 impl ScriptedBus {
     fn new(retained: Vec<Decision>, history: Vec<Decision>) -> Arc<Self> {
         Arc::new(Self {
-            retained,
+            retained: Mutex::new(retained),
+            fetches: 0.into(),
             history,
             live: Mutex::new(Vec::new()),
         })
     }
 
     fn send(&self, decision: Decision) {
-        let payload = encode(&BusMessage::Decision(decision));
+        self.send_payload(encode(&BusMessage::Decision(decision)));
+    }
+
+    fn send_payload(&self, payload: Vec<u8>) {
         for live in self.live.lock().unwrap().iter() {
             let _ = live.send(payload.clone());
         }
+    }
+
+    /// Retains `decision` without sending it: what subscribers that missed it
+    /// find when they fetch.
+    fn retain(&self, decision: Decision) {
+        *self.retained.lock().unwrap() = vec![decision];
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
     }
 }
 
@@ -98,7 +114,8 @@ impl AllocationBus for ScriptedBus {
     }
 
     async fn retained(&self) -> crate::bus::Result<Vec<Decision>> {
-        Ok(self.retained.clone())
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        Ok(self.retained.lock().unwrap().clone())
     }
 }
 
@@ -294,6 +311,77 @@ async fn a_lost_source_makes_the_node_unready_until_it_is_accepted_again() {
     until(|| node.recorder.accepted().len() == 2).await;
     until(|| *node.status.borrow() == BrokerStatus::Running).await;
     assert_eq!(node.recorder.accepted()[1], (orders(), Grant::new(1, 1)));
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+fn delta(base: &Decision, next: &Decision) -> Vec<u8> {
+    crate::bus::encode_delta(&crate::bus::Delta::between(base, next).expect("newer"))
+}
+
+fn digest(decision: &Decision) -> Vec<u8> {
+    encode(&BusMessage::Digest(Digest::of(decision)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_to_a_decision_the_node_missed_makes_it_fetch_the_newest() {
+    let first = decision(1, 1, THEIRS);
+    let bus = ScriptedBus::new(vec![first.clone()], Vec::new());
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    until(|| bus.fetches() == 1).await;
+    // Revision 2 never reaches the node; the change from 2 to 3 does.
+    let (second, third) = (decision(1, 2, THEIRS), decision(1, 3, MINE));
+    bus.retain(third.clone());
+    bus.send_payload(delta(&second, &third));
+    until(|| !node.recorder.accepted().is_empty()).await;
+    assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(1, 3))]);
+    assert_eq!(bus.fetches(), 2);
+
+    // The fetched decision is the base of the next change: no fetch needed.
+    let fourth = decision(1, 4, THEIRS);
+    bus.send_payload(delta(&third, &fourth));
+    until(|| node.recorder.withdrawn() == 1).await;
+    assert_eq!(bus.fetches(), 2);
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_digest_of_a_decision_the_node_lacks_makes_it_fetch_it() {
+    let bus = ScriptedBus::new(vec![decision(1, 1, THEIRS)], Vec::new());
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    until(|| bus.fetches() == 1).await;
+    // Every message about revisions 2 to 5 is lost; the refresh's digest is not.
+    let newest = decision(1, 5, MINE);
+    bus.retain(newest.clone());
+    bus.send_payload(digest(&newest));
+    until(|| !node.recorder.accepted().is_empty()).await;
+    assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(1, 5))]);
+
+    // A digest of what it holds, or of a deposed coordinator's older decision,
+    // fetches nothing and changes nothing.
+    bus.send_payload(digest(&newest));
+    bus.send_payload(digest(&decision(0, 99, THEIRS)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(bus.fetches(), 2);
+    assert_eq!(node.recorder.withdrawn(), 0);
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_digest_covers_whether_the_group_is_paused() {
+    let held = decision(1, 1, MINE);
+    let bus = ScriptedBus::new(vec![held.clone()], Vec::new());
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    until(|| !node.recorder.accepted().is_empty()).await;
+    // Same version, other content: only a fault makes it, and the retained
+    // decision wins.
+    let paused = held.clone().with_paused(true);
+    assert_ne!(Digest::of(&paused), Digest::of(&held));
+    bus.retain(paused);
+    bus.send_payload(digest(&bus.retained.lock().unwrap()[0]));
+    until(|| bus.fetches() == 2).await;
     node.cancel.cancel();
     node.task.await.unwrap();
 }

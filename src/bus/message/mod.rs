@@ -19,6 +19,36 @@
 //! A paused group's decision also carries `"paused":true`; its owners keep their
 //! sources and read nothing until a decision without it.
 //!
+//! A decision that changes little travels as a delta (`kind` `"delta"`): what
+//! changed since the decision `base`, and the digest of the decision it makes.
+//! Per subscriber, the sources it gains and loses (a subscriber not listed before
+//! gets an entry); `owners_removed` lists subscribers no longer listed at all;
+//! `handovers` the handovers that start or change, `handovers_removed` the sources
+//! no longer in handover. Empty fields are left out:
+//!
+//! ```json
+//! {"v":1,"kind":"delta","group":"billing","epoch":3,"revision":18,"base":[3,17],
+//!  "coordinator":"node-a","issued_at":"2026-11-22T10:00:05Z","digest":"5f0e9c1b2a3d4e6f",
+//!  "owners":{"billing-2":{"add":["stream:orders/order-7"],"remove":["category:payments"]}},
+//!  "owners_removed":["billing-3"],
+//!  "handovers":{"category:payments":{"from":"billing-2","to":"billing-1"}},
+//!  "handovers_removed":["category:refunds"]}
+//! ```
+//!
+//! A reader applies a delta only to the decision `base` names; one that lacks it
+//! fetches the decision the bus retains. The coordinator names its current
+//! decision every refresh interval with a digest (`kind` `"digest"`), 16 hex
+//! digits of FNV-1a over the group, `paused`, owners and handovers
+//! ([`Decision::digest`]); an observer holding an older decision, or another one
+//! of the same version, fetches the retained one:
+//!
+//! ```json
+//! {"v":1,"kind":"digest","group":"billing","epoch":3,"revision":18,"coordinator":"node-a","digest":"5f0e9c1b2a3d4e6f"}
+//! ```
+//!
+//! weir before these two kinds skips them as unreadable (and counts them), so a
+//! fleet must run this version on every node before a coordinator of it leads.
+//!
 //! Signals (`kind` `"signal"`), told apart by `"signal"`:
 //!
 //! ```json
@@ -35,8 +65,8 @@
 //! [`encode_decision_parts`] splits it into several decision payloads that share
 //! `group`, `epoch`, `revision`, `coordinator` and `issued_at` and each carry some of
 //! the owners and handovers; a subscriber's sources may be spread over several parts.
-//! [`DecisionAssembler`] puts them back together. Decisions that fit are one payload
-//! with `"parts": 1`.
+//! [`DecisionAssembler`] puts them back together, and [`DecisionReader`] applies
+//! deltas on top. Decisions that fit are one payload with `"parts": 1`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -45,6 +75,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::allocation::{Allocation, Handover};
 use crate::event::{Cursor, Source};
+
+mod delta;
+mod reader;
+mod writer;
+
+pub use delta::{ContentDigest, Delta, Digest, OwnerChange};
+pub use reader::DecisionReader;
 
 /// The wire format version this weir writes and the only one it reads.
 pub const WIRE_VERSION: u64 = 1;
@@ -167,6 +204,8 @@ impl Signal {
 pub enum BusMessage {
     Decision(Decision),
     Signal(Signal),
+    /// Names the decision the coordinator holds; see [`Digest`].
+    Digest(Digest),
 }
 
 impl From<Decision> for BusMessage {
@@ -195,6 +234,8 @@ pub struct DecisionPart {
 pub enum Frame {
     Decision(DecisionPart),
     Signal(Signal),
+    Delta(Delta),
+    Digest(Digest),
 }
 
 /// Why a payload could not be read.
@@ -216,6 +257,14 @@ pub enum DecodeError {
         part: u32,
         parts: u32,
     },
+    #[error(
+        "bus message is decision {epoch}.{revision} for group {group:?} written as a change to an earlier one: read it with decode_frame and a DecisionReader"
+    )]
+    Delta {
+        group: String,
+        epoch: u64,
+        revision: u64,
+    },
 }
 
 /// The fields every payload's envelope has, read before the rest so that the
@@ -224,42 +273,6 @@ pub enum DecodeError {
 struct Probe {
     v: Option<u64>,
     kind: Option<serde_json::Value>,
-}
-
-#[derive(Serialize)]
-struct DecisionOut<'a, O, H> {
-    v: u64,
-    kind: &'static str,
-    group: &'a str,
-    epoch: u64,
-    revision: u64,
-    coordinator: &'a str,
-    issued_at: &'a DateTime<Utc>,
-    part: u32,
-    parts: u32,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    paused: bool,
-    owners: O,
-    handovers: H,
-}
-
-impl<'a, O: Serialize, H: Serialize> DecisionOut<'a, O, H> {
-    fn new(decision: &'a Decision, part: u32, parts: u32, owners: O, handovers: H) -> Self {
-        Self {
-            v: WIRE_VERSION,
-            kind: "decision",
-            group: &decision.group,
-            epoch: decision.epoch,
-            revision: decision.revision,
-            coordinator: &decision.coordinator,
-            issued_at: &decision.issued_at,
-            part,
-            parts,
-            paused: decision.paused,
-            owners,
-            handovers,
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -277,12 +290,13 @@ struct DecisionIn {
     handovers: BTreeMap<Source, Handover>,
 }
 
+/// A payload's envelope around a body whose fields sit beside `v` and `kind`.
 #[derive(Serialize)]
-struct SignalOut<'a> {
+struct Tagged<'a, T> {
     v: u64,
     kind: &'static str,
     #[serde(flatten)]
-    signal: &'a Signal,
+    body: &'a T,
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -295,17 +309,18 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 /// however large it is; use [`encode_decision_parts`] to respect a size limit.
 pub fn encode(message: &BusMessage) -> Vec<u8> {
     match message {
-        BusMessage::Decision(decision) => to_json(&DecisionOut::new(
-            decision,
-            1,
-            1,
-            &decision.owners,
-            &decision.handovers,
-        )),
-        BusMessage::Signal(signal) => to_json(&SignalOut {
+        BusMessage::Decision(decision) => writer::encode_parts(decision, usize::MAX)
+            .pop()
+            .expect("a decision is at least one part"),
+        BusMessage::Signal(signal) => to_json(&Tagged {
             v: WIRE_VERSION,
             kind: "signal",
-            signal,
+            body: signal,
+        }),
+        BusMessage::Digest(digest) => to_json(&Tagged {
+            v: WIRE_VERSION,
+            kind: "digest",
+            body: digest,
         }),
     }
 }
@@ -315,6 +330,12 @@ pub fn encode(message: &BusMessage) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<BusMessage, DecodeError> {
     match decode_frame(bytes)? {
         Frame::Signal(signal) => Ok(BusMessage::Signal(signal)),
+        Frame::Digest(digest) => Ok(BusMessage::Digest(digest)),
+        Frame::Delta(delta) => Err(DecodeError::Delta {
+            group: delta.group,
+            epoch: delta.epoch,
+            revision: delta.revision,
+        }),
         Frame::Decision(DecisionPart {
             part: 1,
             parts: 1,
@@ -374,59 +395,20 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, DecodeError> {
         Some("signal") => Ok(Frame::Signal(
             serde_json::from_slice(bytes).map_err(malformed)?,
         )),
+        Some("delta") => Ok(Frame::Delta(
+            serde_json::from_slice(bytes).map_err(malformed)?,
+        )),
+        Some("digest") => Ok(Frame::Digest(
+            serde_json::from_slice(bytes).map_err(malformed)?,
+        )),
         Some(other) => Err(DecodeError::Malformed(format!(
             "unknown message kind {other:?}"
         ))),
         None => Err(DecodeError::Malformed(
-            "no message kind: \"kind\" must be \"decision\" or \"signal\"".into(),
+            "no message kind: \"kind\" must be \"decision\", \"delta\", \"digest\" or \"signal\""
+                .into(),
         )),
     }
-}
-
-/// What one part will carry, borrowed from the decision being split.
-#[derive(Default)]
-struct PartPlan<'a> {
-    owners: BTreeMap<&'a str, Vec<&'a Source>>,
-    handovers: BTreeMap<&'a Source, &'a Handover>,
-    /// Encoded size of `owners` and `handovers` as JSON objects.
-    owners_bytes: usize,
-    handovers_bytes: usize,
-}
-
-impl PartPlan<'_> {
-    fn new() -> Self {
-        Self {
-            owners_bytes: 2,
-            handovers_bytes: 2,
-            ..Self::default()
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.owners.is_empty() && self.handovers.is_empty()
-    }
-
-    fn bytes(&self) -> usize {
-        self.owners_bytes + self.handovers_bytes
-    }
-}
-
-/// The last part planned, or a fresh one if adding what `cost` says it would cost
-/// would take the last over `budget`. A part is never left empty.
-fn part_with_room<'p, 'a>(
-    plans: &'p mut Vec<PartPlan<'a>>,
-    cost: impl Fn(&PartPlan<'a>) -> usize,
-    budget: usize,
-) -> &'p mut PartPlan<'a> {
-    let last = plans.last().expect("plans is non-empty");
-    if last.bytes() + cost(last) > budget && !last.is_empty() {
-        plans.push(PartPlan::new());
-    }
-    plans.last_mut().expect("plans is non-empty")
-}
-
-fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
-    to_json(&value).len()
 }
 
 /// Encodes `decision` as payloads of at most `max_bytes` each: one payload if it
@@ -440,82 +422,16 @@ fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
 /// `max_bytes`: each then carries one source or handover, and the transport
 /// reports them as too large.
 pub fn encode_decision_parts(decision: &Decision, max_bytes: usize) -> Vec<Vec<u8>> {
-    let whole = encode(&BusMessage::Decision(decision.clone()));
-    if whole.len() <= max_bytes {
-        return vec![whole];
-    }
-    // The header with the widest part numbers possible, so a part's size is never
-    // underestimated however many parts there turn out to be.
-    let empty: BTreeMap<&str, ()> = BTreeMap::new();
-    let header = json_len(&DecisionOut::new(
-        decision,
-        u32::MAX,
-        u32::MAX,
-        &empty,
-        &empty,
-    )) - 4;
-    let budget = max_bytes.saturating_sub(header);
+    writer::encode_parts(decision, max_bytes)
+}
 
-    let mut plans = vec![PartPlan::new()];
-    for (subscriber, sources) in &decision.owners {
-        let key = json_len(subscriber.as_str()) + 1; // `"id":`
-        let whole_entry = key + json_len(sources);
-        let current = plans.last_mut().expect("plans starts non-empty");
-        let comma = usize::from(!current.owners.is_empty());
-        let fits_here = current.bytes() + comma + whole_entry <= budget;
-        if !fits_here && !current.is_empty() && PartPlan::new().bytes() + whole_entry <= budget {
-            // Whole in a fresh part rather than split: fewer subscribers straddle parts.
-            plans.push(PartPlan::new());
-        }
-        if sources.is_empty() {
-            let cost = |plan: &PartPlan| usize::from(!plan.owners.is_empty()) + key + 2;
-            let current = part_with_room(&mut plans, cost, budget);
-            current.owners_bytes += usize::from(!current.owners.is_empty()) + key + 2;
-            current.owners.insert(subscriber, Vec::new());
-            continue;
-        }
-        for source in sources {
-            let size = json_len(source);
-            let cost = |plan: &PartPlan| match plan.owners.get(subscriber.as_str()) {
-                Some(_) => 1 + size,
-                None => usize::from(!plan.owners.is_empty()) + key + 2 + size,
-            };
-            let current = part_with_room(&mut plans, cost, budget);
-            match current.owners.get_mut(subscriber.as_str()) {
-                Some(list) => {
-                    current.owners_bytes += 1 + size;
-                    list.push(source);
-                }
-                None => {
-                    current.owners_bytes +=
-                        usize::from(!current.owners.is_empty()) + key + 2 + size;
-                    current.owners.insert(subscriber, vec![source]);
-                }
-            }
-        }
-    }
-    for (source, handover) in &decision.handovers {
-        let entry = json_len(source) + 1 + json_len(handover);
-        let cost = |plan: &PartPlan| usize::from(!plan.handovers.is_empty()) + entry;
-        let current = part_with_room(&mut plans, cost, budget);
-        current.handovers_bytes += usize::from(!current.handovers.is_empty()) + entry;
-        current.handovers.insert(source, handover);
-    }
-
-    let parts = u32::try_from(plans.len()).unwrap_or(u32::MAX);
-    plans
-        .iter()
-        .zip(1..=parts)
-        .map(|(plan, part)| {
-            to_json(&DecisionOut::new(
-                decision,
-                part,
-                parts,
-                &plan.owners,
-                &plan.handovers,
-            ))
-        })
-        .collect()
+/// The payload for `delta`.
+pub fn encode_delta(delta: &Delta) -> Vec<u8> {
+    to_json(&Tagged {
+        v: WIRE_VERSION,
+        kind: "delta",
+        body: delta,
+    })
 }
 
 /// How many incomplete decisions per group an assembler keeps. Parts of one
@@ -620,6 +536,18 @@ impl DecisionAssembler {
         group.pending = group.pending.split_off(&version);
         group.yielded = Some(version);
         Some(complete)
+    }
+
+    /// Notes that the decision `version` of `group` reached the reader another
+    /// way (a delta, a fetch): parts of it or of older ones are dropped from now.
+    pub fn note_yielded(&mut self, group: &str, version: (u64, u64)) {
+        let assembly = self.groups.entry(group.to_owned()).or_default();
+        if assembly.yielded.is_none_or(|yielded| yielded < version) {
+            assembly.yielded = Some(version);
+            assembly.pending = assembly
+                .pending
+                .split_off(&(version.0, version.1.saturating_add(1)));
+        }
     }
 
     /// How many decisions are waiting for parts, over all groups.

@@ -466,3 +466,131 @@ proptest! {
         prop_assert_eq!(done, vec![decision]);
     }
 }
+
+fn moved(decision: &Decision, revision: u64) -> Decision {
+    let mut next = decision.clone();
+    next.revision = revision;
+    next.issued_at = issued() + chrono::Duration::seconds(1);
+    let invoice = source("category:invoices");
+    next.owners.get_mut("billing-1").unwrap().remove(&invoice);
+    next.owners.get_mut("billing-2").unwrap().insert(invoice);
+    next.owners.insert("billing-9".into(), BTreeSet::new());
+    next.handovers.clear();
+    next.handovers.insert(
+        source("stream:orders/order-42"),
+        Handover {
+            from: "billing-1".into(),
+            to: "billing-2".into(),
+        },
+    );
+    next
+}
+
+#[test]
+fn a_delta_turns_its_base_into_the_next_decision_and_nothing_else() {
+    let base = split_decision("billing", 3, 17);
+    let mut next = moved(&base, 18).with_paused(true);
+    next.owners.remove("billing-3");
+    let delta = Delta::between(&base, &next).expect("newer");
+    let bytes = encode_delta(&delta);
+    assert!(bytes.len() < 700, "{}", String::from_utf8_lossy(&bytes));
+    let Ok(Frame::Delta(read)) = decode_frame(&bytes) else {
+        panic!("not a delta: {}", String::from_utf8_lossy(&bytes));
+    };
+    assert_eq!(read, delta);
+    let mut applied = base.clone();
+    assert!(read.apply(&mut applied));
+    assert_eq!(applied, next);
+    assert_eq!(read.digest, next.digest());
+    // Not to another base, nor twice.
+    assert!(!read.apply(&mut applied));
+    let mut other = small_decision("billing", 3, 16);
+    assert!(!read.apply(&mut other));
+    assert_eq!(other, small_decision("billing", 3, 16));
+    assert_eq!(Delta::between(&next, &base), None, "not newer");
+    assert!(matches!(
+        decode(&bytes),
+        Err(DecodeError::Delta { revision: 18, .. })
+    ));
+}
+
+#[test]
+fn digests_tell_content_apart_and_round_trip() {
+    let d = small_decision("billing", 3, 17);
+    assert_eq!(d.digest(), d.clone().digest());
+    let mut renamed = d.clone();
+    renamed.coordinator = "node-b".into();
+    renamed.issued_at = issued() + chrono::Duration::hours(1);
+    assert_eq!(renamed.digest(), d.digest(), "who and when are not content");
+    for other in [
+        d.clone().with_paused(true),
+        moved(&d, 17),
+        small_decision("payments", 3, 17),
+    ] {
+        assert_ne!(other.digest(), d.digest(), "{other:?}");
+    }
+    let digest = Digest::of(&d);
+    let bytes = encode(&BusMessage::Digest(digest.clone()));
+    assert!(bytes.len() < 200);
+    assert_eq!(decode(&bytes), Ok(BusMessage::Digest(digest.clone())));
+    assert!(!digest.is_lacked_by(Some(((3, 17), d.digest()))));
+    assert!(digest.is_lacked_by(Some(((3, 17), ContentDigest(1)))));
+    assert!(digest.is_lacked_by(Some(((3, 16), d.digest()))));
+    assert!(digest.is_lacked_by(None));
+    assert!(!digest.is_lacked_by(Some(((4, 0), ContentDigest(1)))));
+}
+
+#[test]
+fn a_reader_applies_changes_it_holds_the_base_of_and_names_those_it_cannot() {
+    let base = small_decision("billing", 3, 17);
+    let next = moved(&base, 18);
+    let after = moved(&next, 19).with_paused(true);
+    let frame = |bytes: Vec<u8>| decode_frame(&bytes).expect("readable");
+    let mut reader = DecisionReader::new();
+    // Without the base: the digest of what the change makes, for a fetch.
+    let change = frame(encode_delta(&Delta::between(&base, &next).unwrap()));
+    assert_eq!(
+        reader.push(change.clone()),
+        Some(BusMessage::Digest(Digest::of(&next)))
+    );
+    reader.push(frame(encode(&base.clone().into())));
+    assert_eq!(
+        reader.push(change.clone()),
+        Some(BusMessage::Decision(next.clone()))
+    );
+    // A redelivery, and the whole decision once it is older, yield nothing.
+    assert_eq!(reader.push(change), None);
+    assert_eq!(reader.push(frame(encode(&base.clone().into()))), None);
+    // A fetched decision becomes the base.
+    let mut late = DecisionReader::new();
+    late.adopt(&next);
+    let last = frame(encode_delta(&Delta::between(&next, &after).unwrap()));
+    assert_eq!(late.push(last), Some(BusMessage::Decision(after.clone())));
+    assert_eq!(late.into_decisions(), vec![after]);
+}
+
+#[test]
+fn names_that_need_escaping_are_written_as_serde_writes_them() {
+    let mut d = small_decision("bill\"ing\n", 1, 1);
+    let sources = d.owners.remove("billing-1").unwrap();
+    d.owners.insert("sub\\\"1\u{7}é".into(), sources);
+    let expected = serde_json::to_value(&d.owners).unwrap();
+    let bytes = encode(&d.clone().into());
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(value["owners"], expected);
+    assert_eq!(value["group"], "bill\"ing\n");
+    assert_eq!(decode(&bytes), Ok(BusMessage::Decision(d)));
+}
+
+#[test]
+fn a_decision_exactly_at_the_limit_is_one_part_and_one_byte_over_is_split() {
+    let d = split_decision("billing", 3, 17);
+    let whole = encode(&d.clone().into()).len();
+    assert_eq!(
+        encode_decision_parts(&d, whole),
+        vec![encode(&d.clone().into())]
+    );
+    let parts = encode_decision_parts(&d, whole - 1);
+    assert!(parts.len() > 1);
+    assert!(parts.iter().all(|part| part.len() < whole), "{parts:?}");
+}

@@ -39,13 +39,14 @@ pub(super) fn run(args: &AllocateArgs) -> Result<(), CliError> {
         current: &empty,
         released: &nothing,
     });
-    let wire = wire_size(&initial)?;
+    let wire = wire_costs(args, group, &initial)?;
     emit(json!({
         "bench": "allocate", "case": "initial", "subscribers": args.subscribers,
         "sources": args.sources, "millis": initial_time.as_secs_f64() * 1000.0,
-        "wire_bytes": wire.bytes, "wire_parts": wire.parts,
-        "largest_part_bytes": wire.largest_part, "encode_millis": wire.encode_millis,
+        "encode_millis": wire["encode_millis"], "wire_bytes": wire["full_bytes"],
+        "wire_parts": wire["full_parts"], "largest_part_bytes": wire["largest_part_bytes"],
     }));
+    emit(wire);
 
     let (join_time, joined) = best_of(&AllocationInput {
         members: &members,
@@ -114,19 +115,105 @@ fn partitioned_fleet(args: &AllocateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// What a decision costs on the bus.
-struct WireSize {
-    bytes: usize,
-    parts: usize,
-    largest_part: usize,
-    encode_millis: f64,
+/// What a decision costs on the bus, beside the encoding before it (the
+/// `wire` line), for one
+/// decision of `group` (whose allocation is `initial`): the whole decision, a
+/// refresh and a change of one source (a source added to every member's
+/// requests), as the memory and NATS buses write them at their default
+/// payload limit. Encoding times are the best of `--rounds`.
+fn wire_costs(
+    args: &AllocateArgs,
+    group: &[Member<String>],
+    initial: &Allocation<String>,
+) -> Result<serde_json::Value, CliError> {
+    use crate::bus::chain::{Chain, Publication};
+    use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
+    use crate::bus::{BusMessage, Digest, encode, encode_decision_parts};
+
+    let rounds = args.rounds.max(1);
+    let best = |mut work: Box<dyn FnMut() -> usize + '_>| {
+        let (mut best, mut bytes) = (Duration::MAX, 0);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            bytes = work();
+            best = best.min(started.elapsed());
+        }
+        (best.as_secs_f64() * 1000.0, bytes)
+    };
+    let total = |parts: Vec<Vec<u8>>| parts.iter().map(Vec::len).sum::<usize>();
+    let decision = as_decision(initial, 1)?;
+    let parts = encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD);
+    let (encode_millis, full_bytes) = best(Box::new(|| {
+        total(encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD))
+    }));
+    let (baseline_encode_millis, baseline_bytes) = best(Box::new(|| {
+        total(super::baseline_encoding::encode_decision_parts(
+            &decision,
+            DEFAULT_MAX_PAYLOAD,
+        ))
+    }));
+    let (digest_millis, refresh_bytes) = best(Box::new(|| {
+        encode(&BusMessage::Digest(Digest::of(&decision))).len()
+    }));
+
+    let changed = with_one_source_more(group, initial)?;
+    let chain = Chain::after(None, &decision, &Publication::Snapshot(parts.clone()));
+    let (change_millis, change_bytes) = best(Box::new(|| {
+        total(
+            Chain::plan(Some(&chain), &changed, DEFAULT_MAX_PAYLOAD)
+                .payloads()
+                .to_vec(),
+        )
+    }));
+    Ok(json!({
+        "bench": "allocate", "case": "wire", "subscribers": args.subscribers,
+        "sources": args.sources,
+        "full_bytes": full_bytes, "full_parts": parts.len(),
+        "largest_part_bytes": parts.iter().map(Vec::len).max().unwrap_or(0),
+        "encode_millis": encode_millis,
+        "refresh_bytes": refresh_bytes, "refresh_millis": digest_millis,
+        "one_source_change_bytes": change_bytes, "one_source_change_millis": change_millis,
+        // Before: a full encoding, every refresh and every change.
+        "baseline_bytes": baseline_bytes, "baseline_encode_millis": baseline_encode_millis,
+        "baseline_refresh_bytes": baseline_bytes, "baseline_one_source_change_bytes": baseline_bytes,
+    }))
 }
 
-/// Encodes `allocation` as the bus would (its synthetic sources named as streams of
-/// one category), split at the memory and NATS bus's default payload limit.
-fn wire_size(allocation: &Allocation<String>) -> Result<WireSize, CliError> {
-    use crate::bus::memory::DEFAULT_MAX_PAYLOAD;
-    use crate::bus::{Decision, encode_decision_parts};
+/// The next decision of `group` after `initial` once every member also requests
+/// one source more.
+fn with_one_source_more(
+    group: &[Member<String>],
+    initial: &Allocation<String>,
+) -> Result<crate::bus::Decision, CliError> {
+    let mut sources = group
+        .first()
+        .map(|m| (*m.sources).clone())
+        .unwrap_or_default();
+    sources.insert("source-added".to_owned());
+    let shared = Arc::new(sources);
+    let members: Vec<Member<String>> = group
+        .iter()
+        .map(|member| Member {
+            sources: Arc::clone(&shared),
+            ..member.clone()
+        })
+        .collect();
+    let next = allocate(&AllocationInput {
+        members: &members,
+        required_tags: &BTreeSet::new(),
+        current: initial,
+        released: &BTreeSet::new(),
+    });
+    as_decision(&next, 2)
+}
+
+/// `allocation` as revision `revision` of a decision, its synthetic sources named
+/// as streams of one category.
+fn as_decision(
+    allocation: &Allocation<String>,
+    revision: u64,
+) -> Result<crate::bus::Decision, CliError> {
+    use crate::bus::Decision;
     use crate::event::Source;
 
     let as_source = |name: &String| -> Result<Source, CliError> {
@@ -134,20 +221,18 @@ fn wire_size(allocation: &Allocation<String>) -> Result<WireSize, CliError> {
             .parse()
             .map_err(|e: crate::event::ValidationError| CliError::Input(e.to_string()))
     };
-    let mut decision = Decision::from_allocation("bench", 1, 1, "bench-node", &Default::default());
+    let mut decision =
+        Decision::from_allocation("bench", 1, revision, "bench-node", &Default::default());
     for (owner, sources) in &allocation.owners {
         let sources = sources.iter().map(as_source).collect::<Result<_, _>>()?;
         decision.owners.insert(owner.clone(), sources);
     }
-    let started = Instant::now();
-    let parts = encode_decision_parts(&decision, DEFAULT_MAX_PAYLOAD);
-    let encode_millis = started.elapsed().as_secs_f64() * 1000.0;
-    Ok(WireSize {
-        bytes: parts.iter().map(Vec::len).sum(),
-        parts: parts.len(),
-        largest_part: parts.iter().map(Vec::len).max().unwrap_or(0),
-        encode_millis,
-    })
+    for (source, handover) in &allocation.handovers {
+        decision
+            .handovers
+            .insert(as_source(source)?, handover.clone());
+    }
+    Ok(decision)
 }
 
 /// A group of `members` subscribers that all request the same `sources`, for
