@@ -603,6 +603,76 @@ async fn dead_letters_that_are_fixed_come_back_once_in_order(backend: Backend) {
     node.stop().await;
 }
 
+async fn a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let node = Node::start(&backend, "node-a", &orders(), &handled).await;
+    let before = append(&backend, "o-1", 5).await;
+    wait_until("the first events are handled", || {
+        handled.lock().unwrap().len() == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let time = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = append(&backend, "o-1", 3).await;
+    wait_until("the later events are handled", || {
+        handled.lock().unwrap().len() == 8
+    })
+    .await;
+    leader(&[&node]).await;
+    let deadline = Instant::now() + WAIT;
+    while node.admin.checkpoints(Some(GROUP)).await.unwrap()[0].lag_events != Some(0) {
+        assert!(Instant::now() < deadline, "the checkpoint did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let to_time = json!({ "group": GROUP, "to": "time", "time": time, "dry_run": true });
+    let (status, plan) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), to_time).await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["lines"][0]["replayed"], 3, "{plan}");
+    assert_eq!(
+        plan["lines"][0]["new"],
+        before[4].cursor.to_string(),
+        "{plan}"
+    );
+
+    let to_cursor = json!({ "group": GROUP, "to": "cursor", "cursor": before[4].cursor });
+    let (status, report) = post(
+        &node.url,
+        "/admin/checkpoints/reset",
+        Some(TOKEN),
+        to_cursor,
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    wait_until("the events after the cursor are handled again", || {
+        handled.lock().unwrap().len() == 11
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = handled.lock().unwrap().clone();
+    let again: Vec<uuid::Uuid> = log[8..].iter().map(|e| e.id).collect();
+    let expected: Vec<uuid::Uuid> = later.iter().map(|e| e.id).collect();
+    assert_eq!(
+        again, expected,
+        "not exactly the events after the cursor, in order"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_a_reset_to_a_time_or_a_cursor_moves_after_it() {
+    a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(memory()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_reset_to_a_time_or_a_cursor_moves_after_it() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(backend).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_dead_letters_that_are_fixed_come_back_once_in_order() {
     dead_letters_that_are_fixed_come_back_once_in_order(memory()).await;
