@@ -660,54 +660,41 @@ async fn a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(backend
     node.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_a_reset_to_a_time_or_a_cursor_moves_after_it() {
-    a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(memory()).await;
-}
+/// Runs `$scenario` as two tests: on memory stores, and on Postgres.
+macro_rules! on_both_stores {
+    ($scenario:ident: $memory:ident, $postgres:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $memory() {
+            $scenario(memory()).await;
+        }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_a_reset_to_a_time_or_a_cursor_moves_after_it() {
-    let Some(backend) = postgres().await else {
-        return;
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $postgres() {
+            let Some(backend) = postgres().await else {
+                return;
+            };
+            $scenario(backend).await;
+        }
     };
-    a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(backend).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_dead_letters_that_are_fixed_come_back_once_in_order() {
-    dead_letters_that_are_fixed_come_back_once_in_order(memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_dead_letters_that_are_fixed_come_back_once_in_order() {
-    let Some(backend) = postgres().await else {
-        return;
-    };
-    dead_letters_that_are_fixed_come_back_once_in_order(backend).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_writes_go_to_the_leader_and_a_pause_survives_a_leader_change() {
-    writes_go_to_the_leader_with_a_token_and_a_pause_survives_a_leader_change(memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_writes_go_to_the_leader_and_a_pause_survives_a_leader_change() {
-    let Some(backend) = postgres().await else {
-        return;
-    };
-    writes_go_to_the_leader_with_a_token_and_a_pause_survives_a_leader_change(backend).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_a_reset_to_the_start_under_load_replays_once_in_order() {
-    a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order(memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_a_reset_to_the_start_under_load_replays_once_in_order() {
-    let Some(backend) = postgres().await else {
-        return;
-    };
-    a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order(backend).await;
-}
+on_both_stores!(
+    a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it:
+    memory_a_reset_to_a_time_or_a_cursor_moves_after_it,
+    postgres_a_reset_to_a_time_or_a_cursor_moves_after_it
+);
+on_both_stores!(
+    dead_letters_that_are_fixed_come_back_once_in_order:
+    memory_dead_letters_that_are_fixed_come_back_once_in_order,
+    postgres_dead_letters_that_are_fixed_come_back_once_in_order
+);
+on_both_stores!(
+    writes_go_to_the_leader_with_a_token_and_a_pause_survives_a_leader_change:
+    memory_writes_go_to_the_leader_and_a_pause_survives_a_leader_change,
+    postgres_writes_go_to_the_leader_and_a_pause_survives_a_leader_change
+);
+on_both_stores!(
+    a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order:
+    memory_a_reset_to_the_start_under_load_replays_once_in_order,
+    postgres_a_reset_to_the_start_under_load_replays_once_in_order
+);
