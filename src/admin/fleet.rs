@@ -211,9 +211,7 @@ impl Admin {
     pub async fn fleet_status(&self) -> Result<FleetStatus, AdminError> {
         let nodes = self.nodes().await?;
         let (leader, epoch) = match self.control.leader().await? {
-            Some(lease) if lease.expires_at > Utc::now() => {
-                (Some(lease.holder_node().to_owned()), lease.epoch)
-            }
+            Some(lease) if lease.is_live() => (Some(lease.holder_node().to_owned()), lease.epoch),
             Some(lease) => (None, lease.epoch),
             None => (None, 0),
         };

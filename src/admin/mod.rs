@@ -194,9 +194,7 @@ impl Admin {
             return Ok(epoch);
         }
         let leader = match self.control.leader().await {
-            Ok(Some(lease)) if lease.expires_at > chrono::Utc::now() => {
-                Some(lease.holder_node().to_owned())
-            }
+            Ok(Some(lease)) if lease.is_live() => Some(lease.holder_node().to_owned()),
             Ok(_) => None,
             Err(error) => return Err(error.into()),
         };
@@ -225,21 +223,19 @@ impl Admin {
             checkpoints: Arc::clone(&self.stores.checkpoints),
         };
         let requested = self.requested(&request.group).await?;
-        let lines = stores
-            .plan(
-                &request.group,
-                request.source.as_ref(),
-                request.target,
-                &requested,
-            )
-            .await?;
-        if lines.is_empty() {
+        // Checked before the sources are held; counting is left to the plan,
+        // made once the owners have let go.
+        let filter = request.source.as_ref();
+        if (stores.matching(&request.group, filter, &requested).await?).is_empty() {
             return Err(AdminError::NotFound(format!(
                 "group {} has no checkpoints and no live subscribers matching the request: check the group and source names (`weir checkpoints list`)",
                 request.group
             )));
         }
         if request.dry_run {
+            let lines = stores
+                .plan(&request.group, filter, request.target, &requested)
+                .await?;
             return Ok(ResetReport {
                 group: request.group,
                 dry_run: true,

@@ -88,14 +88,13 @@ pub(crate) struct ResetStores {
 
 impl ResetStores {
     /// Every checkpoint of `group` that `filter` matches, with those of
-    /// `requested` sources that have none yet, and where `target` puts each.
-    pub async fn plan(
+    /// `requested` sources that have none yet (at the start), and their cursors.
+    pub async fn matching(
         &self,
         group: &str,
         filter: Option<&Source>,
-        target: ResetTarget,
         requested: &BTreeSet<Source>,
-    ) -> Result<Vec<ResetLine>, AdminError> {
+    ) -> Result<BTreeMap<Source, Cursor>, AdminError> {
         let matches = |source: &Source| filter.is_none_or(|f| source_matches(f, source));
         let mut old: BTreeMap<Source, Cursor> = requested
             .iter()
@@ -107,6 +106,19 @@ impl ResetStores {
                 old.insert(checkpoint.source, checkpoint.cursor);
             }
         }
+        Ok(old)
+    }
+
+    /// The [`matching`](Self::matching) checkpoints, where `target` puts each,
+    /// and how many events that replays or skips.
+    pub async fn plan(
+        &self,
+        group: &str,
+        filter: Option<&Source>,
+        target: ResetTarget,
+        requested: &BTreeSet<Source>,
+    ) -> Result<Vec<ResetLine>, AdminError> {
+        let old = self.matching(group, filter, requested).await?;
         // Cursors are positions in read order, valid in every partition of a
         // category; one target per whole source keeps all partitions agreeing.
         let mut targets: BTreeMap<Source, Cursor> = BTreeMap::new();

@@ -103,6 +103,12 @@ impl Lease {
     pub fn holder_node(&self) -> &str {
         node_of(&self.holder)
     }
+
+    /// Whether it is held now, by this process's clock (for reports; the store's
+    /// clock decides who may take it).
+    pub fn is_live(&self) -> bool {
+        self.expires_at > Utc::now()
+    }
 }
 
 /// Where leases live. Object safe, so a node can hold `Arc<dyn LeaseStore>`.

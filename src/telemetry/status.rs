@@ -156,7 +156,7 @@ impl NodeProbe {
                 match within("the lease store", leases.current(COORDINATOR_LEASE)).await {
                     Ok(None) => (None, 0, None),
                     Ok(Some(lease)) => {
-                        let live = lease.expires_at > Utc::now();
+                        let live = lease.is_live();
                         let epoch = lease.epoch;
                         (live.then_some(lease), epoch, None)
                     }
