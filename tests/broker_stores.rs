@@ -146,10 +146,16 @@ async fn a_second_incarnation_of_a_node_waits_for_the_lease(backend: Backend) {
         .unwrap();
     assert_eq!(leases.current(LEASE).await.unwrap(), Some(first.clone()));
 
-    // The old process is paused: it renews no more, and its lease runs out.
+    // The old process is paused: it renews no more, and its lease runs out. The
+    // new one takes it for longer, so that the checks below run while it holds
+    // it even on a loaded machine.
     let lease = loop {
         tokio::time::sleep(ttl / 3).await;
-        if let Some(lease) = leases.try_acquire(LEASE, new.as_str(), ttl).await.unwrap() {
+        if let Some(lease) = leases
+            .try_acquire(LEASE, new.as_str(), ttl * 10)
+            .await
+            .unwrap()
+        {
             break lease;
         }
     };
