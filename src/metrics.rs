@@ -66,6 +66,11 @@ pub const SINK_PUBLISHED: &str = "weir_sink_published_total";
 /// Time from handing a batch to a sink until every event in it is acknowledged.
 /// Labels: `sink`.
 pub const SINK_PUBLISH_DURATION: &str = "weir_sink_publish_duration_seconds";
+/// Time a consumer spends on each stage of a batch: `read`, `claim_check`,
+/// `process`, `checkpoint`.
+pub const CONSUMER_STAGE_DURATION: &str = "weir_consumer_stage_duration_seconds";
+/// From an event's append to the moment its consumer has read it.
+pub const CONSUMER_PICKUP_DELAY: &str = "weir_consumer_pickup_delay_seconds";
 /// Allocation bus payloads. Labels: `kind` (`decision`, `signal`), `direction`
 /// (`sent`, `received`).
 pub const BUS_MESSAGES: &str = "weir_bus_messages_total";
@@ -273,6 +278,18 @@ pub const CATALOG: &[MetricInfo] = &[
         &["sink"],
         "Time until every event of a batch is acknowledged",
     ),
+    seconds(
+        CONSUMER_STAGE_DURATION,
+        Histogram,
+        &["group", "stage"],
+        "Time a consumer spends per batch on each stage: read, claim_check, process, checkpoint",
+    ),
+    seconds(
+        CONSUMER_PICKUP_DELAY,
+        Histogram,
+        &["group"],
+        "From the append of a batch's first event (its observed_at) to its consumer having read it",
+    ),
     metric(
         BUS_MESSAGES,
         Counter,
@@ -326,6 +343,23 @@ pub fn bus_message(kind: &'static str, direction: &'static str) {
 pub fn sink_batch(sink: &'static str, events: usize, elapsed: std::time::Duration) {
     ::metrics::counter!(SINK_PUBLISHED, "sink" => sink).increment(events as u64);
     ::metrics::histogram!(SINK_PUBLISH_DURATION, "sink" => sink).record(elapsed.as_secs_f64());
+}
+
+/// The stages of a consumer's batch that [`CONSUMER_STAGE_DURATION`] times.
+pub const CONSUMER_STAGES: [&str; 4] = ["read", "claim_check", "process", "checkpoint"];
+
+/// Records how long `group`'s consumer spent on `stage` (one of
+/// [`CONSUMER_STAGES`]) of a batch.
+pub fn consumer_stage(group: &str, stage: &'static str, elapsed: std::time::Duration) {
+    ::metrics::histogram!(CONSUMER_STAGE_DURATION, "group" => group.to_owned(), "stage" => stage)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Records how long after its append the first event of a batch was read.
+pub fn consumer_pickup(group: &str, appended: chrono::DateTime<chrono::Utc>) {
+    let delay = (chrono::Utc::now() - appended).to_std().unwrap_or_default();
+    ::metrics::histogram!(CONSUMER_PICKUP_DELAY, "group" => group.to_owned())
+        .record(delay.as_secs_f64());
 }
 
 /// Counts one bus payload that could not be read.
@@ -425,6 +459,11 @@ pub fn register_node(node: &NodeMetrics) {
         ] {
             counter!(name, "group" => group.clone()).increment(0);
         }
+        for stage in CONSUMER_STAGES {
+            let _registered =
+                histogram!(CONSUMER_STAGE_DURATION, "group" => group.clone(), "stage" => stage);
+        }
+        let _registered = histogram!(CONSUMER_PICKUP_DELAY, "group" => group.clone());
         for kind in PERMANENT_ERROR_KINDS {
             counter!(PROCESSING_ERRORS, "group" => group.clone(), "kind" => kind).increment(0);
         }
@@ -494,6 +533,8 @@ mod tests {
             "direction",
             "sink",
             "version",
+            // One of CONSUMER_STAGES.
+            "stage",
         ];
         for info in CATALOG {
             for label in info.labels {

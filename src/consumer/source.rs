@@ -26,6 +26,7 @@ use super::policy::Action;
 use super::processor::{EventProcessor, ProcessError};
 use super::read_ahead::ReadAhead;
 use super::resume::Resume;
+use super::retrying::{Retrying, transient_backoff};
 use super::settings::{ConsumerSettings, Executor};
 use crate::broker::Grant;
 use crate::event::{Cursor, Source, StoredEvent};
@@ -34,62 +35,6 @@ use crate::store::{AppendWatcher, EventStore};
 
 /// How long to wait before trying an unreachable store again.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
-
-/// The first wait after a transient processing failure; it doubles with each
-/// failure in a row, up to [`TRANSIENT_MAX`].
-const TRANSIENT_INITIAL: Duration = Duration::from_millis(100);
-const TRANSIENT_MAX: Duration = Duration::from_secs(30);
-
-/// The wait before trying again after `failures` transient failures in a row.
-fn transient_backoff(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    TRANSIENT_INITIAL
-        .saturating_mul(1 << doublings)
-        .min(TRANSIENT_MAX)
-}
-
-/// A consumer's run of transient failures, counted in the
-/// `weir_consumers_retrying` gauge while it lasts (also if the task is aborted).
-struct Retrying {
-    group: String,
-    failures: u32,
-}
-
-impl Retrying {
-    fn new(group: &str) -> Self {
-        Self {
-            group: group.to_owned(),
-            failures: 0,
-        }
-    }
-
-    /// Counts one more failure; `true` if it starts a run.
-    fn failed(&mut self) -> bool {
-        self.failures += 1;
-        if self.failures == 1 {
-            metrics::gauge!(names::CONSUMERS_RETRYING, "group" => self.group.clone())
-                .increment(1.0);
-        }
-        self.failures == 1
-    }
-
-    /// Ends the run; `true` if there was one.
-    fn recovered(&mut self) -> bool {
-        let was = self.failures > 0;
-        if was {
-            metrics::gauge!(names::CONSUMERS_RETRYING, "group" => self.group.clone())
-                .decrement(1.0);
-        }
-        self.failures = 0;
-        was
-    }
-}
-
-impl Drop for Retrying {
-    fn drop(&mut self) {
-        self.recovered();
-    }
-}
 
 /// What every source consumer of one registered consumer shares.
 pub struct ConsumerContext {
@@ -468,17 +413,10 @@ impl SourceConsumer {
                 }
                 continue;
             }
-            let (events, limit) = (&self.context.events, settings.batch_size);
-            let next = read_ahead.take_or_read(events, &self.source, progress.cursor, limit);
-            let batch = match next.await {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot read events; trying again");
-                    if self.pause(RETRY_DELAY).await {
-                        return End::Stopped;
-                    }
-                    continue;
-                }
+            let batch = match self.read_batch(&mut read_ahead, progress.cursor).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => continue,
+                Err(end) => return end,
             };
             if batch.is_empty() {
                 if let Err(end) = self.save_if_due(progress).await {
@@ -489,16 +427,20 @@ impl SourceConsumer {
                 }
                 continue;
             }
+            let group = &self.key.group;
             // The claim is checked before the batch goes out, not only when the
             // checkpoint is next saved: a consumer paused past the member timeout
             // must not publish what its source's new owner publishes too.
+            let checking = Instant::now();
             match self.verify(progress).await {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(end) => return end,
             }
+            names::consumer_stage(group, "claim_check", checking.elapsed());
             // A short batch reached the end of the source: what comes next is
             // for the watcher to announce.
+            let (events, limit) = (&self.context.events, settings.batch_size);
             let full = settings.read_ahead && batch.len() >= limit;
             if let (true, Some(last)) = (full, batch.last()) {
                 read_ahead.start(events, &self.source, last.cursor, limit);
@@ -507,11 +449,45 @@ impl SourceConsumer {
             if batch.is_empty() {
                 continue;
             }
+            let processing = Instant::now();
             if let Err(end) = self.process(batch.into(), progress).await {
                 return end;
             }
+            names::consumer_stage(group, "process", processing.elapsed());
+            let saving = Instant::now();
             if let Err(end) = self.save_if_due(progress).await {
                 return end;
+            }
+            names::consumer_stage(group, "checkpoint", saving.elapsed());
+        }
+    }
+
+    /// The batch after `cursor` (read ahead, or read now), timed; `Ok(None)`
+    /// after a failed read and a pause.
+    async fn read_batch(
+        &self,
+        read_ahead: &mut ReadAhead,
+        cursor: Cursor,
+    ) -> Result<Option<Vec<StoredEvent>>, End> {
+        let (events, limit) = (&self.context.events, self.context.settings.batch_size);
+        let reading = Instant::now();
+        match read_ahead
+            .take_or_read(events, &self.source, cursor, limit)
+            .await
+        {
+            Ok(batch) => {
+                if let Some(first) = batch.first() {
+                    names::consumer_stage(&self.key.group, "read", reading.elapsed());
+                    names::consumer_pickup(&self.key.group, first.observed_at);
+                }
+                Ok(Some(batch))
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.key.group, source = %self.source, %error, "cannot read events; trying again");
+                if self.pause(RETRY_DELAY).await {
+                    return Err(End::Stopped);
+                }
+                Ok(None)
             }
         }
     }
