@@ -18,7 +18,9 @@ use tokio::task::JoinSet;
 use super::bridge::{SinkKind, prefix, sink_config};
 use super::nodes::Nodes;
 use super::{CliError, Target, emit};
+use crate::bus::BusKind;
 use crate::config::{Config, SubscriptionConfig};
+use crate::consumer::ConsumerSettings;
 use crate::event::{Category, EventName, NewEvent, Source, StreamName, WriteCondition};
 use crate::store::EventStore;
 
@@ -47,6 +49,13 @@ pub struct LatencyArgs {
     /// `weir run` processes sharing the work.
     #[arg(long, default_value_t = 2)]
     nodes: usize,
+    /// Partitions of the category (`[[subscriptions]] partitions`): with more
+    /// than one, the nodes share the category instead of one consumer reading it.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// The consumers' `batch_size` (the default consumer setting if not given).
+    #[arg(long)]
+    batch_size: Option<usize>,
 }
 
 /// Latencies seen by the plain client, per round (round 0 is the warm-up).
@@ -117,7 +126,7 @@ pub(super) async fn run(
     }
     let tag = prefix(0, "latency");
     let category = Category::new(format!("latency-{}", &tag[6..14])).expect("a valid name");
-    let node_config = node_config(config, &schema, &tag, &category, args.sink);
+    let node_config = node_config(config, &schema, &tag, &category, args);
     let arrivals = Arc::new(Arrivals::default());
     let subscriber = subscribe(config, &tag, &category, args.sink, arrivals.clone()).await?;
     let mut nodes = Nodes::start(&node_config, &tag, args.nodes.max(1)).await?;
@@ -126,6 +135,7 @@ pub(super) async fn run(
         warm_up(target.store.clone(), &category, &arrivals).await?;
         for (index, &rate) in args.rates.iter().enumerate() {
             let round = index as u64 + 1;
+            let times_before = nodes.stage_times().await;
             let started = Instant::now();
             let sent = drive(target.store.clone(), &category, args, rate, round).await?;
             let elapsed = started.elapsed();
@@ -133,7 +143,8 @@ pub(super) async fn run(
             while (arrivals.count(round) as u64) < sent && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            report(args, rate, sent, elapsed, arrivals.take(round));
+            let stages = nodes.stage_times().await.since(&times_before);
+            report(args, rate, sent, elapsed, arrivals.take(round), stages);
         }
         Ok::<_, CliError>(())
     }
@@ -159,27 +170,42 @@ fn scratch_schema(target: &Target) -> Result<String, CliError> {
     ))
 }
 
-/// The bench's config for the nodes: its store and schema, a bus namespace of
-/// this run's own, and one group forwarding `category` to the sink.
+/// The bench's config for the nodes: its store and schema, a shared bus (the
+/// sink's broker unless the config names one) in a namespace of this run's own,
+/// and one group forwarding `category` to the sink.
 fn node_config(
     config: &Config,
     schema: &str,
     tag: &str,
     category: &Category,
-    sink: SinkKind,
+    args: &LatencyArgs,
 ) -> Config {
     let mut nodes = config.clone();
     nodes.store.schema = schema.to_owned();
-    nodes.bus.namespace = tag.to_owned();
+    nodes.bus.namespace = format!("{tag}_bus");
+    // The in-memory bus reaches only its own process: each node would coordinate
+    // alone and every node would forward every event. The sink's broker is there.
+    if nodes.bus.kind == BusKind::Memory {
+        nodes.bus.kind = match args.sink {
+            SinkKind::Nats => BusKind::Nats,
+            SinkKind::Kafka => BusKind::Kafka,
+        };
+    }
     nodes.demo = Default::default();
     nodes.subscriptions = vec![SubscriptionConfig {
         group: "latency".into(),
         sources: vec![Source::Category(category.clone())],
         instances: 1,
         required_tags: Default::default(),
-        sink: sink_config(sink, tag, crate::sink::default_max_in_flight()),
-        consumer: Default::default(),
-        partitions: 1,
+        sink: sink_config(args.sink, tag, crate::sink::default_max_in_flight()),
+        consumer: match args.batch_size {
+            Some(batch_size) => ConsumerSettings {
+                batch_size,
+                ..ConsumerSettings::default()
+            },
+            None => ConsumerSettings::default(),
+        },
+        partitions: args.partitions,
     }];
     nodes
 }
@@ -281,7 +307,14 @@ fn io_closed(error: impl std::fmt::Display) -> CliError {
     CliError::Io(std::io::Error::other(error.to_string()))
 }
 
-fn report(args: &LatencyArgs, rate: u64, sent: u64, elapsed: Duration, mut millis: Vec<f64>) {
+fn report(
+    args: &LatencyArgs,
+    rate: u64,
+    sent: u64,
+    elapsed: Duration,
+    mut millis: Vec<f64>,
+    stages: Value,
+) {
     millis.sort_by(f64::total_cmp);
     let at = |q: f64| -> Value {
         if millis.is_empty() {
@@ -296,9 +329,12 @@ fn report(args: &LatencyArgs, rate: u64, sent: u64, elapsed: Duration, mut milli
     };
     emit(json!({
         "bench": "latency", "sink": sink, "backend": "postgres", "nodes": args.nodes,
+        "partitions": args.partitions, "batch_size": args.batch_size,
         "rate": rate, "achieved_rate": (sent as f64 / elapsed.as_secs_f64()).round(),
         "seconds": elapsed.as_secs_f64(), "sent": sent, "arrived": millis.len(),
         "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": at(1.0),
+        // Mean milliseconds per batch of each consumer stage, over the nodes.
+        "stages_mean_ms": stages,
     }));
 }
 

@@ -2,6 +2,7 @@
 //! from a config file the bench writes, so that what is measured is what an
 //! operator runs: separate processes, their own pools, bus clients and sinks.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -104,6 +105,17 @@ impl Nodes {
         Ok(())
     }
 
+    /// The consumers' timing histograms, added up over every node.
+    pub(super) async fn stage_times(&self) -> StageTimes {
+        let mut times = StageTimes::default();
+        for node in &self.nodes {
+            if let Ok((200, body)) = get(node.http, "/metrics").await {
+                times.add(&body);
+            }
+        }
+        times
+    }
+
     /// SIGTERM to every node, then waits for each to exit; an error names the
     /// node that failed to stop cleanly, with its log's tail.
     pub(super) async fn stop(mut self) -> Result<(), CliError> {
@@ -151,6 +163,11 @@ impl Node {
 
 /// The status code of one HTTP/1.1 GET.
 async fn get_status(address: SocketAddr, path: &str) -> std::io::Result<u16> {
+    get(address, path).await.map(|(status, _)| status)
+}
+
+/// The status code and body of one HTTP/1.1 GET.
+async fn get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let ask = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
         let request =
@@ -158,13 +175,119 @@ async fn get_status(address: SocketAddr, path: &str) -> std::io::Result<u16> {
         stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
-        response
+        let status = response
             .split_whitespace()
             .nth(1)
             .and_then(|code| code.parse().ok())
-            .ok_or_else(|| std::io::Error::other("not an HTTP response"))
+            .ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or_else(String::new, |(_, body)| body.to_owned());
+        Ok((status, body))
     };
     tokio::time::timeout(Duration::from_secs(5), ask)
         .await
         .map_err(|_| std::io::Error::other("no answer"))?
+}
+
+/// Sums and counts of the consumers' timing histograms, added up over the
+/// nodes: what the time of a batch went to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct StageTimes {
+    /// By stage (`read`, `claim_check`, `process`, `checkpoint`, `pickup`,
+    /// `publish`): (seconds in all, how many were timed).
+    pub(super) stages: BTreeMap<String, (f64, f64)>,
+}
+
+impl StageTimes {
+    /// Adds up the histograms of one `/metrics` body.
+    fn add(&mut self, body: &str) {
+        for line in body.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let Some((stage, is_sum)) = stage_of(series) else {
+                continue;
+            };
+            let entry = self.stages.entry(stage).or_default();
+            if is_sum {
+                entry.0 += value;
+            } else {
+                entry.1 += value;
+            }
+        }
+    }
+
+    /// Mean milliseconds per stage from `earlier` to `self`, and the batches timed.
+    pub(super) fn since(&self, earlier: &StageTimes) -> serde_json::Value {
+        let mut means = serde_json::Map::new();
+        for (stage, &(sum, count)) in &self.stages {
+            let (sum_before, count_before) = earlier.stages.get(stage).copied().unwrap_or_default();
+            let timed = count - count_before;
+            if timed > 0.0 {
+                let mean_ms = (sum - sum_before) / timed * 1000.0;
+                means.insert(
+                    stage.clone(),
+                    serde_json::json!((mean_ms * 100.0).round() / 100.0),
+                );
+            }
+        }
+        serde_json::Value::Object(means)
+    }
+}
+
+/// The stage a histogram series line counts for, and whether it is the sum
+/// (else the count).
+fn stage_of(series: &str) -> Option<(String, bool)> {
+    let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+    let (metric, is_sum) = if let Some(metric) = name.strip_suffix("_sum") {
+        (metric, true)
+    } else {
+        (name.strip_suffix("_count")?, false)
+    };
+    let stage = match metric {
+        "weir_consumer_stage_duration_seconds" => {
+            let start = labels.find("stage=\"")? + "stage=\"".len();
+            let end = labels[start..].find('"')? + start;
+            labels[start..end].to_owned()
+        }
+        "weir_consumer_pickup_delay_seconds" => "pickup".to_owned(),
+        "weir_sink_publish_duration_seconds" => "publish".to_owned(),
+        _ => return None,
+    };
+    Some((stage, is_sum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_times_add_up_over_nodes_and_give_means_since_an_earlier_scrape() {
+        let scrape = |read_sum: f64, read_count: u64, publish_sum: f64| {
+            format!(
+                "# TYPE weir_consumer_stage_duration_seconds histogram\n\
+                 weir_consumer_stage_duration_seconds_bucket{{group=\"g\",stage=\"read\",le=\"0.001\"}} 1\n\
+                 weir_consumer_stage_duration_seconds_sum{{group=\"g\",stage=\"read\"}} {read_sum}\n\
+                 weir_consumer_stage_duration_seconds_count{{group=\"g\",stage=\"read\"}} {read_count}\n\
+                 weir_sink_publish_duration_seconds_sum{{sink=\"nats\"}} {publish_sum}\n\
+                 weir_sink_publish_duration_seconds_count{{sink=\"nats\"}} {read_count}\n\
+                 weir_consumer_events_total{{group=\"g\"}} 7\n"
+            )
+        };
+        let mut before = StageTimes::default();
+        before.add(&scrape(0.010, 10, 0.020));
+        let mut after = StageTimes::default();
+        // Two nodes: their histograms add up.
+        after.add(&scrape(0.030, 20, 0.060));
+        after.add(&scrape(0.020, 10, 0.020));
+        let means = after.since(&before);
+        // (0.050 - 0.010) s over (30 - 10) batches = 2 ms; publish 3 ms.
+        assert_eq!(means["read"], serde_json::json!(2.0));
+        assert_eq!(means["publish"], serde_json::json!(3.0));
+        assert!(means.get("claim_check").is_none());
+    }
 }
