@@ -117,7 +117,16 @@ impl RunningConsumer {
         self.stop.cancel();
         let mut task = self.task.take()?;
         match tokio::time::timeout(grace, &mut task).await {
-            Ok(Ok(cursor)) => cursor,
+            Ok(Ok(cursor)) => {
+                // It may have been fenced a moment before it was asked to stop: the
+                // source is no longer its own, and a fenced state left behind would
+                // count as a source this node owns, with a lag that never moves. (A
+                // failure stays: it says why the consumer or the runtime stopped.)
+                if self.fenced_on_board() {
+                    self.board.set(&self.key, ConsumerState::Stopped);
+                }
+                cursor
+            }
             Ok(Err(error)) => {
                 tracing::error!(group = %self.key.group, source = %self.key.source, %error, "source consumer task failed");
                 None
@@ -143,12 +152,14 @@ impl RunningConsumer {
 
     /// Whether the consumer ended because another claim holds its checkpoint.
     pub fn is_fenced(&self) -> bool {
-        self.is_finished()
-            && self
-                .board
-                .entries()
-                .get(&self.key)
-                .is_some_and(|entry| matches!(entry.state, ConsumerState::Fenced(_)))
+        self.is_finished() && self.fenced_on_board()
+    }
+
+    fn fenced_on_board(&self) -> bool {
+        self.board
+            .entries()
+            .get(&self.key)
+            .is_some_and(|entry| matches!(entry.state, ConsumerState::Fenced(_)))
     }
 
     /// Forgets a consumer that ended on its own once its source is no longer this
@@ -770,3 +781,6 @@ impl SourceConsumer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
