@@ -32,6 +32,8 @@
 //! nobody, the observer reports itself errored, which makes the node not ready.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -314,10 +316,30 @@ impl Observer {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         heartbeat.reset();
         let mut fence = FenceClock::new(&self.settings, registered_at);
+        // The heartbeat under way, if any. It runs beside the loop rather than in
+        // it, so that decisions and the fence clock are served meanwhile and a
+        // heartbeat slower than its interval (a store just back, reconnecting
+        // under load) still counts from when it was sent instead of being cut off.
+        let mut beating: Option<Pin<Box<dyn Future<Output = (Instant, bool)> + Send + '_>>> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = heartbeat.tick() => self.heartbeat_and_unfence(&mut fence, &targets).await,
+                _ = heartbeat.tick(), if beating.is_none() => {
+                    let sent = Instant::now();
+                    beating = Some(Box::pin(async move { (sent, self.heartbeat().await) }));
+                }
+                (sent, heard) = async {
+                    match beating.as_mut() {
+                        Some(beat) => beat.await,
+                        None => std::future::pending().await,
+                    }
+                }, if beating.is_some() => {
+                    beating = None;
+                    if heard && fence.heard(sent) {
+                        tracing::info!(node = %self.node, "heartbeats get through again: taking sources back up");
+                        targets.fence(false);
+                    }
+                }
                 () = tokio::time::sleep_until(fence.at), if !fence.fenced => {
                     fence.fenced = true;
                     tracing::error!(
@@ -369,14 +391,6 @@ impl Observer {
         appliers
     }
 
-    async fn heartbeat_and_unfence(&self, fence: &mut FenceClock, targets: &Targets) {
-        let sent = Instant::now();
-        if self.heartbeat().await && fence.heard(sent) {
-            tracing::info!(node = %self.node, "heartbeats get through again: taking sources back up");
-            targets.fence(false);
-        }
-    }
-
     /// Withdraws and releases every source, then removes the registrations and
     /// says the subscribers leave.
     async fn leave(&self, mut appliers: JoinSet<()>, stop_appliers: CancellationToken) {
@@ -401,9 +415,10 @@ impl Observer {
     /// Heartbeats every subscriber and announces those registered again. Returns
     /// whether the registry was reached.
     async fn heartbeat(&self) -> bool {
-        // Bounded, so that a registry that stops answering cannot hold up fencing.
+        // Bounded, so that a registry that stops answering is reported; past a
+        // member timeout a heartbeat could not keep the node alive anyway.
         let heartbeat = self.membership.heartbeat_once();
-        match tokio::time::timeout(self.settings.heartbeat_interval, heartbeat).await {
+        match tokio::time::timeout(self.settings.member_timeout, heartbeat).await {
             Err(_) => {
                 self.status
                     .error("heartbeat timed out: the membership store does not answer".to_owned());
