@@ -137,14 +137,15 @@ pub(super) async fn run(
             let round = index as u64 + 1;
             let times_before = nodes.stage_times().await;
             let started = Instant::now();
-            let sent = drive(target.store.clone(), &category, args, rate, round).await?;
+            let (sent, appends) = drive(target.store.clone(), &category, args, rate, round).await?;
             let elapsed = started.elapsed();
             let deadline = Instant::now() + args.drain;
             while (arrivals.count(round) as u64) < sent && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let stages = nodes.stage_times().await.since(&times_before);
-            report(args, rate, sent, elapsed, arrivals.take(round), stages);
+            let arrived = arrivals.take(round);
+            report(args, rate, sent, elapsed, arrived, appends, stages);
         }
         Ok::<_, CliError>(())
     }
@@ -269,12 +270,13 @@ async fn drive(
     args: &LatencyArgs,
     rate: u64,
     round: u64,
-) -> Result<u64, CliError> {
+) -> Result<(u64, Vec<f64>), CliError> {
     let slots = Arc::new(Semaphore::new(args.appends_in_flight));
     let mut appends = JoinSet::new();
     let started = Instant::now();
     let mut sent = 0u64;
     let mut batches = 0usize;
+    let mut append_millis = Vec::new();
     while started.elapsed() < args.duration {
         let due = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
         if due > sent {
@@ -285,22 +287,23 @@ async fn drive(
             let payload_bytes = args.payload_bytes;
             appends.spawn(async move {
                 let events = events(round, sent, count, payload_bytes);
+                let started = Instant::now();
                 let outcome = append(&*store, &category, &stream, events).await;
                 drop(slot);
-                outcome
+                outcome.map(|()| started.elapsed().as_secs_f64() * 1000.0)
             });
             sent += count;
             batches += 1;
         }
         while let Some(done) = appends.try_join_next() {
-            done.map_err(io_closed)??;
+            append_millis.push(done.map_err(io_closed)??);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     while let Some(done) = appends.join_next().await {
-        done.map_err(io_closed)??;
+        append_millis.push(done.map_err(io_closed)??);
     }
-    Ok(sent)
+    Ok((sent, append_millis))
 }
 
 fn io_closed(error: impl std::fmt::Display) -> CliError {
@@ -312,9 +315,33 @@ fn report(
     rate: u64,
     sent: u64,
     elapsed: Duration,
-    mut millis: Vec<f64>,
+    arrived: Vec<f64>,
+    appends: Vec<f64>,
     stages: Value,
 ) {
+    let sink = match args.sink {
+        SinkKind::Nats => "nats",
+        SinkKind::Kafka => "kafka",
+    };
+    let count = arrived.len();
+    let [p50, p99, max] = percentiles(arrived);
+    // How long the appends themselves took, commit included: the share of the
+    // latency that is the database's before weir can see an event.
+    let [append_p50, append_p99, append_max] = percentiles(appends);
+    emit(json!({
+        "bench": "latency", "sink": sink, "backend": "postgres", "nodes": args.nodes,
+        "partitions": args.partitions, "batch_size": args.batch_size,
+        "rate": rate, "achieved_rate": (sent as f64 / elapsed.as_secs_f64()).round(),
+        "seconds": elapsed.as_secs_f64(), "sent": sent, "arrived": count,
+        "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+        "append_p50_ms": append_p50, "append_p99_ms": append_p99, "append_max_ms": append_max,
+        // Mean milliseconds per batch of each consumer stage, over the nodes.
+        "stages_mean_ms": stages,
+    }));
+}
+
+/// p50, p99 and max of `millis`, in hundredths of a millisecond (null if empty).
+fn percentiles(mut millis: Vec<f64>) -> [Value; 3] {
     millis.sort_by(f64::total_cmp);
     let at = |q: f64| -> Value {
         if millis.is_empty() {
@@ -323,19 +350,7 @@ fn report(
         let index = ((millis.len() as f64 * q).ceil() as usize).clamp(1, millis.len()) - 1;
         json!((millis[index] * 100.0).round() / 100.0)
     };
-    let sink = match args.sink {
-        SinkKind::Nats => "nats",
-        SinkKind::Kafka => "kafka",
-    };
-    emit(json!({
-        "bench": "latency", "sink": sink, "backend": "postgres", "nodes": args.nodes,
-        "partitions": args.partitions, "batch_size": args.batch_size,
-        "rate": rate, "achieved_rate": (sent as f64 / elapsed.as_secs_f64()).round(),
-        "seconds": elapsed.as_secs_f64(), "sent": sent, "arrived": millis.len(),
-        "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": at(1.0),
-        // Mean milliseconds per batch of each consumer stage, over the nodes.
-        "stages_mean_ms": stages,
-    }));
+    [at(0.50), at(0.99), at(1.0)]
 }
 
 /// Starts the plain client on the sink's destination; it records into `arrivals`
