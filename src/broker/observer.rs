@@ -320,7 +320,7 @@ impl Observer {
         // it, so that decisions and the fence clock are served meanwhile and a
         // heartbeat slower than its interval (a store just back, reconnecting
         // under load) still counts from when it was sent instead of being cut off.
-        let mut beating: Option<Pin<Box<dyn Future<Output = (Instant, bool)> + Send + '_>>> = None;
+        let mut beating: Option<Heartbeat<'_>> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -455,6 +455,9 @@ impl Observer {
             .collect()
     }
 }
+
+/// A heartbeat under way: when it was sent, and whether it got through.
+type Heartbeat<'a> = Pin<Box<dyn Future<Output = (Instant, bool)> + Send + 'a>>;
 
 /// What [`Observer::start`] hands to [`Observer::observe`].
 struct Started {
