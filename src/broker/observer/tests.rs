@@ -159,11 +159,13 @@ impl Subscriber for Recorder {
     }
 }
 
-/// A membership store whose heartbeats can be made to fail.
+/// A membership store whose heartbeats can be made to fail, or to take a while.
 #[derive(Default)]
 struct Flaky {
     inner: MemoryMembershipStore,
     down: AtomicBool,
+    /// How long each heartbeat takes, in milliseconds.
+    slow_millis: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait]
@@ -179,6 +181,8 @@ impl MembershipStore for Flaky {
         if self.down.load(Ordering::SeqCst) {
             return Err(crate::store::Error::Unavailable("down by the test".into()));
         }
+        let slow = self.slow_millis.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(slow)).await;
         self.inner.heartbeat(node, keys).await
     }
     async fn leave(&self, group: &str, subscriber: &str) -> crate::store::Result<bool> {
@@ -287,6 +291,23 @@ async fn a_fenced_node_withdraws_and_takes_up_again_under_the_grant_it_knows() {
     // one under any decision that gave the source away meanwhile.
     assert_eq!(node.recorder.accepted()[1], (orders(), Grant::new(1, 3)));
     until(|| *node.status.borrow() == BrokerStatus::Running).await;
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_slower_than_their_interval_still_keep_the_node_unfenced() {
+    // A store just back from an outage, reconnecting on a loaded machine: each
+    // heartbeat takes 2.5 intervals, still far inside the member timeout.
+    let bus = ScriptedBus::new(vec![decision(1, 3, MINE)], Vec::new());
+    let membership = Arc::new(Flaky::default());
+    let node = start(bus.clone(), membership.clone());
+    until(|| node.recorder.accepted().len() == 1).await;
+    membership.slow_millis.store(250, Ordering::SeqCst);
+    // Several member timeouts: every heartbeat gets through, late.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(node.recorder.withdrawn(), 0, "the node fenced itself");
+    assert_eq!(*node.status.borrow(), BrokerStatus::Running);
     node.cancel.cancel();
     node.task.await.unwrap();
 }
