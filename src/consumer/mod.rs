@@ -45,6 +45,20 @@ pub(crate) mod testing {
     use crate::event::{Category, EventName, NewEvent, StoredEvent, StreamName, WriteCondition};
     use crate::store::{EventStore, MemoryStore};
 
+    /// Appends one event to stream `o-1` of category `orders`.
+    pub(crate) async fn append_order(store: &MemoryStore) {
+        let event = NewEvent::new(EventName::new("E").unwrap(), serde_json::json!({}));
+        store
+            .append(
+                &Category::new("orders").unwrap(),
+                &StreamName::new("o-1").unwrap(),
+                WriteCondition::Any,
+                vec![event],
+            )
+            .await
+            .unwrap();
+    }
+
     /// `count` events of one stream, as a store returns them.
     pub(crate) async fn events(count: u64) -> Vec<StoredEvent> {
         store_with(count).await.1

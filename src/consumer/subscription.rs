@@ -137,9 +137,9 @@ mod tests {
     use crate::consumer::processor::from_fn;
     use crate::consumer::settings::{ConsumerSettings, Executor};
     use crate::consumer::source::Board;
+    use crate::consumer::testing::append_order as append;
     use crate::consumer::{MemoryCheckpointStore, MemoryDeadLetterStore};
-    use crate::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
-    use crate::store::{EventStore, MemoryStore};
+    use crate::store::MemoryStore;
 
     #[tokio::test]
     async fn once_aborted_it_accepts_nothing_and_consumes_nothing() {
@@ -169,18 +169,7 @@ mod tests {
         });
         let consumer = SubscriptionConsumer::new(context, Duration::from_secs(1));
         let orders: Source = "category:orders".parse().unwrap();
-        let append = || async {
-            let event = NewEvent::new(EventName::new("E").unwrap(), serde_json::json!({}));
-            events
-                .append(
-                    &Category::new("orders").unwrap(),
-                    &StreamName::new("o-1").unwrap(),
-                    WriteCondition::Any,
-                    vec![event],
-                )
-                .await
-                .unwrap();
-        };
+        let append = || append(&events);
         consumer.accept(&orders).await.unwrap();
         append().await;
         while processed.load(Ordering::SeqCst) < 1 {
@@ -242,19 +231,6 @@ mod tests {
             events,
             checkpoints,
         }
-    }
-
-    async fn append(events: &MemoryStore) {
-        let event = NewEvent::new(EventName::new("E").unwrap(), serde_json::json!({}));
-        events
-            .append(
-                &Category::new("orders").unwrap(),
-                &StreamName::new("o-1").unwrap(),
-                WriteCondition::Any,
-                vec![event],
-            )
-            .await
-            .unwrap();
     }
 
     /// Waits (with a hang guard) until `counter` reaches `count`.

@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::consumer::processor::from_fn;
+use crate::consumer::testing::append_order;
 use crate::consumer::{CheckpointStore, MemoryCheckpointStore, MemoryDeadLetterStore};
-use crate::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
 use crate::store::MemoryStore;
 
 /// The consumer's state on its board.
@@ -49,16 +49,7 @@ async fn a_consumer_fenced_just_before_it_is_stopped_reports_stopped() {
     // Another owner claims the source; the consumer finds out at its next batch
     // and ends on its own, fenced, before anyone asks it to stop.
     checkpoints.claim("g", &orders, "b").await.unwrap();
-    let event = NewEvent::new(EventName::new("E").unwrap(), serde_json::json!({}));
-    events
-        .append(
-            &Category::new("orders").unwrap(),
-            &StreamName::new("o-1").unwrap(),
-            WriteCondition::Any,
-            vec![event],
-        )
-        .await
-        .unwrap();
+    append_order(&events).await;
     tokio::time::timeout(Duration::from_secs(30), async {
         while !consumer.is_fenced() {
             tokio::time::sleep(Duration::from_millis(5)).await;
