@@ -60,7 +60,7 @@ on_every_backend!(
     heartbeats_keep_members_live,
     purge_removes_old_records,
     purged_subscribers_register_again_at_their_next_heartbeat,
-    heartbeat_leaves_another_nodes_record_alone,
+    a_heartbeat_for_a_record_another_process_holds_fails_and_leaves_it_alone,
 );
 
 const LEASE: &str = "coordinator";
@@ -497,14 +497,34 @@ async fn purged_subscribers_register_again_at_their_next_heartbeat(backend: Back
     assert!(backend.members.groups().await.unwrap().is_empty());
 }
 
-async fn heartbeat_leaves_another_nodes_record_alone(backend: Backend) {
+async fn a_heartbeat_for_a_record_another_process_holds_fails_and_leaves_it_alone(
+    backend: Backend,
+) {
     let members = &backend.members;
+    members
+        .register(&registration("g", "s1", "n1@old"))
+        .await
+        .unwrap();
+    // A second process of the node registers the same subscriber while the
+    // first is paused.
     let theirs = members
-        .register(&registration("g", "s1", "n2"))
+        .register(&registration("g", "s1", "n1@new"))
         .await
         .unwrap();
     let key = SubscriberKey::new("g", "s1");
-    assert!(members.heartbeat("n1", &[key]).await.unwrap().is_empty());
+    match members.heartbeat("n1@old", &[key]).await {
+        Err(weir::store::Error::MemberTaken {
+            group,
+            subscriber,
+            holder,
+        }) => {
+            assert_eq!(
+                (group.as_str(), subscriber.as_str(), holder.as_str()),
+                ("g", "s1", "n1@new")
+            );
+        }
+        other => panic!("expected MemberTaken, got {other:?}"),
+    }
     let live = members.live("g", LONG).await.unwrap();
     assert_eq!(live, [theirs]);
 }

@@ -85,9 +85,12 @@ pub trait MembershipStore: Send + Sync + 'static {
 
     /// Refreshes the heartbeat of `node`'s records among `subscribers`, and returns
     /// those that have no record at all (e.g. purged while the node was unreachable),
-    /// for the node to register again. A record another node registered under the
-    /// same key is neither refreshed nor returned: it stays that node's until it stops
-    /// heartbeating and is purged.
+    /// for the node to register again. A record another process registered under
+    /// the same key (a second process started with the same node id, while this
+    /// one was paused or cut off) is left alone and fails the heartbeat with
+    /// [`Error::MemberTaken`](crate::store::Error::MemberTaken): heartbeats that
+    /// do not get through make this process fence itself, so that only the one
+    /// that registered last consumes.
     async fn heartbeat(
         &self,
         node: &str,
@@ -109,6 +112,15 @@ pub trait MembershipStore: Send + Sync + 'static {
 
     /// Removes records not heard from for longer than `older_than`; returns how many.
     async fn purge(&self, older_than: Duration) -> Result<u64>;
+}
+
+/// The heartbeat's refusal for `key`, which `holder` registered.
+pub(crate) fn taken(key: &SubscriberKey, holder: &str) -> crate::store::Error {
+    crate::store::Error::MemberTaken {
+        group: key.group.clone(),
+        subscriber: key.subscriber.clone(),
+        holder: holder.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -211,7 +223,7 @@ impl MembershipStore for MemoryMembershipStore {
         for key in subscribers {
             match members.get_mut(key) {
                 Some(entry) if entry.node == node => entry.heartbeat = now,
-                Some(_) => {}
+                Some(entry) => return Err(taken(key, &entry.node)),
                 None => missing.push(key.clone()),
             }
         }
@@ -377,7 +389,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn another_nodes_record_is_left_alone() {
+    async fn another_process_record_is_left_alone_and_fails_the_heartbeat() {
         let store = Arc::new(MemoryMembershipStore::new());
         let mut theirs = Membership::new(store.clone(), "node-b");
         theirs.add("g", "s1", BTreeSet::new(), BTreeSet::new());
@@ -385,7 +397,10 @@ mod tests {
         let mut ours = Membership::new(store.clone(), "node-a");
         ours.add("g", "s1", BTreeSet::new(), BTreeSet::new());
 
-        assert!(ours.heartbeat_once().await.unwrap().is_empty());
+        assert!(matches!(
+            ours.heartbeat_once().await,
+            Err(crate::store::Error::MemberTaken { holder, .. }) if holder == "node-b"
+        ));
         let live = store.live("g", Duration::from_secs(10)).await.unwrap();
         assert_eq!(live[0].node, "node-b");
     }

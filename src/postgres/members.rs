@@ -12,7 +12,9 @@ use tokio_postgres::types::ToSql;
 
 use super::{PostgresStore, classify, quote_identifier};
 use crate::broker::lease::MAX_TTL;
-use crate::broker::membership::{MemberRecord, MembershipStore, Registration, SubscriberKey};
+use crate::broker::membership::{
+    MemberRecord, MembershipStore, Registration, SubscriberKey, taken,
+};
 use crate::event::Source;
 use crate::store::{Error, Result};
 
@@ -48,6 +50,8 @@ impl PostgresMembershipStore {
             ),
             // The outer SELECT sees the table as the statement began, so a record
             // purged concurrently may be reported missing only at the next heartbeat.
+            // It returns the keys without a record (node NULL) and those another
+            // process holds.
             heartbeat: format!(
                 "WITH wanted AS ( \
                    SELECT * FROM unnest($2::text[], $3::text[]) AS w(group_name, subscriber) \
@@ -56,9 +60,9 @@ impl PostgresMembershipStore {
                    WHERE m.group_name = w.group_name AND m.subscriber = w.subscriber AND m.node = $1 \
                    RETURNING 1 \
                  ) \
-                 SELECT w.group_name, w.subscriber FROM wanted w \
-                 WHERE NOT EXISTS (SELECT 1 FROM {table} m \
-                                    WHERE m.group_name = w.group_name AND m.subscriber = w.subscriber)"
+                 SELECT w.group_name, w.subscriber, m.node FROM wanted w \
+                 LEFT JOIN {table} m ON m.group_name = w.group_name AND m.subscriber = w.subscriber \
+                 WHERE m.node IS DISTINCT FROM $1"
             ),
             leave: format!("DELETE FROM {table} WHERE group_name = $1 AND subscriber = $2"),
             live: format!(
@@ -146,14 +150,18 @@ impl MembershipStore for PostgresMembershipStore {
         let rows = self
             .query(&self.sql.heartbeat, &[&node, &groups, &names])
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(SubscriberKey {
-                    group: row.try_get(0).map_err(classify)?,
-                    subscriber: row.try_get(1).map_err(classify)?,
-                })
-            })
-            .collect()
+        let mut missing = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key = SubscriberKey {
+                group: row.try_get(0).map_err(classify)?,
+                subscriber: row.try_get(1).map_err(classify)?,
+            };
+            match row.try_get::<_, Option<String>>(2).map_err(classify)? {
+                Some(holder) => return Err(taken(&key, &holder)),
+                None => missing.push(key),
+            }
+        }
+        Ok(missing)
     }
 
     async fn leave(&self, group: &str, subscriber: &str) -> Result<bool> {

@@ -85,6 +85,15 @@ pub enum Error {
         "this event store cannot {0}: use the memory or the Postgres store, or implement it for this backend"
     )]
     Unsupported(&'static str),
+    #[error(
+        "subscriber {subscriber} of group {group} is registered by another process, {holder}: two processes run with one node id, and the one that registered last keeps it, so this one consumes nothing; give each process its own [node] id, or stop this one"
+    )]
+    MemberTaken {
+        group: String,
+        subscriber: String,
+        /// The process (`node@token`) whose record it is.
+        holder: String,
+    },
 }
 
 fn describe_head(last_position: Option<u64>) -> String {

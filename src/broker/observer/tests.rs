@@ -313,6 +313,39 @@ async fn heartbeats_slower_than_their_interval_still_keep_the_node_unfenced() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_process_whose_subscribers_another_process_registered_fences_itself() {
+    let bus = ScriptedBus::new(vec![decision(1, 3, MINE)], Vec::new());
+    let membership = Arc::new(MemoryMembershipStore::new());
+    let node = start(bus.clone(), membership.clone());
+    until(|| node.recorder.accepted().len() == 1).await;
+
+    // A second process started with the same node id (while this one was
+    // paused, say) registers the same subscriber.
+    membership
+        .register(&Registration {
+            group: "g".into(),
+            subscriber: MINE.into(),
+            node: "node@2".into(),
+            sources: BTreeSet::from([orders()]),
+            tags: BTreeSet::new(),
+        })
+        .await
+        .unwrap();
+    until(|| node.recorder.withdrawn() == 1).await;
+    match &*node.status.borrow() {
+        BrokerStatus::Errored(reason) => {
+            assert!(reason.contains("another process, node@2"), "{reason}");
+        }
+        other => panic!("expected an error naming the other process, got {other:?}"),
+    }
+    // It stays out: nothing is accepted again while the other process holds it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(node.recorder.accepted().len(), 1);
+    node.cancel.cancel();
+    node.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lost_source_makes_the_node_unready_until_it_is_accepted_again() {
     let bus = ScriptedBus::new(vec![decision(1, 1, MINE)], Vec::new());
     let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
