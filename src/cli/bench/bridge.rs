@@ -21,6 +21,16 @@ pub enum SinkKind {
     Kafka,
 }
 
+impl SinkKind {
+    /// Its name in the bench's JSON lines, as on the command line.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            SinkKind::Nats => "nats",
+            SinkKind::Kafka => "kafka",
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BridgeArgs {
     /// Where the events go; connection settings come from `[nats]` / `[kafka]`.
@@ -107,10 +117,7 @@ pub(super) async fn run(
         read_ahead: !args.no_read_ahead,
         ..ConsumerSettings::default()
     };
-    let sink_name = match args.sink {
-        SinkKind::Nats => "nats",
-        SinkKind::Kafka => "kafka",
-    };
+    let sink_name = args.sink.name();
 
     let mut weir_best = Duration::MAX;
     let mut raw_best = Duration::MAX;

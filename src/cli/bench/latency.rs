@@ -199,12 +199,11 @@ fn node_config(
         instances: 1,
         required_tags: Default::default(),
         sink: sink_config(args.sink, tag, crate::sink::default_max_in_flight()),
-        consumer: match args.batch_size {
-            Some(batch_size) => ConsumerSettings {
-                batch_size,
-                ..ConsumerSettings::default()
-            },
-            None => ConsumerSettings::default(),
+        consumer: ConsumerSettings {
+            batch_size: args
+                .batch_size
+                .unwrap_or(ConsumerSettings::default().batch_size),
+            ..ConsumerSettings::default()
         },
         partitions: args.partitions,
     }];
@@ -319,10 +318,7 @@ fn report(
     appends: Vec<f64>,
     stages: Value,
 ) {
-    let sink = match args.sink {
-        SinkKind::Nats => "nats",
-        SinkKind::Kafka => "kafka",
-    };
+    let sink = args.sink.name();
     let count = arrived.len();
     let [p50, p99, max] = percentiles(arrived);
     // How long the appends themselves took, commit included: the share of the
