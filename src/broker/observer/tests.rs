@@ -209,6 +209,14 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Running {
+    /// Cancels the observer and waits until it has withdrawn everything and left.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 fn start(bus: Arc<dyn AllocationBus>, membership: Arc<dyn MembershipStore>) -> Running {
     let recorder = Arc::new(Recorder::default());
     let mut observer = Observer::new("node@1", settings(), membership, bus);
@@ -254,8 +262,7 @@ async fn a_restart_applies_only_the_newest_decision_however_long_the_history() {
     bus.send(decision(1, 2_002, MINE));
     until(|| !node.recorder.accepted().is_empty()).await;
     assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(1, 2_002))]);
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -269,9 +276,9 @@ async fn a_decision_not_newer_than_the_newest_changes_nothing() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(2, 1))]);
     assert_eq!(node.recorder.withdrawn(), 0);
-    node.cancel.cancel();
-    node.task.await.unwrap();
-    assert_eq!(node.recorder.withdrawn(), 1, "withdrawn on stopping");
+    let recorder = Arc::clone(&node.recorder);
+    node.stop().await;
+    assert_eq!(recorder.withdrawn(), 1, "withdrawn on stopping");
 }
 
 #[tokio::test(start_paused = true)]
@@ -291,8 +298,7 @@ async fn a_fenced_node_withdraws_and_takes_up_again_under_the_grant_it_knows() {
     // one under any decision that gave the source away meanwhile.
     assert_eq!(node.recorder.accepted()[1], (orders(), Grant::new(1, 3)));
     until(|| *node.status.borrow() == BrokerStatus::Running).await;
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -308,8 +314,7 @@ async fn heartbeats_slower_than_their_interval_still_keep_the_node_unfenced() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(node.recorder.withdrawn(), 0, "the node fenced itself");
     assert_eq!(*node.status.borrow(), BrokerStatus::Running);
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -341,8 +346,7 @@ async fn a_process_whose_subscribers_another_process_registered_fences_itself() 
     // It stays out: nothing is accepted again while the other process holds it.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(node.recorder.accepted().len(), 1);
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -365,8 +369,7 @@ async fn a_lost_source_makes_the_node_unready_until_it_is_accepted_again() {
     until(|| node.recorder.accepted().len() == 2).await;
     until(|| *node.status.borrow() == BrokerStatus::Running).await;
     assert_eq!(node.recorder.accepted()[1], (orders(), Grant::new(1, 1)));
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 fn delta(base: &Decision, next: &Decision) -> Vec<u8> {
@@ -396,8 +399,7 @@ async fn a_change_to_a_decision_the_node_missed_makes_it_fetch_the_newest() {
     bus.send_payload(delta(&third, &fourth));
     until(|| node.recorder.withdrawn() == 1).await;
     assert_eq!(bus.fetches(), 2);
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -419,8 +421,7 @@ async fn a_digest_of_a_decision_the_node_lacks_makes_it_fetch_it() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(bus.fetches(), 2);
     assert_eq!(node.recorder.withdrawn(), 0);
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -436,6 +437,5 @@ async fn a_digest_covers_whether_the_group_is_paused() {
     bus.retain(paused);
     bus.send_payload(digest(&bus.retained.lock().unwrap()[0]));
     until(|| bus.fetches() == 2).await;
-    node.cancel.cancel();
-    node.task.await.unwrap();
+    node.stop().await;
 }
