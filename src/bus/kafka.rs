@@ -291,12 +291,14 @@ impl KafkaBus {
         &self.inner.signals_topic
     }
 
-    /// Sends `bytes` to the decisions topic as they are, keyed by `group`, so
-    /// tests can deliver payloads that do not decode.
+    /// Sends `bytes` as they are to the partition of the decisions topic that
+    /// holds `group`'s decisions, keyed by `group`, so tests can deliver payloads
+    /// that do not decode in order with the group's decisions. (The key alone
+    /// left the partition to the client's hash, so with several partitions a
+    /// payload could be read after decisions published later.)
     #[cfg(any(test, feature = "testing"))]
     pub async fn publish_raw(&self, group: &str, bytes: &[u8]) -> Result<()> {
-        let topic = self.inner.decisions_topic.clone();
-        self.inner.send(&topic, group, bytes).await
+        self.inner.send_keyed(group, group, Some(bytes)).await
     }
 
     /// Payloads dropped because they did not decode, over all subscriptions and
