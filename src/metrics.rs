@@ -76,6 +76,10 @@ pub const CONSUMER_PICKUP_DELAY: &str = "weir_consumer_pickup_delay_seconds";
 pub const BUS_MESSAGES: &str = "weir_bus_messages_total";
 /// Bus payloads dropped because they could not be read.
 pub const BUS_INVALID_MESSAGES: &str = "weir_bus_invalid_messages_total";
+/// Times this node went without the coordinator's newest decision of a group
+/// for longer than a refresh interval (each time makes the node not ready
+/// until it holds the decision).
+pub const DECISIONS_LACKED: &str = "weir_observer_decision_lacked_total";
 /// How long the oldest transaction still in progress holds log and category
 /// readers back (0 on the memory store).
 pub const STORE_VISIBILITY_HORIZON: &str = "weir_store_visibility_horizon_seconds";
@@ -302,6 +306,12 @@ pub const CATALOG: &[MetricInfo] = &[
         &[],
         "Allocation bus payloads that could not be read",
     ),
+    metric(
+        DECISIONS_LACKED,
+        Counter,
+        &["group"],
+        "Times this node lacked the coordinator's newest decision of the group for longer than a refresh interval",
+    ),
     seconds(
         STORE_VISIBILITY_HORIZON,
         Gauge,
@@ -365,6 +375,11 @@ pub fn consumer_pickup(group: &str, appended: chrono::DateTime<chrono::Utc>) {
 /// Counts one bus payload that could not be read.
 pub fn bus_invalid_message() {
     ::metrics::counter!(BUS_INVALID_MESSAGES).increment(1);
+}
+
+/// Counts one time this node lacked a group's newest decision for too long.
+pub fn decision_lacked(group: &str) {
+    ::metrics::counter!(DECISIONS_LACKED, "group" => group.to_owned()).increment(1);
 }
 
 /// Notes whether this node leads, and under which epoch.

@@ -34,13 +34,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use self::following::Following;
 use self::group::GroupState;
 use super::BrokerSettings;
 use super::control::{Command, FleetStore, MemoryFleetStore};
 use super::lease::{EpochFloor, LeaderState};
 use super::membership::{MemberRecord, MembershipStore};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
-use crate::allocation::{AllocationInput, Handover, Member, allocate};
+use crate::allocation::{AllocationInput, Member, allocate};
 use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Digest, Signal};
 use crate::event::Source;
 use crate::lifecycle::Journal;
@@ -426,9 +427,19 @@ impl Coordinator {
     ) -> bool {
         let epoch = term.epoch;
         let mut dirty = BTreeSet::new();
+        let mut wholes = Vec::new();
         let mut next = Some(first);
         while let Some(message) = next {
             match message {
+                BusMessage::Signal(Signal::Lacking {
+                    group,
+                    epoch,
+                    revision,
+                    ..
+                }) => wholes.extend(term.groups.get_mut(&group).and_then(|state| {
+                    let interval = self.settings.refresh_interval;
+                    state.wanted_whole((epoch, revision), Instant::now(), interval)
+                })),
                 // The lease store says this node leads: a newer epoch on the bus
                 // is stale or foreign, and this term moves above it.
                 BusMessage::Decision(Decision { epoch: theirs, .. })
@@ -448,6 +459,12 @@ impl Coordinator {
                 }
             }
             next = subscription.next().now_or_never().flatten();
+        }
+        for decision in wholes {
+            tracing::info!(group = %decision.group, epoch, revision = decision.revision, "a node cannot rebuild this decision from the bus; writing it whole");
+            if let Err(error) = self.bus.publish_whole(&decision).await {
+                tracing::warn!(group = %decision.group, %error, "could not write the decision whole");
+            }
         }
         match dirty.len() {
             0 => {}
@@ -636,67 +653,6 @@ impl Coordinator {
     }
 }
 
-/// What a coordinator keeps track of while another node leads.
-#[derive(Default)]
-struct Following {
-    /// The newest epoch seen on another node's decision: a lease of this epoch or
-    /// an older one is already lost, whatever this node last heard.
-    newest_epoch: u64,
-    /// Per group, the handovers of the newest decision seen.
-    handovers: HashMap<String, BTreeMap<Source, Handover>>,
-    /// `released` signals for those handovers, so that a newly promoted
-    /// coordinator completes them at once instead of waiting for them to time out.
-    releases: Vec<Signal>,
-}
-
-impl Following {
-    fn note(&mut self, node: &str, message: BusMessage) {
-        match message {
-            BusMessage::Decision(decision) => {
-                metrics::decision_seen(&decision.group, decision.epoch, decision.revision);
-                if decision.coordinator != node {
-                    self.newest_epoch = self.newest_epoch.max(decision.epoch);
-                }
-                self.handovers
-                    .insert(decision.group.clone(), decision.handovers);
-                let handovers = &self.handovers;
-                self.releases
-                    .retain(|signal| Self::is_pending(handovers, signal));
-            }
-            BusMessage::Digest(digest) => {
-                if digest.coordinator != node {
-                    self.newest_epoch = self.newest_epoch.max(digest.epoch);
-                }
-            }
-            BusMessage::Signal(signal) => {
-                if Self::is_pending(&self.handovers, &signal) {
-                    self.releases.push(signal);
-                }
-            }
-        }
-    }
-
-    /// Whether `signal` releases a source that is in handover from its sender.
-    fn is_pending(
-        handovers: &HashMap<String, BTreeMap<Source, Handover>>,
-        signal: &Signal,
-    ) -> bool {
-        let Signal::Released {
-            group,
-            subscriber,
-            source,
-            ..
-        } = signal
-        else {
-            return false;
-        };
-        handovers
-            .get(group)
-            .and_then(|handovers| handovers.get(source))
-            .is_some_and(|handover| handover.from == *subscriber)
-    }
-}
-
 /// What a coordinator knows during one term as leader.
 struct Term {
     epoch: u64,
@@ -788,6 +744,7 @@ fn members_of(records: &[MemberRecord], held: &BTreeSet<Source>) -> Vec<Member<S
 }
 
 mod control;
+mod following;
 mod group;
 #[cfg(test)]
 mod tests;

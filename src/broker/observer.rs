@@ -31,7 +31,7 @@
 //! newest decision still gives it. While a source the node owns is consumed by
 //! nobody, the observer reports itself errored, which makes the node not ready.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,13 +42,13 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use self::lacking::Lacking;
+use self::targets::{Target, Targets, take_fetched};
 use super::BrokerSettings;
 use super::membership::{Membership, MembershipStore, SubscriberKey};
 use super::role::{BrokerStatus, RETRY_DELAY, Reporter};
 use super::subscriber::{Grant, Subscriber, SubscriberSpec};
-use crate::bus::{
-    AllocationBus, BusMessage, BusSubscription, ContentDigest, Decision, Digest, Signal,
-};
+use crate::bus::{AllocationBus, BusMessage, BusSubscription, Decision, Digest, Signal};
 use crate::event::{Cursor, Source};
 use crate::metrics;
 
@@ -62,131 +62,6 @@ pub struct Observer {
     /// Group to its local subscribers, by subscriber id.
     groups: BTreeMap<String, BTreeMap<String, Arc<dyn Subscriber>>>,
     status: Arc<Reporter>,
-}
-
-/// What one group's applier is told: the newest decision, and whether the node has
-/// fenced itself off (then it holds nothing, whatever the decision says).
-#[derive(Clone, Default)]
-struct Target {
-    decision: Option<Arc<Decision>>,
-    fenced: bool,
-}
-
-impl Target {
-    fn sources_of(&self, subscriber: &str) -> BTreeSet<Source> {
-        match &self.decision {
-            Some(decision) if !self.fenced => {
-                decision.owners.get(subscriber).cloned().unwrap_or_default()
-            }
-            _ => BTreeSet::new(),
-        }
-    }
-
-    fn grant(&self) -> Grant {
-        self.decision
-            .as_ref()
-            .map(|decision| Grant::new(decision.epoch, decision.revision))
-            .unwrap_or_default()
-    }
-}
-
-/// The targets of every local group: the one place that decides which decision
-/// each group's applier sees.
-struct Targets {
-    senders: BTreeMap<String, watch::Sender<Target>>,
-    /// Per group, the digest of the target's decision, by its version: computed
-    /// when a coordinator's digest is first compared with it.
-    digests: HashMap<String, ((u64, u64), ContentDigest)>,
-}
-
-impl Targets {
-    /// A target per group, starting from the newest `retained` decision of each.
-    fn new<'a>(groups: impl IntoIterator<Item = &'a String>, retained: Vec<Decision>) -> Self {
-        let senders: BTreeMap<String, watch::Sender<Target>> = groups
-            .into_iter()
-            .map(|group| (group.clone(), watch::channel(Target::default()).0))
-            .collect();
-        let targets = Self {
-            senders,
-            digests: HashMap::new(),
-        };
-        for decision in retained {
-            targets.offer(decision);
-        }
-        targets
-    }
-
-    fn receiver(&self, group: &str) -> Option<watch::Receiver<Target>> {
-        self.senders.get(group).map(watch::Sender::subscribe)
-    }
-
-    /// Takes `decision` if its group is local and it is newer than the newest
-    /// known; returns whether it was taken.
-    fn offer(&self, decision: Decision) -> bool {
-        let Some(target) = self.senders.get(decision.group.as_str()) else {
-            return false;
-        };
-        target.send_if_modified(|target| {
-            let newer = target
-                .decision
-                .as_ref()
-                .is_none_or(|seen| decision.is_newer_than(seen));
-            if newer {
-                metrics::decision_seen(&decision.group, decision.epoch, decision.revision);
-                target.decision = Some(Arc::new(decision));
-            }
-            newer
-        })
-    }
-
-    /// Whether the coordinator's `digest` names a decision this node does not
-    /// hold for a local group: then it fetches what the bus retains.
-    fn lacks(&mut self, digest: &Digest) -> bool {
-        let Some(target) = self.senders.get(digest.group.as_str()) else {
-            return false;
-        };
-        let Some(decision) = target.borrow().decision.clone() else {
-            return true;
-        };
-        let version = decision.version();
-        let held = match self.digests.get(&digest.group) {
-            Some(&(at, held)) if at == version => held,
-            _ => {
-                let held = decision.digest();
-                self.digests.insert(digest.group.clone(), (version, held));
-                held
-            }
-        };
-        digest.is_lacked_by(Some((version, held)))
-    }
-
-    /// Takes a decision fetched from what the bus retains: if it is newer, or of
-    /// the same version as the target's but with other content (which only a
-    /// fault makes), it replaces the target's.
-    fn repair(&self, decision: Decision) {
-        let Some(target) = self.senders.get(decision.group.as_str()) else {
-            return;
-        };
-        let differs = target.borrow().decision.as_ref().is_some_and(|held| {
-            held.version() == decision.version() && held.digest() != decision.digest()
-        });
-        if differs {
-            tracing::warn!(group = %decision.group, epoch = decision.epoch, revision = decision.revision, "the decision held differs from the one the bus retains; taking the retained one");
-            target.send_modify(|target| target.decision = Some(Arc::new(decision)));
-        } else {
-            self.offer(decision);
-        }
-    }
-
-    fn fence(&self, fenced: bool) {
-        for target in self.senders.values() {
-            target.send_if_modified(|target| {
-                let changed = target.fenced != fenced;
-                target.fenced = fenced;
-                changed
-            });
-        }
-    }
 }
 
 /// When the node must fence itself: a member timeout, less one heartbeat interval,
@@ -308,6 +183,8 @@ impl Observer {
             retained,
         } = started;
         let mut targets = Targets::new(self.groups.keys(), retained);
+        let patience = self.settings.refresh_interval;
+        let mut lacking = Lacking::new(&self.node, patience, Arc::clone(&self.status));
         // At most one fetch of the retained decisions at a time.
         let mut fetches: JoinSet<crate::bus::Result<Vec<Decision>>> = JoinSet::new();
         let stop_appliers = CancellationToken::new();
@@ -348,19 +225,26 @@ impl Observer {
                     );
                     targets.fence(true);
                 }
+                () = sleep_until_some(lacking.deadline()) => lacking.report_overdue(Instant::now()),
                 Some(fetched) = fetches.join_next(), if !fetches.is_empty() => {
-                    take_fetched(fetched, &mut subscription, &targets);
+                    if take_fetched(fetched, &mut subscription, &targets, &mut lacking) {
+                        // What the bus retains does not give it: the coordinator
+                        // writes it whole.
+                        for request in lacking.requests() {
+                            publish_signal(self.bus.as_ref(), request).await;
+                        }
+                    }
                 }
                 message = subscription.next() => match message {
                     Some(BusMessage::Decision(decision)) => {
+                        let group = decision.group.clone();
                         targets.offer(decision);
+                        if let Some(current) = targets.current(&group) {
+                            lacking.held(&current);
+                        }
                     }
                     Some(BusMessage::Digest(digest)) => {
-                        if fetches.is_empty() && targets.lacks(&digest) {
-                            tracing::info!(group = %digest.group, epoch = digest.epoch, revision = digest.revision, "this node lacks the coordinator's newest decision; fetching it from the bus");
-                            let bus = Arc::clone(&self.bus);
-                            fetches.spawn(async move { bus.retained().await });
-                        }
+                        self.compare(&digest, &mut targets, &mut lacking, &mut fetches);
                     }
                     Some(BusMessage::Signal(_)) => {}
                     None => match self.subscribe(cancel).await {
@@ -371,6 +255,29 @@ impl Observer {
             }
         }
         self.leave(appliers, stop_appliers).await;
+    }
+
+    /// Compares the coordinator's `digest` with what this node holds, and
+    /// fetches what the bus retains if it lacks the decision named.
+    fn compare(
+        &self,
+        digest: &Digest,
+        targets: &mut Targets,
+        lacking: &mut Lacking,
+        fetches: &mut JoinSet<crate::bus::Result<Vec<Decision>>>,
+    ) {
+        if !targets.lacks(digest) {
+            if let Some(current) = targets.current(&digest.group) {
+                lacking.held(&current);
+            }
+            return;
+        }
+        lacking.note(digest, Instant::now());
+        if fetches.is_empty() {
+            tracing::info!(group = %digest.group, epoch = digest.epoch, revision = digest.revision, "this node lacks the coordinator's newest decision; fetching it from the bus");
+            let bus = Arc::clone(&self.bus);
+            fetches.spawn(async move { bus.retained().await });
+        }
     }
 
     fn spawn_appliers(&self, targets: &Targets, stop: &CancellationToken) -> JoinSet<()> {
@@ -468,24 +375,11 @@ struct Started {
     retained: Vec<Decision>,
 }
 
-/// Applies a fetch of the retained decisions: each becomes the base of the
-/// changes the subscription reads next, and the target of its group if newer.
-fn take_fetched(
-    fetched: Result<crate::bus::Result<Vec<Decision>>, tokio::task::JoinError>,
-    subscription: &mut BusSubscription,
-    targets: &Targets,
-) {
-    match fetched {
-        Ok(Ok(decisions)) => {
-            for decision in decisions {
-                subscription.adopt(&decision);
-                targets.repair(decision);
-            }
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "cannot fetch the retained decisions; trying again at the next digest");
-        }
-        Err(error) => tracing::warn!(%error, "fetching the retained decisions failed"),
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -740,5 +634,7 @@ fn with_subscribers(
         .collect()
 }
 
+mod lacking;
+mod targets;
 #[cfg(test)]
 mod tests;

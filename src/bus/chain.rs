@@ -5,7 +5,13 @@
 //! A new decision is written as a delta while the deltas since the snapshot stay
 //! smaller than the snapshot itself; past that, or when the bus does not know what
 //! it retains (a new coordinator, a failed publish), it writes a new snapshot and
-//! the deltas before it can go. A change therefore costs its delta plus at most
+//! the deltas before it can go. A chain belongs to one leadership term: a change
+//! is written only against a decision of the same epoch, so the first decision of
+//! every term is whole. A bus handle that published in an earlier term cannot know
+//! what other coordinators wrote since (the stall this rule prevents: a leader
+//! back for a second term wrote its first decision as a change to its own
+//! decision of two terms before, which no reader held, and every observer waited
+//! for a base that would never come). A change therefore costs its delta plus at most
 //! as much again, spread over the changes, towards the next snapshot; and a reader
 //! that starts late reads at most twice a snapshot's bytes.
 
@@ -51,8 +57,10 @@ pub struct Chain {
 
 impl Chain {
     /// What to write for `next`, given what is retained (`None`: unknown).
+    /// Only a chain of `next`'s own term (its epoch) can be its base.
     pub fn plan(retained: Option<&Chain>, next: &Decision, max_payload: usize) -> Publication {
         if let Some(chain) = retained
+            && chain.decision.epoch == next.epoch
             && let Some(delta) = Delta::between(&chain.decision, next)
         {
             let payload = encode_delta(&delta);

@@ -691,6 +691,15 @@ impl AllocationBus for KafkaBus {
         }
     }
 
+    async fn publish_whole(&self, decision: &Decision) -> Result<()> {
+        if let Some(entry) = self.inner.lock_written().get_mut(&decision.group) {
+            // Unknown chain, nothing published: the next write is a snapshot.
+            entry.chain = None;
+            entry.published = None;
+        }
+        self.inner.publish_decision(decision).await
+    }
+
     async fn subscribe(&self) -> Result<BusSubscription> {
         let inner = Arc::clone(&self.inner);
         let consumer = blocking(move || inner.subscribed_consumer()).await??;

@@ -129,16 +129,20 @@ impl MemoryBus {
 
 impl MemoryBus {
     /// Retains `decision` as a change to the retained one where that is
-    /// cheaper, and sends what was retained to every subscriber.
-    fn publish_decision(&self, decision: &Decision) -> Result<()> {
+    /// cheaper (never if `whole`), and sends what was retained to every
+    /// subscriber. Written `whole`, the retained version itself is written again.
+    fn publish_decision(&self, decision: &Decision, whole: bool) -> Result<()> {
         let max_payload = self.inner.max_payload;
         let mut retained = self.inner.lock();
         let current = retained.remove(&decision.group);
-        let newer = current
-            .as_ref()
-            .is_none_or(|r| decision.is_newer_than(&r.chain.decision));
+        let newer = current.as_ref().is_none_or(|r| {
+            decision.is_newer_than(&r.chain.decision)
+                || (whole && decision.version() == r.chain.decision.version())
+        });
         let publication = match &current {
-            Some(current) if newer => Chain::plan(Some(&current.chain), decision, max_payload),
+            Some(current) if newer && !whole => {
+                Chain::plan(Some(&current.chain), decision, max_payload)
+            }
             _ => Publication::Snapshot(encode_decision_parts(decision, max_payload)),
         };
         let checked = publication
@@ -202,7 +206,7 @@ impl Inner {
 impl AllocationBus for MemoryBus {
     async fn publish(&self, message: &BusMessage) -> Result<()> {
         match message {
-            BusMessage::Decision(decision) => self.publish_decision(decision),
+            BusMessage::Decision(decision) => self.publish_decision(decision, false),
             BusMessage::Digest(_) => {
                 let payload = encode(message);
                 let _ = self.inner.sender.send(payload.into());
@@ -217,6 +221,10 @@ impl AllocationBus for MemoryBus {
                 Ok(())
             }
         }
+    }
+
+    async fn publish_whole(&self, decision: &Decision) -> Result<()> {
+        self.publish_decision(decision, true)
     }
 
     async fn retained(&self) -> Result<Vec<Decision>> {

@@ -142,6 +142,11 @@ pub trait AllocationBus: Send + Sync + 'static {
     /// payload is split into parts ([`encode_decision_parts`]) by the backend.
     async fn publish(&self, message: &BusMessage) -> Result<()>;
 
+    /// Publishes `decision` whole (a snapshot, never a change), even if the
+    /// bus holds this version already: for observers that cannot rebuild it
+    /// from what the bus retains ([`Signal::Lacking`]), whatever the bus lost.
+    async fn publish_whole(&self, decision: &Decision) -> Result<()>;
+
     /// Starts receiving: first the retained decision of every group, then
     /// messages as they are published.
     async fn subscribe(&self) -> Result<BusSubscription>;

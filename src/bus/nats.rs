@@ -244,19 +244,21 @@ impl NatsBus {
                     None => continue,
                 },
             };
-            let stored = versions.entry(version).or_insert_with(|| StoredVersion {
-                parts: parts.unwrap_or(1),
-                subjects: Vec::new(),
-            });
+            let stored = versions.entry(version).or_default();
+            match parts {
+                Some(parts) => stored.parts = Some(parts),
+                None => stored.delta = true,
+            }
             stored.subjects.push(subject);
         }
         Ok(versions)
     }
 
-    async fn publish_decision(&self, decision: &Decision) -> Result<()> {
+    /// Stores `decision`, as a change where the chain allows and not `whole`.
+    async fn publish_decision(&self, decision: &Decision, whole: bool) -> Result<()> {
         // Forgotten until this publication succeeds: after a failure the next one
         // is a snapshot, whatever the stream holds.
-        let chain = self.chains().remove(&decision.group);
+        let chain = self.chains().remove(&decision.group).filter(|_| !whole);
         let prefix = self.group_prefix(&decision.group);
         let mut stored = self.stored_versions(&prefix).await?;
         let version = decision.version();
@@ -270,7 +272,11 @@ impl NatsBus {
             );
             return Ok(());
         }
-        if stored.get(&version).is_some_and(StoredVersion::is_whole) {
+        let stored_as_wanted = match whole {
+            true => StoredVersion::is_snapshot,
+            false => StoredVersion::is_whole,
+        };
+        if stored.get(&version).is_some_and(stored_as_wanted) {
             // Already stored whole: publishing it again changes nothing.
             if let Some(chain) = chain.filter(|chain| chain.decision.version() == version) {
                 self.chains().insert(decision.group.clone(), chain);
@@ -305,9 +311,14 @@ impl NatsBus {
             metrics::bus_message(publication.kind(), "sent");
         }
         if let Publication::Snapshot(_) = publication {
+            // Older versions, and this version's change if it was stored as one.
             let superseded: Vec<String> = stored
-                .range(..version)
-                .flat_map(|(_, stored)| stored.subjects.iter().cloned())
+                .range(..=version)
+                .flat_map(|(_, stored)| stored.subjects.iter())
+                .filter(|subject| {
+                    !subject.starts_with(&format!("{prefix}.{epoch}.{revision}.{parts}."))
+                })
+                .cloned()
                 .collect();
             self.remove(&superseded).await;
         }
@@ -342,7 +353,7 @@ impl NatsBus {
         }
         tracing::warn!(group = %digest.group, "the stream lost the group's decision; publishing it again");
         self.chains().remove(&digest.group);
-        self.publish_decision(&chain.decision).await
+        self.publish_decision(&chain.decision, false).await
     }
 
     /// The newest readable stored version newer than `decision`, if any. Newer
@@ -512,15 +523,25 @@ impl NatsBus {
 }
 
 /// The parts of one decision version found in the stream, or its delta.
+#[derive(Default)]
 struct StoredVersion {
-    /// How many parts the decision has (1 for a delta).
-    parts: u64,
+    /// How many parts the decision has, if it is stored as a snapshot.
+    parts: Option<u64>,
+    /// Whether it is stored as a change (it may be stored both ways while a
+    /// whole republish replaces the change).
+    delta: bool,
     subjects: Vec<String>,
 }
 
 impl StoredVersion {
     fn is_whole(&self) -> bool {
-        self.subjects.len() as u64 == self.parts
+        let snapshot_parts = self.subjects.len() as u64 - u64::from(self.delta);
+        self.delta || self.parts.is_some_and(|parts| parts == snapshot_parts)
+    }
+
+    fn is_snapshot(&self) -> bool {
+        let snapshot_parts = self.subjects.len() as u64 - u64::from(self.delta);
+        self.parts.is_some_and(|parts| parts == snapshot_parts)
     }
 }
 
@@ -600,7 +621,7 @@ fn reconcile(
 impl NatsBus {
     async fn publish_once(&self, message: &BusMessage) -> Result<()> {
         match message {
-            BusMessage::Decision(decision) => self.publish_decision(decision).await,
+            BusMessage::Decision(decision) => self.publish_decision(decision, false).await,
             BusMessage::Signal(_) | BusMessage::Digest(_) => {
                 let (kind, group) = match message {
                     BusMessage::Digest(digest) => ("digest", digest.group.as_str()),
@@ -676,6 +697,10 @@ impl AllocationBus for NatsBus {
             }
             result => result,
         }
+    }
+
+    async fn publish_whole(&self, decision: &Decision) -> Result<()> {
+        self.publish_decision(decision, true).await
     }
 
     async fn subscribe(&self) -> Result<BusSubscription> {

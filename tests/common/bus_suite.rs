@@ -39,6 +39,8 @@ macro_rules! bus_suite {
             a_decision_above_a_stray_one_supersedes_it,
             changes_travel_as_deltas_and_late_subscribers_converge,
             a_subscriber_that_missed_changes_converges_through_a_digest,
+            a_new_term_starts_whole_whoever_published_between,
+            a_decision_written_whole_reaches_readers_that_lack_its_base,
         );
     };
     (@tests $backend:expr; $($name:ident),* $(,)?) => {
@@ -664,4 +666,84 @@ pub async fn a_subscriber_that_missed_changes_converges_through_a_digest(backend
     publish_all(&*coordinator, [fourth.clone().into()]).await;
     let seen = read_until(&mut lossy, |seen| !seen.decisions.is_empty()).await;
     assert_eq!(seen.decisions, vec![fourth]);
+}
+
+/// The stall of a fleet whose leader came back for a second term: its first
+/// decision of the new term was written as a change to the last decision it
+/// published two terms earlier, which nobody held any more.
+pub async fn a_new_term_starts_whole_whoever_published_between(backend: &dyn BusBackend) {
+    let fleet = unique_name("fleet");
+    let first_leader = backend.connect(&fleet).await;
+    let second_leader = backend.connect(&fleet).await;
+    // Term 1 on the first node: a snapshot and a change.
+    let mut first_term = large_decision("orders", 1);
+    publish_all(&*first_leader, [first_term.clone().into()]).await;
+    first_term = one_source_moved(&first_term, 2);
+    publish_all(&*first_leader, [first_term.clone().into()]).await;
+    // Term 2 on another node, with owners of its own.
+    let mut second_term = Decision {
+        epoch: 2,
+        coordinator: "node-2".into(),
+        ..large_decision("orders", 1)
+    };
+    second_term.owners = second_term
+        .owners
+        .into_iter()
+        .map(|(subscriber, sources)| (format!("{subscriber}-b"), sources))
+        .collect();
+    publish_all(&*second_leader, [second_term.clone().into()]).await;
+    let second_term = one_source_moved(&second_term, 2);
+    publish_all(&*second_leader, [second_term.clone().into()]).await;
+    // Term 3 on the first node again, a small change from what it published
+    // in term 1: what it writes must not depend on that.
+    let third_term = Decision {
+        epoch: 3,
+        ..one_source_moved(&first_term, 1)
+    };
+    publish_all(&*first_leader, [third_term.clone().into()]).await;
+    a_late_subscriber_reaches(backend, &fleet, &third_term).await;
+    assert_eq!(
+        retained_on_another_node(backend, &fleet).await,
+        vec![third_term]
+    );
+}
+
+/// A reader that lost a change's base gets the decision once the coordinator
+/// writes it whole, which a plain republish of a version the bus holds never
+/// does.
+pub async fn a_decision_written_whole_reaches_readers_that_lack_its_base(backend: &dyn BusBackend) {
+    let fleet = unique_name("fleet");
+    let coordinator = backend.connect(&fleet).await;
+    let first = large_decision("orders", 1);
+    let second = one_source_moved(&first, 2);
+    publish_all(&*coordinator, [first.into(), second.clone().into()]).await;
+    let mut lacking = backend
+        .connect(&fleet)
+        .await
+        .subscribe()
+        .await
+        .expect("subscribe")
+        .with_loss(|payload| {
+            matches!(
+                weir::bus::decode_frame(payload),
+                Ok(weir::bus::Frame::Decision(part)) if part.decision.revision == 1
+            )
+        });
+    loop {
+        match next(&mut lacking).await {
+            BusMessage::Digest(digest) if digest.version() == second.version() => break,
+            BusMessage::Decision(d) => panic!("applied {:?} without its base", d.version()),
+            _ => {}
+        }
+    }
+    coordinator
+        .publish_whole(&second)
+        .await
+        .expect("publish whole");
+    reads_up_to(&mut lacking, &second).await;
+    a_late_subscriber_reaches(backend, &fleet, &second).await;
+    assert_eq!(
+        retained_on_another_node(backend, &fleet).await,
+        vec![second]
+    );
 }

@@ -23,9 +23,34 @@ pub(super) struct GroupState {
     pub(super) handovers_since: HashMap<Source, (String, Instant)>,
     /// Sources a subscriber said it released: (source, subscriber).
     pub(super) released: HashSet<(Source, String)>,
+    /// The version last written whole for an observer that lacked it, and when.
+    pub(super) whole_at: Option<((u64, u64), Instant)>,
 }
 
 impl GroupState {
+    /// The decision to write again whole for a node that cannot rebuild
+    /// `version` from the bus: this term's current one, if that is `version`
+    /// and it was not written whole for it within `interval` (however many
+    /// nodes ask, one write serves them all).
+    pub(super) fn wanted_whole(
+        &mut self,
+        version: (u64, u64),
+        now: Instant,
+        interval: Duration,
+    ) -> Option<Decision> {
+        let decision = self.decision.as_ref().filter(|decision| {
+            decision.version() == version && self.revision > 0 && !self.unpublished
+        })?;
+        let recent = self
+            .whole_at
+            .is_some_and(|(at, when)| at == version && now.duration_since(when) < interval);
+        if recent {
+            return None;
+        }
+        self.whole_at = Some((version, now));
+        Some(decision.clone())
+    }
+
     /// Sources in handover that may go to their new owner: released by their old
     /// owner, or waiting longer than `timeout`. (A dead old owner is seen to by
     /// `allocate`, which knows who is live.)

@@ -260,6 +260,9 @@ impl AllocationBus for RefusingBus {
     async fn publish(&self, _message: &BusMessage) -> crate::bus::Result<()> {
         Err(crate::bus::Error::Unavailable("refused by the test".into()))
     }
+    async fn publish_whole(&self, _decision: &Decision) -> crate::bus::Result<()> {
+        Err(crate::bus::Error::Unavailable("refused by the test".into()))
+    }
     async fn subscribe(&self) -> crate::bus::Result<BusSubscription> {
         self.0.subscribe().await
     }
@@ -294,5 +297,72 @@ async fn a_leader_whose_decisions_do_not_reach_the_bus_says_so() {
     )
     .await;
     assert!(running.is_err(), "{:?}", *harness.status.borrow());
+    harness.stop().await;
+}
+
+/// The memory bus, counting the decisions written whole on request.
+struct WholeCounting(MemoryBus, Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait::async_trait]
+impl AllocationBus for WholeCounting {
+    async fn publish(&self, message: &BusMessage) -> crate::bus::Result<()> {
+        self.0.publish(message).await
+    }
+    async fn publish_whole(&self, decision: &Decision) -> crate::bus::Result<()> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.publish_whole(decision).await
+    }
+    async fn subscribe(&self) -> crate::bus::Result<BusSubscription> {
+        self.0.subscribe().await
+    }
+    async fn retained(&self) -> crate::bus::Result<Vec<Decision>> {
+        self.0.retained().await
+    }
+}
+
+#[tokio::test]
+async fn a_node_lacking_the_current_decision_gets_it_written_whole_once() {
+    let wholes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&wholes);
+    let harness = Harness::start_with(None, move |bus| Arc::new(WholeCounting(bus, counter)));
+    harness.join("s1").await;
+    harness.lead(1);
+    let current = harness.decision(|d| owners(d) == ["s1"]).await;
+    let lacking = |node: &str, (epoch, revision): (u64, u64)| {
+        BusMessage::Signal(Signal::Lacking {
+            group: "g".into(),
+            node: node.into(),
+            epoch,
+            revision,
+        })
+    };
+    // Two nodes ask at once, and one asks for a decision that is not current.
+    for message in [
+        lacking("node-b", current.version()),
+        lacking("node-c", current.version()),
+        lacking("node-b", (current.epoch, current.revision + 7)),
+    ] {
+        harness.bus.publish(&message).await.unwrap();
+    }
+    let count = || wholes.load(std::sync::atomic::Ordering::SeqCst);
+    let started = Instant::now();
+    while count() == 0 && started.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(settings().refresh_interval / 2).await;
+    assert_eq!(count(), 1);
+    assert_eq!(harness.bus.retained_decision("g"), Some(current.clone()));
+    // Asked again a refresh interval later (the write did not help): again.
+    tokio::time::sleep(settings().refresh_interval).await;
+    harness
+        .bus
+        .publish(&lacking("node-b", current.version()))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while count() == 1 && started.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(count(), 2);
     harness.stop().await;
 }

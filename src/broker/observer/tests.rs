@@ -55,6 +55,8 @@ struct ScriptedBus {
     fetches: std::sync::atomic::AtomicUsize,
     history: Vec<Decision>,
     live: Mutex<Vec<mpsc::UnboundedSender<Vec<u8>>>>,
+    /// Every message published, in order.
+    published: Mutex<Vec<BusMessage>>,
 }
 
 impl ScriptedBus {
@@ -64,6 +66,7 @@ impl ScriptedBus {
             fetches: 0.into(),
             history,
             live: Mutex::new(Vec::new()),
+            published: Mutex::new(Vec::new()),
         })
     }
 
@@ -90,7 +93,12 @@ impl ScriptedBus {
 
 #[async_trait]
 impl AllocationBus for ScriptedBus {
-    async fn publish(&self, _: &BusMessage) -> crate::bus::Result<()> {
+    async fn publish(&self, message: &BusMessage) -> crate::bus::Result<()> {
+        self.published.lock().unwrap().push(message.clone());
+        Ok(())
+    }
+
+    async fn publish_whole(&self, _: &Decision) -> crate::bus::Result<()> {
         Ok(())
     }
 
@@ -378,6 +386,48 @@ fn delta(base: &Decision, next: &Decision) -> Vec<u8> {
 
 fn digest(decision: &Decision) -> Vec<u8> {
     encode(&BusMessage::Digest(Digest::of(decision)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_decision_the_bus_cannot_rebuild_is_asked_for_whole_and_unready_meanwhile() {
+    let bus = ScriptedBus::new(vec![decision(1, 1, THEIRS)], Vec::new());
+    let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
+    until(|| bus.fetches() == 1).await;
+    until(|| *node.status.borrow() == BrokerStatus::Running).await;
+    // A change to revision 2, which the bus lost: fetching gives revision 1.
+    let third = decision(1, 3, MINE);
+    bus.send_payload(delta(&decision(1, 2, THEIRS), &third));
+    let asked = Signal::Lacking {
+        group: "g".into(),
+        node: "node@1".into(),
+        epoch: 1,
+        revision: 3,
+    };
+    until(|| {
+        bus.published
+            .lock()
+            .unwrap()
+            .contains(&asked.clone().into())
+    })
+    .await;
+    assert_eq!(bus.fetches(), 2);
+    // Past a refresh interval without it, the node is not ready and says why.
+    until(|| matches!(*node.status.borrow(), BrokerStatus::Errored(_))).await;
+    let BrokerStatus::Errored(reason) = node.status.borrow().clone() else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("newest decision of group g (epoch 1, revision 3)"),
+        "{reason}"
+    );
+    assert!(node.recorder.accepted().is_empty());
+
+    // The coordinator writes it whole: applied, and ready again.
+    bus.send(third);
+    until(|| !node.recorder.accepted().is_empty()).await;
+    assert_eq!(node.recorder.accepted(), [(orders(), Grant::new(1, 3))]);
+    until(|| *node.status.borrow() == BrokerStatus::Running).await;
+    node.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

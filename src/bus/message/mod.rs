@@ -55,6 +55,7 @@
 //! {"v":1,"kind":"signal","signal":"joined","group":"billing","subscriber":"billing-3","node":"node-c"}
 //! {"v":1,"kind":"signal","signal":"leaving","group":"billing","subscriber":"billing-3","node":"node-c"}
 //! {"v":1,"kind":"signal","signal":"released","group":"billing","subscriber":"billing-1","source":"category:refunds","cursor":"981:3"}
+//! {"v":1,"kind":"signal","signal":"lacking","group":"billing","node":"node-c","epoch":3,"revision":18}
 //! ```
 //!
 //! `cursor` is omitted (or `null`) when the subscriber released a source it had not
@@ -187,6 +188,15 @@ pub enum Signal {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cursor: Option<Cursor>,
     },
+    /// `node` cannot rebuild the decision `(epoch, revision)` of `group` from
+    /// what the bus retains (a change whose base the bus lost); the coordinator
+    /// that published it writes it again whole.
+    Lacking {
+        group: String,
+        node: String,
+        epoch: u64,
+        revision: u64,
+    },
 }
 
 impl Signal {
@@ -194,7 +204,8 @@ impl Signal {
         match self {
             Signal::Joined { group, .. }
             | Signal::Leaving { group, .. }
-            | Signal::Released { group, .. } => group,
+            | Signal::Released { group, .. }
+            | Signal::Lacking { group, .. } => group,
         }
     }
 }

@@ -84,6 +84,12 @@ fn signals() -> Vec<Signal> {
             source: source("log"),
             cursor: None,
         },
+        Signal::Lacking {
+            group: "billing".into(),
+            node: "node-c".into(),
+            epoch: 3,
+            revision: 18,
+        },
     ]
 }
 
@@ -593,4 +599,28 @@ fn a_decision_exactly_at_the_limit_is_one_part_and_one_byte_over_is_split() {
     let parts = encode_decision_parts(&d, whole - 1);
     assert!(parts.len() > 1);
     assert!(parts.iter().all(|part| part.len() < whole), "{parts:?}");
+}
+
+#[test]
+fn a_change_is_written_only_against_a_decision_of_its_own_term() {
+    use crate::bus::chain::{Chain, Publication};
+    let limit = 1 << 20;
+    let first = split_decision("billing", 1, 4);
+    let chain = Chain::after(None, &first, &Chain::plan(None, &first, limit));
+    let same_term = moved(&first, 5);
+    assert!(matches!(
+        Chain::plan(Some(&chain), &same_term, limit),
+        Publication::Delta(_)
+    ));
+    // The same change two terms later: whatever another leader published in
+    // between, this chain cannot be its base.
+    let next_term = Decision {
+        epoch: 3,
+        revision: 1,
+        ..same_term
+    };
+    assert!(matches!(
+        Chain::plan(Some(&chain), &next_term, limit),
+        Publication::Snapshot(_)
+    ));
 }
