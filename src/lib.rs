@@ -12,6 +12,8 @@
 //! one way and no two modules depend on each other; `tests/house_rules.rs` holds
 //! the code to it.
 //!
+//! - [`ambient`]: the wall clock, random tokens and ids, and backoff jitter,
+//!   which a deterministic simulation replaces for its thread.
 //! - [`metrics`]: every metric's name, kind, help and labels, and the helpers that
 //!   record them; it imports nothing of the crate, so every layer can record.
 //! - [`event`]: events, names, sources, cursors and write conditions; pure data.
@@ -52,6 +54,7 @@
 
 pub mod admin;
 pub mod allocation;
+pub mod ambient;
 pub mod broker;
 pub mod bus;
 pub mod cli;

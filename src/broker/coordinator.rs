@@ -254,6 +254,7 @@ impl Coordinator {
                 }
             }
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => return None,
                 changed = leader.changed() => {
                     if changed.is_err() {
@@ -296,6 +297,7 @@ impl Coordinator {
                     .error(format!("cannot read the retained decisions: {error}")),
             }
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => return Err(TermEnd::Cancelled),
                 changed = leader.changed() => {
                     let still_leading = *leader.borrow_and_update() == LeaderState::Leader { epoch };

@@ -56,7 +56,7 @@ impl Incarnation {
     /// A new incarnation of `node`, with a random token of its own.
     pub fn new(node: impl Into<String>) -> Self {
         let node = node.into();
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = crate::ambient::token().simple().to_string();
         // 64 random bits tell the processes of one node apart; the rest only
         // lengthens every log line and status that shows the holder.
         let holder = format!("{node}@{}", &token[..16]);
@@ -107,7 +107,7 @@ impl Lease {
     /// Whether it is held now, by this process's clock (for reports; the store's
     /// clock decides who may take it).
     pub fn is_live(&self) -> bool {
-        self.expires_at > Utc::now()
+        self.expires_at > crate::ambient::now()
     }
 }
 
@@ -173,7 +173,7 @@ impl MemoryClock {
     pub(crate) fn new() -> Self {
         Self {
             origin: Instant::now(),
-            origin_utc: Utc::now(),
+            origin_utc: crate::ambient::now(),
         }
     }
 
@@ -469,6 +469,7 @@ impl Leadership {
             let started = Instant::now();
             let outcome = match held {
                 None => tokio::select! {
+                    biased;
                     () = cancel.cancelled() => break,
                     outcome = self.store.try_acquire(&self.name, &self.node, self.ttl) => outcome,
                 },
@@ -511,6 +512,7 @@ impl Leadership {
             // While leader the deadline (start + ttl) is always after the next
             // renewal (start + ttl / 3), so this wait never outlasts leadership.
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {}
                 // A leader asked to raise its epoch does so at once.

@@ -224,6 +224,7 @@ impl Reporter {
     {
         loop {
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => return None,
                 outcome = attempt() => match outcome {
                     Ok(value) => return Some(value),
@@ -231,6 +232,7 @@ impl Reporter {
                 },
             }
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => return None,
                 () = tokio::time::sleep(RETRY_DELAY) => {}
             }

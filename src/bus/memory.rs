@@ -298,7 +298,6 @@ mod tests {
     use super::*;
     use crate::bus::message::Signal;
     use crate::event::Source;
-    use chrono::Utc;
     use std::collections::BTreeSet;
     use std::time::Duration;
 
@@ -315,7 +314,7 @@ mod tests {
             epoch,
             revision,
             coordinator: "node-a".into(),
-            issued_at: Utc::now(),
+            issued_at: crate::ambient::now(),
             owners: [("sub-1".to_owned(), owned)].into(),
             handovers: Default::default(),
             paused: false,

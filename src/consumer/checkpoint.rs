@@ -93,7 +93,7 @@ impl Claim {
             group: group.to_owned(),
             source: source.clone(),
             owner: owner.to_owned(),
-            token: Uuid::new_v4(),
+            token: crate::ambient::token(),
         }
     }
 
@@ -222,7 +222,7 @@ impl MemoryCheckpointStore {
             grant: Grant::default(),
             token: Uuid::nil(),
             cursor: Cursor::START,
-            updated_at: Utc::now(),
+            updated_at: crate::ambient::now(),
         });
         if let Some(grant) = grant.filter(|grant| *grant < row.grant) {
             return Err(CheckpointError::Superseded(Box::new(Superseded {
@@ -237,7 +237,7 @@ impl MemoryCheckpointStore {
         row.owner = owner.to_owned();
         row.grant = grant.unwrap_or_default();
         row.token = claim.token;
-        row.updated_at = Utc::now();
+        row.updated_at = crate::ambient::now();
         Ok((claim, row.cursor))
     }
 }
@@ -272,7 +272,7 @@ impl CheckpointStore for MemoryCheckpointStore {
         match rows.get_mut(&key(&claim.group, &claim.source)) {
             Some(row) if row.token == claim.token => {
                 row.cursor = cursor;
-                row.updated_at = Utc::now();
+                row.updated_at = crate::ambient::now();
                 Ok(())
             }
             row => Err(claim.fenced_by(row.map(|row| row.owner.clone()).unwrap_or_default())),

@@ -112,7 +112,7 @@ impl DeadLetterStore for MemoryDeadLetterStore {
             kind: letter.kind.clone(),
             error: letter.error.clone(),
             attempts: letter.attempts,
-            recorded_at: crate::store::store_precision(Utc::now()),
+            recorded_at: crate::store::store_precision(crate::ambient::now()),
         };
         letters.by_id.insert(stored.id, stored.clone());
         Ok(stored)

@@ -21,7 +21,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::processor::ProcessError;
@@ -290,7 +289,7 @@ fn backoff(initial: Duration, max: Duration, multiplier: f64, attempts: u32) -> 
     let growth = multiplier.max(1.0).powi(exponent);
     let full = (initial.as_secs_f64() * growth).min(max.as_secs_f64());
     let half = if full.is_finite() { full / 2.0 } else { 0.0 };
-    Duration::try_from_secs_f64(half + rand::rng().random_range(0.0..=half)).unwrap_or(max)
+    Duration::try_from_secs_f64(half + half * crate::ambient::fraction()).unwrap_or(max)
 }
 
 #[cfg(test)]

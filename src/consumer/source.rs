@@ -515,6 +515,7 @@ impl SourceConsumer {
         self.report(ConsumerState::Paused);
         tracing::info!(group = %self.key.group, source = %self.source, "paused");
         tokio::select! {
+            biased;
             () = self.stop.cancelled() => return Err(End::Stopped),
             () = self.context.pause.resumed() => {}
         }
@@ -544,6 +545,7 @@ impl SourceConsumer {
     /// asked to stop.
     async fn wait_for_appends(&self, watcher: &mut AppendWatcher) -> bool {
         tokio::select! {
+            biased;
             () = self.stop.cancelled() => true,
             () = watcher.wait(&self.source, self.context.settings.poll_interval) => false,
         }
@@ -776,6 +778,7 @@ impl SourceConsumer {
     /// Waits `wait`; `true` if asked to stop meanwhile.
     async fn pause(&self, wait: Duration) -> bool {
         tokio::select! {
+            biased;
             () = self.stop.cancelled() => true,
             () = tokio::time::sleep(wait) => false,
         }

@@ -217,7 +217,7 @@ impl NewEvent {
             name,
             payload,
             metadata: empty_object(),
-            occurred_at: Utc::now(),
+            occurred_at: crate::ambient::now(),
             idempotency_key: None,
         }
     }

@@ -149,7 +149,7 @@ impl Journal {
         };
         // A key of its own, so that writing a batch again after a lost connection
         // cannot store an event twice.
-        let key = IdempotencyKey::new(uuid::Uuid::now_v7().to_string()).ok();
+        let key = IdempotencyKey::new(crate::ambient::event_id().to_string()).ok();
         let mut event = NewEvent::new(name, payload).with_metadata(json!({ "node": shared.node }));
         event.idempotency_key = key;
         shared.enqueue(|queue| queue.push_back(Pending { stream, event }));
@@ -215,7 +215,7 @@ fn dropped(count: usize, why: &str) {
 /// who does it.
 pub async fn prune(store: &dyn EventStore, retention: Duration) -> crate::store::Result<u64> {
     let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-    let before = Utc::now()
+    let before = crate::ambient::now()
         .checked_sub_signed(retention)
         .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
     store.prune(&category(), before).await
@@ -280,6 +280,7 @@ impl Writer {
                     self.requeue(batch);
                     self.shared.writing.store(false, Ordering::SeqCst);
                     tokio::select! {
+                        biased;
                         () = cancel.cancelled() => return false,
                         () = tokio::time::sleep(RETRY_DELAY) => {}
                     }

@@ -284,7 +284,7 @@ mod tests {
         let (name, payload) = assigned.to_parts();
         assert_eq!(payload["source"], "category:orders");
         let stored = StoredEvent {
-            id: Uuid::now_v7(),
+            id: crate::ambient::event_id(),
             name: EventName::new(name).unwrap(),
             category: category(),
             stream: StreamName::new(assigned.stream()).unwrap(),
@@ -292,8 +292,8 @@ mod tests {
             sequence: 1,
             payload,
             metadata: Value::Null,
-            occurred_at: chrono::Utc::now(),
-            observed_at: chrono::Utc::now(),
+            occurred_at: crate::ambient::now(),
+            observed_at: crate::ambient::now(),
             idempotency_key: None,
             cursor: crate::event::Cursor::new(1, 1),
         };

@@ -467,6 +467,7 @@ impl EventRuntime {
             }
         };
         tokio::select! {
+            biased;
             () = shutdown => {}
             _ = halted.wait_for(Option::is_some) => {
                 tracing::warn!(node = %self.node, "the runtime was halted; stopping");

@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +55,7 @@ impl Sampler {
         timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
                 _ = timer.tick() => self.sample().await,
             }
@@ -102,7 +102,7 @@ impl Sampler {
                     continue;
                 }
             };
-            let now = Utc::now();
+            let now = crate::ambient::now();
             let seconds = backlog
                 .oldest
                 .map(|oldest| (now - oldest).as_seconds_f64().max(0.0))

@@ -236,7 +236,7 @@ impl EventStore for MemoryStore {
 
         state.last_tx_id += 1;
         let tx_id = state.last_tx_id;
-        let observed_at = store_precision(Utc::now());
+        let observed_at = store_precision(crate::ambient::now());
         let mut stored = Vec::new();
         for append in appends {
             let mut next_position = state
@@ -255,7 +255,7 @@ impl EventStore for MemoryStore {
                 let sequence = state.last_sequence;
                 let index = state.log.len();
                 let event = StoredEvent {
-                    id: Uuid::now_v7(),
+                    id: crate::ambient::event_id(),
                     name: event.name,
                     category: category.clone(),
                     stream: append.stream.clone(),

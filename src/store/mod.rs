@@ -197,6 +197,7 @@ impl AppendWatcher {
     pub async fn wait(&mut self, source: &Source, poll: Duration) {
         let timeout = self.recheck.map_or(poll, |recheck| recheck.min(poll));
         tokio::select! {
+            biased;
             () = self.appended(source) => self.recheck = Some(FIRST_RECHECK),
             () = tokio::time::sleep(timeout) => {
                 self.recheck = self.recheck.map(|d| d * 2).filter(|d| *d < poll);

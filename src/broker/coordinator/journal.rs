@@ -227,7 +227,7 @@ mod tests {
             node: format!("node-{subscriber}"),
             sources: [source()].into(),
             tags: BTreeSet::new(),
-            heartbeat_at: chrono::Utc::now(),
+            heartbeat_at: crate::ambient::now(),
         }
     }
 

@@ -121,7 +121,7 @@ impl Decision {
             epoch,
             revision,
             coordinator: coordinator.into(),
-            issued_at: Utc::now(),
+            issued_at: crate::ambient::now(),
             owners: allocation.owners.clone(),
             handovers: allocation.handovers.clone(),
             paused: false,
