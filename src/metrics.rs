@@ -471,6 +471,7 @@ pub fn register_node(node: &NodeMetrics) {
             CHECKPOINT_WRITES,
             FENCED_CONSUMERS,
             STOPPED_CONSUMERS,
+            DECISIONS_LACKED,
         ] {
             counter!(name, "group" => group.clone()).increment(0);
         }

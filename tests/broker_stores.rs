@@ -476,7 +476,7 @@ async fn purged_subscribers_register_again_at_their_next_heartbeat(backend: Back
     // A purge while the node lives, e.g. after it was unreachable for a while.
     assert!(backend.members.leave("g", "s2").await.unwrap());
     assert_eq!(
-        membership.heartbeat_once().await.unwrap(),
+        membership.heartbeat_once(LONG).await.unwrap(),
         std::slice::from_ref(&purged)
     );
     let live = backend.members.live("g", LONG).await.unwrap();
@@ -487,11 +487,11 @@ async fn purged_subscribers_register_again_at_their_next_heartbeat(backend: Back
     // Everything purged by age comes back the same way.
     tokio::time::sleep(SHORT * 3).await;
     assert_eq!(backend.members.purge(SHORT).await.unwrap(), 2);
-    let mut back = membership.heartbeat_once().await.unwrap();
+    let mut back = membership.heartbeat_once(LONG).await.unwrap();
     back.sort();
     assert_eq!(back, [kept, purged]);
     assert_eq!(backend.members.live("g", SHORT).await.unwrap().len(), 2);
-    assert!(membership.heartbeat_once().await.unwrap().is_empty());
+    assert!(membership.heartbeat_once(LONG).await.unwrap().is_empty());
 
     membership.leave_all().await.unwrap();
     assert!(backend.members.groups().await.unwrap().is_empty());

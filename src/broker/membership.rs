@@ -323,9 +323,46 @@ impl Membership {
 
     /// Heartbeats for every local subscriber and registers again those whose record
     /// has gone. Returns the ones registered again.
-    pub async fn heartbeat_once(&self) -> Result<Vec<SubscriberKey>> {
+    ///
+    /// A record another process of this node registered since (see
+    /// [`MembershipStore::heartbeat`]) fails the heartbeat while that process
+    /// lives; once it has missed its heartbeats for `member_timeout` (it was
+    /// killed, or is paused for as long as any dead member), this process takes
+    /// the record back. Without that, a process that lost its records to a
+    /// process that then died would stay fenced until the dead records were
+    /// purged, and its node would consume nothing meanwhile.
+    pub async fn heartbeat_once(&self, member_timeout: Duration) -> Result<Vec<SubscriberKey>> {
         let keys: Vec<SubscriberKey> = self.subscribers.keys().cloned().collect();
-        let missing = self.store.heartbeat(&self.node, &keys).await?;
+        let mut taken_back = Vec::new();
+        loop {
+            match self.store.heartbeat(&self.node, &keys).await {
+                Ok(missing) => {
+                    let mut again = self.register_missing(missing).await?;
+                    again.append(&mut taken_back);
+                    return Ok(again);
+                }
+                Err(crate::store::Error::MemberTaken {
+                    group,
+                    subscriber,
+                    holder,
+                }) => {
+                    let key = SubscriberKey::new(group, subscriber);
+                    let live = self.store.live(&key.group, member_timeout).await?;
+                    let registration = self.subscribers.get(&key);
+                    let holder_lives = live.iter().any(|r| r.subscriber == key.subscriber);
+                    let (Some(registration), false) = (registration, holder_lives) else {
+                        return Err(taken(&key, &holder));
+                    };
+                    tracing::warn!(group = %key.group, subscriber = %key.subscriber, %holder, "the process that took this subscriber's record over is dead: taking it back");
+                    self.store.register(registration).await?;
+                    taken_back.push(key);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn register_missing(&self, missing: Vec<SubscriberKey>) -> Result<Vec<SubscriberKey>> {
         for key in &missing {
             if let Some(registration) = self.subscribers.get(key) {
                 tracing::info!(group = %key.group, subscriber = %key.subscriber, "member record gone, registering again");
@@ -368,7 +405,7 @@ mod tests {
         assert!(store.live("g", SHORT).await.unwrap().is_empty());
         assert_eq!(store.live("g", LONG).await.unwrap().len(), 1);
 
-        assert!(membership.heartbeat_once().await.unwrap().is_empty());
+        assert!(membership.heartbeat_once(LONG).await.unwrap().is_empty());
         assert_eq!(store.live("g", SHORT).await.unwrap().len(), 1);
     }
 
@@ -382,7 +419,7 @@ mod tests {
         assert_eq!(store.purge(SHORT).await.unwrap(), 1);
         assert!(store.live("g", LONG).await.unwrap().is_empty());
 
-        assert_eq!(membership.heartbeat_once().await.unwrap(), vec![key]);
+        assert_eq!(membership.heartbeat_once(LONG).await.unwrap(), vec![key]);
         let live = store.live("g", LONG).await.unwrap();
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].sources, sources(&["category:orders"]));
@@ -398,10 +435,22 @@ mod tests {
         ours.add("g", "s1", BTreeSet::new(), BTreeSet::new());
 
         assert!(matches!(
-            ours.heartbeat_once().await,
+            ours.heartbeat_once(LONG).await,
             Err(crate::store::Error::MemberTaken { holder, .. }) if holder == "node-b"
         ));
         let live = store.live("g", Duration::from_secs(10)).await.unwrap();
         assert_eq!(live[0].node, "node-b");
+
+        // Once the other process has missed its heartbeats for a member
+        // timeout, this one takes its record back.
+        tokio::time::sleep(SHORT * 2).await;
+        let key = SubscriberKey::new("g", "s1");
+        assert_eq!(ours.heartbeat_once(SHORT).await.unwrap(), vec![key.clone()]);
+        let live = store.live("g", SHORT).await.unwrap();
+        assert_eq!(live[0].node, "node-a");
+        assert!(matches!(
+            theirs.heartbeat_once(SHORT).await,
+            Err(crate::store::Error::MemberTaken { holder, .. }) if holder == "node-a"
+        ));
     }
 }

@@ -200,22 +200,20 @@ impl Observer {
         let mut beating: Option<Heartbeat<'_>> = None;
         loop {
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
                 _ = heartbeat.tick(), if beating.is_none() => {
                     let sent = Instant::now();
                     beating = Some(Box::pin(async move { (sent, self.heartbeat().await) }));
                 }
-                (sent, heard) = async {
+                (sent, beat) = async {
                     match beating.as_mut() {
                         Some(beat) => beat.await,
                         None => std::future::pending().await,
                     }
                 }, if beating.is_some() => {
                     beating = None;
-                    if heard && fence.heard(sent) {
-                        tracing::info!(node = %self.node, "heartbeats get through again: taking sources back up");
-                        targets.fence(false);
-                    }
+                    self.take_beat(beat, sent, &mut fence, &targets);
                 }
                 () = tokio::time::sleep_until(fence.at), if !fence.fenced => {
                     fence.fenced = true;
@@ -319,29 +317,47 @@ impl Observer {
         }
     }
 
-    /// Heartbeats every subscriber and announces those registered again. Returns
-    /// whether the registry was reached.
-    async fn heartbeat(&self) -> bool {
+    /// Fences or unfences the node after a heartbeat sent at `sent`.
+    fn take_beat(&self, beat: Beat, sent: Instant, fence: &mut FenceClock, targets: &Targets) {
+        match beat {
+            Beat::Heard if fence.heard(sent) => {
+                tracing::info!(node = %self.node, "heartbeats get through again: taking sources back up");
+                targets.fence(false);
+            }
+            // Certain, unlike a heartbeat that did not get through: withdrawing
+            // at once ends two processes taking one source from each other.
+            Beat::Taken if !fence.fenced => {
+                fence.fenced = true;
+                tracing::error!(node = %self.node, "another process of this node holds its subscribers' records: withdrawing every source at once");
+                targets.fence(true);
+            }
+            Beat::Heard | Beat::Taken | Beat::Failed => {}
+        }
+    }
+
+    /// Heartbeats every subscriber and announces those registered again.
+    async fn heartbeat(&self) -> Beat {
         // Bounded, so that a registry that stops answering is reported; past a
         // member timeout a heartbeat could not keep the node alive anyway.
-        let heartbeat = self.membership.heartbeat_once();
+        let heartbeat = self.membership.heartbeat_once(self.settings.member_timeout);
         match tokio::time::timeout(self.settings.member_timeout, heartbeat).await {
             Err(_) => {
                 self.status
                     .error("heartbeat timed out: the membership store does not answer".to_owned());
-                false
+                Beat::Failed
             }
             Ok(Ok(registered_again)) => {
                 for key in registered_again {
                     self.signal_joined(&key).await;
                 }
                 self.status.set(BrokerStatus::Running);
-                true
+                Beat::Heard
             }
             Ok(Err(error)) => {
+                let taken = matches!(error, crate::store::Error::MemberTaken { .. });
                 self.status
                     .error(format!("cannot heartbeat subscribers: {error}"));
-                false
+                if taken { Beat::Taken } else { Beat::Failed }
             }
         }
     }
@@ -364,7 +380,16 @@ impl Observer {
 }
 
 /// A heartbeat under way: when it was sent, and whether it got through.
-type Heartbeat<'a> = Pin<Box<dyn Future<Output = (Instant, bool)> + Send + 'a>>;
+type Heartbeat<'a> = Pin<Box<dyn Future<Output = (Instant, Beat)> + Send + 'a>>;
+
+/// How a heartbeat went.
+enum Beat {
+    Heard,
+    /// The store did not answer, or failed.
+    Failed,
+    /// Another process of this node holds the records (and lives).
+    Taken,
+}
 
 /// What [`Observer::start`] hands to [`Observer::observe`].
 struct Started {

@@ -351,9 +351,17 @@ async fn a_process_whose_subscribers_another_process_registered_fences_itself() 
         }
         other => panic!("expected an error naming the other process, got {other:?}"),
     }
-    // It stays out: nothing is accepted again while the other process holds it.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // It stays out: nothing is accepted again while the other process lives.
+    let theirs = [crate::broker::membership::SubscriberKey::new("g", MINE)];
+    for _ in 0..50 {
+        membership.heartbeat("node@2", &theirs).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(node.recorder.accepted().len(), 1);
+    // Once the other process is dead (no heartbeat for a member timeout), this
+    // one takes its subscriber back and consumes again.
+    until(|| node.recorder.accepted().len() == 2).await;
+    until(|| *node.status.borrow() == BrokerStatus::Running).await;
     node.stop().await;
 }
 
