@@ -1,0 +1,228 @@
+//! What the simulation checks, from outside the nodes: every batch the simulated
+//! sink received, every claim and every successful checkpoint save the stores
+//! saw, and what the store holds.
+//!
+//! At every batch and every save:
+//! - a source's events are emitted only by the process holding its claim, except
+//!   for the one batch a process may have in flight when its claim is taken;
+//! - a checkpoint never goes back.
+//!
+//! At the end ([`Ledger::verdict`]): every appended event emitted at least once,
+//! each stream's events first emitted in order, no repeat when every move was
+//! planned, and repeats after faults bounded by the checkpoint cadence.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use weir::consumer::{EventProcessor, ProcessError};
+use weir::event::{Cursor, Source, StoredEvent};
+
+#[derive(Default)]
+struct State {
+    /// The process holding each source's claim.
+    holder: BTreeMap<Source, String>,
+    /// Batches each process emitted for a source after its claim was taken.
+    zombie_batches: BTreeMap<(Source, String), u32>,
+    /// The last saved cursor of each source.
+    saved: BTreeMap<Source, Cursor>,
+    /// Per stream (category/stream), the positions emitted so far.
+    emitted: BTreeMap<String, BTreeSet<u64>>,
+    /// Emissions of an event already emitted, per source.
+    repeats: BTreeMap<Source, u64>,
+    violations: Vec<String>,
+    trace: std::collections::VecDeque<String>,
+    hasher: DefaultHasher,
+    now_ms: u64,
+}
+
+/// Everything the simulation observes, shared by the sinks, the stores and the
+/// driver.
+#[derive(Clone)]
+pub struct Ledger {
+    state: Arc<Mutex<State>>,
+    sources: Arc<Vec<Source>>,
+    origin: tokio::time::Instant,
+    /// How many trace lines to keep.
+    tail: usize,
+}
+
+impl Ledger {
+    /// A ledger keeping the last `tail` lines of the trace.
+    pub fn new(sources: Vec<Source>, tail: usize) -> Self {
+        Self {
+            state: Arc::default(),
+            sources: Arc::new(sources),
+            origin: tokio::time::Instant::now(),
+            tail,
+        }
+    }
+
+    fn source_of(&self, event: &StoredEvent) -> Source {
+        self.sources
+            .iter()
+            .find(|source| source.holds(event))
+            .cloned()
+            .expect("every simulated event belongs to one source")
+    }
+
+    /// Notes a step of the run in the trace (and its hash).
+    pub fn step(&self, line: String) {
+        let mut state = self.state.lock().unwrap();
+        let elapsed = tokio::time::Instant::now().duration_since(self.origin);
+        state.now_ms = u64::try_from(elapsed.as_millis()).unwrap_or_default();
+        let line = format!("{:>7}ms {line}", state.now_ms);
+        line.hash(&mut state.hasher);
+        state.trace.push_back(line);
+        if state.trace.len() > self.tail {
+            state.trace.pop_front();
+        }
+    }
+
+    pub fn violate(&self, violation: String) {
+        self.step(format!("VIOLATION {violation}"));
+        self.state.lock().unwrap().violations.push(violation);
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.state.lock().unwrap().violations.clone()
+    }
+
+    pub fn trace_hash(&self) -> u64 {
+        self.state.lock().unwrap().hasher.finish()
+    }
+
+    pub fn trace_tail(&self) -> Vec<String> {
+        self.state.lock().unwrap().trace.iter().cloned().collect()
+    }
+
+    /// `process` now holds the claim of `source`.
+    pub fn claimed(&self, source: &Source, process: &str) {
+        self.step(format!("{process} claims {source}"));
+        let mut state = self.state.lock().unwrap();
+        state.holder.insert(source.clone(), process.to_owned());
+        state
+            .zombie_batches
+            .remove(&(source.clone(), process.to_owned()));
+    }
+
+    /// `process` saved `cursor` for `source`.
+    pub fn saved(&self, source: &Source, process: &str, cursor: Cursor) {
+        self.step(format!("{process} saves {source} at {cursor}"));
+        let previous = {
+            let mut state = self.state.lock().unwrap();
+            state.saved.insert(source.clone(), cursor)
+        };
+        if previous.is_some_and(|previous| previous > cursor) {
+            self.violate(format!(
+                "the checkpoint of {source} went back from {} to {cursor} (saved by {process})",
+                previous.unwrap_or(cursor)
+            ));
+        }
+    }
+
+    /// `process` emitted `events` (one batch of one source).
+    fn emitted(&self, process: &str, events: &[StoredEvent]) {
+        let Some(first) = events.first() else {
+            return;
+        };
+        let source = self.source_of(first);
+        let last = events.last().unwrap_or(first);
+        self.step(format!(
+            "{process} emits {} events of {source}, {} to {}",
+            events.len(),
+            first.cursor,
+            last.cursor
+        ));
+        let mut violations = Vec::new();
+        {
+            let mut state = self.state.lock().unwrap();
+            let holder = state.holder.get(&source).cloned();
+            if holder.as_deref() != Some(process) {
+                let key = (source.clone(), process.to_owned());
+                let batches = state.zombie_batches.entry(key).or_default();
+                *batches += 1;
+                if *batches > 1 {
+                    violations.push(format!(
+                        "{process} emitted {batches} batches of {source} after its claim was taken (by {holder:?})"
+                    ));
+                }
+            }
+            for event in events {
+                let stream = format!("{}/{}", event.category, event.stream);
+                let positions = state.emitted.entry(stream.clone()).or_default();
+                if !positions.insert(event.position) {
+                    *state.repeats.entry(source.clone()).or_default() += 1;
+                    continue;
+                }
+                let expected = positions.len() as u64 - 1;
+                if event.position != expected {
+                    violations.push(format!(
+                        "{process} emitted {stream} position {} before position {expected}",
+                        event.position
+                    ));
+                }
+            }
+        }
+        for violation in violations {
+            self.violate(violation);
+        }
+    }
+
+    /// Whether every one of `appended` (per stream, how many) was emitted.
+    pub fn all_emitted(&self, appended: &BTreeMap<String, u64>) -> bool {
+        let state = self.state.lock().unwrap();
+        appended.iter().all(|(stream, count)| {
+            state
+                .emitted
+                .get(stream)
+                .is_some_and(|positions| positions.len() as u64 == *count)
+        })
+    }
+
+    /// The final checks: nothing lost, repeats within `bound` per source (0 when
+    /// every move was planned).
+    pub fn verdict(&self, appended: &BTreeMap<String, u64>, repeat_bound: u64) {
+        if !self.all_emitted(appended) {
+            let state = self.state.lock().unwrap();
+            let missing: Vec<String> = appended
+                .iter()
+                .filter_map(|(stream, count)| {
+                    let emitted = state.emitted.get(stream).map_or(0, BTreeSet::len) as u64;
+                    (emitted != *count).then(|| format!("{stream}: {emitted} of {count}"))
+                })
+                .collect();
+            drop(state);
+            self.violate(format!("events never emitted: {}", missing.join(", ")));
+        }
+        let repeats = self.state.lock().unwrap().repeats.clone();
+        for (source, count) in repeats {
+            if count > repeat_bound {
+                self.violate(format!(
+                    "{count} events of {source} emitted twice, more than the bound of {repeat_bound}"
+                ));
+            }
+        }
+    }
+
+    pub fn repeats(&self) -> u64 {
+        self.state.lock().unwrap().repeats.values().sum()
+    }
+}
+
+/// The simulated sink: records each batch as its process emitted it.
+pub struct Sink {
+    pub process: String,
+    pub ledger: Ledger,
+}
+
+#[async_trait]
+impl EventProcessor for Sink {
+    async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
+        // Work takes a moment, so that moves meet batches in flight.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        self.ledger.emitted(&self.process, events);
+        Ok(())
+    }
+}
