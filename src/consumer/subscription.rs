@@ -9,7 +9,7 @@
 //! broker accepts the source again while its newest decision still gives it, and
 //! the accept starts a fresh consumer, which claims under that decision's grant.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -24,7 +24,7 @@ pub struct SubscriptionConsumer {
     context: Arc<ConsumerContext>,
     /// How long a withdraw waits for the batch in hand before aborting it.
     grace: Duration,
-    running: Mutex<HashMap<Source, RunningConsumer>>,
+    running: Mutex<BTreeMap<Source, RunningConsumer>>,
     /// Set once stopped or aborted: a late accept must not start a consumer that
     /// nobody would stop.
     closed: AtomicBool,
@@ -35,12 +35,12 @@ impl SubscriptionConsumer {
         Self {
             context,
             grace,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
         }
     }
 
-    fn running(&self) -> MutexGuard<'_, HashMap<Source, RunningConsumer>> {
+    fn running(&self) -> MutexGuard<'_, BTreeMap<Source, RunningConsumer>> {
         // Only ever inserted into and removed from, so a poisoned map is whole.
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -71,7 +71,8 @@ impl SubscriptionConsumer {
     /// Stops every source consumer at once, storing nothing: what a crash does.
     pub async fn abort(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let running: Vec<RunningConsumer> = self.running().drain().map(|(_, c)| c).collect();
+        let running: Vec<RunningConsumer> =
+            std::mem::take(&mut *self.running()).into_values().collect();
         for consumer in running {
             consumer.abort().await;
         }
@@ -80,7 +81,8 @@ impl SubscriptionConsumer {
     /// Stops every source consumer gracefully, as withdrawing each would.
     pub async fn stop(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let running: Vec<RunningConsumer> = self.running().drain().map(|(_, c)| c).collect();
+        let running: Vec<RunningConsumer> =
+            std::mem::take(&mut *self.running()).into_values().collect();
         futures::future::join_all(running.into_iter().map(|c| c.stop(self.grace))).await;
     }
 }
