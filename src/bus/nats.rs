@@ -45,6 +45,7 @@ use crate::connect::NatsOptions;
 use crate::connect::nats_client::{connect, subject_token};
 use crate::metrics;
 use feed::Feed;
+use stored::{StoredVersion, delta_version};
 
 /// How long a JetStream request (stream info, publish acknowledgement, purge)
 /// may take before the server counts as unreachable.
@@ -522,37 +523,6 @@ impl NatsBus {
     }
 }
 
-/// The parts of one decision version found in the stream, or its delta.
-#[derive(Default)]
-struct StoredVersion {
-    /// How many parts the decision has, if it is stored as a snapshot.
-    parts: Option<u64>,
-    /// Whether it is stored as a change (it may be stored both ways while a
-    /// whole republish replaces the change).
-    delta: bool,
-    subjects: Vec<String>,
-}
-
-impl StoredVersion {
-    fn is_whole(&self) -> bool {
-        let snapshot_parts = self.subjects.len() as u64 - u64::from(self.delta);
-        self.delta || self.parts.is_some_and(|parts| parts == snapshot_parts)
-    }
-
-    fn is_snapshot(&self) -> bool {
-        let snapshot_parts = self.subjects.len() as u64 - u64::from(self.delta);
-        self.parts.is_some_and(|parts| parts == snapshot_parts)
-    }
-}
-
-/// The version of the delta stored at `subject` (`PREFIX.EPOCH.REVISION.delta`).
-fn delta_version(prefix: &str, subject: &str) -> Option<(u64, u64)> {
-    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
-    let (epoch, rest) = rest.split_once('.')?;
-    let revision = rest.strip_suffix(".delta")?;
-    Some((epoch.parse().ok()?, revision.parse().ok()?))
-}
-
 /// Whether `error` says that the stream does not exist.
 fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
@@ -805,6 +775,7 @@ fn count_invalid(invalid: &AtomicU64, why: &str) {
 }
 
 mod feed;
+mod stored;
 
 #[cfg(test)]
 mod tests;
