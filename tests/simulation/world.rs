@@ -11,7 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::time::Instant;
-use weir::broker::control::MemoryFleetStore;
+use weir::broker::Broker;
+use weir::broker::control::{ControlHandle, MemoryFleetStore};
 use weir::broker::distributed::{COORDINATOR_LEASE, FleetServices};
 use weir::broker::lease::MemoryLeaseStore;
 use weir::broker::membership::MemoryMembershipStore;
@@ -99,12 +100,15 @@ pub enum Fault {
     Twin(usize),
     /// The bus compacts its log (instant).
     Compact,
+    /// An operator pauses the group through the leader, and resumes it when the
+    /// fault ends (retrying while no node leads).
+    Pause,
 }
 
 impl Fault {
     /// Whether the protocol promises no repeat across this fault.
     fn planned(&self) -> bool {
-        matches!(self, Fault::Stop(_) | Fault::Compact)
+        matches!(self, Fault::Stop(_) | Fault::Compact | Fault::Pause)
     }
 }
 
@@ -139,7 +143,7 @@ impl Plan {
                     true => LEADER,
                     false => random.random_range(0..NODES),
                 };
-                let fault = match random.random_range(0..10) {
+                let fault = match random.random_range(0..11) {
                     0 => Fault::StoreDown(None),
                     1 => Fault::StoreDown(Some(node)),
                     2 => Fault::SlowStore(
@@ -152,6 +156,7 @@ impl Plan {
                     6 => Fault::Crash(node),
                     7 => Fault::Stop(node),
                     8 => Fault::Twin(node),
+                    9 => Fault::Pause,
                     _ => Fault::Compact,
                 };
                 let phase = u64::try_from(fault_phase.as_millis()).unwrap();
@@ -186,6 +191,7 @@ struct Process {
     label: String,
     runtime: EventRuntime,
     link: Arc<Link>,
+    control: Option<ControlHandle>,
 }
 
 struct Slot {
@@ -224,6 +230,8 @@ pub struct World {
     links: Vec<Arc<Link>>,
     /// The lease holder and epoch last seen.
     leader: Option<(String, u64)>,
+    /// Whether the group is to be paused (or resumed), until a leader took it.
+    paused: Option<bool>,
     /// Each planned fault as it began, its node resolved.
     resolved: Vec<Option<Fault>>,
 }
@@ -274,6 +282,7 @@ impl World {
             stopping: tokio::task::JoinSet::new(),
             links: Vec::new(),
             leader: None,
+            paused: None,
             resolved: vec![None; plan_faults],
         }
     }
@@ -311,6 +320,7 @@ impl World {
         };
         let broker = DistributedBroker::new(&name, BrokerRole::Full, broker_settings(), services)
             .with_fleet_store(Arc::clone(&self.fleet_store) as _);
+        let control = broker.control();
         let stores = ConsumerStores {
             events: Arc::new(GatedEvents {
                 inner: Arc::clone(&self.events) as _,
@@ -347,6 +357,7 @@ impl World {
             label,
             runtime,
             link,
+            control,
         };
         let entry = &mut self.slots[slot];
         if twin {
@@ -381,6 +392,7 @@ impl World {
             }
             self.append().await;
             self.note_leader().await;
+            self.operate().await;
             tokio::time::sleep(TICK).await;
         }
         for (index, active) in active.into_iter().enumerate() {
@@ -416,7 +428,7 @@ impl World {
             Fault::Crash(slot) => Fault::Crash(at(slot)),
             Fault::Stop(slot) => Fault::Stop(at(slot)),
             Fault::Twin(slot) => Fault::Twin(at(slot)),
-            fault @ (Fault::StoreDown(None) | Fault::Compact) => fault,
+            fault @ (Fault::StoreDown(None) | Fault::Compact | Fault::Pause) => fault,
         };
         self.resolved[index] = Some(fault.clone());
         fault
@@ -450,6 +462,10 @@ impl World {
                 }
             }
             Fault::Compact => self.log.compact(),
+            Fault::Pause => {
+                self.paused = Some(true);
+                self.operate().await;
+            }
         }
     }
 
@@ -470,6 +486,10 @@ impl World {
             }
             Fault::Twin(slot) => self.retire_old_process(slot).await,
             Fault::Compact => {}
+            Fault::Pause => {
+                self.paused = Some(false);
+                self.operate().await;
+            }
         }
     }
 
@@ -516,6 +536,33 @@ impl World {
         }
     }
 
+    /// Asks whichever process leads to pause or resume the group, as wanted;
+    /// nothing if none leads, or the leader does not answer (it may be frozen)
+    /// within a refresh interval: the next tick asks again.
+    async fn operate(&mut self) {
+        let Some(paused) = self.paused else {
+            return;
+        };
+        let controls = self.slots.iter().filter_map(|slot| {
+            let process = slot.main.as_ref()?;
+            let control = process.control.as_ref()?;
+            control
+                .leading()
+                .map(|_| (process.label.clone(), control.clone()))
+        });
+        for (label, control) in controls.collect::<Vec<_>>() {
+            let asked = control.set_paused(GROUP, paused);
+            let refresh = broker_settings().refresh_interval;
+            let answer = tokio::time::timeout(refresh, asked).await;
+            self.ledger
+                .step(format!("{label} asked to set paused={paused}: {answer:?}"));
+            if let Ok(Ok(_)) = answer {
+                self.paused = None;
+                return;
+            }
+        }
+    }
+
     /// Notes in the trace when the coordinator lease changes hands.
     async fn note_leader(&mut self) {
         use weir::broker::lease::LeaseStore;
@@ -550,6 +597,7 @@ impl World {
     async fn settle(&mut self) {
         let healed = Instant::now();
         loop {
+            self.operate().await;
             let unsettled = self.unsettled();
             if unsettled.is_none() {
                 self.ledger
