@@ -3,6 +3,10 @@
 //! made a cold test build spend minutes linking. A test keeps its module path, so
 //! `cargo test --test it fault_suite` runs the fault suite and `cargo test --test
 //! it nats::bus::` the NATS bus tests.
+//!
+//! The tests share one process: a test that sets up what is global to a
+//! process (the metrics recorder) runs in a process of its own
+//! ([`common::alone`]).
 
 // First, so that its macros (`on_every_backend!`, `bus_suite!`) are in scope below.
 #[macro_use]

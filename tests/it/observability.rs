@@ -2,9 +2,10 @@
 //! `/status`, `weir status`, and the store measurements behind the lag and
 //! visibility-horizon gauges.
 //!
-//! One node runs in process on the memory store and bus (the metrics recorder is
-//! global, so this file runs no other in-process node); the Postgres tests run the
-//! `weir` binary, and measure the store directly. Postgres tests read
+//! One node runs in process on the memory store and bus, in a process of its own
+//! (the metrics recorder is global to a process, and other modules run
+//! in-process nodes); the Postgres tests run the `weir` binary, and measure the
+//! store directly. Postgres tests read
 //! `WEIR_TEST_POSTGRES_URL` and skip with a note when it is unreachable, unless
 //! `WEIR_REQUIRE_SERVICES=1`.
 
@@ -175,6 +176,9 @@ fn fast_broker() -> BrokerSettings {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_exports_every_metric_and_reports_its_status() {
+    if !common::alone("observability::a_node_exports_every_metric_and_reports_its_status").await {
+        return;
+    }
     common::init_logging();
     let metrics = weir::telemetry::install().expect("the recorder installs");
     let node = common::unique_name("node");

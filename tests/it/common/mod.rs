@@ -99,6 +99,36 @@ pub fn init_logging() {
     }
 }
 
+/// Whether this process is the one to run the test `name` (its path in this
+/// binary, such as `observability::x`), for a test that sets up what is global
+/// to a process, the metrics recorder for one, which every other test running
+/// in the process would then write to. In the test binary's own run this runs
+/// the binary again for that test alone, forwards its output, fails if the test
+/// did not pass there and returns `false`; in that second process it returns
+/// `true`, and the test goes on.
+pub async fn alone(name: &str) -> bool {
+    const ALONE: &str = "WEIR_TEST_ALONE";
+    if std::env::var(ALONE).is_ok_and(|alone| alone == name) {
+        return true;
+    }
+    let binary = std::env::current_exe().expect("the test binary's path");
+    let output = tokio::process::Command::new(binary)
+        .args([name, "--exact", "--test-threads=1"])
+        .env(ALONE, name)
+        .output()
+        .await
+        .expect("the test binary runs again");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{name} did not pass in a process of its own ({})",
+        output.status
+    );
+    false
+}
+
 pub fn unique_name(prefix: &str) -> String {
     format!(
         "{prefix}_{}",
