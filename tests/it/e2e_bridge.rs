@@ -15,8 +15,9 @@
 //!
 //! Services come from `WEIR_TEST_POSTGRES_URL`, `WEIR_TEST_NATS_URL` and
 //! `WEIR_TEST_KAFKA_BROKERS`; without them the scenarios skip, unless
-//! `WEIR_REQUIRE_SERVICES=1`, which makes them fail. Scenarios run one at a time:
-//! each already runs three or four nodes on a small machine.
+//! `WEIR_REQUIRE_SERVICES=1`, which makes them fail. Scenarios run one at a time,
+//! and not beside the other suites that run fleets of `weir` processes: each
+//! already runs three or four nodes on a small machine.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::node::{free_port, http_get, weir_command};
-use crate::common::{TestPostgres, init_logging, service_missing, unique_name};
+use crate::common::{TestPostgres, heavy_turn, init_logging, service_missing, unique_name};
 use serde_json::Value;
 use weir::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
 use weir::store::{EventStore, StreamAppend};
@@ -80,9 +81,6 @@ const COORDINATOR_AND_TWO_OBSERVERS: [(&str, &str); 3] = [
 ];
 const THREE_FULL_NODES: [(&str, &str); 3] =
     [("full-1", "full"), ("full-2", "full"), ("full-3", "full")];
-
-/// Scenarios take turns: each runs several nodes.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------
 // Nodes as processes
@@ -751,7 +749,7 @@ mod nats {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_coordinator_two_observers_survive_a_stop_a_kill_and_a_new_leader() {
-        let _turn = ONE_AT_A_TIME.lock().await;
+        let _turn = heavy_turn().await;
         let scenario = scenario(
             SPREAD,
             COORDINATOR_AND_TWO_OBSERVERS,
@@ -767,13 +765,13 @@ mod nats {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_full_nodes_survive_a_stop_and_a_kill() {
-        let _turn = ONE_AT_A_TIME.lock().await;
+        let _turn = heavy_turn().await;
         scenario(SPREAD, THREE_FULL_NODES, "full-2", "full-3").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn twelve_partitions_of_one_category_spread_over_three_nodes() {
-        let _turn = ONE_AT_A_TIME.lock().await;
+        let _turn = heavy_turn().await;
         scenario(PARTITIONED, THREE_FULL_NODES, "full-2", "full-3").await;
     }
 }
@@ -878,7 +876,7 @@ mod kafka {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_coordinator_two_observers_survive_a_stop_and_a_kill() {
-        let _turn = ONE_AT_A_TIME.lock().await;
+        let _turn = heavy_turn().await;
         scenario(
             SPREAD,
             COORDINATOR_AND_TWO_OBSERVERS,
@@ -890,13 +888,13 @@ mod kafka {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn twelve_partitions_of_one_category_spread_over_three_nodes() {
-        let _turn = ONE_AT_A_TIME.lock().await;
+        let _turn = heavy_turn().await;
         scenario(PARTITIONED, THREE_FULL_NODES, "full-2", "full-3").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_full_nodes_survive_a_stop_a_kill_and_a_new_leader() {
-        let _turn = ONE_AT_A_TIME.lock().await;
+        let _turn = heavy_turn().await;
         if let Some((mut fleet, deliveries)) =
             scenario(SPREAD, THREE_FULL_NODES, "full-2", "full-3").await
         {

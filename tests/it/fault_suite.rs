@@ -59,7 +59,8 @@
 //! failure after it.
 //!
 //! Run it with `cargo test --test it fault_suite -- --nocapture` (or through
-//! `scripts/test.sh`). The two variants take turns. Environment:
+//! `scripts/test.sh`). The two variants take turns, with each other and with the
+//! other suites that run fleets of `weir` processes. Environment:
 //!
 //! - `FAULT_SUITE_FULL=1`: longer outages and pauses, more events, wider guards;
 //! - `FAULT_SUITE_STEPS=2,5`: only these steps (`1` to `7` as above, `6a`, `6b`),
@@ -81,15 +82,12 @@ use std::time::{Duration, Instant};
 use crate::common::nodes::{WeirNodes, metric_samples};
 use crate::common::reader::{self, Analysis, Reader, longest_gap};
 use crate::common::services::{PrivateNats, PrivatePostgres, PrivateTansu};
-use crate::common::{init_logging, unique_name};
+use crate::common::{heavy_turn, init_logging, unique_name};
 use serde_json::json;
 use tokio::sync::RwLock;
 use weir::event::{Category, EventName, IdempotencyKey, NewEvent, StreamName, WriteCondition};
 use weir::postgres::{PostgresStore, PostgresStoreOptions};
 use weir::store::EventStore;
-
-/// Variants take turns: each runs three nodes and three services.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 const GROUP: &str = "bridge";
@@ -1552,12 +1550,12 @@ async fn run(bus: Bus) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_fleet_under_faults() {
-    let _turn = ONE_AT_A_TIME.lock().await;
+    let _turn = heavy_turn().await;
     run(Bus::Nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_fleet_under_faults() {
-    let _turn = ONE_AT_A_TIME.lock().await;
+    let _turn = heavy_turn().await;
     run(Bus::Kafka).await;
 }

@@ -6,7 +6,8 @@
 //!
 //! The tests share one process: a test that sets up what is global to a
 //! process (the metrics recorder) runs in a process of its own
-//! ([`common::alone`]).
+//! ([`common::alone`]), and the suites that run fleets of `weir` processes take
+//! turns ([`common::heavy_turn`]).
 
 // First, so that its macros (`on_every_backend!`, `bus_suite!`) are in scope below.
 #[macro_use]

@@ -9,6 +9,8 @@
 //!   event a third time;
 //! - `weir groups pause` stops delivery, survives the leader's exit, and `resume`
 //!   delivers what was appended meanwhile, once each.
+//!
+//! It takes turns with the other suites that run fleets of `weir` processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -218,6 +220,7 @@ fn json_of(text: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
+    let _turn = common::heavy_turn().await;
     let Some(mut fleet) = fleet().await else {
         return;
     };

@@ -129,6 +129,17 @@ pub async fn alone(name: &str) -> bool {
     false
 }
 
+/// The suites that run fleets of `weir` processes against real services
+/// (`e2e_bridge`, `fault_suite`, `operate`) take turns, each test holding this
+/// while it runs: two fleets at once on a small machine starve each other's
+/// nodes of CPU, and the leases and member timeouts those suites measure
+/// against would then measure the machine. (As test binaries of their own they
+/// ran one at a time.)
+pub async fn heavy_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 pub fn unique_name(prefix: &str) -> String {
     format!(
         "{prefix}_{}",
