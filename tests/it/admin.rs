@@ -26,7 +26,7 @@ use weir::postgres::{PostgresFleetStore, PostgresLeaseStore, PostgresMembershipS
 use weir::runtime::{ConsumerStores, EventRuntime};
 
 use crate::common::fleet::settings;
-use crate::common::{self, TestPostgres};
+use crate::common::{self, TestPostgres, wait_until};
 
 const TOKEN: &str = "s3cret-admin-token";
 const GROUP: &str = "bridge";
@@ -223,14 +223,6 @@ async fn append(backend: &Backend, stream: &str, count: usize) -> Vec<StoredEven
         )
         .await
         .unwrap()
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The node that leads, once one does.

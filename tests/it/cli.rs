@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::common;
+
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
 /// How long a command that should finish may run: a guard against hangs, not a
@@ -26,8 +28,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node may take to log that it started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// Exit codes (see `CliError::exit_code`).
 const EXIT_USAGE: i32 = 2; // clap
@@ -520,8 +520,7 @@ impl PgSchema {
     /// A fresh, not yet migrated schema; `None` (after a note on stderr) if Postgres
     /// cannot be reached and `WEIR_REQUIRE_SERVICES` is not `1`.
     fn new(test: &str) -> Option<Self> {
-        let url = std::env::var("WEIR_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+        let url = common::postgres_url();
         let reachable = block_on(async {
             let client = pg_connect(&url).await?;
             client
@@ -531,7 +530,7 @@ impl PgSchema {
                 .map_err(|e| describe(&e))
         });
         if let Err(error) = reachable {
-            if std::env::var("WEIR_REQUIRE_SERVICES").as_deref() == Ok("1") {
+            if common::services_required() {
                 panic!(
                     "{test}: Postgres at {url} is required (WEIR_REQUIRE_SERVICES=1) but unreachable: {error}"
                 );
@@ -871,7 +870,7 @@ fn a_misspelled_environment_variable_is_a_config_error() {
     // Variables that are not configuration keys are left alone.
     let mut command = weir(&["config", "check"]);
     command
-        .env("WEIR_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+        .env("WEIR_TEST_POSTGRES_URL", common::DEFAULT_POSTGRES_URL)
         .env("WEIR_REQUIRE_SERVICES", "1");
     finish(command, None).expect_success();
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use weir::broker::SingletonBroker;
 use weir::consumer::{ConsumerSettings, ConsumerState, EventProcessor, ProcessError};
 use weir::event::{Cursor, Source, StoredEvent};
@@ -24,9 +23,8 @@ use weir::store::EventStore;
 
 use crate::common;
 use crate::common::ConsumerBackend as Backend;
+use crate::common::wait_until;
 
-/// A guard against hangs, never a timing assertion.
-const WAIT: Duration = Duration::from_secs(30);
 const GROUP: &str = "g";
 
 on_every_backend!(
@@ -80,14 +78,6 @@ fn state(runtime: &EventRuntime) -> Option<ConsumerState> {
         .into_iter()
         .find(|c| c.key.group == GROUP && c.key.source == source())
         .map(|c| c.state)
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < WAIT, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// A destination that can be down (every batch fails transiently) and refuses

@@ -683,11 +683,8 @@ async fn leader_failover(fleet: &mut Fleet, deliveries: &Deliveries, restart_as:
 
 mod nats {
     use super::*;
+    use crate::common::nats_url as url;
     use futures::StreamExt;
-
-    fn url() -> String {
-        std::env::var("WEIR_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-    }
 
     /// Collects every message published under `prefix.>`, duplicates included: a
     /// plain subscription sees each publish, even those JetStream deduplicates.
@@ -783,16 +780,6 @@ mod kafka {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-    fn brokers() -> Option<String> {
-        match std::env::var("WEIR_TEST_KAFKA_BROKERS") {
-            Ok(brokers) => Some(brokers),
-            Err(_) => {
-                service_missing("Kafka", "WEIR_TEST_KAFKA_BROKERS is not set");
-                None
-            }
-        }
-    }
-
     /// Creates the sink's topics and reads them from the beginning, duplicates
     /// included.
     async fn collect(brokers: &str, prefix: &str, shape: Shape) -> Option<Deliveries> {
@@ -857,7 +844,7 @@ mod kafka {
         killed: &str,
     ) -> Option<(Fleet, Deliveries)> {
         init_logging();
-        let brokers = brokers()?;
+        let brokers = crate::common::kafka_brokers()?;
         let namespace = unique_name("e2e");
         let deliveries = collect(&brokers, &sink_prefix(&namespace), shape).await?;
         let fleet = bridge_scenario(

@@ -26,7 +26,7 @@ use weir::sink::{KafkaSink, SinkError};
 use weir::store::{EventStore, MemoryStore};
 
 use crate::common::bus_suite::{BusBackend, PATIENCE, decision, next, source};
-use crate::common::{init_logging, service_missing, unique_name};
+use crate::common::{init_logging, kafka_brokers, service_missing, unique_name};
 
 // ---------------------------------------------------------------------------
 // The bus
@@ -82,13 +82,7 @@ impl BusBackend for KafkaBackend {
 /// under `WEIR_REQUIRE_SERVICES=1`) when there is none.
 async fn test_kafka() -> Option<KafkaOptions> {
     init_logging();
-    let Ok(brokers) = std::env::var("WEIR_TEST_KAFKA_BROKERS") else {
-        service_missing(
-            "Kafka",
-            "WEIR_TEST_KAFKA_BROKERS is not set (scripts/test.sh starts a broker and sets it)",
-        );
-        return None;
-    };
+    let brokers = kafka_brokers()?;
     let first = brokers.split(',').next().unwrap_or_default().trim();
     let reachable = tokio::time::timeout(
         Duration::from_secs(5),

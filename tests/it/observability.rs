@@ -10,8 +10,8 @@
 //! `WEIR_REQUIRE_SERVICES=1`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,22 +47,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// One GET; the status code and body.
 fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).expect("connect to the node's HTTP endpoints");
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    (code, body.to_owned())
+    common::node::http_get(address, path)
+        .unwrap_or_else(|error| panic!("GET {path} from the node: {error}"))
 }
 
 /// Every sample of a scrape, by name and then by its label text (`{a="b"}`, or

@@ -25,16 +25,12 @@ use weir::store::EventStore;
 use crate::common::node::weir_command;
 use crate::common::nodes::WeirNodes;
 use crate::common::reader::Delivery;
-use crate::common::{self, TestPostgres, service_missing, unique_name};
+use crate::common::{self, TestPostgres, nats_url, service_missing, unique_name};
 
 const TOKEN: &str = "operate-test-token";
 const GROUP: &str = "bridge";
 const STREAMS: usize = 12;
 const WAIT: Duration = Duration::from_secs(60);
-
-fn nats_url() -> String {
-    std::env::var("WEIR_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
 
 /// Every message published under the sink's subjects, repeats included.
 type Log = Arc<Mutex<Vec<Delivery>>>;

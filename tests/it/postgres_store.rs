@@ -273,8 +273,7 @@ async fn a_populated_store_upgrades_to_slices() {
     );
     client.batch_execute(&setup).await.unwrap();
 
-    let url = std::env::var("WEIR_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = common::postgres_url();
     let store = PostgresStore::connect(&PostgresStoreOptions::new(url).schema(&schema)).unwrap();
     let report = store.migrate().await.unwrap();
     // Every later migration too, up to the newest.

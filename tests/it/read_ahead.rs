@@ -17,14 +17,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use weir::consumer::source::{Board, ConsumerContext, RunningConsumer};
 use weir::consumer::{ConsumerSettings, ConsumerState, ErrorPolicy, EventProcessor, ProcessError};
 use weir::event::{Category, Cursor, Source, StoredEvent, StreamName};
 use weir::runtime::ConsumerStores;
 use weir::store::{AppendWatcher, EventStore, StreamAppend};
 
-use crate::common;
+use crate::common::{self, wait_until};
 
 /// A guard against hangs, never a timing assertion.
 const WAIT: Duration = Duration::from_secs(30);
@@ -171,14 +170,6 @@ fn state(board: &Board) -> Option<ConsumerState> {
         .into_iter()
         .next()
         .map(|(_, state)| state)
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < WAIT, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Records every batch it is handed; holds each until the test lets it go, and

@@ -48,6 +48,7 @@ macro_rules! on_every_backend {
 }
 
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 /// Appends one event named `Happened` per payload to stream `orders/order-1`.
 pub async fn append_orders(
@@ -72,6 +73,25 @@ pub async fn append_orders(
 
 pub fn postgres_url() -> String {
     std::env::var("WEIR_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into())
+}
+
+/// The shared NATS server's URL: `WEIR_TEST_NATS_URL`, or [`DEFAULT_NATS_URL`].
+pub fn nats_url() -> String {
+    std::env::var("WEIR_TEST_NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.into())
+}
+
+/// The shared Kafka-protocol broker's addresses, `WEIR_TEST_KAFKA_BROKERS`;
+/// `None` (after noting the skip, or failing under `WEIR_REQUIRE_SERVICES=1`)
+/// when it is not set.
+pub fn kafka_brokers() -> Option<String> {
+    let brokers = std::env::var("WEIR_TEST_KAFKA_BROKERS").ok();
+    if brokers.is_none() {
+        service_missing(
+            "Kafka",
+            "WEIR_TEST_KAFKA_BROKERS is not set (scripts/test.sh starts a broker and sets it)",
+        );
+    }
+    brokers
 }
 
 pub fn services_required() -> bool {
@@ -138,6 +158,19 @@ pub async fn alone(name: &str) -> bool {
 pub async fn heavy_turn() -> tokio::sync::MutexGuard<'static, ()> {
     static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     HEAVY.lock().await
+}
+
+/// Waits until `done` holds, checking every few milliseconds; fails after half
+/// a minute, a guard against hangs.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 pub fn unique_name(prefix: &str) -> String {

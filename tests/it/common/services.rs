@@ -200,8 +200,17 @@ pub struct PrivateNats {
 
 impl PrivateNats {
     /// `None` (after noting the skip, or failing when services are required) if
-    /// there is no `nats-server`.
+    /// there is no `nats-server`; one that is there but does not start fails the
+    /// test.
     pub fn start() -> Option<Self> {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// Like [`PrivateNats::start`], with more arguments for the server, made from
+    /// its directory (for a config file written there): authentication, a small
+    /// payload limit.
+    pub fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Option<Self> {
+        super::init_logging();
         let binary = from_env("WEIR_TEST_NATS_SERVER").or_else(|| {
             on_path(
                 "nats-server",
@@ -229,9 +238,9 @@ impl PrivateNats {
         ]
         .map(String::from)
         .to_vec();
+        server.args.extend(extra(server.dir.path()));
         if let Err(error) = server.start() {
-            service_missing("a private nats-server", error);
-            return None;
+            panic!("a private nats-server did not start: {error}");
         }
         Some(Self { server })
     }

@@ -15,9 +15,9 @@ use weir::config::BusConfig;
 use weir::connect::nats_client::subject_token;
 use weir::event::Source;
 
-use super::server::PrivateServer;
 use super::{StreamCleanup, nats_config, nats_url, shared_client};
 use crate::common::bus_suite::{self, BusBackend, by_group, decision, drain, next, source};
+use crate::common::services::PrivateNats;
 use crate::common::unique_name;
 
 mod suite {
@@ -315,8 +315,8 @@ async fn streams_deleted_under_a_running_bus_are_made_again() {
 }
 
 /// A private server whose payload limit is small enough to split decisions.
-fn small_payload_server(max_payload: usize) -> Option<PrivateServer> {
-    PrivateServer::start_with(|dir| {
+fn small_payload_server(max_payload: usize) -> Option<PrivateNats> {
+    PrivateNats::start_with(|dir| {
         let config = dir.join("server.conf");
         std::fs::write(&config, format!("max_payload: {max_payload}\n")).expect("write config");
         vec!["-c".into(), config.to_string_lossy().into_owned()]
@@ -394,14 +394,14 @@ async fn publish_eventually(bus: &NatsBus, message: BusMessage) {
 
 #[tokio::test]
 async fn the_bus_check_fails_while_the_server_is_down_and_passes_again_after() {
-    let Some(mut server) = PrivateServer::start(&[]) else {
+    let Some(mut server) = PrivateNats::start() else {
         return;
     };
     let bus = NatsBus::connect(&nats_config(&server.url()), &bus_config("check"))
         .await
         .expect("connect");
     bus.check().await.expect("reachable");
-    server.kill();
+    server.server.kill();
     // The client notices the lost connection by itself; the check then fails
     // (it is polled, so waiting for that is what readiness does too).
     let started = Instant::now();
@@ -416,7 +416,10 @@ async fn the_bus_check_fails_while_the_server_is_down_and_passes_again_after() {
     };
     assert!(error.is_retryable(), "{error}");
     assert!(error.to_string().contains("NATS"), "{error}");
-    server.restart();
+    server
+        .server
+        .start()
+        .expect("the private nats-server starts again");
     let started = Instant::now();
     while bus.check().await.is_err() {
         assert!(
@@ -429,7 +432,7 @@ async fn the_bus_check_fails_while_the_server_is_down_and_passes_again_after() {
 
 #[tokio::test]
 async fn a_subscription_survives_a_server_restart() {
-    let Some(mut server) = PrivateServer::start(&[]) else {
+    let Some(mut server) = PrivateNats::start() else {
         return;
     };
     let bus = NatsBus::connect(&nats_config(&server.url()), &bus_config("restart"))
@@ -443,7 +446,11 @@ async fn a_subscription_survives_a_server_restart() {
         BusMessage::Decision(first.clone())
     );
 
-    server.restart();
+    server.server.kill();
+    server
+        .server
+        .start()
+        .expect("the private nats-server starts again");
     let second = decision("payments", 1, 1);
     publish_eventually(&bus, second.clone().into()).await;
     let third = decision("orders", 1, 2);

@@ -10,7 +10,7 @@ use weir::connect::ConnectError as Error;
 use weir::connect::nats_client::connect;
 
 use super::nats_config;
-use super::server::PrivateServer;
+use crate::common::services::PrivateNats;
 
 /// Connects with `config`, failing the test if that hangs.
 async fn attempt(config: &NatsOptions) -> Result<async_nats::Client, Error> {
@@ -37,7 +37,11 @@ async fn assert_works(config: &NatsOptions) {
 
 #[tokio::test]
 async fn user_and_password() {
-    let Some(server) = PrivateServer::start(&["--user", "weir", "--pass", "s3cret"]) else {
+    let Some(server) = PrivateNats::start_with(|_| {
+        ["--user", "weir", "--pass", "s3cret"]
+            .map(String::from)
+            .to_vec()
+    }) else {
         return;
     };
     let with = |user: &str, password: &str| NatsOptions {
@@ -52,7 +56,8 @@ async fn user_and_password() {
 
 #[tokio::test]
 async fn token() {
-    let Some(server) = PrivateServer::start(&["--auth", "t0ken"]) else {
+    let Some(server) = PrivateNats::start_with(|_| ["--auth", "t0ken"].map(String::from).to_vec())
+    else {
         return;
     };
     let with = |token: &str| NatsOptions {
@@ -68,7 +73,7 @@ async fn nkey() {
     let allowed = nkeys::KeyPair::new_user();
     let stranger = nkeys::KeyPair::new_user();
     let public_key = allowed.public_key();
-    let Some(server) = PrivateServer::start_with(|dir| {
+    let Some(server) = PrivateNats::start_with(|dir| {
         let config = dir.join("auth.conf");
         std::fs::write(
             &config,
@@ -107,7 +112,7 @@ async fn a_missing_credentials_file_is_named() {
 
 #[tokio::test]
 async fn tls_required_of_a_plain_server_fails_with_a_tls_hint() {
-    let Some(server) = PrivateServer::start(&[]) else {
+    let Some(server) = PrivateNats::start() else {
         return;
     };
     let config = NatsOptions {
@@ -152,7 +157,7 @@ async fn a_server_that_never_answers_does_not_hold_the_first_connect() {
 
 #[tokio::test]
 async fn every_server_of_the_list_is_tried() {
-    let Some(server) = PrivateServer::start(&[]) else {
+    let Some(server) = PrivateNats::start() else {
         return;
     };
     let dead = TcpListener::bind("127.0.0.1:0")

@@ -2,10 +2,9 @@
 //! allocation bus ([`bus`]), connecting and authenticating ([`connect`]) and the
 //! sink ([`sink`]). The shared server is `WEIR_TEST_NATS_URL`
 //! (default `nats://127.0.0.1:4222`); tests that restart a server or need
-//! special settings start a private `nats-server`. Every test uses namespaces
-//! and streams of its own and removes them afterwards.
-
-mod server;
+//! special settings start a private `nats-server`
+//! (`common::services::PrivateNats`). Every test uses namespaces and streams of
+//! its own and removes them afterwards.
 
 mod bus;
 mod connect;
@@ -16,12 +15,7 @@ use std::time::Duration;
 use weir::config::NatsOptions;
 
 use crate::common;
-
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-
-pub fn nats_url() -> String {
-    std::env::var("WEIR_TEST_NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.into())
-}
+pub use crate::common::nats_url;
 
 pub fn nats_config(url: &str) -> NatsOptions {
     NatsOptions {
