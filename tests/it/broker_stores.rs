@@ -4,6 +4,10 @@
 //! Time here is real: expiry is decided on the store's clock, which for Postgres is
 //! the database's. Timeouts in the tests are chosen far apart so that scheduling
 //! delays cannot change an outcome; where a bound on time is asserted, it has slack.
+//! A lease that must stay live while a test checks it is held for long, and
+//! shortened by a last renewal when the test wants it to run out; a check of what
+//! the store judges by age is judged only when the calls took less than the age
+//! ([`within_a_window`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -123,8 +127,10 @@ async fn a_second_incarnation_of_a_node_waits_for_the_lease(backend: Backend) {
     let ttl = SHORT * 3;
     let (old, new) = (Incarnation::new("n1"), Incarnation::new("n1"));
     assert_ne!(old.as_str(), new.as_str());
+    // Held for long, so that it is live for the checks below however slow the
+    // store is.
     let first = leases
-        .try_acquire(LEASE, old.as_str(), ttl)
+        .try_acquire(LEASE, old.as_str(), LONG)
         .await
         .unwrap()
         .unwrap();
@@ -146,18 +152,21 @@ async fn a_second_incarnation_of_a_node_waits_for_the_lease(backend: Backend) {
         .unwrap();
     assert_eq!(leases.current(LEASE).await.unwrap(), Some(first.clone()));
 
-    // The old process is paused: it renews no more, and its lease runs out. The
-    // new one takes it for longer, so that the checks below run while it holds
-    // it even on a loaded machine.
+    // The old process renews for `ttl` one last time and is paused: it renews
+    // no more, and its lease runs out. The new one, trying every ttl / 3, takes
+    // it for long, so that the checks below run while it holds it.
+    leases
+        .renew(LEASE, old.as_str(), first.epoch, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let waiting = Instant::now();
     let lease = loop {
         tokio::time::sleep(ttl / 3).await;
-        if let Some(lease) = leases
-            .try_acquire(LEASE, new.as_str(), ttl * 10)
-            .await
-            .unwrap()
-        {
+        if let Some(lease) = leases.try_acquire(LEASE, new.as_str(), LONG).await.unwrap() {
             break lease;
         }
+        assert!(waiting.elapsed() < LONG, "the old lease never ran out");
     };
     assert_eq!(lease.holder, new.as_str());
     assert!(lease.epoch > first.epoch, "{lease:?} after {first:?}");
@@ -179,12 +188,19 @@ async fn expired_lease_is_taken_over_with_a_higher_epoch(backend: Backend) {
     let leases = &backend.leases;
     let ttl = SHORT * 3;
     let interval = ttl / 3;
-    let first = leases.try_acquire(LEASE, "a", ttl).await.unwrap().unwrap();
+    // Held for long, so that "b" finds it live however slow the store is; then
+    // "a" renews it for `ttl` one last time.
+    let first = leases.try_acquire(LEASE, "a", LONG).await.unwrap().unwrap();
+    assert_eq!(leases.try_acquire(LEASE, "b", ttl).await.unwrap(), None);
+    leases
+        .renew(LEASE, "a", first.epoch, ttl)
+        .await
+        .unwrap()
+        .unwrap();
     // The store set the expiry before this point, so it is at most `ttl` from here.
     let acquired = Instant::now();
-    assert_eq!(leases.try_acquire(LEASE, "b", ttl).await.unwrap(), None);
 
-    // "a" stops renewing; "b" keeps trying every ttl / 3 from "a"'s acquisition.
+    // "a" stops renewing; "b" keeps trying every ttl / 3 from "a"'s last renewal.
     // Attempts are judged by when they were due: one that runs late can only find
     // the lease more expired, so machine load cannot fail this test.
     let mut attempt = acquired;
@@ -333,6 +349,30 @@ fn subscribers(records: &[weir::broker::membership::MemberRecord]) -> Vec<&str> 
     records.iter().map(|r| r.subscriber.as_str()).collect()
 }
 
+/// For checks of what a store judges by age (a member younger than a timeout is
+/// live, one older is purged): runs `attempt` with a window, `first` and then
+/// twice as wide each time, until the calls it made from the instant it returns
+/// took less than the window, and returns what that attempt found. Only then do
+/// the records it made count as younger than the window for certain: a loaded
+/// machine or database can take longer over a round trip.
+async fn within_a_window<T>(
+    first: Duration,
+    mut attempt: impl AsyncFnMut(Duration) -> (Instant, T),
+) -> T {
+    let mut window = first;
+    loop {
+        let (began, found) = attempt(window).await;
+        if began.elapsed() < window {
+            return found;
+        }
+        window *= 2;
+        assert!(
+            window < LONG,
+            "no attempt's calls took less than {window:?}"
+        );
+    }
+}
+
 async fn register_live_and_leave(backend: Backend) {
     let members = &backend.members;
     let record = members
@@ -398,18 +438,26 @@ async fn live_all_lists_every_groups_live_members(backend: Backend) {
             .await
             .unwrap();
     }
-    tokio::time::sleep(SHORT * 3).await;
-    members
-        .register(&registration("h", "s2", "n2"))
-        .await
-        .unwrap();
+    let registered = Instant::now();
+    let (all, fresh) = within_a_window(SHORT * 2, async |window| {
+        // The three above are older than the window, the fourth younger.
+        tokio::time::sleep_until(registered + window + SHORT).await;
+        let began = Instant::now();
+        members
+            .register(&registration("h", "s2", "n2"))
+            .await
+            .unwrap();
+        let all = members.live_all(LONG).await.unwrap();
+        let fresh = members.live_all(window).await.unwrap();
+        (began, (all, fresh))
+    })
+    .await;
     let keys = |records: &[weir::broker::membership::MemberRecord]| -> Vec<(String, String)> {
         records
             .iter()
             .map(|r| (r.group.clone(), r.subscriber.clone()))
             .collect()
     };
-    let all = members.live_all(LONG).await.unwrap();
     let expected = [("g", "s1"), ("g", "s2"), ("h", "s1"), ("h", "s2")];
     assert_eq!(
         keys(&all),
@@ -417,7 +465,6 @@ async fn live_all_lists_every_groups_live_members(backend: Backend) {
     );
     assert_eq!(all[3].node, "n2");
     // Only the fresh registration is live within the short timeout.
-    let fresh = members.live_all(SHORT * 2).await.unwrap();
     assert_eq!(keys(&fresh), [("h".to_owned(), "s2".to_owned())]);
 }
 
@@ -442,27 +489,29 @@ async fn heartbeats_keep_members_live(backend: Backend) {
 
 async fn purge_removes_old_records(backend: Backend) {
     let members = &backend.members;
-    members
-        .register(&registration("g", "old", "n1"))
-        .await
-        .unwrap();
-    members
-        .register(&registration("h", "old", "n1"))
-        .await
-        .unwrap();
-    tokio::time::sleep(SHORT * 10).await;
-    members
-        .register(&registration("g", "new", "n2"))
-        .await
-        .unwrap();
-
-    // "new" is milliseconds old, the others a second: half a second apart from both.
-    assert_eq!(members.purge(SHORT * 5).await.unwrap(), 2);
-    assert_eq!(members.purge(SHORT * 5).await.unwrap(), 0);
-    assert_eq!(
-        subscribers(&members.live("g", LONG).await.unwrap()),
-        ["new"]
-    );
+    let (purged, again, live) = within_a_window(SHORT * 5, async |age| {
+        for group in ["g", "h"] {
+            members
+                .register(&registration(group, "old", "n1"))
+                .await
+                .unwrap();
+        }
+        // "old" is twice the purge's age, "new" younger than it.
+        tokio::time::sleep(age * 2).await;
+        let began = Instant::now();
+        members
+            .register(&registration("g", "new", "n2"))
+            .await
+            .unwrap();
+        let purged = members.purge(age).await.unwrap();
+        let again = members.purge(age).await.unwrap();
+        let live = members.live("g", LONG).await.unwrap();
+        (began, (purged, again, live))
+    })
+    .await;
+    assert_eq!(purged, 2);
+    assert_eq!(again, 0);
+    assert_eq!(subscribers(&live), ["new"]);
     assert_eq!(members.groups().await.unwrap(), ["g"]);
 }
 
@@ -487,10 +536,16 @@ async fn purged_subscribers_register_again_at_their_next_heartbeat(backend: Back
     // Everything purged by age comes back the same way.
     tokio::time::sleep(SHORT * 3).await;
     assert_eq!(backend.members.purge(SHORT).await.unwrap(), 2);
+    let registering = Instant::now();
     let mut back = membership.heartbeat_once().await.unwrap();
     back.sort();
     assert_eq!(back, [kept, purged]);
-    assert_eq!(backend.members.live("g", SHORT).await.unwrap().len(), 2);
+    let live = within_a_window(SHORT, async |window| {
+        let live = backend.members.live("g", window).await.unwrap();
+        (registering, live.len())
+    })
+    .await;
+    assert_eq!(live, 2);
     assert!(membership.heartbeat_once().await.unwrap().is_empty());
 
     membership.leave_all().await.unwrap();
