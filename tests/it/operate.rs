@@ -30,6 +30,8 @@ use crate::common::{self, TestPostgres, nats_url, service_missing, unique_name};
 const TOKEN: &str = "operate-test-token";
 const GROUP: &str = "bridge";
 const STREAMS: usize = 12;
+/// The group's sources: its category in `partitions` slices.
+const SOURCES: usize = 4;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Every message published under the sink's subjects, repeats included.
@@ -100,7 +102,7 @@ admin_token = "{TOKEN}"
 [[subscriptions]]
 group = "{GROUP}"
 sources = ["category:{category}"]
-partitions = 4
+partitions = {SOURCES}
 sink = {{ kind = "nats", subject = "{prefix}.{{category}}.{{stream}}", stream = "{stream}" }}
 
 [subscriptions.consumer]
@@ -148,6 +150,29 @@ impl Fleet {
             if Instant::now() > deadline {
                 panic!("timed out waiting until {what}\n{}", self.nodes.logs(40));
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running node's `/status` shows its consumers paused,
+    /// and the group's every source held by one of them.
+    async fn wait_until_paused(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut states = Vec::new();
+            for id in self.nodes.running() {
+                if let Ok(found) = self.nodes.source_states(&id).await {
+                    states.extend(found);
+                }
+            }
+            if states.len() == SOURCES && states.iter().all(|(_, state)| state == "paused") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the consumers never all reported paused: {states:?}\n{}",
+                self.nodes.logs(40)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -287,7 +312,7 @@ async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
         .await;
     assert_eq!(code, 0, "{stderr}");
     let plan = json_of(&stdout);
-    assert_eq!(plan["lines"].as_array().unwrap().len(), 4, "{stdout}");
+    assert_eq!(plan["lines"].as_array().unwrap().len(), SOURCES, "{stdout}");
     let writer = {
         let store = Arc::clone(&fleet.store);
         let category = fleet.category.clone();
@@ -370,7 +395,7 @@ async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
         .await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("paused"), "{stdout}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.wait_until_paused().await;
     let delivered = fleet.log.lock().unwrap().len();
     let mut waiting = fleet.append(0, 3).await;
     fleet.nodes.stop(&[leader.as_str()]).await.unwrap();
@@ -394,7 +419,7 @@ async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
     assert_eq!(status["leader"], new_leader.as_str(), "{stdout}");
     assert_eq!(status["paused_groups"], json!([GROUP]), "{stdout}");
     let lines = status["checkpoints"].as_array().unwrap();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), SOURCES, "{stdout}");
     for line in lines {
         assert_eq!(line["state"], "paused", "{stdout}");
     }

@@ -266,18 +266,30 @@ impl WeirNodes {
 
     /// The sources node `id` consumes now, by its `/status`.
     pub async fn owned_sources(&self, id: &str) -> Result<Vec<String>, String> {
+        let states = self.source_states(id).await?;
+        Ok(states
+            .into_iter()
+            .filter(|(_, state)| state == "running" || state == "starting")
+            .map(|(source, _)| source)
+            .collect())
+    }
+
+    /// Every source node `id` holds, with its consumer's state (`running`,
+    /// `paused`, ...), by its `/status`.
+    pub async fn source_states(&self, id: &str) -> Result<Vec<(String, String)>, String> {
         let status = self.status(id).await?;
-        let mut sources = Vec::new();
+        let mut states = Vec::new();
         for group in status["groups"].as_array().into_iter().flatten() {
             for subscriber in group["subscribers"].as_array().into_iter().flatten() {
                 for source in subscriber["sources"].as_array().into_iter().flatten() {
-                    if source["state"] == "running" || source["state"] == "starting" {
-                        sources.push(source["source"].as_str().unwrap_or("?").to_owned());
-                    }
+                    states.push((
+                        source["source"].as_str().unwrap_or("?").to_owned(),
+                        source["state"].as_str().unwrap_or("?").to_owned(),
+                    ));
                 }
             }
         }
-        Ok(sources)
+        Ok(states)
     }
 
     /// The last lines of every log file written here (every node, every run).
