@@ -489,37 +489,36 @@ fn metric_sum(body: &str, name: &str, labels: &str) -> f64 {
 }
 
 impl Fleet {
-    /// What the running nodes export while they work: each its role, one leader
-    /// among them, events processed and published by the nodes that consume, bus
-    /// traffic, and readiness.
-    /// Waits until every node owns `each` of the group's sources.
-    async fn until_each_owns(&self, each: f64) {
+    /// Waits until every node's `/metrics` shows `wanted` as the sum of the
+    /// samples of `name` whose labels contain `labels`.
+    async fn until_every_node_shows(&self, name: &str, labels: &str, wanted: f64) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let owned: Vec<(String, f64)> = self
+            let shown: Vec<(String, f64)> = self
                 .nodes
                 .iter()
                 .map(|(id, node)| {
                     let body = http_get(node.http, "/metrics")
                         .map(|(_, b)| b)
                         .unwrap_or_default();
-                    (
-                        id.clone(),
-                        metric_sum(&body, "weir_sources_owned", "group=\"bridge\""),
-                    )
+                    (id.clone(), metric_sum(&body, name, labels))
                 })
                 .collect();
-            if owned.iter().all(|(_, n)| *n == each) {
+            if shown.iter().all(|(_, value)| *value == wanted) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "not {each} sources each: {owned:?}"
+                "not every node shows {name} {labels} = {wanted}: {shown:?}\n{}",
+                self.logs()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
+    /// What the running nodes export while they work: each its role, one leader
+    /// among them, events processed and published by the nodes that consume, bus
+    /// traffic, and readiness.
     fn check_metrics(&self, sink: &str) {
         let mut leaders = 0.0;
         let mut processed = 0.0;
@@ -585,8 +584,9 @@ async fn bridge_scenario(
     }
     let store: Arc<dyn EventStore> = fleet.postgres.store.clone();
     if shape.partitions > 1 {
+        let each = f64::from(shape.partitions) / roles.len() as f64;
         fleet
-            .until_each_owns(f64::from(shape.partitions) / roles.len() as f64)
+            .until_every_node_shows("weir_sources_owned", "group=\"bridge\"", each)
             .await;
     }
 
@@ -634,8 +634,8 @@ async fn bridge_scenario(
         "{broker:?}: {TOTAL} events appended, {} distinct delivered; after SIGKILL {repeats} redeliveries and a longest pause of {pause:?}",
         distinct_ids(&deliveries)
     );
-    // weir_ready is re-evaluated every few seconds; give it one round.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // weir_ready is re-evaluated every few seconds: wait for every node's.
+    fleet.until_every_node_shows("weir_ready", "", 1.0).await;
     fleet.check_metrics(match broker {
         Broker::Nats => "nats",
         Broker::Kafka => "kafka",
