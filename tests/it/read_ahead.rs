@@ -125,8 +125,15 @@ fn source() -> Source {
     "category:orders".parse().unwrap()
 }
 
+/// Appends `count` events, and waits until they are readable from [`source`]:
+/// these tests count the consumer's reads, and one that found the events still
+/// held back (by another test's open transaction on the Postgres server) would
+/// be one read more.
 async fn append(store: &dyn EventStore, count: usize) -> Vec<StoredEvent> {
-    common::append_orders(store, (0..count).map(|n| json!({"n": n}))).await
+    let events = common::append_orders(store, (0..count).map(|n| json!({"n": n}))).await;
+    let last = events.last().expect("events were appended").cursor;
+    common::wait_until_readable(store, &source(), last).await;
+    events
 }
 
 /// Checkpoints only when stopping, so that what is stored is what the stop

@@ -71,6 +71,30 @@ pub async fn append_orders(
         .unwrap()
 }
 
+/// Waits until everything up to `through` is readable from `source`, a log or
+/// category source. On Postgres an append becomes readable there only once
+/// every older transaction on the server has ended, other tests' included (a
+/// reader never moves past a transaction that may still commit); stream reads
+/// need no wait.
+pub async fn wait_until_readable(
+    store: &dyn weir::store::EventStore,
+    source: &weir::event::Source,
+    through: weir::event::Cursor,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let head = store.head(source).await.unwrap();
+        if head.is_some_and(|h| h.cursor >= through) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{through} never became readable from {source}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 pub fn postgres_url() -> String {
     std::env::var("WEIR_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into())
 }
@@ -213,6 +237,11 @@ pub struct TestPostgres {
     pub store: Arc<PostgresStore>,
     pub schema: String,
     pub url: String,
+    /// The server's URL, for connections of the test's own.
+    server: String,
+    /// The server, when it is the test's own: stopped after the schema is
+    /// dropped.
+    private: Option<services::PrivatePostgres>,
 }
 
 impl TestPostgres {
@@ -224,9 +253,30 @@ impl TestPostgres {
     pub async fn start_with(
         configure: impl FnOnce(PostgresStoreOptions) -> PostgresStoreOptions,
     ) -> Option<Self> {
+        Self::start_on(postgres_url(), configure).await
+    }
+
+    /// On a server of its own ([`services::PrivatePostgres`]) rather than the
+    /// shared one, for a test that holds a transaction open: that holds back the
+    /// readers of every schema on its server, other tests' included (see
+    /// [`wait_until_readable`]). `None` (after noting the skip) when no server
+    /// can be started here and services are not required.
+    pub async fn private() -> Option<Self> {
+        let server = tokio::task::spawn_blocking(services::PrivatePostgres::start)
+            .await
+            .expect("starting a private PostgreSQL server")?;
+        let mut db = Self::start_on(server.url("postgres"), |options| options).await?;
+        db.private = Some(server);
+        Some(db)
+    }
+
+    async fn start_on(
+        server: String,
+        configure: impl FnOnce(PostgresStoreOptions) -> PostgresStoreOptions,
+    ) -> Option<Self> {
         let schema = unique_name("weir_test");
         // A distinct application name lets a test find (and terminate) its own connections.
-        let url = with_application_name(&postgres_url(), &schema);
+        let url = with_application_name(&server, &schema);
         let options = configure(
             PostgresStoreOptions::new(url.clone())
                 .schema(&schema)
@@ -244,6 +294,8 @@ impl TestPostgres {
                 store: Arc::new(store),
                 schema,
                 url,
+                server,
+                private: None,
             }),
             Err(e) if e.is_retryable() => {
                 service_missing("Postgres", e);
@@ -255,7 +307,7 @@ impl TestPostgres {
 
     /// A plain connection, outside the store's pool.
     pub async fn raw_client(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        let (client, connection) = tokio_postgres::connect(&self.server, tokio_postgres::NoTls)
             .await
             .expect("connect to Postgres");
         tokio::spawn(connection);
@@ -289,10 +341,10 @@ where
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
-        let schema = self.schema.clone();
+        let (schema, server) = (self.schema.clone(), self.server.clone());
         let dropped = clean_up_on_drop(async move {
             let (client, connection) =
-                tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
+                tokio_postgres::connect(&server, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
             client
                 .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
