@@ -9,8 +9,8 @@
 //!
 //! The modules form layers, listed here lowest first as in `layers.txt` at the
 //! crate root. A module names only modules above it in this list, so data flows
-//! one way and no two modules depend on each other; `tests/house_rules.rs` holds
-//! the code to it.
+//! one way and no two modules depend on each other;
+//! `tests/it/house_rules.rs` holds the code to it.
 //!
 //! - [`ambient`]: the wall clock, random tokens and ids, and backoff jitter,
 //!   which a deterministic simulation replaces for its thread.

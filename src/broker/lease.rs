@@ -113,7 +113,7 @@ impl Lease {
 
 /// Where leases live. Object safe, so a node can hold `Arc<dyn LeaseStore>`.
 ///
-/// Contract (checked on every backend by `tests/broker_stores.rs`):
+/// Contract (checked on every backend by `tests/it/broker_stores.rs`):
 /// - At most one holder holds a live lease of a name at any instant of the store's clock.
 ///   Holders are compared as whole strings: nodes pass their [`Incarnation`], so two
 ///   processes of one node id are two holders.

@@ -1,7 +1,7 @@
 //! The event store: the [`EventStore`] trait every backend implements, its error type,
 //! and append notifications. Backends: [`memory`] (always built) and `postgres`
-//! (feature `postgres`). One conformance suite (`tests/store_conformance.rs`) runs
-//! against each.
+//! (feature `postgres`). One conformance suite
+//! (`tests/it/store_conformance.rs`) runs against each.
 
 use std::collections::HashSet;
 use std::sync::Arc;
