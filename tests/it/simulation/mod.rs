@@ -30,6 +30,12 @@ const TRACE_TAIL: usize = 60;
 /// Runs `seed` on a runtime of its own, on this thread, keeping the last
 /// `tail` lines of its trace.
 fn run_seed(seed: u64, tail: usize) -> Report {
+    run_plan(seed, Plan::from_seed(seed), tail)
+}
+
+/// Runs `plan` with the rest of the run (appends, ids, the bus's losses,
+/// tokio's choices) drawn from `seed`.
+fn run_plan(seed: u64, plan: Plan, tail: usize) -> Report {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all().start_paused(true);
     // Which ready branch a select! polls and which watch waiter wakes first are
@@ -38,7 +44,7 @@ fn run_seed(seed: u64, tail: usize) -> Report {
     builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
     let runtime = builder.build().expect("a runtime");
     runtime.block_on(async {
-        let run = world::run(seed, Plan::from_seed(seed), tail);
+        let run = world::run(seed, plan, tail);
         match tokio::time::timeout(RUN_LIMIT, run).await {
             Ok(report) => report,
             Err(_) => Report {
@@ -53,10 +59,13 @@ fn run_seed(seed: u64, tail: usize) -> Report {
     })
 }
 
-fn describe(seed: u64, report: &Report) -> String {
+fn describe(seed: u64, plan: &Plan, report: &Report) -> String {
+    let replay = match *plan == Plan::from_seed(seed) {
+        true => format!("WEIR_SIM_SEED={seed} cargo test --test it simulation"),
+        false => "a pinned run: cargo test --test it simulation::runs_that_found".to_owned(),
+    };
     format!(
-        "seed {seed} (replay: WEIR_SIM_SEED={seed} cargo test --test it simulation):\n  plan: {:?}\n  events emitted twice: {}\n  violations:\n    {}\n  last steps:\n    {}",
-        Plan::from_seed(seed),
+        "seed {seed} (replay: {replay}):\n  plan: {plan:?}\n  events emitted twice: {}\n  violations:\n    {}\n  last steps:\n    {}",
         report.repeats,
         report.violations.join("\n    "),
         report.trace_tail.join("\n    ")
@@ -82,7 +91,8 @@ fn search(seeds: impl Iterator<Item = u64> + Send) -> Vec<String> {
                                 eprintln!("seed {seed}");
                             }
                             let report = run_seed(seed, TRACE_TAIL);
-                            (!report.violations.is_empty()).then(|| describe(seed, &report))
+                            (!report.violations.is_empty())
+                                .then(|| describe(seed, &Plan::from_seed(seed), &report))
                         })
                         .collect::<Vec<String>>()
                 })
@@ -104,7 +114,7 @@ fn simulated_fleets_keep_every_promise() {
         let report = run_seed(seed, usize::MAX);
         println!(
             "{}\ntrace hash {:016x}",
-            describe(seed, &report),
+            describe(seed, &Plan::from_seed(seed), &report),
             report.trace_hash
         );
         assert!(report.violations.is_empty(), "seed {seed} failed");
@@ -155,26 +165,104 @@ fn a_seed_replays_identically() {
     }
 }
 
-/// Seeds that found defects, each kept as a regression test.
-#[test]
-fn seeds_that_found_defects_keep_every_promise() {
-    let pinned = [
+/// Runs that found defects, kept as regression tests: each seed with the plan
+/// it drew when it found its defect, written out so that a change to
+/// `Plan::from_seed` leaves them as they were.
+fn pinned() -> Vec<(u64, Plan)> {
+    use bus::Flavour::{JetStream, Kafka};
+    use world::Fault::{Crash, Freeze, Lossy, SlowStore, Stop, StoreDown, Twin};
+    use world::{LEADER, Scheduled};
+    let ms = std::time::Duration::from_millis;
+    let at = |at, lasts, fault| Scheduled {
+        at: ms(at),
+        lasts: ms(lasts),
+        fault,
+    };
+    let plan = |flavour, phase, faults| Plan {
+        flavour,
+        faults,
+        fault_phase: ms(phase),
+    };
+    vec![
         // A leader back for a second term wrote its first decision as a change
         // to its own decision of two terms before: the whole fleet stalled.
-        1001, 1129,
+        (
+            1001,
+            plan(
+                Kafka,
+                11_854,
+                vec![
+                    at(1_401, 3_893, Lossy(LEADER, 0.103_390_347_638_967_5)),
+                    at(2_755, 2_829, Freeze(0)),
+                    at(4_291, 964, Freeze(0)),
+                    at(7_788, 880, Twin(LEADER)),
+                    at(9_764, 3_974, SlowStore(2, ms(1_077))),
+                    at(10_193, 1_067, SlowStore(LEADER, ms(233))),
+                ],
+            ),
+        ),
+        (
+            1129,
+            plan(
+                Kafka,
+                8_289,
+                vec![
+                    at(517, 1_047, Crash(1)),
+                    at(2_343, 1_565, StoreDown(Some(0))),
+                    at(3_626, 2_577, Twin(LEADER)),
+                ],
+            ),
+        ),
         // Two processes of one node id took one source from each other every
         // few hundred milliseconds, each replaying from the checkpoint.
-        552,
+        (
+            552,
+            plan(
+                Kafka,
+                7_859,
+                vec![
+                    at(3_283, 2_429, Twin(LEADER)),
+                    at(4_309, 2_752, Stop(LEADER)),
+                ],
+            ),
+        ),
         // Earlier fixes the search finds when reverted: a fenced state left
         // behind by a withdraw, and an old process's heartbeats accepted after
         // its node id was registered again.
-        10, 112,
-    ];
-    let failures: Vec<String> = pinned
+        (
+            10,
+            plan(
+                JetStream,
+                7_354,
+                vec![
+                    at(5_086, 1_065, Crash(LEADER)),
+                    at(5_868, 2_803, Twin(LEADER)),
+                    at(7_298, 2_837, StoreDown(Some(LEADER))),
+                ],
+            ),
+        ),
+        (
+            112,
+            plan(
+                Kafka,
+                5_654,
+                vec![
+                    at(963, 3_917, Twin(1)),
+                    at(3_429, 3_986, Freeze(0)),
+                    at(5_429, 187, Stop(LEADER)),
+                ],
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn runs_that_found_defects_keep_every_promise() {
+    let failures: Vec<String> = pinned()
         .into_iter()
-        .filter_map(|seed| {
-            let report = run_seed(seed, TRACE_TAIL);
-            (!report.violations.is_empty()).then(|| describe(seed, &report))
+        .filter_map(|(seed, plan)| {
+            let report = run_plan(seed, plan.clone(), TRACE_TAIL);
+            (!report.violations.is_empty()).then(|| describe(seed, &plan, &report))
         })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -12,13 +12,13 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::time::Instant;
 use weir::broker::Broker;
-use weir::broker::control::{ControlHandle, MemoryFleetStore};
+use weir::broker::control::{ControlHandle, Held, HoldWork, MemoryFleetStore};
 use weir::broker::distributed::{COORDINATOR_LEASE, FleetServices};
 use weir::broker::lease::MemoryLeaseStore;
 use weir::broker::membership::MemoryMembershipStore;
 use weir::broker::{BrokerRole, BrokerSettings, DistributedBroker, SubscriberSpec};
 use weir::consumer::{
-    ConsumerSettings, ConsumerState, MemoryCheckpointStore, MemoryDeadLetterStore,
+    CheckpointStore, ConsumerSettings, ConsumerState, MemoryCheckpointStore, MemoryDeadLetterStore,
 };
 use weir::event::{Category, EventName, NewEvent, Source, StreamName, WriteCondition};
 use weir::runtime::{ConsumerStores, EventRuntime};
@@ -77,7 +77,7 @@ pub fn sources() -> Vec<Source> {
 }
 
 /// One fault, on one node (by slot) or on the fleet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// The store answers `Unavailable`: to one node, or (`None`) to everyone.
     StoreDown(Option<usize>),
@@ -103,16 +103,24 @@ pub enum Fault {
     /// An operator pauses the group through the leader, and resumes it when the
     /// fault ends (retrying while no node leads).
     Pause,
+    /// An operator resets the checkpoint of one source (by index) through the
+    /// leader, to where it stands: the leader holds the source away from its
+    /// owner, the work claims and writes the row under the hold's grant, and the
+    /// source goes back. Leadership may change hands in the middle.
+    Reset(usize),
 }
 
 impl Fault {
     /// Whether the protocol promises no repeat across this fault.
     fn planned(&self) -> bool {
-        matches!(self, Fault::Stop(_) | Fault::Compact | Fault::Pause)
+        matches!(
+            self,
+            Fault::Stop(_) | Fault::Compact | Fault::Pause | Fault::Reset(_)
+        )
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scheduled {
     pub at: Duration,
     pub lasts: Duration,
@@ -120,7 +128,7 @@ pub struct Scheduled {
 }
 
 /// Everything a seed decides before the run starts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub flavour: Flavour,
     pub faults: Vec<Scheduled>,
@@ -143,7 +151,7 @@ impl Plan {
                     true => LEADER,
                     false => random.random_range(0..NODES),
                 };
-                let fault = match random.random_range(0..11) {
+                let fault = match random.random_range(0..12) {
                     0 => Fault::StoreDown(None),
                     1 => Fault::StoreDown(Some(node)),
                     2 => Fault::SlowStore(
@@ -157,6 +165,7 @@ impl Plan {
                     7 => Fault::Stop(node),
                     8 => Fault::Twin(node),
                     9 => Fault::Pause,
+                    10 => Fault::Reset(random.random_range(0..sources().len())),
                     _ => Fault::Compact,
                 };
                 let phase = u64::try_from(fault_phase.as_millis()).unwrap();
@@ -226,6 +235,8 @@ pub struct World {
     random: StdRng,
     /// Processes stopping gracefully.
     stopping: tokio::task::JoinSet<()>,
+    /// Operators' requests under way.
+    operations: tokio::task::JoinSet<()>,
     /// The link of every process started, to heal them all.
     links: Vec<Arc<Link>>,
     /// The lease holder and epoch last seen.
@@ -280,6 +291,7 @@ impl World {
             appended: BTreeMap::new(),
             random: StdRng::seed_from_u64(seed ^ 0x5eed),
             stopping: tokio::task::JoinSet::new(),
+            operations: tokio::task::JoinSet::new(),
             links: Vec::new(),
             leader: None,
             paused: None,
@@ -428,7 +440,9 @@ impl World {
             Fault::Crash(slot) => Fault::Crash(at(slot)),
             Fault::Stop(slot) => Fault::Stop(at(slot)),
             Fault::Twin(slot) => Fault::Twin(at(slot)),
-            fault @ (Fault::StoreDown(None) | Fault::Compact | Fault::Pause) => fault,
+            fault @ (Fault::StoreDown(None) | Fault::Compact | Fault::Pause | Fault::Reset(_)) => {
+                fault
+            }
         };
         self.resolved[index] = Some(fault.clone());
         fault
@@ -466,6 +480,7 @@ impl World {
                 self.paused = Some(true);
                 self.operate().await;
             }
+            Fault::Reset(source) => self.reset(source),
         }
     }
 
@@ -490,6 +505,7 @@ impl World {
                 self.paused = Some(false);
                 self.operate().await;
             }
+            Fault::Reset(_) => {}
         }
     }
 
@@ -561,6 +577,45 @@ impl World {
                 return;
             }
         }
+    }
+
+    /// Starts an operator's reset of `source`'s checkpoint through whichever
+    /// node leads; the driver goes on while the hold lasts.
+    fn reset(&mut self, source: usize) {
+        let source = sources()[source].clone();
+        let leader = self.slots.iter().find_map(|slot| {
+            let process = slot.main.as_ref()?;
+            let control = process.control.as_ref()?;
+            control.leading().map(|_| control.clone())
+        });
+        let Some(control) = leader else {
+            self.ledger
+                .step(format!("reset of {source} refused: nobody leads"));
+            return;
+        };
+        let checkpoints = Arc::clone(&self.checkpoints);
+        let ledger = self.ledger.clone();
+        let work: HoldWork = Box::new(move |held: Held| {
+            Box::pin(async move {
+                for source in &held.sources {
+                    let claimed = checkpoints
+                        .claim_granted(GROUP, source, "operator", held.grant)
+                        .await;
+                    let (claim, cursor) = claimed.map_err(|e| e.to_string())?;
+                    ledger.claimed(source, "operator");
+                    checkpoints
+                        .save(&claim, cursor)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(serde_json::Value::Null)
+            })
+        });
+        let ledger = self.ledger.clone();
+        self.operations.spawn(async move {
+            let outcome = control.hold(GROUP, Some(source.clone()), work).await;
+            ledger.step(format!("reset of {source}: {outcome:?}"));
+        });
     }
 
     /// Notes in the trace when the coordinator lease changes hands.
