@@ -158,11 +158,14 @@ pub type HoldWork = Box<dyn FnOnce(Held) -> BoxFuture<'static, Result<Value, Str
 /// A command for the leading coordinator.
 pub(crate) enum Command {
     Pause {
+        /// The epoch the sender saw this node lead under (see [`Command::epoch`]).
+        epoch: u64,
         group: String,
         paused: bool,
         reply: oneshot::Sender<Result<bool, ControlError>>,
     },
     Hold {
+        epoch: u64,
         group: String,
         /// Hold only the sources this matches (see [`source_matches`]); all of
         /// the group's sources if `None`.
@@ -173,6 +176,17 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// The epoch this node led under when the command was sent. Only the term
+    /// of that epoch carries it out: a command that waited while its node was
+    /// paused, and that its sender has long given up on, must not be carried
+    /// out by a later term of the same node, after newer commands (a resume
+    /// undone by a pause that timed out minutes before).
+    pub(crate) fn epoch(&self) -> u64 {
+        match self {
+            Command::Pause { epoch, .. } | Command::Hold { epoch, .. } => *epoch,
+        }
+    }
+
     /// Answers the command with "not the leader".
     pub(crate) fn refuse(self) {
         match self {
@@ -221,6 +235,7 @@ impl ControlHandle {
     pub async fn set_paused(&self, group: &str, paused: bool) -> Result<bool, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Pause {
+            epoch: self.leading().ok_or(ControlError::NotLeader)?,
             group: group.to_owned(),
             paused,
             reply,
@@ -239,6 +254,7 @@ impl ControlHandle {
     ) -> Result<Value, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Hold {
+            epoch: self.leading().ok_or(ControlError::NotLeader)?,
             group: group.to_owned(),
             filter,
             work,

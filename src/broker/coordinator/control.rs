@@ -83,8 +83,13 @@ impl Coordinator {
     }
 
     pub(super) async fn command(&self, term: &mut Term, command: Command) {
+        if command.epoch() != term.epoch {
+            command.refuse();
+            return;
+        }
         match command {
             Command::Pause {
+                epoch: _,
                 group,
                 paused,
                 reply,
@@ -104,6 +109,7 @@ impl Coordinator {
                 let _ = reply.send(outcome);
             }
             Command::Hold {
+                epoch: _,
                 group,
                 filter,
                 work,

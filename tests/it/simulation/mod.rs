@@ -170,7 +170,7 @@ fn a_seed_replays_identically() {
 /// `Plan::from_seed` leaves them as they were.
 fn pinned() -> Vec<(u64, Plan)> {
     use bus::Flavour::{JetStream, Kafka};
-    use world::Fault::{Crash, Freeze, Lossy, SlowStore, Stop, StoreDown, Twin};
+    use world::Fault::{Crash, Freeze, Lossy, Pause, SlowStore, Stop, StoreDown, Twin};
     use world::{LEADER, Scheduled};
     let ms = std::time::Duration::from_millis;
     let at = |at, lasts, fault| Scheduled {
@@ -184,6 +184,25 @@ fn pinned() -> Vec<(u64, Plan)> {
         fault_phase: ms(phase),
     };
     vec![
+        // A pause the operator gave up on (the leader was frozen) waited in
+        // the frozen node's queue, and its next term carried it out after a
+        // newer resume: the group stayed paused. Found by a long search.
+        (
+            6397,
+            plan(
+                JetStream,
+                9_440,
+                vec![
+                    at(1_561, 3_542, Freeze(LEADER)),
+                    at(2_604, 2_997, Pause),
+                    at(2_646, 1_213, StoreDown(Some(2))),
+                    at(3_393, 3_293, Lossy(0, 0.269_766_933_569_702)),
+                    at(3_576, 433, Pause),
+                    at(3_955, 3_804, Stop(0)),
+                    at(6_692, 2_839, StoreDown(None)),
+                ],
+            ),
+        ),
         // A leader back for a second term wrote its first decision as a change
         // to its own decision of two terms before: the whole fleet stalled.
         (
