@@ -184,12 +184,13 @@ impl LogBus {
         if !whole && known.published == Some(decision.version()) {
             return;
         }
-        let newest_whole = self.newest_stored(group);
         let chain = known.chain.take().filter(|chain| {
             !whole
                 && match self.log.flavour {
                     Flavour::Kafka => known.published == Some(chain.decision.version()),
-                    Flavour::JetStream => newest_whole == Some(chain.decision.version()),
+                    Flavour::JetStream => {
+                        self.newest_stored(group) == Some(chain.decision.version())
+                    }
                 }
         });
         let publication = Chain::plan(chain.as_ref(), decision, MAX_PAYLOAD);
