@@ -213,12 +213,18 @@ impl DistributedBroker {
         };
         let status = coordinator.status();
         let leader = leadership.subscribe();
-        tasks.spawn(self.supervised(
-            "coordinator",
-            coordinator.run(leader, cancel.clone()),
-            &cancel,
-        ));
-        tasks.spawn(self.supervised("leadership", leadership.run(cancel.clone()), &cancel));
+        crate::ambient::spawn_into(
+            &mut tasks,
+            self.supervised(
+                "coordinator",
+                coordinator.run(leader, cancel.clone()),
+                &cancel,
+            ),
+        );
+        crate::ambient::spawn_into(
+            &mut tasks,
+            self.supervised("leadership", leadership.run(cancel.clone()), &cancel),
+        );
         Ok(Half {
             cancel,
             tasks,
@@ -239,7 +245,10 @@ impl DistributedBroker {
             observer.add(spec, subscriber);
         }
         let status = observer.status();
-        tasks.spawn(self.supervised("observer", observer.run(cancel.clone()), &cancel));
+        crate::ambient::spawn_into(
+            &mut tasks,
+            self.supervised("observer", observer.run(cancel.clone()), &cancel),
+        );
         Half {
             cancel,
             tasks,

@@ -274,7 +274,7 @@ impl Observer {
         if fetches.is_empty() {
             tracing::info!(group = %digest.group, epoch = digest.epoch, revision = digest.revision, "this node lacks the coordinator's newest decision; fetching it from the bus");
             let bus = Arc::clone(&self.bus);
-            fetches.spawn(async move { bus.retained().await });
+            crate::ambient::spawn_into(fetches, async move { bus.retained().await });
         }
     }
 
@@ -291,7 +291,7 @@ impl Observer {
                 bus: Arc::clone(&self.bus),
                 status: Arc::clone(&self.status),
             };
-            appliers.spawn(applier.run(receiver, stop.clone()));
+            crate::ambient::spawn_into(&mut appliers, applier.run(receiver, stop.clone()));
         }
         appliers
     }

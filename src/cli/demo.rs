@@ -117,7 +117,7 @@ mod tests {
             categories: vec!["orders".into(), "payments".into()],
             streams: 2,
         };
-        let task = tokio::spawn(run(store.clone(), demo, stop.clone()));
+        let task = crate::ambient::spawn(run(store.clone(), demo, stop.clone()));
         let log = Source::Log;
         let events = loop {
             let events = store.read(&log, Cursor::START, 100).await.unwrap();

@@ -84,7 +84,7 @@ pub(super) async fn start(
         .map_err(|error| CliError::Usage(error.to_string()))?;
     let reporter = admin.map(|admin| {
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(crate::admin::fleet::report_periodically(
+        let task = crate::ambient::spawn(crate::admin::fleet::report_periodically(
             admin,
             probe,
             Some(config.http.admin_url()),

@@ -123,7 +123,8 @@ impl Demo {
     fn start(config: &Config, events: Arc<dyn EventStore>, shutdown: &CancellationToken) -> Self {
         Self(config.demo.enabled.then(|| {
             let stop = shutdown.child_token();
-            let task = tokio::spawn(super::demo::run(events, config.demo.clone(), stop.clone()));
+            let task =
+                crate::ambient::spawn(super::demo::run(events, config.demo.clone(), stop.clone()));
             (stop, task)
         }))
     }

@@ -34,7 +34,7 @@ impl BackgroundSave {
         cursor: Cursor,
     ) {
         let (checkpoints, claim) = (Arc::clone(checkpoints), claim.clone());
-        let write = tokio::spawn(async move { checkpoints.save(&claim, cursor).await });
+        let write = crate::ambient::spawn(async move { checkpoints.save(&claim, cursor).await });
         if let Some((_, forgotten)) = self.pending.replace((cursor, write)) {
             forgotten.abort();
         }

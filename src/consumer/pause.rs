@@ -56,7 +56,7 @@ mod tests {
             .expect("not paused: returns at once");
         switch.set(true);
         assert!(switch.is_paused());
-        let waiting = tokio::spawn({
+        let waiting = crate::ambient::spawn({
             let switch = switch.clone();
             async move { switch.resumed().await }
         });

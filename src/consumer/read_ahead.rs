@@ -48,7 +48,7 @@ impl ReadAhead {
         let (events, source) = (Arc::clone(events), source.clone());
         // A task of its own, so that the store's rows are decoded on another
         // worker while the processor's task publishes.
-        let read = tokio::spawn(async move { events.read(&source, after, limit).await });
+        let read = crate::ambient::spawn(async move { events.read(&source, after, limit).await });
         self.pending = Some(Pending { after, read });
     }
 

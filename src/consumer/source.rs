@@ -103,7 +103,7 @@ impl RunningConsumer {
         let supervised = supervised(consumer.run(), key.clone(), board.clone());
         Self {
             stop,
-            task: Some(tokio::spawn(supervised)),
+            task: Some(crate::ambient::spawn(supervised)),
             key,
             board,
         }

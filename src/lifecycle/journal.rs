@@ -116,7 +116,7 @@ impl Journal {
             store,
             settings: settings.clone(),
         };
-        let task = tokio::spawn(writer.run(cancel.clone()));
+        let task = crate::ambient::spawn(writer.run(cancel.clone()));
         let task = JournalTask {
             cancel,
             task: Some(task),

@@ -66,7 +66,7 @@ impl Announcer {
         };
         let mut sent = self.shared.sent.subscribe();
         self.task.get_or_init(|| {
-            AbortOnDropHandle::new(tokio::spawn(send(
+            AbortOnDropHandle::new(crate::ambient::spawn(send(
                 self.shared.clone(),
                 self.pool.clone(),
                 self.channel.clone(),

@@ -47,7 +47,7 @@ impl Listener {
     ) -> Result<Self> {
         let connected = listen(&config, &channel).await?;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(config, channel, notifier, connected, stop.clone()));
+        let task = crate::ambient::spawn(run(config, channel, notifier, connected, stop.clone()));
         Ok(Self {
             _task: AbortOnDropHandle::new(task),
             stop,

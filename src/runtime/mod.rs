@@ -394,7 +394,7 @@ impl EventRuntime {
             self.sample_interval,
         );
         let sampler = SamplerTask {
-            task: tokio::spawn(sampler.run(cancel.clone())),
+            task: crate::ambient::spawn(sampler.run(cancel.clone())),
             cancel,
         };
         *self.lock() = State::Started(registered, running, sampler);

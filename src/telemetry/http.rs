@@ -138,7 +138,7 @@ impl HttpServer {
         let stop = CancellationToken::new();
         let app = router(probe.clone(), metrics.clone()).merge(more);
         let shutdown = stop.clone();
-        let task = tokio::spawn(async move {
+        let task = crate::ambient::spawn(async move {
             let upkeep = async {
                 let mut timer = tokio::time::interval(UPKEEP_INTERVAL);
                 loop {

@@ -10,6 +10,11 @@
 //!   [`MAX_FN_LINES`] lines, test code aside. A function may be longer when a
 //!   comment right above it, or on its first lines, says why (it contains the
 //!   words "long because").
+//! - **Tasks**: node code starts its tasks with `ambient::spawn` (or
+//!   `ambient::spawn_into` a `JoinSet`), never `tokio::spawn` or
+//!   `JoinSet::spawn`, so that the simulation can freeze a node's process whole.
+//!   Only the command line's load generators and signal handling, which are not
+//!   part of a node, may start tasks of their own.
 //!
 //! The checker's own tests at the bottom show that each rule fails when broken.
 
@@ -294,6 +299,33 @@ fn explained(lines: &[String], start: usize) -> bool {
     above || inside
 }
 
+/// Where a task may start without belonging to a node's process.
+const TASKS_OUTSIDE_NODES: [&str; 3] = ["ambient.rs", "cli/bench", "cli/signal.rs"];
+
+fn task_violations(files: &[SourceFile]) -> Vec<String> {
+    let spawn = Regex::new(r"tokio::spawn\(|tokio::task::spawn\(|\b(tasks|set|work|fetches|appliers|writers|joins?)\.spawn\(")
+        .expect("valid pattern");
+    let mut problems = Vec::new();
+    for file in files.iter().filter(|file| !file.test_only) {
+        if TASKS_OUTSIDE_NODES
+            .iter()
+            .any(|allowed| file.path.starts_with(allowed))
+        {
+            continue;
+        }
+        for (index, line) in file.code.iter().enumerate() {
+            if spawn.is_match(line) {
+                problems.push(format!(
+                    "src/{}:{}: start the task with crate::ambient::spawn (or spawn_into), so that it belongs to the node's process",
+                    file.path,
+                    index + 1
+                ));
+            }
+        }
+    }
+    problems
+}
+
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -317,6 +349,36 @@ fn files_and_functions_stay_small() {
         problems.is_empty(),
         "src/ has grown past its limits:\n{}",
         problems.join("\n")
+    );
+}
+
+#[test]
+fn node_tasks_start_in_the_nodes_process() {
+    let problems = task_violations(&read_sources(&src_dir()));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn a_task_started_around_the_process_is_caught() {
+    let files = tree(&[
+        (
+            "consumer.rs",
+            "pub fn go() {\n    tokio::spawn(async {});\n}\n",
+        ),
+        (
+            "cli/bench.rs",
+            "pub fn load() {\n    tokio::spawn(async {});\n}\n",
+        ),
+        (
+            "broker/tests.rs",
+            "fn t() {\n    tokio::spawn(async {});\n}\n",
+        ),
+    ]);
+    let problems = task_violations(&files);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("src/consumer.rs:2:"),
+        "{problems:?}"
     );
 }
 

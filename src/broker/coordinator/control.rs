@@ -224,7 +224,7 @@ impl Coordinator {
             grant,
         };
         let group = group.to_owned();
-        term.work.spawn(async move {
+        crate::ambient::spawn_into(&mut term.work, async move {
             let outcome = AssertUnwindSafe(work(held))
                 .catch_unwind()
                 .await
