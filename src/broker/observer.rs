@@ -61,6 +61,8 @@ pub struct Observer {
     bus: Arc<dyn AllocationBus>,
     /// Group to its local subscribers, by subscriber id.
     groups: BTreeMap<String, BTreeMap<String, Arc<dyn Subscriber>>>,
+    /// Group to the sources each local subscriber asks for, by subscriber id.
+    asks: BTreeMap<String, BTreeMap<String, BTreeSet<Source>>>,
     status: Arc<Reporter>,
 }
 
@@ -110,11 +112,16 @@ impl Observer {
             settings,
             bus,
             groups: BTreeMap::new(),
+            asks: BTreeMap::new(),
         }
     }
 
     /// Adds a local subscriber. The caller has checked that its id is new.
     pub fn add(&mut self, spec: SubscriberSpec, subscriber: Arc<dyn Subscriber>) {
+        self.asks
+            .entry(spec.group.clone())
+            .or_default()
+            .insert(spec.id.clone(), spec.sources.clone());
         self.membership
             .add(spec.group.clone(), spec.id.clone(), spec.sources, spec.tags);
         self.groups
@@ -287,6 +294,7 @@ impl Observer {
             let applier = GroupApplier {
                 group: group.clone(),
                 subscribers: subscribers.clone(),
+                asks: self.asks.get(group).cloned().unwrap_or_default(),
                 held: BTreeMap::new(),
                 bus: Arc::clone(&self.bus),
                 status: Arc::clone(&self.status),
@@ -426,6 +434,12 @@ type Change<'a> = (&'a String, &'a Arc<dyn Subscriber>, Source);
 struct GroupApplier {
     group: String,
     subscribers: BTreeMap<String, Arc<dyn Subscriber>>,
+    /// The sources each subscriber asks for. A decision may give it others: one
+    /// made before its sources changed (a new partition count), read back from the
+    /// bus when the node starts. Those it never takes: their checkpoints belong to
+    /// another layout, and the coordinator's next decision gives the sources asked
+    /// for.
+    asks: BTreeMap<String, BTreeSet<Source>>,
     /// What each subscriber holds now.
     held: BTreeMap<String, BTreeSet<Source>>,
     bus: Arc<dyn AllocationBus>,
@@ -522,12 +536,20 @@ impl GroupApplier {
         self.report_unconsumed(target)
     }
 
+    /// The sources `target` gives subscriber `id` that it asks for.
+    fn given(&self, target: &Target, id: &str) -> BTreeSet<Source> {
+        let asks = self.asks.get(id);
+        let mut given = target.sources_of(id);
+        given.retain(|source| asks.is_some_and(|asks| asks.contains(source)));
+        given
+    }
+
     /// What to withdraw and what to accept, as (subscriber id, source).
     fn plan(&self, target: &Target) -> (Planned, Planned) {
         let mut withdrawals = Vec::new();
         let mut acceptances = Vec::new();
         for id in self.subscribers.keys() {
-            let wanted = target.sources_of(id);
+            let wanted = self.given(target, id);
             let held = self.held.get(id);
             for source in held.into_iter().flatten() {
                 if !wanted.contains(source) {
@@ -624,8 +646,7 @@ impl GroupApplier {
             .keys()
             .flat_map(|id| {
                 let held = self.held.get(id);
-                target
-                    .sources_of(id)
+                self.given(target, id)
                     .into_iter()
                     .filter(move |source| !held.is_some_and(|held| held.contains(source)))
                     .map(move |source| format!("{id}: {source}"))

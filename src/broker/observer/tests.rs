@@ -274,6 +274,59 @@ async fn a_restart_applies_only_the_newest_decision_however_long_the_history() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_source_the_subscriber_does_not_ask_for_is_never_taken() {
+    // The retained decision was made when the group read `orders` whole; the
+    // subscriber now asks for its partitions (a new partition count).
+    let mut old_layout = decision(1, 4, MINE);
+    let first_half: Source = "category:orders@0/2".parse().unwrap();
+    old_layout
+        .owners
+        .get_mut(MINE)
+        .unwrap()
+        .insert(first_half.clone());
+    let bus = ScriptedBus::new(vec![old_layout], Vec::new());
+    let recorder = Arc::new(Recorder::default());
+    let mut observer = Observer::new(
+        "node@1",
+        settings(),
+        Arc::new(MemoryMembershipStore::new()),
+        bus.clone(),
+    );
+    let second_half: Source = "category:orders@1/2".parse().unwrap();
+    observer.add(
+        SubscriberSpec::new("g", MINE, [first_half.clone(), second_half.clone()]),
+        Arc::clone(&recorder) as Arc<dyn Subscriber>,
+    );
+    let status = observer.status();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(observer.run(cancel.clone()));
+    until(|| !recorder.accepted().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        recorder.accepted(),
+        [(first_half.clone(), Grant::new(1, 4))],
+        "only what it asks for is taken from the old decision"
+    );
+    assert_eq!(
+        *status.borrow(),
+        BrokerStatus::Running,
+        "and nothing counts as unconsumed"
+    );
+
+    let mut new_layout = decision(2, 1, MINE);
+    new_layout.owners = [(
+        MINE.to_owned(),
+        BTreeSet::from([first_half, second_half.clone()]),
+    )]
+    .into();
+    bus.send(new_layout);
+    until(|| recorder.accepted().len() == 2).await;
+    assert_eq!(recorder.accepted()[1], (second_half, Grant::new(2, 1)));
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_decision_not_newer_than_the_newest_changes_nothing() {
     let bus = ScriptedBus::new(vec![decision(2, 1, MINE)], Vec::new());
     let node = start(bus.clone(), Arc::new(MemoryMembershipStore::new()));
