@@ -45,8 +45,10 @@ pub trait FleetStore: Send + Sync + 'static {
     /// Every group that is paused now.
     async fn paused_groups(&self) -> Result<BTreeSet<String>>;
 
-    /// Pauses or resumes `group`; returns whether that changed anything.
-    async fn set_paused(&self, group: &str, paused: bool) -> Result<bool>;
+    /// Pauses or resumes `group` for the coordinator term `epoch`; returns
+    /// whether that changed anything, or `None` without writing if a later term
+    /// has set the group since: an older term's word never undoes a newer's.
+    async fn set_paused(&self, group: &str, paused: bool, epoch: u64) -> Result<Option<bool>>;
 
     /// Stores `report` as node `node`'s newest, on the store's clock.
     async fn report(&self, node: &str, report: &Value) -> Result<()>;
@@ -64,6 +66,8 @@ pub struct MemoryFleetStore {
 #[derive(Default)]
 struct MemoryFleet {
     paused: BTreeSet<String>,
+    /// The term that last set each group.
+    epochs: BTreeMap<String, u64>,
     reports: BTreeMap<String, (Value, Instant)>,
 }
 
@@ -94,13 +98,18 @@ impl FleetStore for MemoryFleetStore {
         Ok(self.state().paused.clone())
     }
 
-    async fn set_paused(&self, group: &str, paused: bool) -> Result<bool> {
+    async fn set_paused(&self, group: &str, paused: bool, epoch: u64) -> Result<Option<bool>> {
         let mut state = self.state();
-        Ok(if paused {
+        let last = state.epochs.entry(group.to_owned()).or_default();
+        if *last > epoch {
+            return Ok(None);
+        }
+        *last = epoch;
+        Ok(Some(if paused {
             state.paused.insert(group.to_owned())
         } else {
             state.paused.remove(group)
-        })
+        }))
     }
 
     async fn report(&self, node: &str, report: &Value) -> Result<()> {
@@ -301,13 +310,27 @@ mod tests {
     #[tokio::test]
     async fn the_memory_store_keeps_paused_groups_and_fresh_reports() {
         let store = MemoryFleetStore::new();
-        assert!(store.set_paused("billing", true).await.unwrap());
-        assert!(!store.set_paused("billing", true).await.unwrap());
+        assert_eq!(
+            store.set_paused("billing", true, 1).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            store.set_paused("billing", true, 1).await.unwrap(),
+            Some(false)
+        );
         assert_eq!(
             store.paused_groups().await.unwrap(),
             BTreeSet::from(["billing".to_owned()])
         );
-        assert!(store.set_paused("billing", false).await.unwrap());
+        assert_eq!(
+            store.set_paused("billing", false, 2).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            store.set_paused("billing", true, 1).await.unwrap(),
+            None,
+            "an older term cannot undo a newer term's resume"
+        );
         assert!(store.paused_groups().await.unwrap().is_empty());
         store
             .report("node-a", &serde_json::json!({"ready": true}))

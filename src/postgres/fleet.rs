@@ -34,14 +34,21 @@ impl PostgresFleetStore {
         let nodes = format!("{schema}.weir_nodes");
         let sql = Sql {
             paused: format!("SELECT group_name FROM {groups} WHERE paused ORDER BY group_name"),
-            // Returns a row only when the group's state changed.
+            // Returns a row unless a later term has written (then nothing
+            // changes), with the state before (NULL for a new row). The join
+            // reads the row before the insert does: a CTE read only in
+            // RETURNING would be read after it, and miss the row it updated.
             set_paused: format!(
-                "INSERT INTO {groups} (group_name, paused, changed_at) \
-                 VALUES ($1, $2, clock_timestamp()) \
+                "WITH before AS (SELECT paused FROM {groups} WHERE group_name = $1 FOR UPDATE) \
+                 INSERT INTO {groups} (group_name, paused, changed_at, epoch) \
+                 SELECT $1::text, $2::boolean, clock_timestamp(), $3::bigint \
+                 FROM (VALUES (1)) AS one LEFT JOIN before ON true \
                  ON CONFLICT (group_name) DO UPDATE \
-                   SET paused = EXCLUDED.paused, changed_at = EXCLUDED.changed_at \
-                   WHERE {groups}.paused IS DISTINCT FROM EXCLUDED.paused \
-                 RETURNING (xmax = 0 AND NOT paused) AS created_running"
+                   SET paused = EXCLUDED.paused, epoch = EXCLUDED.epoch, \
+                       changed_at = CASE WHEN {groups}.paused IS DISTINCT FROM EXCLUDED.paused \
+                                         THEN EXCLUDED.changed_at ELSE {groups}.changed_at END \
+                   WHERE {groups}.epoch <= EXCLUDED.epoch \
+                 RETURNING (SELECT paused FROM before)"
             ),
             report: format!(
                 "INSERT INTO {nodes} (node, report, reported_at) VALUES ($1, $2, clock_timestamp()) \
@@ -69,17 +76,18 @@ impl FleetStore for PostgresFleetStore {
             .collect()
     }
 
-    async fn set_paused(&self, group: &str, paused: bool) -> Result<bool> {
+    async fn set_paused(&self, group: &str, paused: bool, epoch: u64) -> Result<Option<bool>> {
+        let epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
         let rows = self
             .store
-            .query_once(&self.sql.set_paused, &[&group, &paused])
+            .query_once(&self.sql.set_paused, &[&group, &paused, &epoch])
             .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
         // A first row for a group resumed that was never paused changes nothing.
-        let created_running = rows
-            .first()
-            .map(|row| row.try_get::<_, bool>(0).map_err(classify))
-            .transpose()?;
-        Ok(matches!(created_running, Some(false)))
+        let before: Option<bool> = row.try_get(0).map_err(classify)?;
+        Ok(Some(before.unwrap_or(false) != paused))
     }
 
     async fn report(&self, node: &str, report: &Value) -> Result<()> {

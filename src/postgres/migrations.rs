@@ -48,6 +48,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "lifecycle",
         sql: include_str!("migrations/0007_lifecycle.sql"),
     },
+    Migration {
+        version: 8,
+        name: "group epochs",
+        sql: include_str!("migrations/0008_group_epochs.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

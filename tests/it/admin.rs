@@ -650,6 +650,41 @@ async fn a_reset_to_a_time_or_a_cursor_moves_to_the_first_event_after_it(backend
     node.stop().await;
 }
 
+/// The paused state of a group is written under the coordinator term that
+/// carries out the operator's request, and a term never undoes a later one's:
+/// a leader that resumes from a pause with a request still in its queue finds
+/// it refused.
+async fn an_older_term_cannot_undo_what_a_newer_term_set(backend: Backend) {
+    let fleet = &backend.fleet;
+    assert_eq!(
+        fleet.set_paused(GROUP, false, 1).await.unwrap(),
+        Some(false),
+        "never paused"
+    );
+    assert_eq!(fleet.set_paused(GROUP, true, 1).await.unwrap(), Some(true));
+    assert_eq!(
+        fleet.set_paused(GROUP, true, 1).await.unwrap(),
+        Some(false),
+        "idempotent"
+    );
+    assert_eq!(fleet.set_paused(GROUP, false, 3).await.unwrap(), Some(true));
+    assert_eq!(
+        fleet.set_paused(GROUP, true, 2).await.unwrap(),
+        None,
+        "an older term's pause was carried out after a newer term's resume"
+    );
+    assert!(fleet.paused_groups().await.unwrap().is_empty());
+    assert_eq!(
+        fleet.set_paused(GROUP, false, 3).await.unwrap(),
+        Some(false)
+    );
+    assert_eq!(fleet.set_paused(GROUP, true, 4).await.unwrap(), Some(true));
+    assert_eq!(
+        fleet.paused_groups().await.unwrap(),
+        [GROUP.to_owned()].into()
+    );
+}
+
 /// Runs `$scenario` as two tests: on memory stores, and on Postgres.
 macro_rules! on_both_stores {
     ($scenario:ident: $memory:ident, $postgres:ident) => {
@@ -687,4 +722,9 @@ on_both_stores!(
     a_reset_to_the_start_under_load_delivers_every_event_once_more_in_order:
     memory_a_reset_to_the_start_under_load_replays_once_in_order,
     postgres_a_reset_to_the_start_under_load_replays_once_in_order
+);
+on_both_stores!(
+    an_older_term_cannot_undo_what_a_newer_term_set:
+    memory_an_older_term_cannot_undo_what_a_newer_term_set,
+    postgres_an_older_term_cannot_undo_what_a_newer_term_set
 );

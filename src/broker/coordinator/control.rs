@@ -94,8 +94,11 @@ impl Coordinator {
                 paused,
                 reply,
             } => {
-                let outcome = match self.fleet.set_paused(&group, paused).await {
-                    Ok(changed) => {
+                let outcome = match self.fleet.set_paused(&group, paused, term.epoch).await {
+                    // A later term set the group since: this node no longer leads,
+                    // whatever it has heard yet.
+                    Ok(None) => Err(ControlError::NotLeader),
+                    Ok(Some(changed)) => {
                         if paused {
                             term.paused.insert(group.clone());
                         } else {

@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use super::*;
+use crate::broker::control::ControlError;
 use crate::broker::membership::{MemoryMembershipStore, Registration};
 use crate::bus::MemoryBus;
+use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -365,4 +367,42 @@ async fn a_node_lacking_the_current_decision_gets_it_written_whole_once() {
     }
     assert_eq!(count(), 2);
     harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_pause_from_a_term_the_fleet_store_has_seen_superseded_is_refused() {
+    // The interleaving a frozen leader meets when it thaws with a pause in its
+    // queue: its term (epoch 1) still looks current to it, but the next
+    // leader (epoch 2) has already written the group's state.
+    let fleet = Arc::new(MemoryFleetStore::new());
+    assert_eq!(fleet.set_paused("g", false, 2).await.unwrap(), Some(false));
+    let (commands, received) = mpsc::channel(4);
+    let (leading, _) = watch::channel(None);
+    let coordinator = Coordinator::new(
+        "node-a",
+        settings(),
+        Arc::new(MemoryMembershipStore::new()),
+        Arc::new(MemoryBus::new()),
+    )
+    .with_control(Arc::clone(&fleet) as Arc<dyn FleetStore>, received, leading);
+    let (leader, following) = watch::channel(LeaderState::Leader { epoch: 1 });
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(coordinator.run(following, cancel.clone()));
+    let (reply, answer) = oneshot::channel();
+    let pause = Command::Pause {
+        epoch: 1,
+        group: "g".into(),
+        paused: true,
+        reply,
+    };
+    commands.send(pause).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    assert!(matches!(answer, Err(ControlError::NotLeader)), "{answer:?}");
+    assert!(
+        fleet.paused_groups().await.unwrap().is_empty(),
+        "the stale pause was written"
+    );
+    drop(leader);
+    cancel.cancel();
+    task.await.unwrap();
 }
