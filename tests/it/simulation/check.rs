@@ -31,6 +31,8 @@ struct State {
     emitted: BTreeMap<String, BTreeSet<u64>>,
     /// Emissions of an event already emitted, per source.
     repeats: BTreeMap<Source, u64>,
+    /// Repeats an operator asked for, per source: resets to an earlier cursor.
+    asked_repeats: BTreeMap<Source, u64>,
     violations: Vec<String>,
     trace: std::collections::VecDeque<String>,
     hasher: DefaultHasher,
@@ -42,7 +44,6 @@ struct State {
 #[derive(Clone)]
 pub struct Ledger {
     state: Arc<Mutex<State>>,
-    sources: Arc<Vec<Source>>,
     origin: tokio::time::Instant,
     /// How many trace lines to keep.
     tail: usize,
@@ -50,21 +51,12 @@ pub struct Ledger {
 
 impl Ledger {
     /// A ledger keeping the last `tail` lines of the trace.
-    pub fn new(sources: Vec<Source>, tail: usize) -> Self {
+    pub fn new(tail: usize) -> Self {
         Self {
             state: Arc::default(),
-            sources: Arc::new(sources),
             origin: tokio::time::Instant::now(),
             tail,
         }
-    }
-
-    fn source_of(&self, event: &StoredEvent) -> Source {
-        self.sources
-            .iter()
-            .find(|source| source.holds(event))
-            .cloned()
-            .expect("every simulated event belongs to one source")
     }
 
     /// Notes a step of the run in the trace (and its hash).
@@ -80,7 +72,11 @@ impl Ledger {
         }
     }
 
+    /// Records a violation (once, however often it is seen again).
     pub fn violate(&self, violation: String) {
+        if self.state.lock().unwrap().violations.contains(&violation) {
+            return;
+        }
         self.step(format!("VIOLATION {violation}"));
         self.state.lock().unwrap().violations.push(violation);
     }
@@ -122,12 +118,28 @@ impl Ledger {
         }
     }
 
-    /// `process` emitted `events` (one batch of one source).
-    fn emitted(&self, process: &str, events: &[StoredEvent]) {
+    /// An operator reset the checkpoint of `source` to `cursor`, asking for
+    /// `again` events to be processed again.
+    pub fn reset(&self, source: &Source, cursor: Cursor, again: u64) {
+        self.step(format!(
+            "operator resets {source} to {cursor}: {again} events again"
+        ));
+        let mut state = self.state.lock().unwrap();
+        state.saved.insert(source.clone(), cursor);
+        *state.asked_repeats.entry(source.clone()).or_default() += again;
+    }
+
+    /// `process`, consuming `sources`, emitted `events` (one batch of one
+    /// source).
+    fn emitted(&self, process: &str, sources: &[Source], events: &[StoredEvent]) {
         let Some(first) = events.first() else {
             return;
         };
-        let source = self.source_of(first);
+        let source = sources
+            .iter()
+            .find(|source| source.holds(first))
+            .cloned()
+            .expect("every simulated event belongs to one source");
         let last = events.last().unwrap_or(first);
         self.step(format!(
             "{process} emits {} events of {source}, {} to {}",
@@ -196,11 +208,15 @@ impl Ledger {
             drop(state);
             self.violate(format!("events never emitted: {}", missing.join(", ")));
         }
-        let repeats = self.state.lock().unwrap().repeats.clone();
+        let (repeats, asked) = {
+            let state = self.state.lock().unwrap();
+            (state.repeats.clone(), state.asked_repeats.clone())
+        };
         for (source, count) in repeats {
-            if count > repeat_bound {
+            let bound = repeat_bound + asked.get(&source).copied().unwrap_or_default();
+            if count > bound {
                 self.violate(format!(
-                    "{count} events of {source} emitted twice, more than the bound of {repeat_bound}"
+                    "{count} events of {source} emitted twice, more than the bound of {bound} ({repeat_bound} for faults, the rest asked for by resets)"
                 ));
             }
         }
@@ -214,6 +230,8 @@ impl Ledger {
 /// The simulated sink: records each batch as its process emitted it.
 pub struct Sink {
     pub process: String,
+    /// The sources its process consumes (the partition layout it started with).
+    pub sources: Vec<Source>,
     pub ledger: Ledger,
 }
 
@@ -222,7 +240,7 @@ impl EventProcessor for Sink {
     async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
         // Work takes a moment, so that moves meet batches in flight.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        self.ledger.emitted(&self.process, events);
+        self.ledger.emitted(&self.process, &self.sources, events);
         Ok(())
     }
 }

@@ -2,9 +2,10 @@
 //! that the simulated stores and bus consult on every call, and the store
 //! wrappers that consult it.
 //!
-//! A node whose link is frozen waits in every call to a store or the bus until it
-//! is thawed, while its own timers go on: a process paused mid-work, whose calls
-//! complete, late, when it resumes. A store that is down answers every call with
+//! A node whose link is frozen is a process paused whole (`SIGSTOP`, a long
+//! garbage-collection stop): none of its tasks is polled while time moves on,
+//! so its timers fire late, all at once, when it thaws; and its calls to a store
+//! or the bus in flight complete only then. A store that is down answers every call with
 //! the retryable `Unavailable` error of its kind; a slow one answers late.
 
 use std::sync::Arc;
@@ -37,13 +38,22 @@ pub struct LinkState {
 /// The faults one node process (or the whole fleet) is under.
 pub struct Link {
     state: watch::Sender<LinkState>,
+    /// The node's tasks, frozen while the link is.
+    process: weir::ambient::Process,
 }
 
 impl Link {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             state: watch::channel(LinkState::default()).0,
+            process: weir::ambient::Process::new(),
         })
+    }
+
+    /// The process whose tasks this link freezes: run the node's start (and
+    /// stop) in it.
+    pub fn process(&self) -> &weir::ambient::Process {
+        &self.process
     }
 
     pub fn state(&self) -> LinkState {
@@ -56,6 +66,10 @@ impl Link {
 
     pub fn change(&self, change: impl FnOnce(&mut LinkState)) {
         self.state.send_modify(change);
+        match self.state.borrow().frozen {
+            true => self.process.freeze(),
+            false => self.process.thaw(),
+        }
     }
 
     pub async fn wait_unfrozen(&self) {

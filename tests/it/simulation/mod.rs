@@ -6,7 +6,7 @@
 //! `docs/simulation.md`.
 //!
 //! `WEIR_SIM_SEEDS=N` runs N seeds (default below); `WEIR_SIM_SEED=S` runs seed S
-//! alone and prints its whole trace.
+//! alone (with its pinned plan, if it is pinned) and prints its whole trace.
 
 mod bus;
 mod check;
@@ -62,7 +62,9 @@ fn run_plan(seed: u64, plan: Plan, tail: usize) -> Report {
 fn describe(seed: u64, plan: &Plan, report: &Report) -> String {
     let replay = match *plan == Plan::from_seed(seed) {
         true => format!("WEIR_SIM_SEED={seed} cargo test --test it simulation"),
-        false => "a pinned run: cargo test --test it simulation::runs_that_found".to_owned(),
+        false => format!(
+            "a pinned run: WEIR_SIM_SEED={seed} cargo test --test it simulation::simulated_fleets_keep_every_promise"
+        ),
     };
     format!(
         "seed {seed} (replay: {replay}):\n  plan: {plan:?}\n  events emitted twice: {}\n  violations:\n    {}\n  last steps:\n    {}",
@@ -111,10 +113,15 @@ fn simulated_fleets_keep_every_promise() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        let report = run_seed(seed, usize::MAX);
+        // A pinned run's seed replays its written-out plan.
+        let plan = pinned()
+            .into_iter()
+            .find_map(|(pinned, plan)| (pinned == seed).then_some(plan))
+            .unwrap_or_else(|| Plan::from_seed(seed));
+        let report = run_plan(seed, plan.clone(), usize::MAX);
         println!(
             "{}\ntrace hash {:016x}",
-            describe(seed, &Plan::from_seed(seed), &report),
+            describe(seed, &plan, &report),
             report.trace_hash
         );
         assert!(report.violations.is_empty(), "seed {seed} failed");
@@ -170,7 +177,9 @@ fn a_seed_replays_identically() {
 /// `Plan::from_seed` leaves them as they were.
 fn pinned() -> Vec<(u64, Plan)> {
     use bus::Flavour::{JetStream, Kafka};
-    use world::Fault::{Crash, Freeze, Lossy, Pause, SlowStore, Stop, StoreDown, Twin};
+    use world::Fault::{
+        Crash, Freeze, Lossy, Pause, Repartition, SlowStore, Stop, StoreDown, Twin,
+    };
     use world::{LEADER, Scheduled};
     let ms = std::time::Duration::from_millis;
     let at = |at, lasts, fault| Scheduled {
@@ -184,6 +193,18 @@ fn pinned() -> Vec<(u64, Plan)> {
         fault_phase: ms(phase),
     };
     vec![
+        // After a change of partition count, every node started by applying the
+        // decision the bus retained, made for the old count: they consumed
+        // sources their subscribers no longer asked for, beside the new ones,
+        // and processed events twice. Found when the fault was added.
+        (
+            63,
+            plan(
+                Kafka,
+                5_949,
+                vec![at(4_299, 1_351, Pause), at(5_771, 3_264, Repartition(8))],
+            ),
+        ),
         // A pause the operator gave up on (the leader was frozen) waited in
         // the frozen node's queue, and its next term carried it out after a
         // newer resume: the group stayed paused. Found by a long search.

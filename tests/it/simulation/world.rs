@@ -11,14 +11,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::time::Instant;
-use weir::broker::Broker;
-use weir::broker::control::{ControlHandle, Held, HoldWork, MemoryFleetStore};
+use weir::broker::control::{ControlHandle, MemoryFleetStore};
 use weir::broker::distributed::{COORDINATOR_LEASE, FleetServices};
 use weir::broker::lease::MemoryLeaseStore;
 use weir::broker::membership::MemoryMembershipStore;
+use weir::broker::{Broker, BrokerStatus};
 use weir::broker::{BrokerRole, BrokerSettings, DistributedBroker, SubscriberSpec};
 use weir::consumer::{
-    CheckpointStore, ConsumerSettings, ConsumerState, MemoryCheckpointStore, MemoryDeadLetterStore,
+    ConsumerSettings, ConsumerState, MemoryCheckpointStore, MemoryDeadLetterStore,
 };
 use weir::event::{Category, EventName, NewEvent, Source, StreamName, WriteCondition};
 use weir::runtime::{ConsumerStores, EventRuntime};
@@ -29,6 +29,8 @@ use super::check::{Ledger, Sink};
 use super::faults::{
     Gate, GatedCheckpoints, GatedDeadLetters, GatedEvents, GatedLeases, GatedMembership, Link,
 };
+
+mod operator;
 
 pub const GROUP: &str = "bridge";
 const NODES: usize = 3;
@@ -67,9 +69,15 @@ pub fn liveness_bound() -> Duration {
     broker.member_timeout + broker.lease_ttl + broker.refresh_interval * 2
 }
 
-pub fn sources() -> Vec<Source> {
-    let mut sources: Vec<Source> = (0..4)
-        .map(|i| format!("category:orders@{i}/4").parse().unwrap())
+/// How many partitions the group reads `orders` in at first.
+const FIRST_PARTITIONS: u32 = 4;
+/// The partition counts an operator may change to.
+const PARTITION_COUNTS: [u32; 4] = [2, 3, 4, 8];
+
+/// The group's sources when it reads `orders` in `partitions` partitions.
+pub fn sources(partitions: u32) -> Vec<Source> {
+    let mut sources: Vec<Source> = (0..partitions)
+        .map(|i| format!("category:orders@{i}/{partitions}").parse().unwrap())
         .collect();
     sources.push("category:refunds".parse().unwrap());
     sources.push("category:audits".parse().unwrap());
@@ -88,7 +96,8 @@ pub enum Fault {
     /// The node's bus payloads are lost, held back or duplicated, each with
     /// this chance.
     Lossy(usize, f64),
-    /// The node's every store and bus call waits until it thaws.
+    /// The node's process is paused whole: none of its tasks runs until it
+    /// thaws, while time moves on.
     Freeze(usize),
     /// The node's process is killed; it starts again when the fault ends.
     Crash(usize),
@@ -103,11 +112,19 @@ pub enum Fault {
     /// An operator pauses the group through the leader, and resumes it when the
     /// fault ends (retrying while no node leads).
     Pause,
-    /// An operator resets the checkpoint of one source (by index) through the
-    /// leader, to where it stands: the leader holds the source away from its
+    /// An operator changes the partition count of the group to this: stops
+    /// every node gracefully and starts them again, with the new count, once
+    /// all have stopped (as README tells). Nodes that crash or stop meanwhile
+    /// wait for the new count too.
+    Repartition(u32),
+    /// An operator resets the checkpoint of one source (by index, wrapping
+    /// around the sources of the layout of the day) through the leader, to
+    /// where it stands: the leader holds the source away from its
     /// owner, the work claims and writes the row under the hold's grant, and the
     /// source goes back. Leadership may change hands in the middle.
     Reset(usize),
+    /// As `Reset`, but to the start: the owner processes the source again.
+    Rewind(usize),
 }
 
 impl Fault {
@@ -115,7 +132,12 @@ impl Fault {
     fn planned(&self) -> bool {
         matches!(
             self,
-            Fault::Stop(_) | Fault::Compact | Fault::Pause | Fault::Reset(_)
+            Fault::Stop(_)
+                | Fault::Compact
+                | Fault::Pause
+                | Fault::Reset(_)
+                | Fault::Rewind(_)
+                | Fault::Repartition(_)
         )
     }
 }
@@ -151,7 +173,7 @@ impl Plan {
                     true => LEADER,
                     false => random.random_range(0..NODES),
                 };
-                let fault = match random.random_range(0..12) {
+                let fault = match random.random_range(0..14) {
                     0 => Fault::StoreDown(None),
                     1 => Fault::StoreDown(Some(node)),
                     2 => Fault::SlowStore(
@@ -165,7 +187,11 @@ impl Plan {
                     7 => Fault::Stop(node),
                     8 => Fault::Twin(node),
                     9 => Fault::Pause,
-                    10 => Fault::Reset(random.random_range(0..sources().len())),
+                    10 => Fault::Reset(random.random_range(0..16)),
+                    12 => Fault::Rewind(random.random_range(0..16)),
+                    11 => Fault::Repartition(
+                        PARTITION_COUNTS[random.random_range(0..PARTITION_COUNTS.len())],
+                    ),
                     _ => Fault::Compact,
                 };
                 let phase = u64::try_from(fault_phase.as_millis()).unwrap();
@@ -245,6 +271,17 @@ pub struct World {
     paused: Option<bool>,
     /// Each planned fault as it began, its node resolved.
     resolved: Vec<Option<Fault>>,
+    /// How many partitions the group reads `orders` in.
+    partitions: u32,
+    /// Whether nodes wait to start until every process of the old partition
+    /// count has stopped.
+    repartitioning: bool,
+    /// Since when no fault has been active (`None` while one is).
+    calm_since: Option<Instant>,
+    /// A live process leading, its epoch, and since when.
+    led: Option<(String, u64, Instant)>,
+    /// The link of each process a freeze froze, by the freeze's index.
+    frozen: BTreeMap<usize, Arc<Link>>,
 }
 
 /// Runs the seed's plan to the end and reports what it found.
@@ -265,7 +302,7 @@ pub async fn run(seed: u64, plan: Plan, tail: usize) -> Report {
 
 impl World {
     fn new(seed: u64, plan: Plan, tail: usize) -> Self {
-        let ledger = Ledger::new(sources(), tail);
+        let ledger = Ledger::new(tail);
         let plan_faults = plan.faults.len();
         ledger.step(format!("seed {seed}: {plan:?}"));
         Self {
@@ -296,6 +333,11 @@ impl World {
             leader: None,
             paused: None,
             resolved: vec![None; plan_faults],
+            partitions: FIRST_PARTITIONS,
+            repartitioning: false,
+            calm_since: Some(Instant::now()),
+            led: None,
+            frozen: BTreeMap::new(),
         }
     }
 
@@ -352,18 +394,23 @@ impl World {
         let runtime = EventRuntime::new(&name, Arc::new(broker), stores, consumer_settings())
             .with_sample_interval(Duration::from_secs(3600))
             .with_shutdown_grace(Duration::from_secs(2));
+        let sources = sources(self.partitions);
         let sink = Sink {
             process: label.clone(),
+            sources: sources.clone(),
             ledger: self.ledger.clone(),
         };
         runtime
             .register_subscription_consumer(
-                SubscriberSpec::new(GROUP, format!("{GROUP}@{name}"), sources()),
+                SubscriberSpec::new(GROUP, format!("{GROUP}@{name}"), sources),
                 Arc::new(sink),
                 None,
             )
             .expect("a valid subscription");
-        runtime.start().await.expect("the runtime starts");
+        link.process()
+            .run(runtime.start())
+            .await
+            .expect("the runtime starts");
         self.ledger.step(format!("{label} started"));
         let process = Process {
             label,
@@ -401,10 +448,13 @@ impl World {
                     active[index] = false;
                     self.end(index).await;
                 }
+                self.calm_since = (!active.contains(&true)).then(Instant::now);
             }
             self.append().await;
             self.note_leader().await;
             self.operate().await;
+            self.restart_repartitioned().await;
+            self.check_decisions_held();
             tokio::time::sleep(TICK).await;
         }
         for (index, active) in active.into_iter().enumerate() {
@@ -440,9 +490,12 @@ impl World {
             Fault::Crash(slot) => Fault::Crash(at(slot)),
             Fault::Stop(slot) => Fault::Stop(at(slot)),
             Fault::Twin(slot) => Fault::Twin(at(slot)),
-            fault @ (Fault::StoreDown(None) | Fault::Compact | Fault::Pause | Fault::Reset(_)) => {
-                fault
-            }
+            fault @ (Fault::StoreDown(None)
+            | Fault::Compact
+            | Fault::Pause
+            | Fault::Reset(_)
+            | Fault::Rewind(_)
+            | Fault::Repartition(_)) => fault,
         };
         self.resolved[index] = Some(fault.clone());
         fault
@@ -457,7 +510,14 @@ impl World {
             Fault::SlowStore(slot, slow) => self.on_link(slot, |s| s.slow = slow),
             Fault::BusCut(slot) => self.on_link(slot, |s| s.bus_cut = true),
             Fault::Lossy(slot, loss) => self.on_link(slot, |s| s.loss = loss),
-            Fault::Freeze(slot) => self.on_link(slot, |s| s.frozen = true),
+            Fault::Freeze(slot) => {
+                // The process frozen thaws when the fault ends, even if it is
+                // no longer the slot's (stopping, or replaced meanwhile).
+                if let Some(link) = self.link(slot) {
+                    link.change(|s| s.frozen = true);
+                    self.frozen.insert(index, link);
+                }
+            }
             Fault::Crash(slot) => {
                 if let Some(process) = self.slots[slot].main.take() {
                     process.runtime.abort().await;
@@ -466,12 +526,13 @@ impl World {
             Fault::Stop(slot) => {
                 // A frozen process stops once it thaws: the driver goes on.
                 if let Some(process) = self.slots[slot].main.take() {
+                    let stop = process.link.process().clone();
                     self.stopping
-                        .spawn(async move { process.runtime.stop().await });
+                        .spawn(stop.run(async move { process.runtime.stop().await }));
                 }
             }
             Fault::Twin(slot) => {
-                if self.slots[slot].twin.is_none() {
+                if self.slots[slot].twin.is_none() && !self.repartitioning {
                     self.start(slot, true).await;
                 }
             }
@@ -480,7 +541,9 @@ impl World {
                 self.paused = Some(true);
                 self.operate().await;
             }
-            Fault::Reset(source) => self.reset(source),
+            Fault::Reset(source) => self.reset(source, false),
+            Fault::Rewind(source) => self.reset(source, true),
+            Fault::Repartition(partitions) => self.repartition(partitions),
         }
     }
 
@@ -493,14 +556,18 @@ impl World {
             Fault::SlowStore(slot, _) => self.on_link(slot, |s| s.slow = Duration::ZERO),
             Fault::BusCut(slot) => self.on_link(slot, |s| s.bus_cut = false),
             Fault::Lossy(slot, _) => self.on_link(slot, |s| s.loss = 0.0),
-            Fault::Freeze(slot) => self.on_link(slot, |s| s.frozen = false),
+            Fault::Freeze(_) => {
+                if let Some(link) = self.frozen.remove(&index) {
+                    link.change(|s| s.frozen = false);
+                }
+            }
             Fault::Crash(slot) | Fault::Stop(slot) => {
-                if self.slots[slot].main.is_none() {
+                if self.slots[slot].main.is_none() && !self.repartitioning {
                     self.start(slot, false).await;
                 }
             }
             Fault::Twin(slot) => self.retire_old_process(slot).await,
-            Fault::Compact => {}
+            Fault::Compact | Fault::Repartition(_) | Fault::Rewind(_) => {}
             Fault::Pause => {
                 self.paused = Some(false);
                 self.operate().await;
@@ -552,72 +619,6 @@ impl World {
         }
     }
 
-    /// Asks whichever process leads to pause or resume the group, as wanted;
-    /// nothing if none leads, or the leader does not answer (it may be frozen)
-    /// within a refresh interval: the next tick asks again.
-    async fn operate(&mut self) {
-        let Some(paused) = self.paused else {
-            return;
-        };
-        let controls = self.slots.iter().filter_map(|slot| {
-            let process = slot.main.as_ref()?;
-            let control = process.control.as_ref()?;
-            control
-                .leading()
-                .map(|_| (process.label.clone(), control.clone()))
-        });
-        for (label, control) in controls.collect::<Vec<_>>() {
-            let asked = control.set_paused(GROUP, paused);
-            let refresh = broker_settings().refresh_interval;
-            let answer = tokio::time::timeout(refresh, asked).await;
-            self.ledger
-                .step(format!("{label} asked to set paused={paused}: {answer:?}"));
-            if let Ok(Ok(_)) = answer {
-                self.paused = None;
-                return;
-            }
-        }
-    }
-
-    /// Starts an operator's reset of `source`'s checkpoint through whichever
-    /// node leads; the driver goes on while the hold lasts.
-    fn reset(&mut self, source: usize) {
-        let source = sources()[source].clone();
-        let leader = self.slots.iter().find_map(|slot| {
-            let process = slot.main.as_ref()?;
-            let control = process.control.as_ref()?;
-            control.leading().map(|_| control.clone())
-        });
-        let Some(control) = leader else {
-            self.ledger
-                .step(format!("reset of {source} refused: nobody leads"));
-            return;
-        };
-        let checkpoints = Arc::clone(&self.checkpoints);
-        let ledger = self.ledger.clone();
-        let work: HoldWork = Box::new(move |held: Held| {
-            Box::pin(async move {
-                for source in &held.sources {
-                    let claimed = checkpoints
-                        .claim_granted(GROUP, source, "operator", held.grant)
-                        .await;
-                    let (claim, cursor) = claimed.map_err(|e| e.to_string())?;
-                    ledger.claimed(source, "operator");
-                    checkpoints
-                        .save(&claim, cursor)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(serde_json::Value::Null)
-            })
-        });
-        let ledger = self.ledger.clone();
-        self.operations.spawn(async move {
-            let outcome = control.hold(GROUP, Some(source.clone()), work).await;
-            ledger.step(format!("reset of {source}: {outcome:?}"));
-        });
-    }
-
     /// Notes in the trace when the coordinator lease changes hands.
     async fn note_leader(&mut self) {
         use weir::broker::lease::LeaseStore;
@@ -630,6 +631,49 @@ impl World {
                 .step(format!("{} leads at epoch {}", leader.0, leader.1));
             self.leader = Some(leader);
         }
+        let live = self
+            .slots
+            .iter()
+            .filter_map(|slot| slot.main.as_ref())
+            .find(|process| {
+                let leading = process.control.as_ref().and_then(ControlHandle::leading);
+                leading == Some(lease.epoch) && !process.link.state().frozen
+            });
+        let live = live.map(|process| (process.label.clone(), lease.epoch));
+        let same = |(label, epoch, _): &(String, u64, Instant)| {
+            live.as_ref() == Some(&(label.clone(), *epoch))
+        };
+        if !self.led.as_ref().is_some_and(same) {
+            self.led = live.map(|(label, epoch)| (label, epoch, Instant::now()));
+        }
+    }
+
+    /// No observer lacks the coordinator's newest decision for longer than a
+    /// refresh interval. Checked where nothing excuses a lack: no fault has been
+    /// active, and one live process has led one term, for two refresh intervals
+    /// (one for the lack to be reported, one to answer it).
+    fn check_decisions_held(&self) {
+        let patience = broker_settings().refresh_interval * 2;
+        let calm = self
+            .calm_since
+            .is_some_and(|since| since.elapsed() > patience);
+        let led = self
+            .led
+            .as_ref()
+            .is_some_and(|(_, _, since)| since.elapsed() > patience);
+        if !calm || !led {
+            return;
+        }
+        for process in self.slots.iter().filter_map(|slot| slot.main.as_ref()) {
+            if let BrokerStatus::Errored(reason) = process.runtime.status().broker
+                && reason.contains("lacked the coordinator's newest decision")
+            {
+                self.ledger.violate(format!(
+                    "{} lacked the newest decision for longer than a refresh interval while the fleet was calm under a live leader: {reason}",
+                    process.label
+                ));
+            }
+        }
     }
 
     /// Ends every fault and starts every node that is down.
@@ -638,6 +682,18 @@ impl World {
         for link in &self.links {
             link.change(|s| *s = Default::default());
         }
+        if self.repartitioning {
+            let stopped = tokio::time::timeout(DRAIN, async {
+                while self.stopping.join_next().await.is_some() {}
+            });
+            if stopped.await.is_err() {
+                self.ledger.violate(format!(
+                    "the fleet did not stop for a change of partition count within {DRAIN:?} of healing"
+                ));
+            }
+            self.repartitioning = false;
+        }
+        self.calm_since = Some(Instant::now());
         for slot in 0..NODES {
             self.retire_old_process(slot).await;
             if self.slots[slot].main.is_none() {
@@ -653,6 +709,8 @@ impl World {
         let healed = Instant::now();
         loop {
             self.operate().await;
+            self.note_leader().await;
+            self.check_decisions_held();
             let unsettled = self.unsettled();
             if unsettled.is_none() {
                 self.ledger
@@ -671,6 +729,7 @@ impl World {
         }
         let settled = Instant::now();
         while !self.ledger.all_emitted(&self.appended) && settled.elapsed() < DRAIN {
+            self.operate().await;
             tokio::time::sleep(TICK).await;
         }
     }
@@ -678,6 +737,11 @@ impl World {
     /// Why the fleet is not settled (every source consumed by exactly one
     /// process, balanced, every node healthy), if it is not.
     fn unsettled(&self) -> Option<String> {
+        if let Some(paused) = self.paused {
+            return Some(format!(
+                "no leader has taken the operator's paused={paused} yet"
+            ));
+        }
         let mut owners: BTreeMap<Source, Vec<String>> = BTreeMap::new();
         let mut counts = Vec::new();
         for process in self.slots.iter().filter_map(|slot| slot.main.as_ref()) {
@@ -702,7 +766,7 @@ impl World {
                     .push(process.label.clone());
             }
         }
-        for source in sources() {
+        for source in sources(self.partitions) {
             match owners.get(&source).map(Vec::as_slice) {
                 Some([_]) => {}
                 other => return Some(format!("{source} is consumed by {other:?}")),
