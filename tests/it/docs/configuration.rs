@@ -348,7 +348,10 @@ fn an_unknown_key_in_a_configuration_table_is_caught() {
 fn an_unknown_variable_is_caught() {
     let repository = "reads WEIR_TEST_KNOWN here";
     let set = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
     };
     assert!(check_variable("WEIR_STORE__URL", &[], repository).is_ok());
     assert!(check_variable("WEIR_TEST_KNOWN", &[], repository).is_ok());

@@ -34,6 +34,7 @@ pub fn rust_path_exists(path: &str) -> Result<(), String> {
         if Regex::new(&item).unwrap().is_match(&text) {
             return Ok(());
         }
+        let module = module.strip_prefix(root()).unwrap_or(&module);
         return Err(format!(
             "`{path}`: {} declares no {segment}",
             module.display()
