@@ -1,5 +1,5 @@
 //! Embedding weir: register a processor with an `EventRuntime`, append events, and
-//! watch them processed. Runs on the in-memory store; see the README for Postgres.
+//! watch them processed. Runs on the in-memory store; see docs/embedding.md for Postgres.
 //!
 //! ```sh
 //! cargo run --example embed

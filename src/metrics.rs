@@ -3,8 +3,8 @@
 //! a role, an error kind; a source only for `log` and `category:` sources, stream
 //! sources being summed per group under `source="streams"`).
 //!
-//! [`CATALOG`] lists every metric with its kind, help text and labels; the README's
-//! table and the tests read from it. [`describe`] hands the descriptions to the
+//! [`CATALOG`] lists every metric with its kind, help text and labels; the table in
+//! docs/metrics.md and the tests read from it. [`describe`] hands the descriptions to the
 //! installed recorder and [`register_node`] gives every metric a first value, so a
 //! node exports all of them from its first scrape.
 //!

@@ -1,5 +1,5 @@
 //! `weir checkpoints` and `weir groups`: an operator's commands, sent to a running
-//! node's admin API (writes go on to the leader). See README's "Operating weir".
+//! node's admin API (writes go on to the leader). See docs/operating.md.
 
 use chrono::{DateTime, Utc};
 

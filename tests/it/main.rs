@@ -24,6 +24,7 @@ mod consumer_scenarios;
 mod consumer_stores;
 mod dead_letter_retry;
 mod deploy_files;
+mod docs;
 mod e2e_bridge;
 #[cfg(all(feature = "postgres", feature = "nats", feature = "kafka"))]
 mod fault_suite;
