@@ -11,15 +11,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::time::Instant;
+use weir::broker::Broker;
 use weir::broker::control::{ControlHandle, MemoryFleetStore};
 use weir::broker::distributed::{COORDINATOR_LEASE, FleetServices};
 use weir::broker::lease::MemoryLeaseStore;
 use weir::broker::membership::MemoryMembershipStore;
-use weir::broker::{Broker, BrokerStatus};
 use weir::broker::{BrokerRole, BrokerSettings, DistributedBroker, SubscriberSpec};
-use weir::consumer::{
-    ConsumerSettings, ConsumerState, MemoryCheckpointStore, MemoryDeadLetterStore,
-};
+use weir::consumer::{ConsumerSettings, MemoryCheckpointStore, MemoryDeadLetterStore};
 use weir::event::{Category, EventName, NewEvent, Source, StreamName, WriteCondition};
 use weir::runtime::{ConsumerStores, EventRuntime};
 use weir::store::{EventStore, MemoryStore};
@@ -30,6 +28,7 @@ use super::faults::{
     Gate, GatedCheckpoints, GatedDeadLetters, GatedEvents, GatedLeases, GatedMembership, Link,
 };
 
+mod liveness;
 mod operator;
 
 pub const GROUP: &str = "bridge";
@@ -648,34 +647,6 @@ impl World {
         }
     }
 
-    /// No observer lacks the coordinator's newest decision for longer than a
-    /// refresh interval. Checked where nothing excuses a lack: no fault has been
-    /// active, and one live process has led one term, for two refresh intervals
-    /// (one for the lack to be reported, one to answer it).
-    fn check_decisions_held(&self) {
-        let patience = broker_settings().refresh_interval * 2;
-        let calm = self
-            .calm_since
-            .is_some_and(|since| since.elapsed() > patience);
-        let led = self
-            .led
-            .as_ref()
-            .is_some_and(|(_, _, since)| since.elapsed() > patience);
-        if !calm || !led {
-            return;
-        }
-        for process in self.slots.iter().filter_map(|slot| slot.main.as_ref()) {
-            if let BrokerStatus::Errored(reason) = process.runtime.status().broker
-                && reason.contains("lacked the coordinator's newest decision")
-            {
-                self.ledger.violate(format!(
-                    "{} lacked the newest decision for longer than a refresh interval while the fleet was calm under a live leader: {reason}",
-                    process.label
-                ));
-            }
-        }
-    }
-
     /// Ends every fault and starts every node that is down.
     async fn heal(&mut self) {
         self.fleet.change(|s| *s = Default::default());
@@ -732,48 +703,6 @@ impl World {
             self.operate().await;
             tokio::time::sleep(TICK).await;
         }
-    }
-
-    /// Why the fleet is not settled (every source consumed by exactly one
-    /// process, balanced, every node healthy), if it is not.
-    fn unsettled(&self) -> Option<String> {
-        if let Some(paused) = self.paused {
-            return Some(format!(
-                "no leader has taken the operator's paused={paused} yet"
-            ));
-        }
-        let mut owners: BTreeMap<Source, Vec<String>> = BTreeMap::new();
-        let mut counts = Vec::new();
-        for process in self.slots.iter().filter_map(|slot| slot.main.as_ref()) {
-            let status = process.runtime.status();
-            if !status.is_healthy() {
-                return Some(format!(
-                    "{} is not healthy: {}",
-                    process.label, status.broker
-                ));
-            }
-            let running: Vec<Source> = status
-                .consumers
-                .iter()
-                .filter(|c| matches!(c.state, ConsumerState::Running))
-                .map(|c| c.key.source.clone())
-                .collect();
-            counts.push(running.len());
-            for source in running {
-                owners
-                    .entry(source)
-                    .or_default()
-                    .push(process.label.clone());
-            }
-        }
-        for source in sources(self.partitions) {
-            match owners.get(&source).map(Vec::as_slice) {
-                Some([_]) => {}
-                other => return Some(format!("{source} is consumed by {other:?}")),
-            }
-        }
-        let (least, most) = (counts.iter().min()?, counts.iter().max()?);
-        (most - least > 1).then(|| format!("unbalanced: {counts:?}"))
     }
 
     async fn finish(mut self) -> Report {
