@@ -14,6 +14,8 @@ pub mod promql;
 #[cfg(all(feature = "nats", feature = "kafka"))]
 pub mod reader;
 pub mod services;
+#[cfg(all(feature = "postgres", feature = "nats"))]
+pub mod writers;
 
 /// Defines, for each test body `NAME(backend)` of the file, a test `memory::NAME`
 /// run with `BACKEND::memory()` and a test `postgres::NAME` run with
