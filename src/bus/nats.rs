@@ -42,7 +42,9 @@ use super::chain::{Chain, Publication};
 use super::message::{BusMessage, Decision, DecisionReader, Digest, Frame, decode_frame, encode};
 use super::{AllocationBus, BusMeter, BusSubscription, Error, Result};
 use crate::connect::NatsOptions;
-use crate::connect::nats_client::{connect, subject_token};
+use crate::connect::nats_client::{
+    connect, create_stream, look_up_stream, note_replicas, replicas_hint, subject_token,
+};
 use crate::metrics;
 use feed::Feed;
 use reconcile::reconcile;
@@ -69,6 +71,8 @@ pub struct NatsBus {
     signal_retention: Duration,
     decisions_stream: String,
     signals_stream: String,
+    /// Copies of each stream this bus creates.
+    replicas: usize,
     meter: Arc<BusMeter>,
     /// Per group, the decision this bus wrote last and the deltas since its
     /// snapshot: what the next decision may be written as a change to.
@@ -79,13 +83,23 @@ impl NatsBus {
     /// Connects with `nats` and sets up `bus.namespace`'s streams.
     pub async fn connect(nats: &NatsOptions, bus: &BusConfig) -> Result<NatsBus> {
         let client = connect(nats, &format!("weir bus {}", bus.namespace)).await?;
-        Self::from_client(client, bus).await
+        Self::from_client_replicated(client, bus, nats.replicas).await
     }
 
-    /// A bus over an existing client. Creates the namespace's streams when they
-    /// are missing and brings their retention settings up to date; fails if a
-    /// stream of that name exists with other subjects or another storage type.
+    /// [`NatsBus::from_client_replicated`] with one copy of each stream it creates.
     pub async fn from_client(client: Client, bus: &BusConfig) -> Result<NatsBus> {
+        Self::from_client_replicated(client, bus, 1).await
+    }
+
+    /// A bus over an existing client. Creates the namespace's streams with
+    /// `replicas` copies when they are missing and brings their retention
+    /// settings up to date (never their replicas); fails if a stream of that
+    /// name exists with other subjects or another storage type.
+    pub async fn from_client_replicated(
+        client: Client,
+        bus: &BusConfig,
+        replicas: usize,
+    ) -> Result<NatsBus> {
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client);
@@ -97,6 +111,7 @@ impl NatsBus {
             signals_stream: format!("{upper}_SIGNALS"),
             namespace,
             signal_retention: bus.signal_retention,
+            replicas,
             meter: BusMeter::new(),
             chains: Arc::default(),
         };
@@ -131,6 +146,7 @@ impl NatsBus {
             max_messages_per_subject: 1,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
+            num_replicas: self.replicas,
             ..Default::default()
         }
     }
@@ -151,6 +167,7 @@ impl NatsBus {
             max_age: self.signal_retention,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
+            num_replicas: self.replicas,
             ..Default::default()
         }
     }
@@ -160,12 +177,13 @@ impl NatsBus {
         // Two nodes starting together may both find it missing; the loser of the
         // race finds it on its second look.
         for _ in 0..2 {
-            match self.jetstream.get_stream(&wanted.name).await {
+            match look_up_stream(&self.jetstream, &wanted.name).await {
                 Ok(mut existing) => {
                     let info = existing
                         .info()
                         .await
                         .map_err(|e| request_error("read the stream", &wanted.name, e))?;
+                    note_replicas(&wanted.name, info.config.num_replicas, self.replicas);
                     return match reconcile(&info.config, &wanted).map_err(Error::Backend)? {
                         None => Ok(()),
                         Some(updated) => {
@@ -181,7 +199,7 @@ impl NatsBus {
                 Err(error) if is_stream_not_found(&error) => {}
                 Err(error) => return Err(request_error("look up the stream", &wanted.name, error)),
             }
-            match self.jetstream.create_stream(wanted.clone()).await {
+            match create_stream(&self.jetstream, &wanted).await {
                 Ok(_) => {
                     tracing::info!(stream = %wanted.name, subjects = ?wanted.subjects, "created the stream");
                     return Ok(());
@@ -192,7 +210,10 @@ impl NatsBus {
                         jetstream::context::CreateStreamErrorKind::JetStream(ref e)
                             if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
                     ) => {}
-                Err(error) => return Err(request_error("create the stream", &wanted.name, error)),
+                Err(error) => {
+                    let error = format!("{error}{}", replicas_hint(&error, self.replicas));
+                    return Err(request_error("create the stream", &wanted.name, error));
+                }
             }
         }
         Err(Error::Backend(format!(

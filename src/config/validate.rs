@@ -11,6 +11,7 @@ use super::{
     BusConfig, BusKind, Config, DemoConfig, HttpConfig, KafkaOptions, LogConfig, NatsOptions,
     NodeConfig, Problem, SinkConfig, StoreConfig, StoreKind, SubscriptionConfig,
 };
+use crate::connect::nats::MAX_REPLICAS;
 use crate::event::{NameKind, validate_name};
 
 /// The problems found so far, in the order they are reported.
@@ -333,8 +334,20 @@ impl NatsOptions {
         if self.connect_timeout.is_zero() {
             problem("connect_timeout", "must be longer than 0s".into());
         }
+        if let Some(message) = replicas_problem(self.replicas) {
+            problem("replicas", message);
+        }
         problems
     }
+}
+
+/// What is wrong with `nats.replicas`, if anything.
+fn replicas_problem(replicas: usize) -> Option<String> {
+    (!(1..=MAX_REPLICAS).contains(&replicas)).then(|| {
+        format!(
+            "{replicas} is out of range: use 1 to {MAX_REPLICAS} (JetStream keeps at most {MAX_REPLICAS} copies of a stream), and no more than your NATS cluster has JetStream servers"
+        )
+    })
 }
 
 impl KafkaOptions {

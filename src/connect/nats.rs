@@ -34,6 +34,18 @@ pub struct NatsOptions {
     pub tls: NatsTls,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Copies JetStream keeps of each stream weir creates (the bus's and a
+    /// sink's): 1 to [`MAX_REPLICAS`], and no more than the cluster has servers.
+    /// Streams that exist already keep the replicas their operator gave them.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+/// The most copies JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
+
+fn default_replicas() -> usize {
+    1
 }
 
 fn default_nats_url() -> String {
@@ -51,6 +63,7 @@ impl Default for NatsOptions {
             credentials_file: None,
             tls: NatsTls::default(),
             connect_timeout: default_connect_timeout(),
+            replicas: default_replicas(),
         }
     }
 }
@@ -67,6 +80,7 @@ impl fmt::Debug for NatsOptions {
             .field("credentials_file", &self.credentials_file)
             .field("tls", &self.tls)
             .field("connect_timeout", &self.connect_timeout)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }

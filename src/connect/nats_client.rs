@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, jetstream};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use super::ConnectError;
@@ -78,6 +78,93 @@ pub async fn connect(config: &NatsOptions, client_name: &str) -> Result<Client, 
             config.url,
             humantime::format_duration(patience)
         ))),
+    }
+}
+
+/// How many times [`look_up_stream`] and [`create_stream`] ask before they
+/// give up.
+const STREAM_REQUESTS: usize = 3;
+
+/// JetStream stream `name`, asked again (up to [`STREAM_REQUESTS`] times in
+/// all) when no answer comes: a clustered JetStream may leave a request
+/// unanswered while it places a stream, say one that another node starting at
+/// the same time creates, or elects a leader. A refusal (no such stream) is
+/// final.
+pub async fn look_up_stream(
+    jetstream: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::stream::Stream, jetstream::context::GetStreamError> {
+    let mut asked = 1;
+    loop {
+        match jetstream.get_stream(name).await {
+            Err(error)
+                if asked < STREAM_REQUESTS
+                    && matches!(
+                        error.kind(),
+                        jetstream::context::GetStreamErrorKind::Request
+                    ) =>
+            {
+                tracing::info!(stream = name, %error, "no answer about the stream; asking again");
+                asked += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Creates the stream `config` describes, asking again as [`look_up_stream`]
+/// does when no answer comes (creating a stream just as it is again changes
+/// nothing). A refusal is final.
+pub async fn create_stream(
+    jetstream: &jetstream::Context,
+    config: &jetstream::stream::Config,
+) -> Result<jetstream::stream::Stream, jetstream::context::CreateStreamError> {
+    let mut asked = 1;
+    loop {
+        match jetstream.create_stream(config.clone()).await {
+            Err(error)
+                if asked < STREAM_REQUESTS
+                    && matches!(
+                        error.kind(),
+                        jetstream::context::CreateStreamErrorKind::TimedOut
+                    ) =>
+            {
+                tracing::info!(stream = %config.name, %error, "no answer to creating the stream; asking again");
+                asked += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Logs that the existing JetStream stream `stream` keeps its `existing` replicas
+/// although `nats.replicas` asks for `configured`: weir sets replicas only on the
+/// streams it creates, and changing them is the operator's call.
+pub fn note_replicas(stream: &str, existing: usize, configured: usize) {
+    // The server reports a stream created with 0 replicas as having 1.
+    if existing.max(1) != configured.max(1) {
+        tracing::warn!(
+            stream,
+            replicas = existing,
+            nats.replicas = configured,
+            "the stream exists with other replicas than nats.replicas and is left so; change them with `nats stream edit {stream} --replicas {configured}`"
+        );
+    }
+}
+
+/// What to add to `error`, why a stream of `replicas` copies could not be
+/// created: when JetStream refused it, the cluster may have too few servers.
+pub fn replicas_hint(error: &jetstream::context::CreateStreamError, replicas: usize) -> String {
+    let refused = matches!(
+        error.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(_)
+    );
+    if refused && replicas > 1 {
+        format!(
+            " (nats.replicas = {replicas} needs a NATS cluster with at least {replicas} JetStream servers)"
+        )
+    } else {
+        String::new()
     }
 }
 

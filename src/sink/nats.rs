@@ -24,7 +24,9 @@ use futures::stream::FuturesOrdered;
 
 use super::{SinkError, Template};
 use crate::connect::NatsOptions;
-use crate::connect::nats_client::{connect, subject_token};
+use crate::connect::nats_client::{
+    connect, create_stream, look_up_stream, note_replicas, replicas_hint, subject_token,
+};
 use crate::consumer::processor::KIND_TOO_LARGE;
 use crate::consumer::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
@@ -68,19 +70,30 @@ impl NatsSink {
         max_in_flight: usize,
     ) -> Result<NatsSink, SinkError> {
         let client = connect(config, "weir sink").await?;
-        Self::from_client(client, subject, stream, max_in_flight).await
+        Self::from_client_replicated(client, subject, stream, max_in_flight, config.replicas).await
     }
 
-    /// A sink publishing to the subjects `subject` renders (`{category}`,
-    /// `{stream}` and `{name}`, each encoded with [`subject_token`]), with up to
-    /// `max_in_flight` publishes awaiting acknowledgement. If `stream` is set, a
-    /// JetStream stream of that name capturing those subjects is created when
-    /// missing; an existing one is left as it is.
+    /// [`NatsSink::from_client_replicated`] with one copy of the stream it creates.
     pub async fn from_client(
         client: Client,
         subject: &str,
         stream: Option<&str>,
         max_in_flight: usize,
+    ) -> Result<NatsSink, SinkError> {
+        Self::from_client_replicated(client, subject, stream, max_in_flight, 1).await
+    }
+
+    /// A sink publishing to the subjects `subject` renders (`{category}`,
+    /// `{stream}` and `{name}`, each encoded with [`subject_token`]), with up to
+    /// `max_in_flight` publishes awaiting acknowledgement. If `stream` is set, a
+    /// JetStream stream of that name capturing those subjects is created with
+    /// `replicas` copies when missing; an existing one is left as it is.
+    pub async fn from_client_replicated(
+        client: Client,
+        subject: &str,
+        stream: Option<&str>,
+        max_in_flight: usize,
+        replicas: usize,
     ) -> Result<NatsSink, SinkError> {
         let template = Template::parse(subject)?;
         if max_in_flight == 0 {
@@ -96,7 +109,7 @@ impl NatsSink {
             content_type: HeaderValue::from("application/json"),
         };
         if let Some(stream) = stream {
-            sink.ensure_stream(stream).await?;
+            sink.ensure_stream(stream, replicas).await?;
         }
         Ok(sink)
     }
@@ -107,13 +120,14 @@ impl NatsSink {
         capture_filter(&self.template)
     }
 
-    async fn ensure_stream(&self, name: &str) -> Result<(), SinkError> {
+    async fn ensure_stream(&self, name: &str, replicas: usize) -> Result<(), SinkError> {
         let subjects = self.captured_subjects();
-        match self.jetstream.get_stream(name).await {
+        match look_up_stream(&self.jetstream, name).await {
             Ok(mut existing) => {
                 let info = existing.info().await.map_err(|error| {
                     SinkError::Unavailable(format!("cannot read stream {name}: {error}"))
                 })?;
+                note_replicas(name, info.config.num_replicas, replicas);
                 if !info.config.subjects.contains(&subjects) {
                     tracing::warn!(
                         stream = name, configured = ?info.config.subjects, sink = %subjects,
@@ -134,9 +148,10 @@ impl NatsSink {
                     description: Some("events forwarded by weir".into()),
                     subjects: vec![subjects.clone()],
                     storage: stream::StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 };
-                match self.jetstream.create_stream(config).await {
+                match create_stream(&self.jetstream, &config).await {
                     Ok(_) => {
                         tracing::info!(stream = name, subjects = %subjects, "created the sink's stream");
                         Ok(())
@@ -152,7 +167,8 @@ impl NatsSink {
                         Ok(())
                     }
                     Err(error) => Err(SinkError::Invalid(format!(
-                        "cannot create stream {name} for subjects {subjects}: {error}"
+                        "cannot create stream {name} for subjects {subjects}: {error}{}",
+                        replicas_hint(&error, replicas)
                     ))),
                 }
             }

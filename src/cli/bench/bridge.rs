@@ -226,11 +226,12 @@ pub(super) mod raw {
             .map_err(crate::sink::SinkError::from)?;
         let stream = prefix.to_uppercase();
         // Made only to create the stream and to give the headers it would send.
-        let sink = NatsSink::from_client(
+        let sink = NatsSink::from_client_replicated(
             client.clone(),
             &format!("{prefix}.{{category}}.{{stream}}"),
             Some(&stream),
             max_in_flight,
+            config.nats.replicas,
         )
         .await?;
         let messages = events

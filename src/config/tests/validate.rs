@@ -124,6 +124,26 @@ fn sinks_bus_connections_and_tags_are_read_and_checked() {
 }
 
 #[test]
+fn nats_replicas_default_to_one_and_are_checked_by_name() {
+    assert_eq!(load_ok("", &[]).nats.replicas, 1);
+    let three = load_ok("[nats]\nreplicas = 3", &[]);
+    assert_eq!(three.nats.replicas, 3);
+    assert_eq!(
+        load_ok("", &[("WEIR_NATS__REPLICAS", "5")]).nats.replicas,
+        5
+    );
+    for wrong in [0, 6] {
+        let error = load_err(&format!("[nats]\nreplicas = {wrong}"), &[]);
+        assert_eq!(keys(&error), ["nats.replicas"], "{error}");
+        let message = &problem(&error, "nats.replicas").message;
+        assert!(
+            message.contains(&format!("{wrong} is out of range: use 1 to 5")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
 fn templates_accept_known_placeholders_only() {
     let subject = |c: char| !c.is_whitespace() && c != '*' && c != '>';
     assert!(check_template("events.{category}.{stream}.{name}", subject).is_ok());

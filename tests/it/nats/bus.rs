@@ -1,7 +1,8 @@
 //! [`NatsBus`] through the [`AllocationBus`] trait: the shared bus suite that
 //! every backend runs, plus what only a JetStream bus has to get right (subject
 //! tokens, namespaces that differ in case, deleted streams, split decisions on a
-//! server with a small payload limit, a server restart).
+//! server with a small payload limit, a server restart, more replicas than the
+//! server keeps).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -239,6 +240,26 @@ async fn a_namespace_differing_only_in_case_is_refused_not_merged() {
     let message = error.to_string();
     assert!(message.contains("bus.namespace"), "{message}");
     assert!(!error.is_retryable());
+}
+
+#[tokio::test]
+async fn more_replicas_than_the_server_can_keep_are_refused_with_the_reason() {
+    let Some(client) = shared_client().await else {
+        return;
+    };
+    let namespace = unique_name("weir_test");
+    let upper = namespace.to_uppercase();
+    let _cleanup = StreamCleanup {
+        url: nats_url(),
+        streams: vec![format!("{upper}_DECISIONS"), format!("{upper}_SIGNALS")],
+    };
+    // The shared server is not clustered: it keeps one copy of a stream.
+    let error = NatsBus::from_client_replicated(client, &bus_config(&namespace), 3)
+        .await
+        .expect_err("a single server cannot keep three copies");
+    let message = error.to_string();
+    assert!(message.contains("nats.replicas = 3"), "{message}");
+    assert!(!error.is_retryable(), "{message}");
 }
 
 /// A decision of `group`, whose sources do not mention the group: not every
