@@ -11,7 +11,7 @@ pub mod fleet;
 pub mod node;
 pub mod nodes;
 pub mod promql;
-#[cfg(all(feature = "nats", feature = "kafka"))]
+#[cfg(any(feature = "nats", feature = "kafka"))]
 pub mod reader;
 pub mod services;
 #[cfg(all(feature = "postgres", feature = "nats"))]

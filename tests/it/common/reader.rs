@@ -10,7 +10,11 @@
 //!   every publish but those repeated within 100 ms (weir leaves an existing
 //!   stream as it is; the default two-minute window would hide repeats). It reads
 //!   the stream from its start with an ordered consumer, which recreates itself
-//!   after a server restart without losing or reordering a message.
+//!   after a server restart without losing or reordering a message (and which
+//!   the reader makes again from where it got to when it cannot).
+//! - [`nats_existing`] reads a stream weir created (with its settings: a
+//!   replicated one, for instance) the same way; there the stream's duplicate
+//!   window hides what weir published again within it.
 //! - [`kafka`] creates the sink's topics (one partition each) and reads them from
 //!   the beginning, assigning partitions itself rather than joining a group.
 //!
@@ -110,19 +114,14 @@ impl Drop for Reader {
 }
 
 /// Creates JetStream stream `stream` capturing `subjects` (keeping every publish:
-/// see the module docs) and reads it from the start.
+/// see the module docs) and reads it from the start. `url` is one server's URL
+/// or several, comma-separated.
+#[cfg(feature = "nats")]
 pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, String> {
-    use async_nats::jetstream::{self, consumer, stream as js};
-    use futures::StreamExt;
+    use async_nats::jetstream::stream as js;
 
-    let client = async_nats::ConnectOptions::new()
-        .name("fault suite reader")
-        .max_reconnects(None)
-        .connect(url)
-        .await
-        .map_err(|error| format!("cannot connect to NATS at {url}: {error}"))?;
-    let jetstream = jetstream::new(client.clone());
-    let created = jetstream
+    let client = nats_client(url).await?;
+    let created = async_nats::jetstream::new(client.clone())
         .create_stream(js::Config {
             name: stream.to_owned(),
             description: Some("events forwarded by weir, read by the fault suite".into()),
@@ -135,38 +134,143 @@ pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, Str
         })
         .await
         .map_err(|error| format!("cannot create stream {stream}: {error}"))?;
-    let consumer: consumer::Consumer<consumer::push::OrderedConfig> = created
-        .create_consumer(consumer::push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            description: Some("fault suite reader".into()),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
+    read_nats(client, created).await
+}
+
+/// Reads JetStream stream `stream`, which someone else creates (weir's sink,
+/// as it sees fit), from the start, once it exists: `Err` if it does not within
+/// `within`. Repeats within the stream's duplicate window are stored once, so
+/// they do not show here.
+#[cfg(feature = "nats")]
+pub async fn nats_existing(url: &str, stream: &str, within: Duration) -> Result<Reader, String> {
+    let client = nats_client(url).await?;
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let deadline = Instant::now() + within;
+    let found = loop {
+        match jetstream.get_stream(stream).await {
+            Ok(found) => break found,
+            Err(error) if Instant::now() > deadline => {
+                return Err(format!(
+                    "stream {stream} did not appear within {within:?}: {error}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    read_nats(client, found).await
+}
+
+/// A plain client of the servers of `url` (comma-separated), reconnecting for
+/// as long as it lives.
+#[cfg(feature = "nats")]
+async fn nats_client(url: &str) -> Result<async_nats::Client, String> {
+    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+    async_nats::ConnectOptions::new()
+        .name("independent reader")
+        .max_reconnects(None)
+        .connect(servers)
         .await
-        .map_err(|error| format!("cannot create a consumer on {stream}: {error}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|error| format!("cannot read {stream}: {error}"))?;
+        .map_err(|error| format!("cannot connect to NATS at {url}: {error}"))
+}
+
+/// Reads `stream` from its start with an ordered consumer, in a task. The
+/// consumer recreates itself after a server restart; when it reports an error
+/// instead, or falls silent while the stream holds more (its server was killed
+/// in a cluster while a new leader was elected), the reader makes a new one
+/// from the sequence after the last message it received, so nothing is skipped
+/// or read twice.
+#[cfg(feature = "nats")]
+async fn read_nats(
+    client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+) -> Result<Reader, String> {
+    use futures::StreamExt;
+
+    let name = stream.cached_info().config.name.clone();
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let mut opened = Some(ordered_from(&stream, &client, 1).await?);
     let deliveries = Deliveries::default();
     let sink = deliveries.clone();
-    let stream = stream.to_owned();
     let task = tokio::spawn(async move {
-        // Keeps the connection (and its reconnecting) alive with the task.
-        let _client = client;
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => sink.record(&message.payload),
-                // The ordered consumer recreates itself; a report is enough.
-                Err(error) => eprintln!("reader: reading stream {stream}: {error}"),
+        let mut next = 1;
+        loop {
+            let mut messages = match opened.take() {
+                Some(messages) => messages,
+                None => match ordered_from(&stream, &client, next).await {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        eprintln!("reader: {error}; trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+            };
+            loop {
+                match tokio::time::timeout(QUIET, messages.next()).await {
+                    Ok(Some(Ok(message))) => {
+                        if let Ok(info) = message.info() {
+                            next = info.stream_sequence + 1;
+                        }
+                        sink.record(&message.payload);
+                    }
+                    Ok(Some(Err(error))) => {
+                        eprintln!(
+                            "reader: reading stream {name}: {error}; reading again from {next}"
+                        );
+                        break;
+                    }
+                    Ok(None) => break,
+                    // Quiet: fine, unless the stream holds what it did not deliver.
+                    Err(_) => match jetstream.get_stream(&name).await {
+                        Ok(found) if found.cached_info().state.last_sequence >= next => {
+                            eprintln!(
+                                "reader: stream {name} holds more than was delivered; reading again from {next}"
+                            );
+                            break;
+                        }
+                        _ => {}
+                    },
+                }
             }
         }
-        eprintln!("reader: the consumer of stream {stream} ended");
     });
     Ok(Reader { task, deliveries })
 }
 
+/// How long the reader's consumer may deliver nothing before the reader asks
+/// whether the stream holds more.
+#[cfg(feature = "nats")]
+const QUIET: Duration = Duration::from_secs(2);
+
+/// An ordered consumer of `stream` from sequence `start`, and its messages.
+#[cfg(feature = "nats")]
+async fn ordered_from(
+    stream: &async_nats::jetstream::stream::Stream,
+    client: &async_nats::Client,
+    start: u64,
+) -> Result<async_nats::jetstream::consumer::push::Ordered, String> {
+    use async_nats::jetstream::consumer;
+
+    let name = &stream.cached_info().config.name;
+    let consumer: consumer::Consumer<consumer::push::OrderedConfig> = stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            description: Some("independent reader".into()),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| format!("cannot create a consumer on {name}: {error}"))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|error| format!("cannot read {name}: {error}"))
+}
+
 /// Creates `topics` (one partition each) and reads them from the beginning.
+#[cfg(feature = "kafka")]
 pub async fn kafka(brokers: &str, topics: &[String]) -> Result<Reader, String> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;

@@ -250,6 +250,56 @@ impl PrivateNats {
     }
 }
 
+/// Private `nats-server`s with JetStream clustered on loopback: each a
+/// [`PrivateNats`] (a free client port, a store of its own) with a server name
+/// (`n1`, `n2`, ...) and a free cluster port, routed to every other. A server
+/// killed and started again keeps its port, name, routes and store. The servers
+/// listen once started, but JetStream serves only once they have found each
+/// other: wait for that before using it.
+pub struct PrivateNatsCluster {
+    pub servers: Vec<PrivateNats>,
+}
+
+impl PrivateNatsCluster {
+    /// `size` servers; `None` as [`PrivateNats::start`].
+    pub fn start(size: usize) -> Option<Self> {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|port| format!("\"nats-route://127.0.0.1:{port}\""))
+            .collect();
+        let mut servers = Vec::with_capacity(size);
+        for (index, port) in cluster_ports.iter().enumerate() {
+            let config = format!(
+                "server_name: {}\ncluster {{\n  name: weir-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n",
+                Self::server_name(index),
+                routes.join(", ")
+            );
+            servers.push(PrivateNats::start_with(|dir| {
+                let file = dir.join("cluster.conf");
+                std::fs::write(&file, config).expect("write the server's config file");
+                let file = file.to_str().expect("a UTF-8 temporary path").to_owned();
+                vec!["-c".to_owned(), file]
+            })?);
+        }
+        Some(Self { servers })
+    }
+
+    /// The `server_name` of server `index`, as JetStream names stream leaders.
+    pub fn server_name(index: usize) -> String {
+        format!("n{}", index + 1)
+    }
+
+    /// Every server's URL, comma-separated, as `nats.url` takes them.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(PrivateNats::url)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// A private tansu broker (Kafka protocol) keeping everything in memory: a
 /// restart forgets every topic, so tests pause it rather than restart it when
 /// they need its data afterwards.

@@ -1,12 +1,15 @@
 //! Integration tests of the NATS JetStream backends against a real server: the
 //! allocation bus ([`bus`]), connecting and authenticating ([`connect`]) and the
-//! sink ([`sink`]). The shared server is `WEIR_TEST_NATS_URL`
+//! sink ([`sink`]); and a fleet of `weir` nodes on a cluster of three servers
+//! with replicated streams, one of which is restarted ([`cluster`]). The shared server is `WEIR_TEST_NATS_URL`
 //! (default `nats://127.0.0.1:4222`); tests that restart a server or need
 //! special settings start a private `nats-server`
 //! (`common::services::PrivateNats`). Every test uses namespaces and streams of
 //! its own and removes them afterwards.
 
 mod bus;
+#[cfg(feature = "postgres")]
+mod cluster;
 mod connect;
 mod sink;
 
