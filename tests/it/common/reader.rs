@@ -5,12 +5,17 @@
 //! Each reader records every message it gets as a [`Delivery`] (event id, stream,
 //! position, arrival time) in a shared [`Deliveries`] log, repeats included:
 //!
-//! - [`nats`] creates the sink's JetStream stream itself before weir does, with
-//!   the shortest duplicate window JetStream accepts (100 ms), so that it stores
-//!   every publish but those repeated within 100 ms (weir leaves an existing
-//!   stream as it is; the default two-minute window would hide repeats). It reads
-//!   the stream from its start with an ordered consumer, which recreates itself
-//!   after a server restart without losing or reordering a message.
+//! - [`nats`] counts every publish to the sink's subjects: a plain subscription
+//!   receives each one, repeats within JetStream's duplicate window included
+//!   (weir's sink sets `Nats-Msg-Id`, so JetStream drops a repeat published
+//!   within the window, 100 ms at the least). A plain subscription misses what is
+//!   published while it reconnects, so the reader also creates the sink's
+//!   JetStream stream before weir does (weir leaves an existing stream as it is)
+//!   and reads it from the start with an ordered consumer, which recreates
+//!   itself after a server restart without losing or reordering a message. An
+//!   event has arrived as many times as the larger of the two counts says
+//!   ([`Via`]); a repeat goes uncounted only if the subscription missed it while
+//!   reconnecting *and* JetStream dropped it as a duplicate.
 //! - [`kafka`] creates the sink's topics (one partition each) and reads them from
 //!   the beginning, assigning partitions itself rather than joining a group.
 //!
@@ -53,22 +58,45 @@ impl Delivery {
     }
 }
 
+/// How a reader received a message: each path counts an event's copies on its
+/// own, and the event arrived as often as the larger count says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Stored by the broker and read back (a Kafka topic, a JetStream stream).
+    Stored,
+    /// Received by a plain NATS subscription as it was published.
+    Published,
+}
+
 /// Everything a reader received, in arrival order, and what it could not read.
 #[derive(Clone, Default)]
 pub struct Deliveries {
     log: Arc<Mutex<Vec<Delivery>>>,
+    /// Per event id: copies received stored, and as published.
+    copies: Arc<Mutex<HashMap<String, (usize, usize)>>>,
     unreadable: Arc<Mutex<Vec<String>>>,
 }
 
 impl Deliveries {
-    fn record(&self, body: &[u8]) {
-        match Delivery::parse(body) {
-            Some(delivery) => self.log.lock().expect("deliveries lock").push(delivery),
-            None => self
-                .unreadable
+    /// Records a message received `via` one path: an arrival when it makes that
+    /// path's count of its event's copies the larger than before (see [`Via`]).
+    pub fn record(&self, body: &[u8], via: Via) {
+        let Some(delivery) = Delivery::parse(body) else {
+            self.unreadable
                 .lock()
                 .expect("deliveries lock")
-                .push(String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
+                .push(String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+            return;
+        };
+        let mut copies = self.copies.lock().expect("deliveries lock");
+        let (stored, published) = copies.entry(delivery.id.clone()).or_default();
+        let before = (*stored).max(*published);
+        match via {
+            Via::Stored => *stored += 1,
+            Via::Published => *published += 1,
+        }
+        if (*stored).max(*published) > before {
+            self.log.lock().expect("deliveries lock").push(delivery);
         }
     }
 
@@ -109,8 +137,8 @@ impl Drop for Reader {
     }
 }
 
-/// Creates JetStream stream `stream` capturing `subjects` (keeping every publish:
-/// see the module docs) and reads it from the start.
+/// Reads every publish to `subjects`, and creates JetStream stream `stream`
+/// capturing them and reads it from the start: see the module docs.
 pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, String> {
     use async_nats::jetstream::{self, consumer, stream as js};
     use futures::StreamExt;
@@ -118,9 +146,20 @@ pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, Str
     let client = async_nats::ConnectOptions::new()
         .name("fault suite reader")
         .max_reconnects(None)
+        // Back soon after a server restart, so the plain subscription misses
+        // little (the stream has the rest).
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
         .connect(url)
         .await
         .map_err(|error| format!("cannot connect to NATS at {url}: {error}"))?;
+    let mut published = client
+        .subscribe(subjects.to_owned())
+        .await
+        .map_err(|error| format!("cannot subscribe to {subjects}: {error}"))?;
+    client
+        .flush()
+        .await
+        .map_err(|error| format!("cannot subscribe to {subjects}: {error}"))?;
     let jetstream = jetstream::new(client.clone());
     let created = jetstream
         .create_stream(js::Config {
@@ -128,8 +167,8 @@ pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, Str
             description: Some("events forwarded by weir, read by the fault suite".into()),
             subjects: vec![subjects.to_owned()],
             storage: js::StorageType::File,
-            // The server's minimum: a republished event is stored again, so the
-            // suite can count repeats, which the default window would hide.
+            // The server's minimum, though the plain subscription counts repeats
+            // within it.
             duplicate_window: Duration::from_millis(100),
             ..Default::default()
         })
@@ -154,14 +193,21 @@ pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, Str
     let task = tokio::spawn(async move {
         // Keeps the connection (and its reconnecting) alive with the task.
         let _client = client;
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => sink.record(&message.payload),
-                // The ordered consumer recreates itself; a report is enough.
-                Err(error) => eprintln!("reader: reading stream {stream}: {error}"),
+        loop {
+            tokio::select! {
+                message = published.next() => match message {
+                    Some(message) => sink.record(&message.payload, Via::Published),
+                    None => break,
+                },
+                message = messages.next() => match message {
+                    Some(Ok(message)) => sink.record(&message.payload, Via::Stored),
+                    // The ordered consumer recreates itself; a report is enough.
+                    Some(Err(error)) => eprintln!("reader: reading stream {stream}: {error}"),
+                    None => break,
+                },
             }
         }
-        eprintln!("reader: the consumer of stream {stream} ended");
+        eprintln!("reader: a subscription to the sink's subjects or stream {stream} ended");
     });
     Ok(Reader { task, deliveries })
 }
@@ -178,7 +224,12 @@ pub async fn kafka(brokers: &str, topics: &[String]) -> Result<Reader, String> {
         .set("bootstrap.servers", brokers)
         // Required by librdkafka, never joined: partitions are assigned below.
         .set("group.id", "fault-suite-reader")
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        // Arrival times are what the checks measure: the reader must be back
+        // soon after a broker restart (librdkafka waits up to 10 s by default),
+        // and not hold records back waiting to fill a fetch.
+        .set("reconnect.backoff.max.ms", "100")
+        .set("fetch.wait.max.ms", "50");
     let admin: AdminClient<DefaultClientContext> = config
         .create()
         .map_err(|error| format!("cannot create a Kafka admin client: {error}"))?;
@@ -216,7 +267,7 @@ pub async fn kafka(brokers: &str, topics: &[String]) -> Result<Reader, String> {
             match consumer.recv().await {
                 Ok(message) => {
                     if let Some(payload) = message.payload() {
-                        sink.record(payload);
+                        sink.record(payload, Via::Stored);
                     }
                 }
                 Err(error) => {
