@@ -1610,7 +1610,9 @@ async fn the_nats_reader_counts_a_repeat_within_the_duplicate_window() {
         .expect("the NATS reader starts");
     let id = "0193a1b2-0000-7000-8000-000000000001";
     let event = json!({ "id": id, "category": "cat0", "stream": "s00", "position": 0 });
-    let client = async_nats::connect(nats.url()).await.expect("a NATS client");
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("a NATS client");
     let jetstream = async_nats::jetstream::new(client);
     for _ in 0..2 {
         let mut headers = async_nats::HeaderMap::new();
