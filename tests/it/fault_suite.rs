@@ -74,7 +74,12 @@
 //! `scripts/test.sh`). The two variants take turns, with each other and with the
 //! other suites that run fleets of `weir` processes. Environment:
 //!
-//! - `FAULT_SUITE_FULL=1`: longer outages and pauses, more events, wider guards;
+//! - `FAULT_SUITE_FULL=1`: longer outages and pauses, more events, wider guards.
+//!   After its 10 s Kafka restart, during which a bus message timed out (after
+//!   which librdkafka moves an idempotent producer to a new epoch), tansu
+//!   0.6.0's SQLite storage was once seen to panic on a produce ("more or less
+//!   than one row", in its idempotent-message check) and serve nothing more,
+//!   which fails the variant from step 3 on: a tansu defect, not weir's;
 //! - `FAULT_SUITE_STEPS=2,5`: only these steps (`1` to `7` as above, `6a`, `6b`),
 //!   to look at one fault alone;
 //! - `FAULT_SUITE_KAFKA_PROPERTIES=key=value,...`: librdkafka properties for the
