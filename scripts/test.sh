@@ -106,9 +106,13 @@ install_kafka_build_deps() {
     fi
 }
 
-# tansu keeps topics in memory only when built with its dynostore feature.
-tansu_has_memory_storage() {
-    tansu --help 2>/dev/null | grep -q '^Storage engines:.*dynostore'
+# tansu keeps topics in memory only when built with its dynostore feature, and
+# in a file that survives a restart (which the fault suite needs) only with its
+# libsql feature.
+tansu_has_storage() {
+    local engines
+    engines=$(tansu --help 2>/dev/null | grep '^Storage engines:') || return 1
+    [[ $engines == *dynostore* && $engines == *libsql* ]]
 }
 
 free_port() {
@@ -120,22 +124,24 @@ free_port() {
     return 1
 }
 
-# tansu, a Kafka-protocol broker, is compiled from crates.io the first time. Its
-# smallest feature set with in-memory storage is `dynostore` (its default features
-# only switch on the broker itself). A debug build: it compiles in about half the
-# time of a release build and serves the tests' few thousand records easily. It
-# compiles in the background while the tests compile.
+# tansu, a Kafka-protocol broker, is compiled from crates.io the first time,
+# with `dynostore` (topics in memory, for the shared broker) and `libsql` (topics
+# in a SQLite file, for the fault suite's broker, which it kills and starts
+# again); its default features only switch on the broker itself. A debug build:
+# it compiles in about half the time of a release build and serves the tests'
+# few thousand records easily. It compiles in the background while the tests
+# compile.
 tansu_install_pid=
 tansu_install_log=
 install_tansu_in_background() {
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-    if [ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ] || tansu_has_memory_storage; then
+    if tansu_has_storage; then
         return
     fi
     tansu_install_log=$(mktemp -t weir-tansu-install.XXXXXX)
     say "installing tansu, a Kafka-protocol broker, once, in the background (log: $tansu_install_log)"
     # Without debug info: it is only run, never debugged, and compiles faster.
-    CARGO_PROFILE_DEV_DEBUG=false cargo install --locked --debug --force tansu --features dynostore \
+    CARGO_PROFILE_DEV_DEBUG=false cargo install --locked --debug --force tansu --features dynostore,libsql \
         >"$tansu_install_log" 2>&1 &
     tansu_install_pid=$!
     started_pids+=("$tansu_install_pid")
@@ -162,11 +168,13 @@ wait_for_tansu_install() {
 
 # tansu with in-memory storage: on 127.0.0.1:9092 (where
 # config/postgres-kafka.toml looks) when that is free, else on another free port.
+# The fault suite starts tansu brokers of its own, so it is installed even when
+# WEIR_TEST_KAFKA_BROKERS names a broker.
 start_kafka() {
+    wait_for_tansu_install
     if [ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ]; then
         return
     fi
-    wait_for_tansu_install
     local port=9092
     if port_open 127.0.0.1 "$port"; then
         port=$(free_port)

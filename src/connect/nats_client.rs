@@ -18,6 +18,25 @@ const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
 /// digits, so a lone one cannot be the encoding of anything else.
 const EMPTY_TOKEN: &str = "%";
 
+/// The longest wait between two attempts to reconnect to NATS. async-nats's
+/// own waits double up to 4 s: a server back after a 10 s outage was reached
+/// again up to 4 s later, and sinks and the bus stood still meanwhile. At
+/// 500 ms the client is back at most half a second after its server, for two
+/// connection attempts a second while the server is away.
+const RECONNECT_DELAY_MAX: Duration = Duration::from_millis(500);
+
+/// How long to wait before the `attempts`th attempt to reconnect: none before
+/// the first, then 10 ms doubling up to [`RECONNECT_DELAY_MAX`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let doublings = u32::try_from(attempts.saturating_sub(2)).unwrap_or(u32::MAX);
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        _ => Duration::from_millis(10)
+            .saturating_mul(2_u32.saturating_pow(doublings))
+            .min(RECONNECT_DELAY_MAX),
+    }
+}
+
 /// `value` as one valid NATS subject token: non-empty, without `.`, `*`, `>`,
 /// whitespace or anything but ASCII letters, digits, `-`, `_` and `%`. Names made
 /// of `[A-Za-z0-9_-]` stay as they are; any other byte is written `%XX` (the
@@ -179,6 +198,7 @@ async fn connect_options(
         // Never give up: a bus or sink without a connection is useless, and the
         // server coming back must be enough for the node to recover.
         .max_reconnects(None)
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let name = name.clone();
             async move {
@@ -263,6 +283,18 @@ fn connect_error(config: &NatsOptions, error: &async_nats::ConnectError) -> Conn
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reconnecting_waits_at_most_half_a_second() {
+        use super::{RECONNECT_DELAY_MAX, reconnect_delay};
+        use std::time::Duration;
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(10));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(20));
+        assert!((1..100).all(|n| reconnect_delay(n) <= reconnect_delay(n + 1)));
+        assert_eq!(reconnect_delay(8), RECONNECT_DELAY_MAX);
+        assert_eq!(reconnect_delay(usize::MAX), RECONNECT_DELAY_MAX);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

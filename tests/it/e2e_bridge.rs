@@ -9,7 +9,8 @@
 //! the broker. In the first half an observer is stopped gracefully (nothing may be
 //! lost or delivered twice); in the second half one is killed with SIGKILL
 //! (nothing may be lost; redeliveries of what it processed after its last
-//! checkpoint are allowed, counted and reported). Every stream must arrive in
+//! checkpoint are allowed, up to [`repeats_after_a_kill`] per source it consumed,
+//! and reported). Every stream must arrive in
 //! order. The coordinator scenario kills a coordinator-only node and checks that
 //! a restarted one takes over with a higher epoch while events keep flowing.
 //!
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::node::{free_port, http_get, weir_command};
+use crate::common::nodes::owned_in;
 use crate::common::{TestPostgres, heavy_turn, init_logging, service_missing, unique_name};
 use serde_json::Value;
 use weir::event::{Category, EventName, NewEvent, StreamName, WriteCondition};
@@ -67,6 +69,12 @@ const BATCHES: usize = 100;
 const TOTAL: usize = BATCH * BATCHES;
 /// Pause between batches, so the nodes work while events keep coming.
 const BATCH_PAUSE: Duration = Duration::from_millis(40);
+
+/// The consumers' settings (in the config below), which bound what a kill
+/// repeats.
+const BATCH_SIZE: usize = 200;
+const CHECKPOINT_EVERY: usize = 1000;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Guards against hangs; not performance claims.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,15 +179,16 @@ partitions = {partitions}
 sink = {sink}
 
 [subscriptions.consumer]
-batch_size = 200
+batch_size = {BATCH_SIZE}
 poll_interval = "250ms"
-checkpoint_every = 1000
-checkpoint_interval = "2s"
+checkpoint_every = {CHECKPOINT_EVERY}
+checkpoint_interval = "{checkpoint_interval}ms"
 "#,
             url = postgres.url,
             schema = postgres.schema,
             sources = sources.join(", "),
             partitions = shape.partitions,
+            checkpoint_interval = CHECKPOINT_INTERVAL.as_millis(),
         );
         let path = dir.join("weir.toml");
         std::fs::write(&path, config).expect("write the scenario's config");
@@ -287,6 +296,15 @@ checkpoint_interval = "2s"
             }
         }
         all
+    }
+
+    /// The sources node `id` consumes now, by its `/status`.
+    fn owned_sources(&self, id: &str) -> Vec<String> {
+        let node = self.nodes.get(id).expect("a running node");
+        match http_get(node.http, "/status") {
+            Ok((200, body)) => owned_in(&serde_json::from_str(&body).expect("/status is JSON")),
+            other => panic!("GET /status of {id}: {other:?}"),
+        }
     }
 
     /// The coordinator lease's holder (its node id, less the incarnation's token)
@@ -446,6 +464,19 @@ fn check_order_and_count_repeats(deliveries: &[Delivery], shape: Shape) -> usize
         shape.categories * shape.streams_per_category
     );
     repeats
+}
+
+/// Events one source's consumer may have published past its stored checkpoint
+/// when it is killed, by the config: a checkpoint is stored once
+/// `checkpoint_every` events or `checkpoint_interval` have passed (checked after
+/// every batch), so at most what is appended to a source in an interval, or
+/// `checkpoint_every` if fewer, plus the batch that crosses the line. A source
+/// gets at most a category's appends: a batch of [`BATCH`] events every
+/// [`BATCH_PAUSE`] or more, the categories in turn.
+fn repeats_after_a_kill(shape: Shape) -> usize {
+    let per_second = BATCH as f64 / BATCH_PAUSE.as_secs_f64() / shape.categories as f64;
+    let in_interval = (per_second * CHECKPOINT_INTERVAL.as_secs_f64()).ceil() as usize;
+    CHECKPOINT_EVERY.min(in_interval) + BATCH_SIZE
 }
 
 /// The longest time any category went without a delivery in `window` after
@@ -619,20 +650,29 @@ async fn bridge_scenario(
     let pause = longest_pause(&first_half, stopped_at, Duration::from_secs(10));
     eprintln!("{broker:?}: after a graceful stop, the longest pause of a category was {pause:?}");
 
-    // Second half: SIGKILL in the middle. Nothing lost; repeats counted.
+    // Second half: SIGKILL in the middle. Nothing lost; repeats bounded by
+    // what the killed node's consumers may not have checkpointed.
     append(&*store, shape, BATCHES / 2..70).await;
+    let owned = fleet.owned_sources(killed).len();
     let killed_at = Instant::now();
     fleet.kill(killed);
     append(&*store, shape, 70..BATCHES).await;
+    // Every source's new owner repeats before it publishes what is new to it,
+    // and every source had new events: once all arrived, so did every repeat.
     wait_for_distinct(&deliveries, TOTAL, &fleet).await;
-    // Repeats may still be on their way; give them a moment to be counted.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let all = deliveries.lock().expect("lock").clone();
     let repeats = check_order_and_count_repeats(&all, shape);
     let pause = longest_pause(&all, killed_at, Duration::from_secs(15));
+    let bound = owned * repeats_after_a_kill(shape);
     eprintln!(
-        "{broker:?}: {TOTAL} events appended, {} distinct delivered; after SIGKILL {repeats} redeliveries and a longest pause of {pause:?}",
-        distinct_ids(&deliveries)
+        "{broker:?}: {TOTAL} events appended, {} distinct delivered; after SIGKILL {repeats} redeliveries (allowed {bound}: {owned} sources x {}) and a longest pause of {pause:?}",
+        distinct_ids(&deliveries),
+        repeats_after_a_kill(shape)
+    );
+    assert!(
+        repeats <= bound,
+        "{broker:?}: a SIGKILL repeated {repeats} events, more than the {bound} allowed ({owned} sources of {killed} x (min(checkpoint_every {CHECKPOINT_EVERY}, a source's appends in checkpoint_interval {CHECKPOINT_INTERVAL:?}) + batch_size {BATCH_SIZE}))\n{}",
+        fleet.logs()
     );
     // weir_ready is re-evaluated every few seconds: wait for every node's.
     fleet.until_every_node_shows("weir_ready", "", 1.0).await;

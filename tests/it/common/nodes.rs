@@ -266,30 +266,13 @@ impl WeirNodes {
 
     /// The sources node `id` consumes now, by its `/status`.
     pub async fn owned_sources(&self, id: &str) -> Result<Vec<String>, String> {
-        let states = self.source_states(id).await?;
-        Ok(states
-            .into_iter()
-            .filter(|(_, state)| state == "running" || state == "starting")
-            .map(|(source, _)| source)
-            .collect())
+        Ok(owned_in(&self.status(id).await?))
     }
 
     /// Every source node `id` holds, with its consumer's state (`running`,
     /// `paused`, ...), by its `/status`.
     pub async fn source_states(&self, id: &str) -> Result<Vec<(String, String)>, String> {
-        let status = self.status(id).await?;
-        let mut states = Vec::new();
-        for group in status["groups"].as_array().into_iter().flatten() {
-            for subscriber in group["subscribers"].as_array().into_iter().flatten() {
-                for source in subscriber["sources"].as_array().into_iter().flatten() {
-                    states.push((
-                        source["source"].as_str().unwrap_or("?").to_owned(),
-                        source["state"].as_str().unwrap_or("?").to_owned(),
-                    ));
-                }
-            }
-        }
-        Ok(states)
+        Ok(source_states_in(&self.status(id).await?))
     }
 
     /// The last lines of every log file written here (every node, every run).
@@ -323,6 +306,31 @@ impl Drop for WeirNodes {
             let _ = node.child.wait();
         }
     }
+}
+
+/// Every source a node's `/status` lists, with its consumer's state.
+pub fn source_states_in(status: &Value) -> Vec<(String, String)> {
+    let mut states = Vec::new();
+    for group in status["groups"].as_array().into_iter().flatten() {
+        for subscriber in group["subscribers"].as_array().into_iter().flatten() {
+            for source in subscriber["sources"].as_array().into_iter().flatten() {
+                states.push((
+                    source["source"].as_str().unwrap_or("?").to_owned(),
+                    source["state"].as_str().unwrap_or("?").to_owned(),
+                ));
+            }
+        }
+    }
+    states
+}
+
+/// The sources a node's `/status` shows it consuming (starting or running).
+pub fn owned_in(status: &Value) -> Vec<String> {
+    source_states_in(status)
+        .into_iter()
+        .filter(|(_, state)| state == "running" || state == "starting")
+        .map(|(source, _)| source)
+        .collect()
 }
 
 fn read(path: &Path) -> String {

@@ -5,16 +5,22 @@
 //! Each reader records every message it gets as a [`Delivery`] (event id, stream,
 //! position, arrival time) in a shared [`Deliveries`] log, repeats included:
 //!
-//! - [`nats`] creates the sink's JetStream stream itself before weir does, with
-//!   the shortest duplicate window JetStream accepts (100 ms), so that it stores
-//!   every publish but those repeated within 100 ms (weir leaves an existing
-//!   stream as it is; the default two-minute window would hide repeats). It reads
-//!   the stream from its start with an ordered consumer, which recreates itself
-//!   after a server restart without losing or reordering a message (and which
-//!   the reader makes again from where it got to when it cannot).
+//! - [`nats`] counts every publish to the sink's subjects: a plain subscription
+//!   receives each one, repeats within JetStream's duplicate window included
+//!   (weir's sink sets `Nats-Msg-Id`, so JetStream drops a repeat published
+//!   within the window, 100 ms at the least). A plain subscription misses what is
+//!   published while it reconnects, so the reader also creates the sink's
+//!   JetStream stream before weir does (weir leaves an existing stream as it is)
+//!   and reads it from the start with an ordered consumer, which recreates
+//!   itself after a server restart without losing or reordering a message. An
+//!   event has arrived as many times as the larger of the two counts says
+//!   ([`Via`]); a repeat goes uncounted only if the subscription missed it while
+//!   reconnecting *and* JetStream dropped it as a duplicate. When its consumer
+//!   cannot recreate itself, the reader makes a new one from where it got to.
 //! - [`nats_existing`] reads a stream weir created (with its settings: a
-//!   replicated one, for instance) the same way; there the stream's duplicate
-//!   window hides what weir published again within it.
+//!   replicated one, for instance) the same way, without the plain
+//!   subscription; there the stream's duplicate window hides what weir
+//!   published again within it.
 //! - [`kafka`] creates the sink's topics (one partition each) and reads them from
 //!   the beginning, assigning partitions itself rather than joining a group.
 //!
@@ -57,22 +63,45 @@ impl Delivery {
     }
 }
 
+/// How a reader received a message: each path counts an event's copies on its
+/// own, and the event arrived as often as the larger count says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Stored by the broker and read back (a Kafka topic, a JetStream stream).
+    Stored,
+    /// Received by a plain NATS subscription as it was published.
+    Published,
+}
+
 /// Everything a reader received, in arrival order, and what it could not read.
 #[derive(Clone, Default)]
 pub struct Deliveries {
     log: Arc<Mutex<Vec<Delivery>>>,
+    /// Per event id: copies received stored, and as published.
+    copies: Arc<Mutex<HashMap<String, (usize, usize)>>>,
     unreadable: Arc<Mutex<Vec<String>>>,
 }
 
 impl Deliveries {
-    fn record(&self, body: &[u8]) {
-        match Delivery::parse(body) {
-            Some(delivery) => self.log.lock().expect("deliveries lock").push(delivery),
-            None => self
-                .unreadable
+    /// Records a message received `via` one path: an arrival when it makes that
+    /// path's count of its event's copies the larger than before (see [`Via`]).
+    pub fn record(&self, body: &[u8], via: Via) {
+        let Some(delivery) = Delivery::parse(body) else {
+            self.unreadable
                 .lock()
                 .expect("deliveries lock")
-                .push(String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
+                .push(String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+            return;
+        };
+        let mut copies = self.copies.lock().expect("deliveries lock");
+        let (stored, published) = copies.entry(delivery.id.clone()).or_default();
+        let before = (*stored).max(*published);
+        match via {
+            Via::Stored => *stored += 1,
+            Via::Published => *published += 1,
+        }
+        if (*stored).max(*published) > before {
+            self.log.lock().expect("deliveries lock").push(delivery);
         }
     }
 
@@ -113,28 +142,36 @@ impl Drop for Reader {
     }
 }
 
-/// Creates JetStream stream `stream` capturing `subjects` (keeping every publish:
-/// see the module docs) and reads it from the start. `url` is one server's URL
-/// or several, comma-separated.
+/// Reads every publish to `subjects`, and creates JetStream stream `stream`
+/// capturing them and reads it from the start: see the module docs. `url` is
+/// one server's URL or several, comma-separated.
 #[cfg(feature = "nats")]
 pub async fn nats(url: &str, stream: &str, subjects: &str) -> Result<Reader, String> {
     use async_nats::jetstream::stream as js;
 
     let client = nats_client(url).await?;
+    let published = client
+        .subscribe(subjects.to_owned())
+        .await
+        .map_err(|error| format!("cannot subscribe to {subjects}: {error}"))?;
+    client
+        .flush()
+        .await
+        .map_err(|error| format!("cannot subscribe to {subjects}: {error}"))?;
     let created = async_nats::jetstream::new(client.clone())
         .create_stream(js::Config {
             name: stream.to_owned(),
             description: Some("events forwarded by weir, read by the fault suite".into()),
             subjects: vec![subjects.to_owned()],
             storage: js::StorageType::File,
-            // The server's minimum: a republished event is stored again, so the
-            // suite can count repeats, which the default window would hide.
+            // The server's minimum, though the plain subscription counts repeats
+            // within it.
             duplicate_window: Duration::from_millis(100),
             ..Default::default()
         })
         .await
         .map_err(|error| format!("cannot create stream {stream}: {error}"))?;
-    read_nats(client, created).await
+    read_nats(client, created, Some(published)).await
 }
 
 /// Reads JetStream stream `stream`, which someone else creates (weir's sink,
@@ -157,7 +194,7 @@ pub async fn nats_existing(url: &str, stream: &str, within: Duration) -> Result<
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    read_nats(client, found).await
+    read_nats(client, found, None).await
 }
 
 /// A plain client of the servers of `url` (comma-separated), reconnecting for
@@ -168,6 +205,9 @@ async fn nats_client(url: &str) -> Result<async_nats::Client, String> {
     async_nats::ConnectOptions::new()
         .name("independent reader")
         .max_reconnects(None)
+        // Back soon after a server restart, so the plain subscription misses
+        // little (the stream has the rest).
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
         .connect(servers)
         .await
         .map_err(|error| format!("cannot connect to NATS at {url}: {error}"))
@@ -183,6 +223,7 @@ async fn nats_client(url: &str) -> Result<async_nats::Client, String> {
 async fn read_nats(
     client: async_nats::Client,
     stream: async_nats::jetstream::stream::Stream,
+    mut published: Option<async_nats::Subscriber>,
 ) -> Result<Reader, String> {
     use futures::StreamExt;
 
@@ -206,12 +247,19 @@ async fn read_nats(
                 },
             };
             loop {
-                match tokio::time::timeout(QUIET, messages.next()).await {
+                let stored = tokio::select! {
+                    Some(message) = next_published(&mut published) => {
+                        sink.record(&message.payload, Via::Published);
+                        continue;
+                    }
+                    stored = tokio::time::timeout(QUIET, messages.next()) => stored,
+                };
+                match stored {
                     Ok(Some(Ok(message))) => {
                         if let Ok(info) = message.info() {
                             next = info.stream_sequence + 1;
                         }
-                        sink.record(&message.payload);
+                        sink.record(&message.payload, Via::Stored);
                     }
                     Ok(Some(Err(error))) => {
                         eprintln!(
@@ -235,6 +283,19 @@ async fn read_nats(
         }
     });
     Ok(Reader { task, deliveries })
+}
+
+/// The next message of the plain subscription, if there is one; never, if not.
+#[cfg(feature = "nats")]
+async fn next_published(
+    published: &mut Option<async_nats::Subscriber>,
+) -> Option<async_nats::Message> {
+    use futures::StreamExt;
+
+    match published {
+        Some(published) => published.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How long the reader's consumer may deliver nothing before the reader asks
@@ -282,7 +343,12 @@ pub async fn kafka(brokers: &str, topics: &[String]) -> Result<Reader, String> {
         .set("bootstrap.servers", brokers)
         // Required by librdkafka, never joined: partitions are assigned below.
         .set("group.id", "fault-suite-reader")
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        // Arrival times are what the checks measure: the reader must be back
+        // soon after a broker restart (librdkafka waits up to 10 s by default),
+        // and not hold records back waiting to fill a fetch.
+        .set("reconnect.backoff.max.ms", "100")
+        .set("fetch.wait.max.ms", "50");
     let admin: AdminClient<DefaultClientContext> = config
         .create()
         .map_err(|error| format!("cannot create a Kafka admin client: {error}"))?;
@@ -320,7 +386,7 @@ pub async fn kafka(brokers: &str, topics: &[String]) -> Result<Reader, String> {
             match consumer.recv().await {
                 Ok(message) => {
                     if let Some(payload) = message.payload() {
-                        sink.record(payload);
+                        sink.record(payload, Via::Stored);
                     }
                 }
                 Err(error) => {

@@ -88,8 +88,8 @@ fn wait_for_port(port: u16, what: &str, log: &Path) -> Result<(), String> {
 // ---------------------------------------------------------------------------------
 // A broker process we start ourselves (NATS, tansu)
 
-/// One server process on a fixed port, which can be killed, started again,
-/// paused and resumed; killed when dropped.
+/// One server process on a fixed port, in a directory of its own, which can be
+/// killed and started again there; killed when dropped.
 pub struct ServerProcess {
     name: &'static str,
     binary: PathBuf,
@@ -126,8 +126,10 @@ impl ServerProcess {
             .append(true)
             .open(self.log())
             .map_err(|error| format!("cannot open the {} log: {error}", self.name))?;
+        // In its own directory, where a server given relative paths keeps its data.
         let child = Command::new(&self.binary)
             .args(&self.args)
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|error| error.to_string())?)
             .stderr(log)
@@ -143,23 +145,6 @@ impl ServerProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    /// Freezes the process (SIGSTOP): connections stay open but nothing answers.
-    pub fn pause(&self) -> Result<(), String> {
-        send_signal(self.pid()?, "STOP")
-    }
-
-    /// Lets a paused process run again (SIGCONT).
-    pub fn resume(&self) -> Result<(), String> {
-        send_signal(self.pid()?, "CONT")
-    }
-
-    fn pid(&self) -> Result<u32, String> {
-        self.child
-            .as_ref()
-            .map(Child::id)
-            .ok_or_else(|| format!("{} is not running", self.name))
     }
 
     /// The end of the process's log, for failure messages.
@@ -300,16 +285,25 @@ impl PrivateNatsCluster {
     }
 }
 
-/// A private tansu broker (Kafka protocol) keeping everything in memory: a
-/// restart forgets every topic, so tests pause it rather than restart it when
-/// they need its data afterwards.
+/// tansu's storage engine for a private broker: topics in a SQLite file in the
+/// broker's directory (where it runs), which survives a restart, so a test can
+/// kill the broker and start it again on the same port and data. (With its
+/// in-memory storage, a restart would wipe every topic.)
+const TANSU_STORAGE: &str = "sqlite://tansu.db";
+
+/// The feature tansu needs for [`TANSU_STORAGE`], as `tansu --help` names it.
+const TANSU_ENGINE: &str = "libsql";
+
+/// A private tansu broker (Kafka protocol), its topics in a file of its own
+/// directory (see [`TANSU_STORAGE`]).
 pub struct PrivateTansu {
     pub server: ServerProcess,
 }
 
 impl PrivateTansu {
     /// `None` (after noting the skip, or failing when services are required) if
-    /// there is no `tansu`.
+    /// there is no `tansu`, or none built with its `libsql` feature
+    /// (`scripts/test.sh` installs one).
     pub fn start() -> Option<Self> {
         let cargo_bin = std::env::var_os("CARGO_HOME")
             .map(PathBuf::from)
@@ -323,6 +317,17 @@ impl PrivateTansu {
             );
             return None;
         };
+        let engines = storage_engines(&binary);
+        if !engines.iter().any(|engine| engine == TANSU_ENGINE) {
+            service_missing(
+                "tansu with file storage",
+                format!(
+                    "{} was built with the storage engines {engines:?}, not {TANSU_ENGINE}; scripts/test.sh installs one with `--features dynostore,libsql`",
+                    binary.display()
+                ),
+            );
+            return None;
+        }
         let port = free_port();
         let listener = format!("tcp://127.0.0.1:{port}");
         let args = [
@@ -332,7 +337,7 @@ impl PrivateTansu {
             "--advertised-listener-url",
             &listener,
             "--storage-engine",
-            "memory://tansu/",
+            TANSU_STORAGE,
         ]
         .map(String::from)
         .to_vec();
@@ -347,6 +352,26 @@ impl PrivateTansu {
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.server.port)
     }
+}
+
+/// The storage engines `binary` (a tansu) was built with, from the
+/// `Storage engines: a, b` line of its `--help`.
+fn storage_engines(binary: &Path) -> Vec<String> {
+    let help = Command::new(binary)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default();
+    help.lines()
+        .find_map(|line| line.strip_prefix("Storage engines:"))
+        .map(|list| {
+            list.split(',')
+                .map(|engine| engine.trim().to_owned())
+                .filter(|engine| !engine.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------
