@@ -33,6 +33,9 @@ struct State {
     repeats: BTreeMap<Source, u64>,
     /// Repeats an operator asked for, per source: resets to an earlier cursor.
     asked_repeats: BTreeMap<Source, u64>,
+    /// How many times the store was replaced; claims and saves in an older
+    /// store (a process's call still under way when it went) change nothing.
+    generation: u32,
     violations: Vec<String>,
     trace: std::collections::VecDeque<String>,
     hasher: DefaultHasher,
@@ -94,7 +97,10 @@ impl Ledger {
     }
 
     /// `process` now holds the claim of `source`.
-    pub fn claimed(&self, source: &Source, process: &str) {
+    pub fn claimed(&self, source: &Source, process: &str, generation: u32) {
+        if self.old_store(generation, format!("{process} claims {source}")) {
+            return;
+        }
         self.step(format!("{process} claims {source}"));
         let mut state = self.state.lock().unwrap();
         state.holder.insert(source.clone(), process.to_owned());
@@ -104,7 +110,10 @@ impl Ledger {
     }
 
     /// `process` saved `cursor` for `source`.
-    pub fn saved(&self, source: &Source, process: &str, cursor: Cursor) {
+    pub fn saved(&self, source: &Source, process: &str, cursor: Cursor, generation: u32) {
+        if self.old_store(generation, format!("{process} saves {source} at {cursor}")) {
+            return;
+        }
         self.step(format!("{process} saves {source} at {cursor}"));
         let previous = {
             let mut state = self.state.lock().unwrap();
@@ -120,13 +129,41 @@ impl Ledger {
 
     /// An operator reset the checkpoint of `source` to `cursor`, asking for
     /// `again` events to be processed again.
-    pub fn reset(&self, source: &Source, cursor: Cursor, again: u64) {
-        self.step(format!(
-            "operator resets {source} to {cursor}: {again} events again"
-        ));
+    pub fn reset(&self, source: &Source, cursor: Cursor, again: u64, generation: u32) {
+        let what = format!("operator resets {source} to {cursor}: {again} events again");
+        if self.old_store(generation, what.clone()) {
+            return;
+        }
+        self.step(what);
         let mut state = self.state.lock().unwrap();
         state.saved.insert(source.clone(), cursor);
         *state.asked_repeats.entry(source.clone()).or_default() += again;
+    }
+
+    /// The store was replaced by an empty one: forgets its claims and
+    /// checkpoints, and says how many events of each stream were emitted (the
+    /// rest went with the store).
+    pub fn forget_store(&self) -> BTreeMap<String, u64> {
+        let mut state = self.state.lock().unwrap();
+        state.generation += 1;
+        state.holder.clear();
+        state.zombie_batches.clear();
+        state.saved.clear();
+        state
+            .emitted
+            .iter()
+            .map(|(stream, positions)| (stream.clone(), positions.len() as u64))
+            .collect()
+    }
+
+    /// Whether `generation` is a replaced store's; if so, traces `what` as such.
+    fn old_store(&self, generation: u32, what: String) -> bool {
+        let current = self.state.lock().unwrap().generation;
+        if generation == current {
+            return false;
+        }
+        self.step(format!("{what} (in the replaced store {generation})"));
+        true
     }
 
     /// `process`, consuming `sources`, emitted `events` (one batch of one
@@ -186,10 +223,7 @@ impl Ledger {
     pub fn all_emitted(&self, appended: &BTreeMap<String, u64>) -> bool {
         let state = self.state.lock().unwrap();
         appended.iter().all(|(stream, count)| {
-            state
-                .emitted
-                .get(stream)
-                .is_some_and(|positions| positions.len() as u64 == *count)
+            state.emitted.get(stream).map_or(0, BTreeSet::len) as u64 == *count
         })
     }
 

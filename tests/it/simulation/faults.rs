@@ -174,6 +174,8 @@ pub struct GatedCheckpoints {
     pub gate: Gate,
     pub process: String,
     pub ledger: Ledger,
+    /// Which store this is (see `Ledger::forget_store`).
+    pub generation: u32,
 }
 
 #[async_trait]
@@ -186,7 +188,7 @@ impl CheckpointStore for GatedCheckpoints {
     ) -> Result<(Claim, Cursor), CheckpointError> {
         self.gate.pass().await?;
         let claimed = self.inner.claim(group, source, owner).await?;
-        self.ledger.claimed(source, &self.process);
+        self.ledger.claimed(source, &self.process, self.generation);
         Ok(claimed)
     }
 
@@ -202,14 +204,15 @@ impl CheckpointStore for GatedCheckpoints {
             .inner
             .claim_granted(group, source, owner, grant)
             .await?;
-        self.ledger.claimed(source, &self.process);
+        self.ledger.claimed(source, &self.process, self.generation);
         Ok(claimed)
     }
 
     async fn save(&self, claim: &Claim, cursor: Cursor) -> Result<(), CheckpointError> {
         self.gate.pass().await?;
         self.inner.save(claim, cursor).await?;
-        self.ledger.saved(&claim.source, &self.process, cursor);
+        self.ledger
+            .saved(&claim.source, &self.process, cursor, self.generation);
         Ok(())
     }
 

@@ -132,7 +132,11 @@ fn simulated_fleets_keep_every_promise() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEEDS);
     let started = Instant::now();
-    let failures = search(0..count);
+    let first: u64 = std::env::var("WEIR_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let failures = search(first..first + count);
     let elapsed = started.elapsed();
     println!(
         "simulated {count} seeds in {:.1} s ({:.0} seeds/s)",

@@ -124,6 +124,11 @@ pub enum Fault {
     Reset(usize),
     /// As `Reset`, but to the start: the owner processes the source again.
     Rewind(usize),
+    /// An operator replaces the store with a new, empty one while the bus keeps
+    /// its decisions: stops every node gracefully, and once all have stopped
+    /// starts them on the new store (as the docs tell for a restore or a
+    /// re-created store). What the old store held is gone with it.
+    StoreReset,
 }
 
 impl Fault {
@@ -137,6 +142,7 @@ impl Fault {
                 | Fault::Reset(_)
                 | Fault::Rewind(_)
                 | Fault::Repartition(_)
+                | Fault::StoreReset
         )
     }
 }
@@ -172,7 +178,7 @@ impl Plan {
                     true => LEADER,
                     false => random.random_range(0..NODES),
                 };
-                let fault = match random.random_range(0..14) {
+                let fault = match random.random_range(0..15) {
                     0 => Fault::StoreDown(None),
                     1 => Fault::StoreDown(Some(node)),
                     2 => Fault::SlowStore(
@@ -191,6 +197,7 @@ impl Plan {
                     11 => Fault::Repartition(
                         PARTITION_COUNTS[random.random_range(0..PARTITION_COUNTS.len())],
                     ),
+                    13 => Fault::StoreReset,
                     _ => Fault::Compact,
                 };
                 let phase = u64::try_from(fault_phase.as_millis()).unwrap();
@@ -272,9 +279,14 @@ pub struct World {
     resolved: Vec<Option<Fault>>,
     /// How many partitions the group reads `orders` in.
     partitions: u32,
-    /// Whether nodes wait to start until every process of the old partition
-    /// count has stopped.
+    /// Whether nodes wait to start until every process has stopped (for a new
+    /// partition count or a new store).
     repartitioning: bool,
+    /// Whether the store is to be replaced once every process has stopped.
+    store_reset: bool,
+    /// How many times the store was replaced: the appender's streams carry it,
+    /// so that a new store's streams are new to the ledger.
+    generation: u32,
     /// Since when no fault has been active (`None` while one is).
     calm_since: Option<Instant>,
     /// A live process leading, its epoch, and since when.
@@ -334,6 +346,8 @@ impl World {
             resolved: vec![None; plan_faults],
             partitions: FIRST_PARTITIONS,
             repartitioning: false,
+            store_reset: false,
+            generation: 0,
             calm_since: Some(Instant::now()),
             led: None,
             frozen: BTreeMap::new(),
@@ -384,6 +398,7 @@ impl World {
                 gate: gate.clone(),
                 process: label.clone(),
                 ledger: self.ledger.clone(),
+                generation: self.generation,
             }),
             dead_letters: Arc::new(GatedDeadLetters {
                 inner: Arc::clone(&self.dead_letters) as _,
@@ -494,7 +509,8 @@ impl World {
             | Fault::Pause
             | Fault::Reset(_)
             | Fault::Rewind(_)
-            | Fault::Repartition(_)) => fault,
+            | Fault::Repartition(_)
+            | Fault::StoreReset) => fault,
         };
         self.resolved[index] = Some(fault.clone());
         fault
@@ -543,6 +559,10 @@ impl World {
             Fault::Reset(source) => self.reset(source, false),
             Fault::Rewind(source) => self.reset(source, true),
             Fault::Repartition(partitions) => self.repartition(partitions),
+            Fault::StoreReset => {
+                self.store_reset = true;
+                self.repartition(self.partitions);
+            }
         }
     }
 
@@ -566,7 +586,7 @@ impl World {
                 }
             }
             Fault::Twin(slot) => self.retire_old_process(slot).await,
-            Fault::Compact | Fault::Repartition(_) | Fault::Rewind(_) => {}
+            Fault::Compact | Fault::Repartition(_) | Fault::Rewind(_) | Fault::StoreReset => {}
             Fault::Pause => {
                 self.paused = Some(false);
                 self.operate().await;
@@ -599,7 +619,10 @@ impl World {
         }
         for _ in 0..self.random.random_range(1..4) {
             let (category, streams) = STREAMS[self.random.random_range(0..STREAMS.len())];
-            let stream = format!("s{}", self.random.random_range(0..streams));
+            let stream = match self.generation {
+                0 => format!("s{}", self.random.random_range(0..streams)),
+                generation => format!("g{generation}s{}", self.random.random_range(0..streams)),
+            };
             let event = NewEvent::new(EventName::new("Happened").unwrap(), json!({}));
             let stored = self
                 .events
@@ -659,10 +682,11 @@ impl World {
             });
             if stopped.await.is_err() {
                 self.ledger.violate(format!(
-                    "the fleet did not stop for a change of partition count within {DRAIN:?} of healing"
+                    "the fleet did not stop for a change of partition count or store within {DRAIN:?} of healing"
                 ));
             }
             self.repartitioning = false;
+            self.replace_store_if_asked();
         }
         self.calm_since = Some(Instant::now());
         for slot in 0..NODES {

@@ -1,5 +1,6 @@
 //! What an operator does to the simulated fleet through its leader: pause and
-//! resume the group, reset a checkpoint, change the partition count.
+//! resume the group, reset a checkpoint, change the partition count, replace
+//! the store.
 
 use std::sync::Arc;
 
@@ -70,6 +71,7 @@ impl World {
         let checkpoints = Arc::clone(&self.checkpoints);
         let events = Arc::clone(&self.events);
         let ledger = self.ledger.clone();
+        let generation = self.generation;
         let work: HoldWork = Box::new(move |held: Held| {
             Box::pin(async move {
                 for source in &held.sources {
@@ -77,7 +79,7 @@ impl World {
                         .claim_granted(GROUP, source, "operator", held.grant)
                         .await;
                     let (claim, cursor) = claimed.map_err(|e| e.to_string())?;
-                    ledger.claimed(source, "operator");
+                    ledger.claimed(source, "operator", generation);
                     let to = if to_start { Cursor::START } else { cursor };
                     // What the owner will process again: every event so far.
                     let again = match to_start {
@@ -89,7 +91,7 @@ impl World {
                         .save(&claim, to)
                         .await
                         .map_err(|e| e.to_string())?;
-                    ledger.reset(source, to, again);
+                    ledger.reset(source, to, again, generation);
                 }
                 Ok(serde_json::Value::Null)
             })
@@ -126,6 +128,7 @@ impl World {
             return;
         }
         self.repartitioning = false;
+        self.replace_store_if_asked();
         self.ledger.step(format!(
             "every process stopped: starting with {} partitions",
             self.partitions
@@ -135,5 +138,30 @@ impl World {
                 self.start(slot, false).await;
             }
         }
+    }
+
+    /// Replaces every store with a new, empty one, if a store reset waits for
+    /// it; the bus keeps its decisions. Events the old store held and no
+    /// process emitted went with it: the ledger forgets them, and the stores'
+    /// state (claims, checkpoints).
+    pub(super) fn replace_store_if_asked(&mut self) {
+        if !std::mem::take(&mut self.store_reset) {
+            return;
+        }
+        self.events = Arc::new(weir::store::MemoryStore::new());
+        self.checkpoints = Arc::new(weir::consumer::MemoryCheckpointStore::new());
+        self.dead_letters = Arc::new(weir::consumer::MemoryDeadLetterStore::new());
+        self.membership = Arc::new(weir::broker::membership::MemoryMembershipStore::new());
+        self.leases = Arc::new(weir::broker::lease::MemoryLeaseStore::new());
+        self.fleet_store = Arc::new(weir::broker::control::MemoryFleetStore::new());
+        self.generation += 1;
+        let emitted = self.ledger.forget_store();
+        for (stream, appended) in &mut self.appended {
+            *appended = emitted.get(stream).copied().unwrap_or_default();
+        }
+        self.ledger.step(format!(
+            "the store was replaced by an empty one (generation {})",
+            self.generation
+        ));
     }
 }
