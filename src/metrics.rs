@@ -49,6 +49,10 @@ pub const EVENTS_PROCESSED: &str = "weir_consumer_events_total";
 pub const PROCESSING_ERRORS: &str = "weir_consumer_errors_total";
 /// Events skipped under the `Continue` policy and kept as dead letters. Labels: `group`.
 pub const DEAD_LETTERS: &str = "weir_dead_letters_total";
+/// Events the group's filter kept from its processor (the checkpoint passes them).
+pub const EVENTS_FILTERED: &str = "weir_events_filtered_total";
+/// Events no route of the group's sink matched, left unsent (`unmatched = "skip"`).
+pub const EVENTS_UNROUTED: &str = "weir_events_unrouted_total";
 /// Checkpoints stored. Labels: `group`.
 pub const CHECKPOINT_WRITES: &str = "weir_checkpoint_writes_total";
 /// Checkpoint writes refused because another subscriber claimed the source; each
@@ -250,6 +254,18 @@ pub const CATALOG: &[MetricInfo] = &[
         Counter,
         &["group"],
         "Events skipped and kept as dead letters",
+    ),
+    metric(
+        EVENTS_FILTERED,
+        Counter,
+        &["group"],
+        "Events the group's filter kept from its processor; the checkpoint moves past them",
+    ),
+    metric(
+        EVENTS_UNROUTED,
+        Counter,
+        &["group"],
+        "Events no route of the group's sink matched, left unsent (unmatched = \"skip\")",
     ),
     metric(CHECKPOINT_WRITES, Counter, &["group"], "Checkpoints stored"),
     metric(
@@ -467,6 +483,8 @@ pub fn register_node(node: &NodeMetrics) {
         gauge!(CONSUMERS_RETRYING, "group" => group.clone()).increment(0.0);
         for name in [
             EVENTS_PROCESSED,
+            EVENTS_FILTERED,
+            EVENTS_UNROUTED,
             DEAD_LETTERS,
             CHECKPOINT_WRITES,
             FENCED_CONSUMERS,

@@ -37,6 +37,9 @@ pub fn default_subscription(demo: &DemoConfig) -> SubscriptionConfig {
         sources: categories(demo).into_iter().map(Source::Category).collect(),
         instances: 1,
         required_tags: Default::default(),
+        filter: None,
+        routes: Vec::new(),
+        unmatched: Default::default(),
         sink: SinkConfig::Stdout,
         consumer: ConsumerSettings {
             // Show each event as it comes rather than once a second.

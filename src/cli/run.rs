@@ -250,11 +250,12 @@ async fn register_subscriptions(
             );
         }
         for subscription in &config.subscriptions {
+            let routing = subscription.routing();
             let sink = crate::sink::build(
                 &subscription.sink,
                 &config.nats,
                 &config.kafka,
-                subscription.partitions,
+                subscription.sink_context(&routing),
             )
             .await;
             match sink {
@@ -271,11 +272,12 @@ async fn register_subscriptions(
     for subscription in &config.subscriptions {
         // One sink per group, shared by its instances: one connection, and the
         // instances' publishes pipeline together.
+        let routing = subscription.routing();
         let sink: Arc<dyn EventProcessor> = crate::sink::build(
             &subscription.sink,
             &config.nats,
             &config.kafka,
-            subscription.partitions,
+            subscription.sink_context(&routing),
         )
         .await?;
         sinks.insert(subscription.group.clone(), Arc::clone(&sink));
@@ -290,7 +292,7 @@ async fn register_subscriptions(
                 .register_subscription_consumer(
                     spec,
                     Arc::clone(&sink),
-                    Some(subscription.consumer.clone()),
+                    Some(subscription.consumer_settings()),
                 )
                 .map_err(|error| CliError::Usage(error.to_string()))?;
         }

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{LogFormat, SinkConfig};
 use crate::broker::BrokerRole;
-use crate::consumer::ConsumerSettings;
+use crate::consumer::{ConsumerSettings, EventFilter};
 use crate::event::Source;
+use crate::sink::{RouteConfig, Routing, Unmatched};
 
 /// `[node]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,9 +263,19 @@ pub struct SubscriptionConfig {
     /// Tags a node must carry (`node.tags`) to be given this group's sources.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub required_tags: BTreeSet<String>,
+    /// Which events the group processes; the others are passed over (the
+    /// checkpoint moves past them) and counted. Every event when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<EventFilter>,
     /// Where the events go.
     #[serde(default)]
     pub sink: SinkConfig,
+    /// Destinations by event, tried in order before the sink's own template.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// What becomes of an event no route matches.
+    #[serde(default)]
+    pub unmatched: Unmatched,
     /// How its consumers read, checkpoint and handle failures; every key optional.
     #[serde(default)]
     pub consumer: ConsumerSettings,
@@ -284,6 +295,31 @@ fn default_partitions() -> u32 {
 }
 
 impl SubscriptionConfig {
+    /// The consumer settings its consumers run with: `consumer`, and `filter`.
+    pub fn consumer_settings(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            filter: self.filter.clone(),
+            ..self.consumer.clone()
+        }
+    }
+
+    /// Its routes and what becomes of the events they miss.
+    pub fn routing(&self) -> Routing {
+        Routing {
+            routes: self.routes.clone(),
+            unmatched: self.unmatched,
+        }
+    }
+
+    /// What its sink is built with besides the sink section.
+    pub fn sink_context<'a>(&'a self, routing: &'a Routing) -> crate::sink::SinkContext<'a> {
+        crate::sink::SinkContext {
+            group: &self.group,
+            partitions: self.partitions,
+            routing,
+        }
+    }
+
     /// The sources the group's subscribers request: each category source and the
     /// log split into `partitions`; stream sources and partitions named in
     /// `sources` as they are. Empty when `partitions` is invalid (validation says

@@ -247,6 +247,164 @@ fn validate_subscriptions(subscriptions: &[SubscriptionConfig], problems: &mut P
             }
         }
         problems.add_under(&key("sink"), subscription.sink.validate());
+        if let Some(filter) = &subscription.filter {
+            problems.add_under(&key("filter"), filter.validate());
+        }
+        validate_routes(subscription, &key, problems);
+    }
+}
+
+/// Each route's match and templates, against the kind of sink they route for.
+fn validate_routes(
+    subscription: &SubscriptionConfig,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    let sink = match &subscription.sink {
+        SinkConfig::Stdout => None,
+        SinkConfig::Nats { .. } => Some("nats"),
+        SinkConfig::Kafka { .. } => Some("kafka"),
+    };
+    if subscription.routes.is_empty() {
+        if subscription.unmatched != crate::sink::Unmatched::Default {
+            problems.add(
+                &key("unmatched"),
+                "applies only with routes: add [[subscriptions.routes]], or leave unmatched out"
+                    .into(),
+            );
+        }
+        return;
+    }
+    let Some(sink) = sink else {
+        problems.add(
+            &key("routes"),
+            "routes need a nats or kafka sink: set sink.kind".into(),
+        );
+        return;
+    };
+    let mut catch_all: Option<usize> = None;
+    for (index, route) in subscription.routes.iter().enumerate() {
+        let at = |field: &str| key(&format!("routes[{index}].{field}"));
+        if let Some(first) = catch_all {
+            problems.add(
+                &at("match"),
+                format!("is never tried: routes[{first}] before it matches every event"),
+            );
+        }
+        if route.matches.matches_everything() && catch_all.is_none() {
+            catch_all = Some(index);
+        }
+        if let Some(names) = &route.matches.names {
+            if names.is_empty() {
+                problems.add(
+                    &at("match.names"),
+                    "is empty, so the route matches no event: list at least one name pattern, or leave names out to match every name".into(),
+                );
+            }
+        }
+        validate_route_destination(route, sink, &at, problems);
+    }
+    if catch_all.is_some() && subscription.unmatched != crate::sink::Unmatched::Default {
+        problems.add(
+            &key("unmatched"),
+            "never applies: a route matches every event".into(),
+        );
+    }
+}
+
+/// A route's destination keys, against the kind of sink (`nats` or `kafka`).
+fn validate_route_destination(
+    route: &crate::sink::RouteConfig,
+    sink: &str,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    match sink {
+        "nats" => {
+            for (field, given) in [("topic", &route.topic), ("key", &route.key)] {
+                if given.is_some() {
+                    problems.add(
+                        &at(field),
+                        "is for a Kafka sink; a route of a NATS sink names a subject".into(),
+                    );
+                }
+            }
+            match &route.subject {
+                None => problems.add(
+                    &at("subject"),
+                    "a route of a NATS sink needs a subject, e.g. \"orders.{stream}\"".into(),
+                ),
+                Some(subject) => {
+                    if let Err(message) = check_subject(subject) {
+                        problems.add(&at("subject"), format!("{subject:?} {message}"));
+                    }
+                }
+            }
+        }
+        _ => {
+            if route.subject.is_some() {
+                problems.add(
+                    &at("subject"),
+                    "is for a NATS sink; a route of a Kafka sink names a topic".into(),
+                );
+            }
+            match &route.topic {
+                None => problems.add(
+                    &at("topic"),
+                    "a route of a Kafka sink needs a topic, e.g. \"orders.{category}\"".into(),
+                ),
+                Some(topic) => {
+                    if let Err(message) = check_topic_template(topic) {
+                        problems.add(&at("topic"), format!("{topic:?} {message}"));
+                    }
+                }
+            }
+            if let Some(template) = &route.key {
+                if let Err(message) = check_template(template, |c| !c.is_control()) {
+                    problems.add(&at("key"), format!("{template:?} {message}"));
+                }
+            }
+        }
+    }
+}
+
+/// Checks a NATS subject template.
+fn check_subject(subject: &str) -> Result<(), String> {
+    check_template(subject, |c| !c.is_whitespace() && c != '*' && c != '>').and_then(|()| {
+        if subject.split('.').any(str::is_empty) {
+            Err("has an empty subject token: do not start or end with '.' or write '..'".into())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// Checks a Kafka topic template.
+fn check_topic_template(topic: &str) -> Result<(), String> {
+    check_template(topic, |c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// Checks `sink.format` against `sink.cloudevents_source`.
+fn check_cloudevents(
+    format: crate::sink::Format,
+    source: Option<&String>,
+    problems: &mut Vec<(String, String)>,
+) {
+    let Some(source) = source else {
+        return;
+    };
+    if format.is_weir() {
+        problems.push((
+            "cloudevents_source".into(),
+            "applies only with format = \"cloudevents-binary\" or \"cloudevents-structured\""
+                .into(),
+        ));
+    }
+    if let Err(error) = crate::sink::cloudevents::CloudEvents::new(Some(source)) {
+        problems.push((
+            "cloudevents_source".into(),
+            format!("{source:?} {}", error.reason),
+        ));
     }
 }
 
@@ -419,22 +577,17 @@ impl SinkConfig {
                 subject,
                 stream,
                 max_in_flight,
+                format,
+                cloudevents_source,
             } => {
+                check_cloudevents(*format, cloudevents_source.as_ref(), &mut problems);
                 if !cfg!(feature = "nats") {
                     problems.push((
                         "kind".into(),
                         "this weir was built without the `nats` feature".into(),
                     ));
                 }
-                if let Err(message) = check_template(subject, |c| !c.is_whitespace() && c != '*' && c != '>')
-                    .and_then(|()| {
-                        if subject.split('.').any(str::is_empty) {
-                            Err("has an empty subject token: do not start or end with '.' or write '..'".into())
-                        } else {
-                            Ok(())
-                        }
-                    })
-                {
+                if let Err(message) = check_subject(subject) {
                     problems.push(("subject".into(), format!("{subject:?} {message}")));
                 }
                 if let Some(stream) = stream {
@@ -453,16 +606,19 @@ impl SinkConfig {
                     problems.push(("max_in_flight".into(), "must be at least 1".into()));
                 }
             }
-            SinkConfig::Kafka { topic } => {
+            SinkConfig::Kafka {
+                topic,
+                format,
+                cloudevents_source,
+            } => {
+                check_cloudevents(*format, cloudevents_source.as_ref(), &mut problems);
                 if !cfg!(feature = "kafka") {
                     problems.push((
                         "kind".into(),
                         "this weir was built without the `kafka` feature".into(),
                     ));
                 }
-                if let Err(message) =
-                    check_template(topic, |c| c.is_ascii_alphanumeric() || "._-".contains(c))
-                {
+                if let Err(message) = check_topic_template(topic) {
                     problems.push(("topic".into(), format!("{topic:?} {message}")));
                 }
             }

@@ -5,6 +5,7 @@
 //! - [`checkpoint`]: where each group's consumer of a source has got to, stored
 //!   under a claim that fences out any earlier owner.
 //! - [`dead_letter`]: events skipped under the `Continue` policy, kept with their error.
+//! - [`filter`]: which events a group's processor is given.
 //! - [`policy`]: what a consumer does when processing fails.
 //! - [`pause`]: an operator's pause of a group, which its consumers wait out.
 //! - [`replay`]: an operator's retry and purge of a group's dead letters.
@@ -17,6 +18,7 @@ mod background_save;
 pub mod board;
 pub mod checkpoint;
 pub mod dead_letter;
+pub mod filter;
 pub mod pause;
 pub mod policy;
 pub mod processor;
@@ -30,6 +32,7 @@ pub mod subscription;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
 pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
+pub use filter::{EventFilter, Glob};
 pub use policy::ErrorPolicy;
 pub use processor::{EventHandler, EventProcessor, PerEvent, ProcessError, from_fn};
 pub use replay::{

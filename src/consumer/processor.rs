@@ -42,6 +42,8 @@ pub struct ProcessError {
     message: String,
     index: Option<usize>,
     retry: Retry,
+    /// Keep the event as a dead letter whatever the error policy says.
+    dead_letter: bool,
 }
 
 impl ProcessError {
@@ -58,7 +60,24 @@ impl ProcessError {
             message: message.to_string(),
             index: None,
             retry: Retry::Permanent,
+            dead_letter: false,
         }
+    }
+
+    /// A permanent failure that the consumer keeps as a dead letter and goes on,
+    /// whatever its error policy says: for an event the processor was told to
+    /// set aside (a sink's `unmatched = "dead_letter"`), not one that failed.
+    pub fn dead_letter(kind: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self {
+            dead_letter: true,
+            ..Self::permanent(kind, message)
+        }
+    }
+
+    /// Whether the consumer keeps the event as a dead letter without asking its
+    /// error policy.
+    pub fn is_dead_letter(&self) -> bool {
+        self.dead_letter
     }
 
     /// A failure of something the event needs (connection lost, timeout, broker

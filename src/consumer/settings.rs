@@ -10,6 +10,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::filter::EventFilter;
 use super::policy::ErrorPolicy;
 use super::processor::{EventProcessor, ProcessError};
 use crate::event::StoredEvent;
@@ -49,6 +50,11 @@ pub struct ConsumerSettings {
     /// …or this long after the last store, whichever comes first.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// Which events the processor is given; the others are passed over (the
+    /// checkpoint moves past them) and counted. Configured as the subscription's
+    /// `filter`, not under `consumer`.
+    #[serde(skip)]
+    pub filter: Option<EventFilter>,
 }
 
 impl Default for ConsumerSettings {
@@ -61,6 +67,7 @@ impl Default for ConsumerSettings {
             read_ahead: true,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(5),
+            filter: None,
         }
     }
 }
@@ -86,6 +93,11 @@ impl ConsumerSettings {
         }
         for (path, message) in self.error_policy.validate() {
             problems.push((format!("error_policy.{path}"), message));
+        }
+        if let Some(filter) = &self.filter {
+            for (path, message) in filter.validate() {
+                problems.push((format!("filter.{path}"), message));
+            }
         }
         problems
     }

@@ -376,29 +376,6 @@ impl SourceConsumer {
         Resume::plan(&*context.checkpoints, &context.group, &self.source, cursor).await
     }
 
-    /// The events of `batch` to process: those no older source handled. When it
-    /// keeps none, the cursor moves past the batch.
-    fn not_yet_handled(
-        &self,
-        batch: Vec<StoredEvent>,
-        progress: &mut Progress,
-    ) -> Vec<StoredEvent> {
-        let Some(resume) = &progress.resume else {
-            return batch;
-        };
-        let last = batch.last().map(|e| e.cursor);
-        let keep: Vec<StoredEvent> = batch.into_iter().filter(|e| !resume.handled(e)).collect();
-        if let (true, Some(last)) = (keep.is_empty(), last) {
-            progress.cursor = last;
-            self.context.board.set_cursor(&self.key, last);
-            progress.unsaved += 1;
-        }
-        if resume.passed(progress.cursor) {
-            progress.resume = None;
-        }
-        keep
-    }
-
     async fn consume(&self, progress: &mut Progress) -> End {
         // Watching starts before the first read, so no append goes unannounced.
         let mut watcher = loop {
@@ -457,14 +434,15 @@ impl SourceConsumer {
                 read_ahead.start(events, &self.source, last.cursor, limit);
             }
             let batch = self.not_yet_handled(batch, progress);
-            if batch.is_empty() {
+            let Some(end_of_batch) = batch.last().map(|event| event.cursor) else {
                 continue;
-            }
-            let processing = Instant::now();
-            if let Err(end) = self.process(batch.into(), progress).await {
+            };
+            let (batch, filtered) = self.filtered(batch);
+            if let Err(end) = self.process_kept(batch, progress).await {
                 return end;
             }
-            names::consumer_stage(group, "process", processing.elapsed());
+            // Only now: the checkpoint never passes an event before it is done.
+            self.pass_over(progress, end_of_batch, filtered);
             let saving = Instant::now();
             if let Err(end) = self.save_if_due(progress).await {
                 return end;
@@ -629,7 +607,12 @@ impl SourceConsumer {
         progress: &mut Progress,
     ) -> Result<bool, End> {
         let context = &self.context;
-        match context.settings.error_policy.decide(error, attempts) {
+        let action = if error.is_dead_letter() {
+            Action::Skip
+        } else {
+            context.settings.error_policy.decide(error, attempts)
+        };
+        match action {
             Action::RetryAfter(wait) => {
                 tracing::warn!(group = %context.group, source = %self.source, event = %event.id, attempts, ?wait, %error, "processing failed; retrying");
                 if self.pause(wait).await {
@@ -785,5 +768,6 @@ impl SourceConsumer {
     }
 }
 
+mod passing;
 #[cfg(test)]
 mod tests;

@@ -8,15 +8,23 @@
 //!   replication; the sink remembers which exist, so it asks once per topic.
 //! - **Key**: the stream's full name, `category/stream`: every event of a stream
 //!   goes to one partition, so consumers of the topic see each stream in order.
-//! - **Value**: the stored event as JSON, as the stdout sink prints it.
+//!   A route may render its own key.
+//! - **Value**: in weir's format the stored event as JSON, as the stdout sink
+//!   prints it; in CloudEvents binary mode the payload, in structured mode the
+//!   envelope (see [`super::cloudevents`]).
 //! - **Headers**: `Weir-Event-Id`, `Weir-Event-Name`, `Weir-Category`,
-//!   `Weir-Stream`, `Weir-Position`, `Weir-Sequence` and
-//!   `Content-Type: application/json`, so routers can act without parsing the
-//!   value.
+//!   `Weir-Stream`, `Weir-Position`, `Weir-Sequence` in every format, so routers
+//!   can act without parsing the value; then `Content-Type: application/json`
+//!   in weir's format, the Kafka binding's `ce_` headers and `content-type:
+//!   application/json` in binary mode, and `content-type:
+//!   application/cloudevents+json; charset=UTF-8` in structured mode.
+//!
+//! With routes, when consecutive events of one stream go to different topics
+//! (or keys), the later one is produced only once the broker has acknowledged
+//! the earlier: a stream's events are stored in order even across topics.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashSet, VecDeque};
-use std::fmt::Write as _;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
@@ -25,7 +33,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
-use super::{SinkError, Template};
+use super::cloudevents::{self, CloudEvents, Format};
+use super::route::{Routed, Router, count_unrouted, unrouted};
+use super::template::escape_bytes;
+use super::{SinkContext, SinkError, Template};
 use crate::connect::KafkaOptions;
 use crate::connect::kafka_client::{
     CONNECT_TIMEOUT, ClusterError, DropOffRuntime, PUBLISH_TIMEOUT, TopicSpec, client_config,
@@ -43,18 +54,89 @@ pub const MAX_TOPIC_LEN: usize = 249;
 pub struct KafkaSink {
     producer: DropOffRuntime<FutureProducer>,
     kafka: KafkaOptions,
-    template: Template,
+    router: Router<Destination>,
+    format: Format,
+    cloudevents: CloudEvents,
+    /// The group it forwards for, for its metrics.
+    group: String,
     /// Topics known to exist, so that creating them is not a per-event cost.
     known_topics: Mutex<HashSet<String>>,
+}
+
+/// Where a route (or the sink) sends an event: a topic template, and a key
+/// template (`None`: the stream's full name).
+#[derive(Debug, Clone)]
+pub struct Destination {
+    topic: Template,
+    key: Option<Template>,
+}
+
+impl Destination {
+    fn with_partitions(self, partitions: u32) -> Self {
+        Self {
+            topic: self.topic.with_partitions(partitions),
+            key: self.key.map(|key| key.with_partitions(partitions)),
+        }
+    }
+
+    fn key_of(&self, event: &StoredEvent) -> String {
+        match &self.key {
+            Some(key) => key.render(event, Cow::Borrowed),
+            None => format!("{}/{}", event.category, event.stream),
+        }
+    }
+}
+
+/// One event's topic and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    topic: String,
+    key: String,
+}
+
+/// Everything a [`KafkaSink`] is built from but the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct KafkaSinkSettings<'a> {
+    /// The topic template, e.g. `events.{category}`.
+    pub topic: &'a str,
+    pub format: Format,
+    pub cloudevents_source: Option<&'a str>,
+    /// The group, its partitions and its routes.
+    pub context: SinkContext<'a>,
+}
+
+impl<'a> KafkaSinkSettings<'a> {
+    /// Producing to `topic`, in weir's format, without routes.
+    pub fn new(topic: &'a str) -> Self {
+        Self {
+            topic,
+            format: Format::Weir,
+            cloudevents_source: None,
+            context: SinkContext::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
             .field("brokers", &self.kafka.brokers)
-            .field("template", &self.template)
+            .field("router", &self.router)
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
+}
+
+/// Parses a topic template, refusing literal text Kafka topic names cannot hold.
+fn topic_template(topic: &str) -> Result<Template, SinkError> {
+    let template = Template::parse(topic)?;
+    let literal = template.with_placeholders_as("x");
+    if let Some(bad) = literal.chars().find(|&c| !is_topic_char(c)) {
+        return Err(SinkError::Invalid(format!(
+            "topic template {topic:?} has {bad:?}, which Kafka topic names cannot hold: use letters, digits, '.', '_' and '-'"
+        )));
+    }
+    Ok(template)
 }
 
 impl From<ClusterError> for SinkError {
@@ -72,19 +154,11 @@ impl From<ClusterError> for SinkError {
 /// `_` is `_5F`, `/` is `_2F` and `é` is `_C3_A9`: `Big Orders` gives
 /// `Big_20Orders`. [`decode_topic_value`] reverses it.
 pub fn encode_topic_value(value: &str) -> Cow<'_, str> {
-    let keeps = |byte: u8| byte.is_ascii_alphanumeric() || byte == b'-';
-    if value.bytes().all(keeps) {
-        return Cow::Borrowed(value);
-    }
-    let mut out = String::with_capacity(value.len() * 3);
-    for byte in value.bytes() {
-        if keeps(byte) {
-            out.push(char::from(byte));
-        } else {
-            let _ = write!(out, "_{byte:02X}");
-        }
-    }
-    Cow::Owned(out)
+    escape_bytes(
+        value,
+        |byte| byte.is_ascii_alphanumeric() || byte == b'-',
+        '_',
+    )
 }
 
 /// The value [`encode_topic_value`] encoded as `encoded`; `None` if `encoded` is
@@ -111,11 +185,13 @@ fn is_topic_char(c: char) -> bool {
 }
 
 impl KafkaSink {
-    /// The same sink with `{partition}` in its template counting in `partitions`
-    /// partitions: those its group reads its categories as.
+    /// The same sink with `{partition}` in its templates counting in
+    /// `partitions` partitions: those its group reads its categories as.
     #[must_use]
     pub fn with_partitions(mut self, partitions: u32) -> Self {
-        self.template = self.template.with_partitions(partitions);
+        self.router = self
+            .router
+            .map(|destination| destination.with_partitions(partitions));
         self
     }
 
@@ -125,13 +201,35 @@ impl KafkaSink {
     /// [`CONNECT_TIMEOUT`], and with [`SinkError::Invalid`] when librdkafka
     /// refuses a `[kafka.properties]` entry.
     pub async fn connect(kafka: &KafkaOptions, topic: &str) -> Result<KafkaSink, SinkError> {
-        let template = Template::parse(topic)?;
-        let literal = template.with_placeholders_as("x");
-        if let Some(bad) = literal.chars().find(|&c| !is_topic_char(c)) {
-            return Err(SinkError::Invalid(format!(
-                "topic template {topic:?} has {bad:?}, which Kafka topic names cannot hold: use letters, digits, '.', '_' and '-'"
-            )));
+        Self::connect_with(kafka, KafkaSinkSettings::new(topic)).await
+    }
+
+    /// The sink `settings` describe, through the cluster `kafka` describes; see
+    /// [`KafkaSink::connect`].
+    pub async fn connect_with(
+        kafka: &KafkaOptions,
+        settings: KafkaSinkSettings<'_>,
+    ) -> Result<KafkaSink, SinkError> {
+        let mut routes = Vec::with_capacity(settings.context.routing.routes.len());
+        for (index, route) in settings.context.routing.routes.iter().enumerate() {
+            let Some(topic) = &route.topic else {
+                return Err(SinkError::Invalid(format!(
+                    "route {index} has no topic: a route of a Kafka sink needs one"
+                )));
+            };
+            let destination = Destination {
+                topic: topic_template(topic)?,
+                key: route.key.as_deref().map(Template::parse).transpose()?,
+            };
+            routes.push((route.matches.clone(), destination));
         }
+        let default = Destination {
+            topic: topic_template(settings.topic)?,
+            key: None,
+        };
+        let router = Router::new(routes, settings.context.routing.unmatched, default)
+            .map(|destination| destination.with_partitions(settings.context.partitions));
+        let cloudevents = CloudEvents::new(settings.cloudevents_source)?;
 
         let mut config = client_config(kafka);
         // Retries neither duplicate nor reorder events within a partition.
@@ -154,24 +252,95 @@ impl KafkaSink {
         let sink = KafkaSink {
             producer,
             kafka: kafka.clone(),
-            template,
+            router,
+            format: settings.format,
+            cloudevents,
+            group: settings.context.group.to_owned(),
             known_topics: Mutex::new(HashSet::new()),
         };
         sink.probe().await?;
-        if sink.template.is_constant() {
-            let topic = sink.template.with_placeholders_as("");
-            check_topic(&topic).map_err(SinkError::Invalid)?;
-            ensure_topics(kafka, &[TopicSpec::new(&topic)]).await?;
-            sink.remember(std::iter::once(topic));
+        let constant: BTreeSet<String> = sink
+            .router
+            .destinations()
+            .filter(|destination| destination.topic.is_constant())
+            .map(|destination| destination.topic.with_placeholders_as(""))
+            .collect();
+        if !constant.is_empty() {
+            for topic in &constant {
+                check_topic(topic).map_err(SinkError::Invalid)?;
+            }
+            let specs: Vec<TopicSpec> = constant.iter().map(TopicSpec::new).collect();
+            ensure_topics(kafka, &specs).await?;
+            sink.remember(constant);
         }
         Ok(sink)
     }
 
-    /// The topic `event` goes to; an error says why it has none.
+    /// The topic `event` goes to (its route's, or the sink's own); an error
+    /// says why it has none.
     pub fn topic_of(&self, event: &StoredEvent) -> Result<String, String> {
-        let topic = self.template.render(event, encode_topic_value);
+        let destination = match self.router.route(event) {
+            Routed::To(destination) => destination,
+            Routed::Skip | Routed::DeadLetter => self.router.default_destination(),
+        };
+        let topic = destination.topic.render(event, encode_topic_value);
         check_topic(&topic)?;
         Ok(topic)
+    }
+
+    /// Where `event` goes: `Ok(None)` when it is skipped, an error when it
+    /// cannot be sent (no legal topic, or a dead letter by `unmatched`).
+    fn target_of(&self, event: &StoredEvent) -> Result<Option<Target>, ProcessError> {
+        let destination = match self.router.route(event) {
+            Routed::To(destination) => destination,
+            Routed::Skip => return Ok(None),
+            Routed::DeadLetter => return Err(unrouted(event)),
+        };
+        let topic = destination.topic.render(event, encode_topic_value);
+        check_topic(&topic).map_err(|reason| ProcessError::new("invalid-topic", reason))?;
+        Ok(Some(Target {
+            topic,
+            key: destination.key_of(event),
+        }))
+    }
+
+    /// The value the sink sends for `event`, written into `body`.
+    fn encode(&self, event: &StoredEvent, body: &mut Vec<u8>) -> serde_json::Result<()> {
+        match self.format {
+            Format::Weir => serde_json::to_writer(body, event),
+            Format::CloudeventsBinary => serde_json::to_writer(body, &event.payload),
+            Format::CloudeventsStructured => self.cloudevents.envelope(event, body),
+        }
+    }
+
+    /// The headers the sink sends with `event`.
+    pub fn headers(&self, event: &StoredEvent) -> OwnedHeaders {
+        let id = event.id.to_string();
+        let position = event.position.to_string();
+        let sequence = event.sequence.to_string();
+        let headers = OwnedHeaders::new_with_capacity(14)
+            .insert(header("Weir-Event-Id", &id))
+            .insert(header("Weir-Event-Name", event.name.as_str()))
+            .insert(header("Weir-Category", event.category.as_str()))
+            .insert(header("Weir-Stream", event.stream.as_str()))
+            .insert(header("Weir-Position", &position))
+            .insert(header("Weir-Sequence", &sequence));
+        match self.format {
+            Format::Weir => headers.insert(header("Content-Type", cloudevents::JSON_CONTENT_TYPE)),
+            Format::CloudeventsStructured => {
+                headers.insert(header("content-type", cloudevents::STRUCTURED_CONTENT_TYPE))
+            }
+            Format::CloudeventsBinary => {
+                let attributes = self.cloudevents.attributes(event);
+                let mut headers = headers
+                    .insert(header("ce_specversion", cloudevents::SPEC_VERSION))
+                    .insert(header("content-type", cloudevents::JSON_CONTENT_TYPE));
+                for (name, value) in attributes.named() {
+                    headers = headers.insert(header(&format!("ce_{name}"), value));
+                }
+                headers
+            }
+        }
     }
 
     async fn probe(&self) -> Result<(), SinkError> {
@@ -204,12 +373,16 @@ impl KafkaSink {
         self.known().extend(topics);
     }
 
-    /// Produces `events[..count]` to `topics[..count]`, all in flight at once,
-    /// and waits for every delivery. Returns the first event that failed.
+    // Long because it is one loop over the batch that keeps the in-flight
+    // window, the per-stream order rule and the full local queue together.
+    /// Produces `events` to `targets` (`None`: skipped), all in flight at once
+    /// but for one rule: when a stream's event goes elsewhere than the stream's
+    /// previous one, the deliveries up to that previous one are settled first.
+    /// Waits for every delivery; returns the first event that failed.
     async fn produce(
         &self,
         events: &[StoredEvent],
-        topics: &[String],
+        targets: &[Option<Target>],
     ) -> Result<(), (usize, ProcessError)> {
         let mut in_flight: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
         let mut failed: Option<(usize, ProcessError)> = None;
@@ -218,29 +391,33 @@ impl KafkaSink {
                 failed = Some((index, error));
             }
         };
+        // Per stream of the batch, where its last event went and that event's
+        // index.
+        let mut last_sent: HashMap<(&str, &str), (&Target, usize)> = HashMap::new();
         let mut body = Vec::with_capacity(512);
-        'events: for (index, (event, topic)) in events.iter().zip(topics).enumerate() {
+        'events: for (index, (event, target)) in events.iter().zip(targets).enumerate() {
+            let Some(target) = target else {
+                continue;
+            };
+            let stream = (event.category.as_str(), event.stream.as_str());
+            if let Some((previous, sent)) = last_sent.get(&stream) {
+                if *previous != target {
+                    if let Err((i, error)) = settle_through(&mut in_flight, *sent, targets).await {
+                        record_failure(i, error);
+                        break 'events;
+                    }
+                }
+            }
             body.clear();
-            if let Err(error) = serde_json::to_writer(&mut body, event) {
+            if let Err(error) = self.encode(event, &mut body) {
                 record_failure(index, ProcessError::new("encode", error));
                 break;
             }
-            let key = format!("{}/{}", event.category, event.stream);
-            let id = event.id.to_string();
-            let position = event.position.to_string();
-            let sequence = event.sequence.to_string();
-            let headers = OwnedHeaders::new_with_capacity(7)
-                .insert(header("Weir-Event-Id", &id))
-                .insert(header("Weir-Event-Name", event.name.as_str()))
-                .insert(header("Weir-Category", event.category.as_str()))
-                .insert(header("Weir-Stream", event.stream.as_str()))
-                .insert(header("Weir-Position", &position))
-                .insert(header("Weir-Sequence", &sequence))
-                .insert(header("Content-Type", "application/json"));
+            let topic = target.topic.as_str();
             let mut record = FutureRecord::to(topic)
-                .key(&key)
+                .key(&target.key)
                 .payload(&body)
-                .headers(headers);
+                .headers(self.headers(event));
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
@@ -262,7 +439,7 @@ impl KafkaSink {
                             );
                             break 'events;
                         };
-                        if let Err(error) = settle(topic, delivery).await {
+                        if let Err(error) = settle(&targets_topic(targets, sent), delivery).await {
                             record_failure(sent, error);
                             break 'events;
                         }
@@ -274,9 +451,10 @@ impl KafkaSink {
                     }
                 }
             }
+            last_sent.insert(stream, (target, index));
         }
         for (index, delivery) in in_flight {
-            if let Err(error) = settle(&topics[index], delivery).await {
+            if let Err(error) = settle(&targets_topic(targets, index), delivery).await {
                 record_failure(index, error);
             }
         }
@@ -285,6 +463,32 @@ impl KafkaSink {
             None => Ok(()),
         }
     }
+}
+
+/// Settles the deliveries at the front of `in_flight` up to event `through`:
+/// the first that failed, with its index, if any did.
+async fn settle_through(
+    in_flight: &mut VecDeque<(usize, DeliveryFuture)>,
+    through: usize,
+    targets: &[Option<Target>],
+) -> Result<(), (usize, ProcessError)> {
+    while in_flight.front().is_some_and(|(i, _)| *i <= through) {
+        if let Some((i, delivery)) = in_flight.pop_front() {
+            settle(&targets_topic(targets, i), delivery)
+                .await
+                .map_err(|error| (i, error))?;
+        }
+    }
+    Ok(())
+}
+
+/// The topic of `targets[index]`, for messages.
+fn targets_topic(targets: &[Option<Target>], index: usize) -> String {
+    targets
+        .get(index)
+        .and_then(Option::as_ref)
+        .map(|target| target.topic.clone())
+        .unwrap_or_default()
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
@@ -342,15 +546,15 @@ fn check_topic(topic: &str) -> Result<(), String> {
 impl EventProcessor for KafkaSink {
     async fn process(&self, events: &[StoredEvent]) -> Result<(), ProcessError> {
         let started = Instant::now();
-        let mut topics = Vec::with_capacity(events.len());
+        let mut targets: Vec<Option<Target>> = Vec::with_capacity(events.len());
         // The first event that cannot be sent, and why; the events before it are
         // sent and acknowledged before the error is returned.
         let mut stop: Option<(usize, ProcessError)> = None;
         for (index, event) in events.iter().enumerate() {
-            match self.topic_of(event) {
-                Ok(topic) => topics.push(topic),
-                Err(reason) => {
-                    stop = Some((index, ProcessError::new("invalid-topic", reason)));
+            match self.target_of(event) {
+                Ok(target) => targets.push(target),
+                Err(error) => {
+                    stop = Some((index, error));
                     break;
                 }
             }
@@ -358,10 +562,11 @@ impl EventProcessor for KafkaSink {
 
         let missing: BTreeSet<String> = {
             let known = self.known();
-            topics
+            targets
                 .iter()
-                .filter(|t| !known.contains(*t))
-                .cloned()
+                .flatten()
+                .filter(|t| !known.contains(&t.topic))
+                .map(|t| t.topic.clone())
                 .collect()
         };
         if !missing.is_empty() {
@@ -369,11 +574,11 @@ impl EventProcessor for KafkaSink {
             match ensure_topics(&self.kafka, &specs).await {
                 Ok(()) => self.remember(missing),
                 Err(error) => {
-                    let first = topics
+                    let first = targets
                         .iter()
-                        .position(|t| missing.contains(t))
+                        .position(|t| t.as_ref().is_some_and(|t| missing.contains(&t.topic)))
                         .unwrap_or_default();
-                    topics.truncate(first);
+                    targets.truncate(first);
                     // Mostly a cluster that cannot be reached; a refusal stalls the
                     // source (visible as retrying) rather than dropping its events.
                     stop = Some((first, ProcessError::transient("topic", error)));
@@ -381,11 +586,13 @@ impl EventProcessor for KafkaSink {
             }
         }
 
-        let sendable = topics.len();
-        self.produce(&events[..sendable], &topics)
-            .await
-            .map_err(|(index, error)| error.at(index))?;
-        metrics::sink_batch("kafka", sendable, started.elapsed());
+        let sendable = targets.len();
+        let outcome = self.produce(&events[..sendable], &targets).await;
+        let reached = outcome.as_ref().err().map_or(sendable, |(index, _)| *index);
+        let skipped = targets[..reached].iter().filter(|t| t.is_none()).count();
+        count_unrouted(&self.group, skipped as u64);
+        outcome.map_err(|(index, error)| error.at(index))?;
+        metrics::sink_batch("kafka", sendable - skipped, started.elapsed());
         match stop {
             Some((index, error)) => Err(error.at(index)),
             None => Ok(()),

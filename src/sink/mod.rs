@@ -3,10 +3,12 @@
 //! of them acknowledge a batch only once every event in it is delivered, so a
 //! consumer's checkpoint never runs ahead of the destination.
 
+pub mod cloudevents;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod route;
 pub mod stdout;
 pub mod template;
 
@@ -17,10 +19,12 @@ use serde::{Deserialize, Serialize};
 use crate::connect::{ConnectError, KafkaOptions, NatsOptions};
 use crate::consumer::EventProcessor;
 
+pub use cloudevents::Format;
 #[cfg(feature = "kafka")]
 pub use kafka::KafkaSink;
 #[cfg(feature = "nats")]
 pub use nats::NatsSink;
+pub use route::{RouteConfig, RouteMatch, Routing, Unmatched};
 pub use stdout::StdoutSink;
 pub use template::{Template, TemplateError};
 
@@ -46,12 +50,48 @@ pub enum SinkConfig {
         /// Publishes awaiting their acknowledgement at once.
         #[serde(default = "default_max_in_flight")]
         max_in_flight: usize,
+        /// How events are put on the wire.
+        #[serde(default)]
+        format: Format,
+        /// The CloudEvents `source` template; by default
+        /// `weir://{category}/{stream}`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloudevents_source: Option<String>,
     },
     /// Idempotent produces through `[kafka]`, keyed by stream.
     Kafka {
         /// Topic template, e.g. `events.{category}`.
         topic: String,
+        /// How events are put on the wire.
+        #[serde(default)]
+        format: Format,
+        /// The CloudEvents `source` template; by default
+        /// `weir://{category}/{stream}`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloudevents_source: Option<String>,
     },
+}
+
+impl SinkConfig {
+    /// A NATS sink to `subject` with the other settings at their defaults.
+    pub fn nats(subject: impl Into<String>) -> Self {
+        SinkConfig::Nats {
+            subject: subject.into(),
+            stream: None,
+            max_in_flight: default_max_in_flight(),
+            format: Format::default(),
+            cloudevents_source: None,
+        }
+    }
+
+    /// A Kafka sink to `topic` with the other settings at their defaults.
+    pub fn kafka(topic: impl Into<String>) -> Self {
+        SinkConfig::Kafka {
+            topic: topic.into(),
+            format: Format::default(),
+            cloudevents_source: None,
+        }
+    }
 }
 
 pub(crate) fn default_max_in_flight() -> usize {
@@ -82,33 +122,80 @@ impl From<ConnectError> for SinkError {
     }
 }
 
-/// The sink `sink` describes, connected with the `[nats]` / `[kafka]` options,
-/// for a group that reads its categories as `partitions` partitions (which
-/// `{partition}` in a template counts in).
+/// What a sink is built from besides its own section.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkContext<'a> {
+    /// The group it forwards for, which its metrics are labelled with.
+    pub group: &'a str,
+    /// How many partitions the group reads its categories as, which
+    /// `{partition}` in a template counts in.
+    pub partitions: u32,
+    pub routing: &'a Routing,
+}
+
+impl Default for SinkContext<'_> {
+    /// No group, one partition, no routes.
+    fn default() -> Self {
+        Self {
+            group: "",
+            partitions: 1,
+            routing: &route::NO_ROUTES,
+        }
+    }
+}
+
+/// The sink `sink` describes, connected with the `[nats]` / `[kafka]` options.
 pub async fn build(
     sink: &SinkConfig,
     nats: &NatsOptions,
     kafka: &KafkaOptions,
-    partitions: u32,
+    context: SinkContext<'_>,
 ) -> Result<Arc<dyn EventProcessor>, SinkError> {
-    let _ = (nats, kafka, partitions);
+    let _ = (nats, kafka);
+    if !context.routing.routes.is_empty() && matches!(sink, SinkConfig::Stdout) {
+        return Err(SinkError::Invalid(
+            "routes need a nats or kafka sink".into(),
+        ));
+    }
     Ok(match sink {
         SinkConfig::Stdout => Arc::new(StdoutSink::new()),
         #[cfg(feature = "kafka")]
-        SinkConfig::Kafka { topic } => Arc::new(
-            KafkaSink::connect(kafka, topic)
-                .await?
-                .with_partitions(partitions),
+        SinkConfig::Kafka {
+            topic,
+            format,
+            cloudevents_source,
+        } => Arc::new(
+            KafkaSink::connect_with(
+                kafka,
+                kafka::KafkaSinkSettings {
+                    topic,
+                    format: *format,
+                    cloudevents_source: cloudevents_source.as_deref(),
+                    context,
+                },
+            )
+            .await?,
         ),
         #[cfg(feature = "nats")]
         SinkConfig::Nats {
             subject,
             stream,
             max_in_flight,
+            format,
+            cloudevents_source,
         } => Arc::new(
-            NatsSink::connect(nats, subject, stream.as_deref(), *max_in_flight)
-                .await?
-                .with_partitions(partitions),
+            NatsSink::connect_with(
+                nats,
+                nats::NatsSinkSettings {
+                    subject,
+                    stream: stream.as_deref(),
+                    max_in_flight: *max_in_flight,
+                    format: *format,
+                    cloudevents_source: cloudevents_source.as_deref(),
+                    context,
+                },
+            )
+            .await?,
         ),
         #[allow(unreachable_patterns)]
         other => {

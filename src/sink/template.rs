@@ -10,8 +10,27 @@
 //! the destination.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use crate::event::StoredEvent;
+
+/// `value` with every byte `keeps` refuses written as `escape` and two
+/// upper-case hex digits: the encodings that keep a value from changing the
+/// shape of a destination (`_` for Kafka topics, `%` for URIs and headers).
+pub fn escape_bytes(value: &str, keeps: impl Fn(u8) -> bool, escape: char) -> Cow<'_, str> {
+    if value.bytes().all(&keeps) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() * 3);
+    for byte in value.bytes() {
+        if keeps(byte) {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "{escape}{byte:02X}");
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]

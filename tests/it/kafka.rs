@@ -21,11 +21,13 @@ use weir::bus::{AllocationBus, BusMessage, Decision, Error, Frame, KafkaBus, dec
 use weir::config::{BusConfig, KafkaOptions};
 use weir::consumer::EventProcessor;
 use weir::event::{Category, EventName, NewEvent, StoredEvent, StreamName, WriteCondition};
+use weir::sink::kafka::KafkaSinkSettings;
 use weir::sink::kafka::encode_topic_value;
-use weir::sink::{KafkaSink, SinkError};
+use weir::sink::{Format, KafkaSink, SinkError};
 use weir::store::{EventStore, MemoryStore};
 
 use crate::common::bus_suite::{BusBackend, PATIENCE, decision, next, source};
+use crate::common::cloudevents::Received;
 use crate::common::{init_logging, kafka_brokers, service_missing, unique_name};
 
 // ---------------------------------------------------------------------------
@@ -573,4 +575,201 @@ async fn a_refused_delivery_fails_at_the_first_refused_event() {
             .collect::<Vec<_>>(),
         ["0", "1"]
     );
+}
+
+// ---------------------------------------------------------------------------
+// CloudEvents
+
+/// What a record read back looks like to the CloudEvents SDK.
+fn received(record: &Record) -> Received {
+    Received::kafka(
+        record
+            .headers
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone().into_bytes()))
+            .collect(),
+        record.value.clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_in_both_modes_read_back_with_the_sdk_attribute_for_attribute() {
+    let Some(kafka) = test_kafka().await else {
+        return;
+    };
+    let store = MemoryStore::new();
+    let mut batch = append(&store, "orders", "order-1", 3).await;
+    batch.extend(append(&store, "Big Orders", "order/2 é", 2).await);
+    for (format, source, expected_source) in [
+        (
+            Format::CloudeventsBinary,
+            None,
+            (|e: &StoredEvent| match e.category.as_str() {
+                "orders" => "weir://orders/order-1".to_owned(),
+                _ => "weir://Big%20Orders/order%2F2%20%C3%A9".to_owned(),
+            }) as fn(&StoredEvent) -> String,
+        ),
+        (
+            Format::CloudeventsStructured,
+            Some("urn:shop:{category}:{name}"),
+            |e: &StoredEvent| match e.category.as_str() {
+                "orders" => format!("urn:shop:orders:{}", e.name),
+                _ => format!("urn:shop:Big%20Orders:{}", e.name),
+            },
+        ),
+    ] {
+        let topic = unique_name("cloudevents");
+        let sink = KafkaSink::connect_with(
+            &kafka,
+            KafkaSinkSettings {
+                format,
+                cloudevents_source: source,
+                ..KafkaSinkSettings::new(&topic)
+            },
+        )
+        .await
+        .expect("connect");
+        sink.process(&batch).await.expect("the batch is delivered");
+        let records = read_topic(&kafka, &topic, batch.len()).await;
+        assert_eq!(records.len(), batch.len());
+        for record in &records {
+            let stored = batch
+                .iter()
+                .find(|e| e.id.to_string() == header(record, "Weir-Event-Id"))
+                .expect("a sent event");
+            // weir's own headers stay in every format.
+            assert_eq!(header(record, "Weir-Event-Name"), stored.name.as_str());
+            assert_eq!(header(record, "Weir-Category"), stored.category.as_str());
+            assert_eq!(header(record, "Weir-Stream"), stored.stream.as_str());
+            assert_eq!(header(record, "Weir-Position"), stored.position.to_string());
+            assert_eq!(header(record, "Weir-Sequence"), stored.sequence.to_string());
+            assert!(
+                !record.headers.iter().any(|(key, _)| key == "Content-Type"),
+                "only the binding's content-type: {record:?}"
+            );
+            assert_eq!(record.key, format!("{}/{}", stored.category, stored.stream));
+            match format {
+                Format::CloudeventsBinary => {
+                    assert_eq!(header(record, "ce_specversion"), "1.0");
+                    assert_eq!(header(record, "ce_id"), stored.id.to_string());
+                    assert_eq!(header(record, "ce_type"), stored.name.as_str());
+                    assert_eq!(header(record, "ce_subject"), stored.stream.as_str());
+                    assert_eq!(header(record, "content-type"), "application/json");
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&record.value).expect("JSON");
+                    assert_eq!(body, stored.payload, "the payload is the value");
+                }
+                _ => {
+                    assert_eq!(
+                        header(record, "content-type"),
+                        "application/cloudevents+json; charset=UTF-8"
+                    );
+                    assert!(
+                        !record.headers.iter().any(|(key, _)| key.starts_with("ce_")),
+                        "{record:?}"
+                    );
+                }
+            }
+            let event = received(record).to_event();
+            crate::common::cloudevents::check(&event, stored, &expected_source(stored));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_pick_each_events_topic_and_key() {
+    let Some(kafka) = test_kafka().await else {
+        return;
+    };
+    let prefix = unique_name("routes");
+    #[derive(serde::Deserialize)]
+    struct Holder {
+        routes: Vec<weir::sink::RouteConfig>,
+    }
+    let routes = toml::from_str::<Holder>(&format!(
+        r#"
+        [[routes]]
+        match = {{ names = ["Placed"], category = "orders" }}
+        topic = "{prefix}.placed"
+        key = "{{stream}}:{{name}}"
+        [[routes]]
+        match = {{ names = ["Pa*"] }}
+        topic = "{prefix}.{{name}}"
+        "#
+    ))
+    .expect("routes")
+    .routes;
+    let store = MemoryStore::new();
+    // append() alternates Placed and Paid: refunds' Placed and its Noted event
+    // (indexes 3 and 5) match no route.
+    let mut batch = append(&store, "orders", "order-1", 3).await;
+    batch.extend(append(&store, "refunds", "refund-1", 2).await);
+    batch.extend(
+        store
+            .append(
+                &Category::new("refunds").expect("valid"),
+                &StreamName::new("refund-1").expect("valid"),
+                WriteCondition::Any,
+                vec![NewEvent::new(
+                    EventName::new("Noted").expect("valid"),
+                    serde_json::json!({}),
+                )],
+            )
+            .await
+            .expect("append"),
+    );
+    batch.extend(append(&store, "orders", "order-1", 1).await);
+
+    for unmatched in [
+        weir::sink::Unmatched::Default,
+        weir::sink::Unmatched::Skip,
+        weir::sink::Unmatched::DeadLetter,
+    ] {
+        let own = format!("{prefix}.{unmatched:?}").to_lowercase();
+        let routing = weir::sink::Routing {
+            routes: routes.clone(),
+            unmatched,
+        };
+        let sink = KafkaSink::connect_with(
+            &kafka,
+            KafkaSinkSettings {
+                context: weir::sink::SinkContext {
+                    routing: &routing,
+                    ..Default::default()
+                },
+                ..KafkaSinkSettings::new(&own)
+            },
+        )
+        .await
+        .expect("connect");
+        let outcome = sink.process(&batch).await;
+        match unmatched {
+            weir::sink::Unmatched::DeadLetter => {
+                let error = outcome.expect_err("refunds' Placed matches no route");
+                assert_eq!(error.index(), Some(3));
+                assert_eq!(error.kind(), "unrouted");
+                assert!(error.is_dead_letter(), "{error}");
+            }
+            _ => outcome.expect("delivered"),
+        }
+        if unmatched == weir::sink::Unmatched::Default {
+            let own_records = read_topic(&kafka, &own, 2).await;
+            let names: Vec<&str> = own_records
+                .iter()
+                .map(|r| header(r, "Weir-Event-Name"))
+                .collect();
+            assert_eq!(names, ["Placed", "Noted"]);
+            assert_eq!(own_records[1].key, "refunds/refund-1");
+        }
+    }
+    // Each run sent the same routed events; read the first run's.
+    let placed = read_topic(&kafka, &format!("{prefix}.placed"), 3).await;
+    let keys: Vec<&str> = placed.iter().take(3).map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, ["order-1:Placed", "order-1:Placed", "order-1:Placed"]);
+    let paid = read_topic(&kafka, &format!("{prefix}.Paid"), 2).await;
+    let paid_keys: Vec<&str> = paid.iter().take(2).map(|r| r.key.as_str()).collect();
+    assert_eq!(paid_keys, ["orders/order-1", "refunds/refund-1"]);
 }

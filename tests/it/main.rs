@@ -38,6 +38,8 @@ mod operate;
 mod postgres_store;
 mod prometheus;
 mod read_ahead;
+#[cfg(any(feature = "nats", feature = "kafka"))]
+mod routes;
 mod runtime;
 mod shutdown;
 mod simulation;

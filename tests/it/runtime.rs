@@ -30,6 +30,7 @@ on_every_backend!(
     subscription_consumers_process_every_event_once_in_stream_order,
     consumers_wake_on_appends_without_polling,
     a_restarted_consumer_resumes_after_its_checkpoint,
+    filtered_events_move_the_checkpoint_and_are_not_read_again_after_a_restart,
     checkpoints_are_stored_every_n_events,
     a_fenced_consumer_stops_and_leaves_the_checkpoint_alone,
     continue_skips_failing_events_as_dead_letters,
@@ -67,6 +68,15 @@ async fn append(
             NewEvent::new(EventName::new("Happened").unwrap(), payload)
         })
         .collect();
+    append_events(store, category_name, stream, events).await
+}
+
+async fn append_events(
+    store: &dyn EventStore,
+    category_name: &str,
+    stream: &str,
+    events: Vec<NewEvent>,
+) -> Vec<StoredEvent> {
     store
         .append(
             &category(category_name),
@@ -331,6 +341,109 @@ async fn a_restarted_consumer_resumes_after_its_checkpoint(backend: Backend) {
     let ids: Vec<Uuid> = again.processed().iter().map(|e| e.id).collect();
     assert_eq!(ids, second.iter().map(|e| e.id).collect::<Vec<_>>());
     restarted.stop().await;
+}
+
+/// Appends one event per name to `stream` of `category`, payload `{"n": i}`.
+async fn append_named(
+    store: &dyn EventStore,
+    category_name: &str,
+    stream: &str,
+    names: &[&str],
+) -> Vec<StoredEvent> {
+    let events = names
+        .iter()
+        .enumerate()
+        .map(|(n, name)| NewEvent::new(EventName::new(*name).unwrap(), json!({ "n": n })))
+        .collect();
+    append_events(store, category_name, stream, events).await
+}
+
+async fn filtered_events_move_the_checkpoint_and_are_not_read_again_after_a_restart(
+    backend: Backend,
+) {
+    let store = Arc::clone(&backend.stores.events);
+    // The batch's last events are ones the filter drops: the checkpoint must
+    // still pass them.
+    let names = [
+        "OrderPlaced",
+        "Debug",
+        "OrderPlaced",
+        "OrderViewed",
+        "Debug",
+        "OrderShipped",
+        "Debug",
+        "OrderViewed",
+    ];
+    let first = append_named(store.as_ref(), "orders", "order-1", &names).await;
+    let filter: weir::consumer::EventFilter = toml::from_str(
+        r#"names = ["Order*"]
+                         exclude_names = ["OrderViewed"]"#,
+    )
+    .unwrap();
+    let filtered = ConsumerSettings {
+        batch_size: 3,
+        filter: Some(filter),
+        ..settings()
+    };
+    let recorder = Arc::new(Recorder::default());
+    let runtime = runtime(&backend, Arc::new(SingletonBroker::new()));
+    runtime
+        .register_subscription_consumer(
+            spec("g", &["category:orders"]),
+            recorder.clone(),
+            Some(filtered.clone()),
+        )
+        .unwrap();
+    runtime.start().await.unwrap();
+    recorder.wait_for(3).await;
+    // Until the consumer has passed the filtered tail too.
+    let last = first.last().unwrap().cursor;
+    let started = Instant::now();
+    while runtime
+        .status()
+        .consumers
+        .iter()
+        .find(|c| c.key.group == "g")
+        .and_then(|c| c.cursor)
+        != Some(last)
+    {
+        assert!(
+            started.elapsed() < WAIT,
+            "the consumer never passed the tail"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    runtime.stop().await;
+    let names_of = |events: Vec<StoredEvent>| -> Vec<String> {
+        events.iter().map(|e| e.name.as_str().to_owned()).collect()
+    };
+    assert_eq!(
+        names_of(recorder.processed()),
+        ["OrderPlaced", "OrderPlaced", "OrderShipped"]
+    );
+    assert_eq!(checkpoint(&backend, "g", "category:orders").await, last);
+
+    // After a restart, only what came since is read: nothing filtered before
+    // is read again, and the filter goes on dropping.
+    let second = append_named(store.as_ref(), "orders", "order-1", &["Debug", "OrderPaid"]).await;
+    let again = Arc::new(Recorder::default());
+    let restarted = self::runtime(&backend, Arc::new(SingletonBroker::new()));
+    restarted
+        .register_subscription_consumer(
+            spec("g", &["category:orders"]),
+            again.clone(),
+            Some(filtered),
+        )
+        .unwrap();
+    restarted.start().await.unwrap();
+    again.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    restarted.stop().await;
+    assert_eq!(names_of(again.processed()), ["OrderPaid"]);
+    assert_eq!(
+        checkpoint(&backend, "g", "category:orders").await,
+        second[1].cursor
+    );
 }
 
 async fn checkpoints_are_stored_every_n_events(backend: Backend) {

@@ -84,10 +84,10 @@ pub(super) fn sink_config(kind: SinkKind, prefix: &str, max_in_flight: usize) ->
             subject: format!("{prefix}.{{category}}.{{stream}}"),
             stream: Some(prefix.to_uppercase()),
             max_in_flight,
+            format: crate::sink::Format::Weir,
+            cloudevents_source: None,
         },
-        SinkKind::Kafka => SinkConfig::Kafka {
-            topic: format!("{prefix}.{{category}}"),
-        },
+        SinkKind::Kafka => SinkConfig::kafka(format!("{prefix}.{{category}}")),
     }
 }
 
@@ -169,11 +169,16 @@ async fn weir_round(
     settings: &ConsumerSettings,
 ) -> Result<Duration, CliError> {
     let prefix_weir = prefix(round, "weir");
+    let routing = crate::sink::Routing::default();
     let sink = crate::sink::build(
         &sink_config(args.sink, &prefix_weir, args.max_in_flight),
         &config.nats,
         &config.kafka,
-        1,
+        crate::sink::SinkContext {
+            group: "bench",
+            partitions: 1,
+            routing: &routing,
+        },
     )
     .await?;
     // Built (connected, stream or topics ready) before the clock starts.

@@ -198,6 +198,9 @@ fn node_config(
         sources: vec![Source::Category(category.clone())],
         instances: 1,
         required_tags: Default::default(),
+        filter: None,
+        routes: Vec::new(),
+        unmatched: Default::default(),
         sink: sink_config(args.sink, tag, crate::sink::default_max_in_flight()),
         consumer: ConsumerSettings {
             batch_size: args

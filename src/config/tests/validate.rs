@@ -47,13 +47,13 @@ fn sinks_bus_connections_and_tags_are_read_and_checked() {
             subject: "events.{category}.{stream}".into(),
             stream: Some("EVENTS".into()),
             max_in_flight: crate::sink::default_max_in_flight(),
+            format: crate::sink::Format::Weir,
+            cloudevents_source: None,
         }
     );
     assert_eq!(
         config.subscriptions[1].sink,
-        SinkConfig::Kafka {
-            topic: "events.{category}".into()
-        }
+        SinkConfig::kafka("events.{category}")
     );
     let printed = config.to_redacted_toml();
     assert!(
@@ -409,4 +409,159 @@ fn admin_tokens_are_read_checked_and_never_printed() {
         ],
         "{error}"
     );
+}
+
+#[test]
+fn filters_routes_and_formats_are_read_from_the_subscription() {
+    let config = load_ok(
+        r#"
+            [[subscriptions]]
+            group = "eu-orders"
+            sources = ["category:orders", "category:payments"]
+            filter = { names = ["Order*", "PaymentFailed"], exclude_names = ["OrderViewed"], metadata = { tenant = "eu" } }
+            sink = { kind = "kafka", topic = "events.{category}", format = "cloudevents-binary", cloudevents_source = "urn:shop:{category}" }
+            unmatched = "dead_letter"
+
+            [[subscriptions.routes]]
+            match = { names = ["Order*"], category = "orders" }
+            topic = "orders.{name}"
+            key = "{stream}"
+
+            [[subscriptions.routes]]
+            match = { category = "payments" }
+            topic = "payments"
+        "#,
+        &[],
+    );
+    let subscription = &config.subscriptions[0];
+    let filter = subscription.filter.as_ref().expect("a filter");
+    assert_eq!(filter.names.as_ref().map(Vec::len), Some(2));
+    assert_eq!(filter.metadata["tenant"], "eu");
+    assert_eq!(
+        subscription.consumer_settings().filter.as_ref(),
+        Some(filter),
+        "the consumers get the filter"
+    );
+    assert_eq!(subscription.routes.len(), 2);
+    assert_eq!(subscription.routes[0].key.as_deref(), Some("{stream}"));
+    assert_eq!(subscription.unmatched, crate::sink::Unmatched::DeadLetter);
+    assert_eq!(
+        subscription.sink,
+        SinkConfig::Kafka {
+            topic: "events.{category}".into(),
+            format: crate::sink::Format::CloudeventsBinary,
+            cloudevents_source: Some("urn:shop:{category}".into()),
+        }
+    );
+    // What config check prints loads back the same.
+    let printed = config.to_redacted_toml();
+    let again = load_ok(&printed, &[]);
+    assert_eq!(again.subscriptions, config.subscriptions, "{printed}");
+}
+
+#[test]
+fn filters_and_routes_that_cannot_work_are_refused_by_key() {
+    let error = load_err(
+        r#"
+            [[subscriptions]]
+            group = "a"
+            sources = ["log"]
+            filter = { names = [] }
+            sink = { kind = "nats", subject = "events.{category}" }
+
+            [[subscriptions.routes]]
+            match = {}
+            topic = "orders"
+
+            [[subscriptions.routes]]
+            match = { names = [] }
+            subject = "x.{nope}"
+
+            [[subscriptions]]
+            group = "b"
+            sources = ["log"]
+            filter = { exclude_names = ["*"] }
+            unmatched = "skip"
+
+            [[subscriptions]]
+            group = "c"
+            sources = ["log"]
+            sink = { kind = "kafka", topic = "t", cloudevents_source = "weir://{stream}" }
+
+            [[subscriptions.routes]]
+            match = { category = "orders" }
+            subject = "orders"
+            key = "{strem}"
+
+            [[subscriptions]]
+            group = "d"
+            sources = ["log"]
+            sink = { kind = "kafka", topic = "t", format = "cloudevents-structured", cloudevents_source = "a b" }
+
+            [[subscriptions.routes]]
+            match = { category = "orders" }
+            topic = "orders/{name}"
+
+            [[subscriptions]]
+            group = "e"
+            sources = ["log"]
+
+            [[subscriptions.routes]]
+            match = { category = "orders" }
+            subject = "orders"
+        "#,
+        &[],
+    );
+    let mut found = keys(&error);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "subscriptions[0].filter.names",
+            "subscriptions[0].routes[0].subject",
+            "subscriptions[0].routes[0].topic",
+            "subscriptions[0].routes[1].match",
+            "subscriptions[0].routes[1].match.names",
+            "subscriptions[0].routes[1].subject",
+            "subscriptions[1].filter.exclude_names",
+            "subscriptions[1].unmatched",
+            "subscriptions[2].routes[0].key",
+            "subscriptions[2].routes[0].subject",
+            "subscriptions[2].routes[0].topic",
+            "subscriptions[2].sink.cloudevents_source",
+            "subscriptions[3].routes[0].topic",
+            "subscriptions[3].sink.cloudevents_source",
+            "subscriptions[4].routes",
+        ],
+        "{error}"
+    );
+    assert!(
+        problem(&error, "subscriptions[0].filter.names")
+            .message
+            .contains("keeps no event"),
+        "{error}"
+    );
+    assert!(
+        problem(&error, "subscriptions[0].routes[1].match")
+            .message
+            .contains("routes[0]"),
+        "{error}"
+    );
+    assert!(
+        problem(&error, "subscriptions[2].sink.cloudevents_source")
+            .message
+            .contains("applies only with format"),
+        "{error}"
+    );
+
+    let unknown = load_err(
+        r#"
+            [[subscriptions]]
+            group = "a"
+            sources = ["log"]
+            sink = { kind = "kafka", topic = "t", format = "cloudevents" }
+        "#,
+        &[],
+    );
+    assert!(unknown.to_string().contains("cloudevents"), "{unknown}");
 }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use weir::postgres::{PostgresStore, PostgresStoreOptions};
 
 pub mod bus_suite;
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub mod cloudevents;
 pub mod fleet;
 pub mod node;
 pub mod nodes;
