@@ -58,6 +58,7 @@ pub enum Selection {
 
 /// A retry or purge of one group's dead letters, as the admin API receives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterRequest {
     pub group: String,
     pub selection: Selection,

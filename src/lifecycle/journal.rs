@@ -43,6 +43,8 @@ pub struct Journal {
 struct Shared {
     /// Stored in each event's metadata: which node saw it happen.
     node: String,
+    /// Where [`Journal::record_now`] writes at once.
+    store: Arc<dyn EventStore>,
     queue: Mutex<VecDeque<Pending>>,
     wake: Notify,
     /// A batch taken from the queue is being written.
@@ -107,6 +109,7 @@ impl Journal {
         }
         let shared = Arc::new(Shared {
             node: node.into(),
+            store: Arc::clone(&store),
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             writing: AtomicBool::new(false),
@@ -139,21 +142,28 @@ impl Journal {
         let Some(shared) = &self.shared else {
             return;
         };
-        let (name, payload) = event.to_parts();
-        let (Some(name), Some(stream)) = (event_name(&name), stream_name(&event.stream())) else {
-            tracing::warn!(
-                ?event,
-                "a lifecycle event with an invalid name or stream was not recorded"
-            );
+        let Some(pending) = shared.pending(&event) else {
             return;
         };
-        // A key of its own, so that writing a batch again after a lost connection
-        // cannot store an event twice.
-        let key = IdempotencyKey::new(crate::ambient::event_id().to_string()).ok();
-        let mut event = NewEvent::new(name, payload).with_metadata(json!({ "node": shared.node }));
-        event.idempotency_key = key;
-        shared.enqueue(|queue| queue.push_back(Pending { stream, event }));
+        shared.enqueue(|queue| queue.push_back(pending));
         shared.wake.notify_one();
+    }
+
+    /// Writes `event` now, past the queue, and says whether the store took it:
+    /// for a record that must be in the store before the work it announces
+    /// starts (an admin write). A disabled journal takes it without writing.
+    pub async fn record_now(&self, event: LifecycleEvent) -> crate::store::Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let Some(pending) = shared.pending(&event) else {
+            return Ok(());
+        };
+        shared
+            .store
+            .append_reserved(&category(), appends(&[pending]))
+            .await
+            .map(drop)
     }
 
     /// Waits until every event recorded so far is written, or `timeout` passes;
@@ -192,6 +202,23 @@ impl Shared {
             overflow,
             "the lifecycle event queue is full (the store is slow or down)",
         );
+    }
+
+    /// `event` as it is appended: its stream, and a key of its own, so that
+    /// writing a batch again after a lost connection cannot store it twice.
+    fn pending(&self, event: &LifecycleEvent) -> Option<Pending> {
+        let (name, payload) = event.to_parts();
+        let (Some(name), Some(stream)) = (event_name(&name), stream_name(&event.stream())) else {
+            tracing::warn!(
+                ?event,
+                "a lifecycle event with an invalid name or stream was not recorded"
+            );
+            return None;
+        };
+        let key = IdempotencyKey::new(crate::ambient::event_id().to_string()).ok();
+        let mut event = NewEvent::new(name, payload).with_metadata(json!({ "node": self.node }));
+        event.idempotency_key = key;
+        Some(Pending { stream, event })
     }
 
     fn is_idle(&self) -> bool {
