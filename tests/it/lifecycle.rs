@@ -311,3 +311,73 @@ async fn a_scripted_scenario_records_each_transition_in_order(backend: Backend) 
         "{kept:?}"
     );
 }
+
+/// Fails permanently on every event: a group that cannot take weir's records.
+struct Refusing;
+
+#[async_trait]
+impl EventProcessor for Refusing {
+    async fn process(&self, _: &[StoredEvent]) -> Result<(), ProcessError> {
+        Err(ProcessError::permanent("refused", "takes nothing").at(0))
+    }
+}
+
+/// A group subscribed to `$weir` whose processor refuses its events (under the
+/// default `continue` policy) gets dead letters of them, but no lifecycle
+/// record of those dead letters: each record would be one more event to refuse,
+/// and so on forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reading_weirs_records_does_not_feed_on_its_own_dead_letters() {
+    let backend = Backend::memory();
+    let store = Arc::clone(&backend.stores.events);
+    let (journal, task) = Journal::start(Arc::clone(&store), "test", &LifecycleSettings::default());
+    let broker = DistributedBroker::new(
+        "node-w",
+        BrokerRole::Full,
+        common::fleet::settings(),
+        backend.fleet.clone(),
+    )
+    .with_journal(journal.clone());
+    let runtime = EventRuntime::new(
+        "node-w",
+        Arc::new(broker),
+        backend.stores.clone(),
+        settings(),
+    )
+    .with_journal(journal.clone());
+    let weir: Source = format!("category:{}", lifecycle::CATEGORY).parse().unwrap();
+    runtime
+        .register_subscription_consumer(
+            SubscriberSpec::new("watcher", "node-w/1", [weir]),
+            Arc::new(Refusing),
+            None,
+        )
+        .unwrap();
+    runtime.start().await.unwrap();
+    let dead_letters = Arc::clone(&backend.stores.dead_letters);
+    let started = Instant::now();
+    while dead_letters
+        .list(Some("watcher"), 0, 10)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(started.elapsed() < WAIT, "no lifecycle event was refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for a record of a dead letter to be written, read and
+    // refused several times over (the consumer polls every 50 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(journal.flush(Duration::from_secs(5)).await);
+    let recorded: Vec<StoredEvent> = lifecycle_events(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|event| event.name.as_str() == "DeadLetterRecorded")
+        .collect();
+    assert!(
+        recorded.is_empty(),
+        "dead letters of weir's own records were recorded as lifecycle events: {recorded:?}"
+    );
+    runtime.stop().await;
+    task.stop().await;
+}
