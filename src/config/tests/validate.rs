@@ -410,3 +410,12 @@ fn admin_tokens_are_read_checked_and_never_printed() {
         "{error}"
     );
 }
+
+#[test]
+fn an_https_advertise_address_is_refused() {
+    let error = load_err("[http]\nadvertise = \"https://10.0.0.5:9600\"\n", &[]);
+    assert_eq!(keys(&error), ["http.advertise"], "{error}");
+    assert!(error.to_string().contains("plain http"), "{error}");
+    let config = load_ok("[http]\nadvertise = \"http://10.0.0.5:9600\"\n", &[]);
+    assert_eq!(config.http.admin_url(), "http://10.0.0.5:9600");
+}
