@@ -38,13 +38,25 @@ pub struct NodeArgs {
     /// http.admin_token, since writes are recorded under the token's name).
     #[arg(long, value_name = "NAME")]
     pub token_name: Option<String>,
+    /// How long to wait for a node's answer to a write (default: the
+    /// configuration's broker.handover_timeout and a minute, past the longest a
+    /// leader waits before answering a reset "in progress"). A write that
+    /// outlasts it may go on, or stop where it got to: check before sending it
+    /// again.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
 }
+
+/// How much longer than the handover timeout the CLI waits for a write's answer.
+const WRITE_MARGIN: Duration = Duration::from_secs(60);
 
 /// A node's admin API.
 pub struct AdminClient {
     base: url::Url,
     /// The token writes send, or why none could be chosen (reads need none).
     token: Result<Option<String>, String>,
+    /// How long a write's request may take.
+    write_timeout: Duration,
 }
 
 impl AdminClient {
@@ -62,6 +74,9 @@ impl AdminClient {
         Ok(Self {
             base: base_url(&base)?,
             token,
+            write_timeout: args
+                .timeout
+                .unwrap_or(config.broker.handover_timeout + WRITE_MARGIN),
         })
     }
 
@@ -102,8 +117,15 @@ impl AdminClient {
         let mut base = self.base.clone();
         for _ in 0..=LEADER_HOPS {
             let url = join(&base, path)?;
-            let (status, answer) =
-                request(Method::POST, &url, token.as_deref(), payload.clone()).await?;
+            let sent = request(Method::POST, &url, token.as_deref(), payload.clone());
+            let (status, answer) = tokio::time::timeout(self.write_timeout, sent)
+                .await
+                .map_err(|_| {
+                    CliError::Retry(format!(
+                        "{url} did not answer within {}: the write may still be under way, or have stopped where it got to; check (`weir checkpoints list`, `weir dead-letters list`) before sending it again",
+                        humantime::format_duration(self.write_timeout)
+                    ))
+                })??;
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 if let Ok(ErrorBody {
                     leader_url: Some(leader),

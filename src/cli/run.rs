@@ -81,21 +81,19 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let auth = super::observe::admin_auth(config)?;
     let executors = group_executors(config, &runtime);
     let admin = control.map(|control| {
-        Arc::new(
-            Admin::new(AdminParts {
-                node: node.clone(),
-                stores,
-                membership,
-                fleet,
-                control,
-                processors,
-                auth,
-                member_timeout: config.broker.member_timeout,
-                handover_timeout: config.broker.handover_timeout,
-                journal: journal.clone(),
-            })
-            .with_executors(executors),
-        )
+        let parts = AdminParts {
+            node: node.clone(),
+            stores,
+            membership,
+            fleet,
+            control,
+            processors,
+            auth,
+            member_timeout: config.broker.member_timeout,
+            handover_timeout: config.broker.handover_timeout,
+            journal: journal.clone(),
+        };
+        Arc::new(Admin::new(parts).with_executors(executors))
     });
     // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
     let http = super::observe::start(config, Arc::clone(&runtime), observed, admin.clone()).await?;

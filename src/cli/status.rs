@@ -42,6 +42,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
             url: Some(base),
             token: None,
             token_name: None,
+            timeout: None,
         };
         let fleet: FleetStatus = AdminClient::new(config, &node)?.get("/admin/fleet").await?;
         return super::operate::print_answer(&fleet, args.json, || render_fleet(&fleet));

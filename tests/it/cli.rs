@@ -1594,3 +1594,28 @@ fn admin_refusals_exit_with_a_code_that_says_whether_to_try_again() {
         .expect_stderr("refused for the test");
     }
 }
+
+#[test]
+fn an_admin_write_gives_up_after_its_timeout() {
+    // A node that accepts the connection and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let started = Instant::now();
+    run(&[
+        "dead-letters",
+        "purge",
+        "--group",
+        "g",
+        "--all",
+        "--url",
+        &url,
+        "--token",
+        "t0ken",
+        "--timeout",
+        "1s",
+    ])
+    .expect_code(75)
+    .expect_stderr("did not answer within 1s");
+    assert!(started.elapsed() < FINISH_TIMEOUT);
+    drop(listener);
+}
