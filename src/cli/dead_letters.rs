@@ -127,6 +127,7 @@ fn summary(report: &serde_json::Value) -> String {
         "not_tried",
         "events_missing",
         "removed",
+        "letters_omitted",
     ]
     .iter()
     .filter_map(|key| report[*key].as_u64().map(|n| format!("{key} {n}")))

@@ -14,3 +14,7 @@ CREATE TABLE weir_admin_requests (
     finished_at timestamptz
 );
 CREATE INDEX weir_admin_requests_started ON weir_admin_requests (started_at);
+
+-- A retry of every dead letter of a group pages through them in the order it
+-- takes them, by event sequence then id, instead of loading them all.
+CREATE INDEX weir_dead_letters_group_order ON weir_dead_letters (group_name, sequence, id);
