@@ -30,7 +30,7 @@ use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::{AllocationBus, MemoryBus};
 use crate::config::{BusKind, Config, StoreKind};
 use crate::consumer::{ConsumerSettings, EventProcessor};
-use crate::lifecycle::Journal;
+use crate::lifecycle::{Journal, JournalTask};
 use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
 use crate::store::{EventStore, MemoryStore};
 
@@ -55,7 +55,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let role = config.node.role;
     let (services, stores, fleet) = services(config).await?;
     let events = Arc::clone(&stores.events);
-    let (journal, journal_task) = Journal::start(Arc::clone(&events), &node, &config.lifecycle);
+    let (journal, journal_task) = start_journal(config, &node, &stores);
     let observed = super::observe::Observed {
         events: Arc::clone(&events),
         bus: Arc::clone(&services.bus),
@@ -120,6 +120,18 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     journal_task.stop().await;
     tracing::info!(node = %node, "weir node stopped");
     exit_of(outcome)
+}
+
+/// The node's journal of lifecycle events, whose retention keeps what the
+/// readers of `$weir` (their checkpoints say how far) have still to read.
+fn start_journal(config: &Config, node: &str, stores: &ConsumerStores) -> (Journal, JournalTask) {
+    let readers = crate::consumer::LifecycleCheckpoints(Arc::clone(&stores.checkpoints));
+    Journal::start_keeping(
+        Arc::clone(&stores.events),
+        node,
+        &config.lifecycle,
+        Some(Arc::new(readers)),
+    )
 }
 
 /// A node of a fleet (a shared store) names its admin address to the others,

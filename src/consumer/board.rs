@@ -117,13 +117,7 @@ impl Board {
     /// that fails on `DeadLetterRecorded` would otherwise record one for each,
     /// and feed on its own records forever.
     pub(super) fn dead_lettered(&self, key: &ConsumerKey, letter: &DeadLetter) {
-        let reserved = match &key.source {
-            Source::Category(category)
-            | Source::Stream(category, _)
-            | Source::CategoryPartition(category, _) => category.is_reserved(),
-            Source::Log | Source::LogPartition(_) => false,
-        };
-        if reserved {
+        if key.source.is_reserved() {
             return;
         }
         self.journal.record(LifecycleEvent::DeadLetterRecorded {

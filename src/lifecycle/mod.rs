@@ -21,7 +21,7 @@ use crate::event::{Category, EventName, Source, StoredEvent, StreamName};
 
 mod journal;
 
-pub use journal::{Journal, JournalTask, QUEUE_CAPACITY, prune};
+pub use journal::{Journal, JournalTask, LifecycleReaders, QUEUE_CAPACITY, prune};
 
 /// The reserved category lifecycle events are recorded in.
 pub const CATEGORY: &str = "$weir";

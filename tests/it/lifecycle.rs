@@ -296,7 +296,7 @@ async fn a_scripted_scenario_records_each_transition_in_order(backend: Backend) 
     assert!(log.iter().all(|e| e.category.as_str() == "orders"));
 
     // Retention: everything older than now goes, but each stream's last event.
-    let pruned = lifecycle::prune(store.as_ref(), Duration::ZERO)
+    let pruned = lifecycle::prune(store.as_ref(), Duration::ZERO, None)
         .await
         .unwrap();
     assert_eq!(pruned as usize, recorded.len() - 2);
@@ -380,4 +380,56 @@ async fn a_group_reading_weirs_records_does_not_feed_on_its_own_dead_letters() {
     );
     runtime.stop().await;
     task.stop().await;
+}
+
+/// Retention keeps the lifecycle events a subscriber of `$weir` has still to
+/// read (a paused or failing one), whatever their age: only what the lowest
+/// checkpoint of a `$weir` source has passed goes.
+#[tokio::test]
+async fn retention_keeps_what_a_reader_of_weirs_records_has_still_to_read() {
+    use weir::lifecycle::LifecycleReaders;
+    let backend = Backend::memory();
+    let store = Arc::clone(&backend.stores.events);
+    let (journal, task) = Journal::start(Arc::clone(&store), "test", &LifecycleSettings::default());
+    for epoch in 1..=5 {
+        journal.record(LifecycleEvent::LeaderElected {
+            node: "n1@a".into(),
+            epoch,
+        });
+    }
+    assert!(journal.flush(Duration::from_secs(5)).await);
+    task.stop().await;
+    let recorded = lifecycle_events(store.as_ref()).await;
+    assert_eq!(recorded.len(), 5);
+
+    // A reader of `$weir` that has got to the second event, and one of another
+    // category far ahead.
+    let checkpoints = Arc::clone(&backend.stores.checkpoints);
+    let weir: Source = format!("category:{}", lifecycle::CATEGORY).parse().unwrap();
+    let (claim, _) = checkpoints.claim("watcher", &weir, "w/1").await.unwrap();
+    checkpoints.save(&claim, recorded[1].cursor).await.unwrap();
+    let (claim, _) = checkpoints.claim("bridge", &orders(), "b/1").await.unwrap();
+    checkpoints
+        .save(&claim, Cursor::new(u64::MAX >> 2, u64::MAX >> 2))
+        .await
+        .unwrap();
+    let readers = weir::consumer::LifecycleCheckpoints(checkpoints);
+    let lowest = readers.lowest().await.unwrap();
+    assert_eq!(lowest, Some(recorded[1].cursor));
+
+    // Everything is past a zero retention; only what the reader has read goes.
+    let pruned = lifecycle::prune(store.as_ref(), Duration::ZERO, lowest)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    let kept: Vec<Cursor> = lifecycle_events(store.as_ref())
+        .await
+        .iter()
+        .map(|event| event.cursor)
+        .collect();
+    let unread: Vec<Cursor> = recorded[2..].iter().map(|event| event.cursor).collect();
+    assert_eq!(
+        kept, unread,
+        "events the reader has still to read were pruned"
+    );
 }
