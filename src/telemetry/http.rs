@@ -5,10 +5,11 @@
 //!   outage never gets a node restarted;
 //! - `/readyz`: 200 when the store, the bus and the lease store answer and the
 //!   broker does what its role asks; otherwise 503 with every reason as JSON.
-//!   It answers at once from what a background check found at most
-//!   [`READINESS_INTERVAL`] ago (its `age_ms` says how long), so a service that
-//!   hangs never makes a probe time out; a check older than
-//!   [`READINESS_STALE`] counts as not ready;
+//!   It answers within [`FRESH_WAIT`]: what a check of its own finds by then,
+//!   or else what a background check found at most [`READINESS_INTERVAL`] and
+//!   a check ago (its `age_ms` says how long), so a service that hangs never
+//!   makes a probe time out; a check older than [`READINESS_STALE`] counts as
+//!   not ready;
 //! - `/status`: the node as JSON ([`NodeStatus`](super::status::NodeStatus)).
 
 use std::net::SocketAddr;
@@ -34,6 +35,11 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the background check finds whether the node is ready (and records
 /// it as `weir_ready`).
 pub const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long `/readyz` waits for a check of its own before it answers what the
+/// background check found: services that answer at once give a fresh answer,
+/// one that hangs never holds up a probe.
+pub const FRESH_WAIT: Duration = Duration::from_millis(50);
 
 /// A readiness found longer ago than this is not trusted: the check itself is
 /// stuck (each service gets [`CHECK_TIMEOUT`](super::status::CHECK_TIMEOUT)).
@@ -121,17 +127,20 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// From what the background check found; only before its first check does a
-/// request check itself.
+/// A check of its own that answers within [`FRESH_WAIT`]; otherwise what the
+/// background check found (only before its first check does a request wait for
+/// a whole check).
 async fn readiness(State(state): State<AppState>) -> Response {
+    let fresh = tokio::time::timeout(FRESH_WAIT, check(&state.probe, &state.checked)).await;
     let found = state
         .checked
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let (mut readiness, age) = match found {
-        Some((readiness, at)) => (readiness, at.elapsed()),
-        None => (check(&state.probe, &state.checked).await, Duration::ZERO),
+    let (mut readiness, age) = match (fresh, found) {
+        (Ok(readiness), _) => (readiness, Duration::ZERO),
+        (Err(_), Some((readiness, at))) => (readiness, at.elapsed()),
+        (Err(_), None) => (check(&state.probe, &state.checked).await, Duration::ZERO),
     };
     if age > READINESS_STALE {
         readiness.ready = false;
