@@ -1012,6 +1012,9 @@ async fn a_cursor_beyond_the_head_is_refused_and_a_dry_run_counts_the_skipped(ba
     let node = Node::start_with(&backend, "node-a", &orders(), &handled, &switches).await;
     leader(&[&node]).await;
     let stored = append(&backend, "o-1", 5).await;
+    // A cursor an operator saw is readable: the head a reset checks against.
+    let events = backend.stores.events.as_ref();
+    common::wait_until_readable(events, &orders()[0], stored[4].cursor).await;
     let ahead =
         json!({ "group": GROUP, "to": "cursor", "cursor": stored[2].cursor, "dry_run": true });
     let (status, plan) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), ahead).await;
