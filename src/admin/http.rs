@@ -6,8 +6,10 @@
 //!
 //! Writes, carried out by the leader only (others answer 503 with `leader` and
 //! `leader_url`), each needing `Authorization: Bearer TOKEN`:
-//! - `POST /admin/checkpoints/reset`: a [`ResetRequest`];
-//! - `POST /admin/groups/pause` and `/admin/groups/resume`: `{"group": G}`;
+//! - `POST /admin/checkpoints/reset`: a [`ResetRequest`]; `202` with an
+//!   [`InProgress`](super::requests::InProgress) body while it runs on;
+//! - `POST /admin/groups/pause` and `/admin/groups/resume`: `{"group": G,
+//!   "create": false}`;
 //! - `POST /admin/dead-letters/retry` and `/admin/dead-letters/purge`:
 //!   `{"group": G, "selection": "all" | {"ids": [..]}, "dry_run": false}`.
 //!
@@ -15,8 +17,10 @@
 //! field), before anything is done.
 //!
 //! Errors are `{"error": "..."}` with a status that says whose move it is:
-//! 400 bad request, 401 no or wrong token, 403 writes disabled, 404 nothing to act
-//! on, 503 not the leader or a service unavailable, 500 anything else.
+//! 400 bad request, 401 no or wrong token, 403 writes disabled (or a tokenless
+//! write for another `Host`), 404 nothing to act on, 409 a reset of the group
+//! already in progress, 503 not the leader or a service unavailable, 500
+//! anything else.
 
 use std::sync::Arc;
 
