@@ -43,10 +43,23 @@ impl AdminAuth {
     }
 
     /// The name of the token `authorization` (an `Authorization` header's value)
-    /// presents, if writes are allowed with it.
-    pub fn check(&self, authorization: Option<&str>) -> Result<String, AdminError> {
+    /// presents, if writes are allowed with it. Without tokens, `host` (the
+    /// `Host` header) must name this host too: a web page the operator's
+    /// browser opens could otherwise reach the loopback listener through a DNS
+    /// name it points at 127.0.0.1 (DNS rebinding), and write.
+    pub fn check(
+        &self,
+        authorization: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<String, AdminError> {
         if self.tokens.is_empty() {
             return if self.loopback_only {
+                if !host.is_some_and(is_loopback_host) {
+                    return Err(AdminError::Forbidden(format!(
+                        "admin writes without a token are taken only for Host 127.0.0.1, [::1] or localhost, not {:?}: send them to the node's loopback address, or set http.admin_token",
+                        host.unwrap_or("")
+                    )));
+                }
                 Ok(LOOPBACK.to_owned())
             } else {
                 Err(AdminError::Forbidden(
@@ -64,6 +77,25 @@ impl AdminAuth {
             .map(|(name, _)| name.clone())
             .ok_or(AdminError::Unauthorized)
     }
+}
+
+/// Whether a `Host` header names this host by a loopback address or
+/// `localhost`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Compares without stopping at the first difference, so that response times
@@ -86,9 +118,53 @@ mod tests {
     #[test]
     fn without_tokens_only_a_loopback_listener_takes_writes() {
         let loopback = AdminAuth::new(vec![], at("127.0.0.1:9600"));
-        assert_eq!(loopback.check(None).unwrap(), LOOPBACK);
+        assert_eq!(
+            loopback.check(None, Some("127.0.0.1:9600")).unwrap(),
+            LOOPBACK
+        );
         let open = AdminAuth::new(vec![], at("0.0.0.0:9600"));
-        assert!(matches!(open.check(None), Err(AdminError::Forbidden(_))));
+        assert!(matches!(
+            open.check(None, Some("127.0.0.1:9600")),
+            Err(AdminError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn without_tokens_a_write_must_name_this_host_against_dns_rebinding() {
+        let loopback = AdminAuth::new(vec![], at("127.0.0.1:9600"));
+        for host in [
+            "127.0.0.1:9600",
+            "localhost:9600",
+            "LOCALHOST",
+            "[::1]:9600",
+            "127.0.0.1",
+        ] {
+            assert_eq!(
+                loopback.check(None, Some(host)).unwrap(),
+                LOOPBACK,
+                "{host}"
+            );
+        }
+        for host in [
+            "evil.example:9600",
+            "evil.example",
+            "127.0.0.1.evil.example:9600",
+            "localhost.evil.example",
+            "10.0.0.5:9600",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    loopback.check(None, Some(host)),
+                    Err(AdminError::Forbidden(_))
+                ),
+                "{host}"
+            );
+        }
+        assert!(matches!(
+            loopback.check(None, None),
+            Err(AdminError::Forbidden(_))
+        ));
     }
 
     #[test]
@@ -100,17 +176,20 @@ mod tests {
             ],
             at("127.0.0.1:9600"),
         );
-        assert!(matches!(auth.check(None), Err(AdminError::Unauthorized)));
         assert!(matches!(
-            auth.check(Some("Bearer wrong")),
+            auth.check(None, None),
             Err(AdminError::Unauthorized)
         ));
         assert!(matches!(
-            auth.check(Some("s3cret")),
+            auth.check(Some("Bearer wrong"), None),
             Err(AdminError::Unauthorized)
         ));
-        assert_eq!(auth.check(Some("Bearer s3cret")).unwrap(), "ops");
-        assert_eq!(auth.check(Some("Bearer other")).unwrap(), "ci");
+        assert!(matches!(
+            auth.check(Some("s3cret"), None),
+            Err(AdminError::Unauthorized)
+        ));
+        assert_eq!(auth.check(Some("Bearer s3cret"), None).unwrap(), "ops");
+        assert_eq!(auth.check(Some("Bearer other"), None).unwrap(), "ci");
         assert!(!format!("{auth:?}").contains("s3cret"));
     }
 }

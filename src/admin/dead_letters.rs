@@ -22,7 +22,9 @@ impl From<ReplayError> for AdminError {
 }
 
 impl Admin {
-    /// Retries the chosen dead letters of a group through its processor.
+    /// Retries the chosen dead letters of a group through its processor, on
+    /// the group's executor, for as long as this node's leadership term lasts:
+    /// a deposed leader's retry must not run beside the new leader's.
     pub async fn retry_dead_letters(
         &self,
         request: &DeadLetterRequest,
@@ -33,15 +35,31 @@ impl Admin {
                 self.node, request.group
             ))
         })?;
+        let executor = self
+            .executors
+            .get(&request.group)
+            .unwrap_or(&Executor::Main);
         let _one_at_a_time = self.dead_letter_lock.lock().await;
-        Ok(retry_dead_letters(
+        let epoch = self.ensure_leader().await?;
+        let mut leading = self.control.leading.clone();
+        let term_over = async move {
+            // A closed channel: the coordinator is gone, and its term with it.
+            let _ = leading.wait_for(|now| *now != Some(epoch)).await;
+        };
+        let retry = retry_dead_letters(
             self.stores.events.as_ref(),
             self.stores.dead_letters.as_ref(),
             processor,
-            &Executor::Main,
+            executor,
             request,
-        )
-        .await?)
+        );
+        tokio::select! {
+            report = retry => Ok(report?),
+            () = term_over => Err(AdminError::Unavailable(format!(
+                "this node's term as leader (epoch {epoch}) ended during the retry of group {}'s dead letters, which stopped there: letters whose events went through since the last removal are delivered once more by the next retry (at least once); send it again, to the new leader",
+                request.group
+            ))),
+        }
     }
 
     /// Forgets the chosen dead letters of a group.

@@ -13,8 +13,17 @@ use super::{Admin, AdminError};
 use crate::event::{Cursor, Source};
 use crate::telemetry::status::{NodeProbe, NodeStatus};
 
-/// Events counted at most for a checkpoint's lag.
-const LAG_LIMIT: u64 = 1_000_000;
+/// Events counted at most for the lag of a checkpoint no consumer reports
+/// (reads need no token, so each must cost little); beyond, the lag is shown
+/// as "at least".
+pub const LAG_LIMIT: u64 = 10_000;
+
+/// Checkpoints whose lag one read counts in the store at most; the others'
+/// lag is left unknown.
+pub const COUNTED_PER_READ: usize = 200;
+
+/// Fleet and checkpoint reads carried out at once at most; more wait.
+pub const CONCURRENT_READS: usize = 4;
 
 /// What a node says of itself, every report interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +57,9 @@ pub struct CheckpointLine {
     pub node: Option<String>,
     pub cursor: Option<Cursor>,
     pub lag_events: Option<u64>,
+    /// `lag_events` reached the count's limit: the lag is at least that.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lag_at_least: bool,
     pub lag_seconds: Option<f64>,
     /// running, retrying, paused, fenced, errored, starting, or unowned when no
     /// node reports a consumer of it.
@@ -150,18 +162,28 @@ impl Admin {
         group: Option<&str>,
         nodes: &[FleetNode],
     ) -> Result<Vec<CheckpointLine>, AdminError> {
+        let _one_of_few = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| AdminError::Unavailable("the node is stopping".into()))?;
         let mut reported = reported_consumers(nodes, group);
         let mut lines = Vec::new();
+        let mut counted = 0;
         for checkpoint in self.stores.checkpoints.list(group).await? {
             let key = (checkpoint.group.clone(), checkpoint.source.clone());
             let consumer = reported.remove(&key);
             // A running consumer's own cursor and lag are newer than its stored
-            // checkpoint (stored every so many events); otherwise the store says.
-            let (cursor, lag_events, lag_seconds) = match &consumer {
+            // checkpoint (stored every so many events); otherwise the store
+            // says, counting a bounded number of events for a bounded number of
+            // checkpoints.
+            let (lag_events, lag_seconds, lag_at_least) = match &consumer {
                 Some(c) if c.cursor.is_some() && c.lag_events.is_some() => {
-                    (c.cursor, c.lag_events, c.lag_seconds)
+                    (c.lag_events, c.lag_seconds, false)
                 }
+                _ if counted >= COUNTED_PER_READ => (None, None, false),
                 _ => {
+                    counted += 1;
                     let backlog = self
                         .stores
                         .events
@@ -170,8 +192,13 @@ impl Admin {
                     let seconds = backlog.oldest.map_or(0.0, |oldest| {
                         (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0
                     });
-                    (Some(checkpoint.cursor), Some(backlog.events), Some(seconds))
+                    let at_least = backlog.events >= LAG_LIMIT;
+                    (Some(backlog.events), Some(seconds), at_least)
                 }
+            };
+            let cursor = match &consumer {
+                Some(c) if c.cursor.is_some() && c.lag_events.is_some() => c.cursor,
+                _ => Some(checkpoint.cursor),
             };
             lines.push(CheckpointLine {
                 group: checkpoint.group,
@@ -180,6 +207,7 @@ impl Admin {
                 node: consumer.as_ref().map(|c| c.node.clone()),
                 cursor,
                 lag_events,
+                lag_at_least,
                 lag_seconds,
                 state: consumer
                     .as_ref()
@@ -196,6 +224,7 @@ impl Admin {
                 node: Some(consumer.node),
                 cursor: consumer.cursor,
                 lag_events: consumer.lag_events,
+                lag_at_least: false,
                 lag_seconds: consumer.lag_seconds,
                 state: consumer.state,
                 reason: consumer.reason,
@@ -290,8 +319,10 @@ pub fn render_checkpoints(lines: &[CheckpointLine]) -> String {
             line.cursor
                 .map_or_else(|| "-".to_owned(), |c| c.to_string()),
             line.node.as_deref().unwrap_or("-"),
-            line.lag_events
-                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            line.lag_events.map_or_else(
+                || "-".to_owned(),
+                |n| format!("{n}{}", if line.lag_at_least { "+" } else { "" })
+            ),
             line.lag_seconds
                 .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}")),
             line.owner.as_deref().unwrap_or("-"),

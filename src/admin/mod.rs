@@ -9,6 +9,7 @@
 //!
 //! - [`auth`]: who may write.
 //! - [`reset`]: checkpoint resets and their dry runs.
+//! - [`requests`]: resets run apart from their request, once per request id.
 //! - [`dead_letters`]: dead letters retried or purged.
 //! - [`fleet`]: the nodes' reports and the fleet's status.
 //! - [`http`]: the routes under `/admin/`.
@@ -19,17 +20,20 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::control::{ControlError, ControlHandle, FleetStore, HoldWork};
+use crate::broker::control::{ControlError, ControlHandle, FleetStore};
 use crate::broker::membership::MembershipStore;
+use crate::consumer::settings::Executor;
 use crate::consumer::{CheckpointError, EventProcessor};
 use crate::event::Source;
 use crate::lifecycle::{Journal, LifecycleEvent};
 use crate::runtime::ConsumerStores;
 
+mod audit;
 pub mod auth;
 pub mod dead_letters;
 pub mod fleet;
 pub mod http;
+pub mod requests;
 pub mod reset;
 
 pub use auth::AdminAuth;
@@ -53,6 +57,10 @@ pub enum AdminError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// Another write to the same thing is in progress (a second reset of a
+    /// group): wait for it, then try again.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -107,6 +115,7 @@ impl From<ControlError> for AdminError {
             ControlError::Interrupted | ControlError::Store(_) => {
                 AdminError::Unavailable(error.to_string())
             }
+            ControlError::Busy(_) => AdminError::Conflict(error.to_string()),
             ControlError::Work(message) => AdminError::Failed(message),
         }
     }
@@ -114,8 +123,14 @@ impl From<ControlError> for AdminError {
 
 /// A pause or resume as the admin API takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GroupRequest {
     pub group: String,
+    /// Take a group no node knows yet (not configured on the leader, no live
+    /// subscribers, no checkpoints): to pause it before it is deployed. Without
+    /// it such a group is refused (404), so that a misspelt name is not paused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create: bool,
 }
 
 /// The answer to a pause or resume.
@@ -136,15 +151,23 @@ pub struct Admin {
     pub(crate) control: ControlHandle,
     /// Each group's processor, for retrying its dead letters.
     pub(crate) processors: BTreeMap<String, Arc<dyn EventProcessor>>,
+    /// Where each group's processor runs (its isolation); the main executor
+    /// for a group not named.
+    pub(crate) executors: BTreeMap<String, Executor>,
     pub(crate) auth: AdminAuth,
     /// How long a node's report counts: the member timeout.
     pub(crate) report_max_age: Duration,
-    /// How long a reset may wait for the leader: the handover timeout and then some.
+    /// How long a reset's request waits for its outcome before answering "in
+    /// progress": the handover timeout and then some.
     pub(crate) write_timeout: Duration,
     /// Held while dead letters are retried or purged.
     pub(crate) dead_letter_lock: tokio::sync::Mutex<()>,
     /// Where admin writes and pauses are recorded.
     pub(crate) journal: Journal,
+    /// Resets under way on this node.
+    pub(crate) running: requests::Running,
+    /// Bounds the fleet and checkpoint reads carried out at once.
+    pub(crate) reads: tokio::sync::Semaphore,
 }
 
 /// What an [`Admin`] needs from the node.
@@ -175,12 +198,36 @@ impl Admin {
             fleet: parts.fleet,
             control: parts.control,
             processors: parts.processors,
+            executors: BTreeMap::new(),
             auth: parts.auth,
             report_max_age: parts.member_timeout,
             write_timeout: parts.handover_timeout + WRITE_MARGIN,
             dead_letter_lock: tokio::sync::Mutex::new(()),
             journal: parts.journal,
+            running: requests::Running::default(),
+            reads: tokio::sync::Semaphore::new(fleet::CONCURRENT_READS),
         }
+    }
+
+    /// Dead letters of each group are retried on its executor here (see
+    /// [`EventRuntime::group_executor`](crate::runtime::EventRuntime::group_executor)),
+    /// keeping the group's isolation.
+    pub fn with_executors(mut self, executors: BTreeMap<String, Executor>) -> Self {
+        self.executors = executors;
+        self
+    }
+
+    /// How long a reset's request waits for its outcome before it answers 202
+    /// "in progress" (default: the handover timeout and then some).
+    pub fn with_reply_wait(mut self, wait: Duration) -> Self {
+        self.write_timeout = wait;
+        self
+    }
+
+    /// Waits a few seconds for the resets under way to record how they ended:
+    /// call it once the node's coordinator has stopped.
+    pub async fn stop(&self) {
+        self.running.stop().await;
     }
 
     /// The epoch this node leads under, if it leads now.
@@ -216,94 +263,114 @@ impl Admin {
             .collect())
     }
 
-    /// Resets checkpoints (see [`reset`]); a dry run only plans.
-    pub async fn reset(&self, request: ResetRequest) -> Result<ResetReport, AdminError> {
-        let stores = reset::ResetStores {
+    pub(crate) fn reset_stores(&self) -> reset::ResetStores {
+        reset::ResetStores {
             events: Arc::clone(&self.stores.events),
             checkpoints: Arc::clone(&self.stores.checkpoints),
-        };
+        }
+    }
+
+    /// Resets checkpoints at the request of the token named `by` (see
+    /// [`reset`] and [`requests`]); the answer's HTTP status and body.
+    pub async fn reset_for(&self, request: ResetRequest, by: &str) -> requests::Answer {
+        let mut audit = reset::audit_of(&request, by);
+        match self.reset(request, &mut audit).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::info!(what = %audit.what, token = %by, %error, "refused a reset");
+                self.journal.record(audit.event(&error.to_string(), None));
+                requests::error_answer(&error)
+            }
+        }
+    }
+
+    /// Resets checkpoints: a dry run only plans; a real one runs apart from
+    /// the request (see [`requests`]), once per request id.
+    async fn reset(
+        &self,
+        mut request: ResetRequest,
+        audit: &mut audit::Audit,
+    ) -> Result<requests::Answer, AdminError> {
+        let epoch = self.ensure_leader().await?;
+        let stores = self.reset_stores();
         let requested = self.requested(&request.group).await?;
         // Checked before the sources are held; counting is left to the plan,
         // made once the owners have let go.
         let filter = request.source.as_ref();
-        if (stores.matching(&request.group, filter, &requested).await?).is_empty() {
+        let matching = stores.matching(&request.group, filter, &requested).await?;
+        if matching.is_empty() {
             return Err(AdminError::NotFound(format!(
                 "group {} has no checkpoints and no live subscribers matching the request: check the group and source names (`weir checkpoints list`)",
                 request.group
             )));
         }
+        audit.sources = matching.keys().map(ToString::to_string).collect();
+        stores.check_target(matching.keys(), request.target).await?;
         if request.dry_run {
             let lines = stores
                 .plan(&request.group, filter, request.target, &requested)
                 .await?;
-            return Ok(ResetReport {
+            let answer = requests::answer_of(Ok(ResetReport {
                 group: request.group,
                 dry_run: true,
                 lines,
                 grant: None,
-            });
+                request_id: request.request_id,
+            }));
+            self.journal.record(audit.event("done", Some(&answer.1)));
+            return Ok(answer);
         }
-        let group = request.group.clone();
-        let filter = request.source.clone();
-        // Planned again once the sources are held: their owners stored their
-        // cursors on the way out.
-        let work: HoldWork = Box::new(move |held| {
-            Box::pin(async move {
-                let requested: BTreeSet<Source> = requested.union(&held.sources).cloned().collect();
-                let lines = stores
-                    .plan(
-                        &held.group,
-                        request.source.as_ref(),
-                        request.target,
-                        &requested,
-                    )
-                    .await
-                    .map_err(|error| error.to_string())?;
-                stores
-                    .write(&held.group, &lines, held.grant)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                serde_json::to_value(ResetReport {
-                    group: held.group,
-                    dry_run: false,
-                    lines,
-                    grant: Some(held.grant.to_string()),
-                })
-                .map_err(|error| error.to_string())
-            })
-        });
-        let outcome = tokio::time::timeout(self.write_timeout, self.control.hold(&group, filter, work))
+        let id = request
+            .request_id
+            .get_or_insert_with(|| crate::ambient::token().to_string())
+            .clone();
+        audit.request_id = Some(id.clone());
+        let body = serde_json::to_value(&request).map_err(|e| AdminError::Failed(e.to_string()))?;
+        if let Some(known) = self
+            .fleet
+            .begin_request(&id, &body, epoch, &self.node)
+            .await?
+        {
+            return self.known_request(&id, &body, known, epoch).await;
+        }
+        self.start_reset(id, request, requested, audit.clone())
             .await
-            .map_err(|_| {
-                AdminError::Unavailable(format!(
-                    "the reset of group {group} did not finish within {}s; check `weir checkpoints list --group {group}` and send it again",
-                    self.write_timeout.as_secs()
-                ))
-            })??;
-        serde_json::from_value(outcome).map_err(|error| AdminError::Failed(error.to_string()))
     }
 
-    /// Records an admin write as a lifecycle event.
-    pub(crate) fn record_write(&self, asked: &http::Asked, token: &str, error: Option<&str>) {
-        self.journal.record(LifecycleEvent::AdminWrite {
-            what: asked.what.clone(),
-            group: Some(asked.group.clone()),
-            token: Some(token.to_owned()),
-            dry_run: asked.dry_run,
-            outcome: error.map_or_else(|| "done".to_owned(), str::to_owned),
-        });
+    /// Whether `group` is one the fleet knows: configured on this node, with
+    /// live subscribers, with checkpoints, or paused.
+    async fn knows_group(&self, group: &str) -> Result<bool, AdminError> {
+        if self.processors.contains_key(group)
+            || !self
+                .membership
+                .live(group, self.report_max_age)
+                .await?
+                .is_empty()
+            || self.fleet.paused_groups().await?.contains(group)
+        {
+            return Ok(true);
+        }
+        Ok(!self.stores.checkpoints.list(Some(group)).await?.is_empty())
     }
 
     /// Pauses (`true`) or resumes a group, through the leader's coordinator, at
     /// the request of the token named `by`.
     pub async fn set_paused(
         &self,
-        group: &str,
+        request: &GroupRequest,
         paused: bool,
         by: String,
     ) -> Result<GroupReport, AdminError> {
+        let group = request.group.as_str();
         crate::event::validate_name(crate::event::NameKind::Group, group)
             .map_err(|error| AdminError::BadRequest(error.to_string()))?;
+        if !request.create && !self.knows_group(group).await? {
+            return Err(AdminError::NotFound(format!(
+                "no group {group}: the leader ({}) does not run it, no node subscribes to it and it has no checkpoints; check the name (`weir status --fleet`), or add --create to {} a group before it is deployed",
+                self.node,
+                if paused { "pause" } else { "resume" }
+            )));
+        }
         let changed = self.control.set_paused(group, paused).await?;
         if changed {
             let (group, by) = (group.to_owned(), Some(by));

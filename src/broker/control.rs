@@ -37,6 +37,22 @@ pub struct NodeEntry {
     pub reported_at: DateTime<Utc>,
 }
 
+/// An admin request the fleet remembers by its id, so that a resend of the same
+/// id gets the first outcome instead of running twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRecord {
+    /// The request as first sent: a resend of the id must be the same request.
+    pub request: Value,
+    /// The coordinator term that took it, and the node that leads under it.
+    pub epoch: u64,
+    pub node: String,
+    /// `None` while it runs; then its answer, as an HTTP status and body.
+    pub outcome: Option<(u16, Value)>,
+}
+
+/// How long the fleet remembers an admin request's id and outcome.
+pub const REQUEST_MEMORY: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Where the fleet keeps what operators set (paused groups) and what nodes report
 /// of themselves. Object safe; backends: [`MemoryFleetStore`] and
 /// `PostgresFleetStore` (feature `postgres`, tables `weir_groups`, `weir_nodes`).
@@ -55,6 +71,21 @@ pub trait FleetStore: Send + Sync + 'static {
 
     /// The reports of nodes heard from within `max_age`, by node id.
     async fn reports(&self, max_age: Duration) -> Result<Vec<NodeEntry>>;
+
+    /// Remembers admin request `id` as `request`, running under `epoch` on
+    /// `node`, and returns `None`; or, if the id is known, changes nothing and
+    /// returns what is remembered. Forgets requests older than
+    /// [`REQUEST_MEMORY`].
+    async fn begin_request(
+        &self,
+        id: &str,
+        request: &Value,
+        epoch: u64,
+        node: &str,
+    ) -> Result<Option<RequestRecord>>;
+
+    /// Remembers how request `id` ended: the HTTP status and body it answered.
+    async fn finish_request(&self, id: &str, status: u16, answer: &Value) -> Result<()>;
 }
 
 /// Paused groups and node reports in this process's memory, on the tokio clock.
@@ -69,6 +100,7 @@ struct MemoryFleet {
     /// The term that last set each group.
     epochs: BTreeMap<String, u64>,
     reports: BTreeMap<String, (Value, Instant)>,
+    requests: BTreeMap<String, (RequestRecord, Instant)>,
 }
 
 impl Default for MemoryFleetStore {
@@ -133,6 +165,38 @@ impl FleetStore for MemoryFleetStore {
             })
             .collect())
     }
+
+    async fn begin_request(
+        &self,
+        id: &str,
+        request: &Value,
+        epoch: u64,
+        node: &str,
+    ) -> Result<Option<RequestRecord>> {
+        let mut state = self.state();
+        let now = Instant::now();
+        state
+            .requests
+            .retain(|_, (_, at)| now.duration_since(*at) <= REQUEST_MEMORY);
+        if let Some((known, _)) = state.requests.get(id) {
+            return Ok(Some(known.clone()));
+        }
+        let record = RequestRecord {
+            request: request.clone(),
+            epoch,
+            node: node.to_owned(),
+            outcome: None,
+        };
+        state.requests.insert(id.to_owned(), (record, now));
+        Ok(None)
+    }
+
+    async fn finish_request(&self, id: &str, status: u16, answer: &Value) -> Result<()> {
+        if let Some((record, _)) = self.state().requests.get_mut(id) {
+            record.outcome = Some((status, answer.clone()));
+        }
+        Ok(())
+    }
 }
 
 /// Why a command to the coordinator was not carried out.
@@ -146,6 +210,10 @@ pub enum ControlError {
     Interrupted,
     #[error("the fleet store failed: {0}; try again once it answers")]
     Store(String),
+    #[error(
+        "a reset of group {0} is already in progress; wait for it to finish (`weir checkpoints list --group {0}` shows the sources it holds as owned by weir-admin)"
+    )]
+    Busy(String),
     #[error("{0}")]
     Work(String),
 }

@@ -101,8 +101,14 @@ async fn choose(config: &Config, args: ChooseArgs, what: &str) -> Result<(), Cli
 fn summary(report: &serde_json::Value) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    // A purge's letters carry no outcome of their own.
+    let purged = if report["dry_run"] == true {
+        "would purge"
+    } else {
+        "purged"
+    };
     for letter in report["letters"].as_array().into_iter().flatten() {
-        let outcome = letter["outcome"].as_str().unwrap_or("purged");
+        let outcome = letter["outcome"].as_str().unwrap_or(purged);
         let _ = writeln!(
             out,
             "{:>8}  {:<12}  {}  {}",
@@ -121,6 +127,7 @@ fn summary(report: &serde_json::Value) -> String {
         "not_tried",
         "events_missing",
         "removed",
+        "letters_omitted",
     ]
     .iter()
     .filter_map(|key| report[*key].as_u64().map(|n| format!("{key} {n}")))
@@ -190,5 +197,25 @@ async fn open(config: &Config) -> Result<Arc<dyn DeadLetterStore>, CliError> {
         StoreKind::Postgres => Err(CliError::Usage(
             "this weir was built without the `postgres` feature".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn a_purge_dry_run_says_what_it_would_purge() {
+        let report = |dry_run: bool| {
+            serde_json::json!({
+                "group": "g", "dry_run": dry_run, "chosen": 1, "removed": 0,
+                "letters": [{"id": 7, "event_id": "e", "error": "no"}],
+            })
+        };
+        let dry = summary(&report(true));
+        assert!(dry.contains("would purge"), "{dry}");
+        assert!(dry.contains("(dry run: nothing changed)"), "{dry}");
+        let real = summary(&report(false));
+        assert!(real.contains("purged") && !real.contains("would"), "{real}");
     }
 }

@@ -158,11 +158,19 @@ pub enum CliError {
     /// A running node refused an admin request; the message says why.
     #[error("{0}")]
     Refused(String),
+    /// Not done yet, and worth trying again (no leader yet, a reset still in
+    /// progress).
+    #[error("{0}")]
+    Retry(String),
+    /// A running node does not let this caller write (the admin token).
+    #[error("{0}")]
+    Denied(String),
 }
 
 impl CliError {
     /// BSD sysexits: 64 usage or config, 65 bad input data, 69 a service is unavailable,
-    /// 74 I/O; an error policy's `exit` code; 1 for anything else (e.g. a write
+    /// 74 I/O, 75 not done yet (try again), 77 not allowed; an error policy's `exit`
+    /// code; 1 for anything else (e.g. a write
     /// condition that does not hold, or an error policy's `raise`).
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -175,6 +183,8 @@ impl CliError {
             CliError::Bus(_) | CliError::Sink(_) => 1,
             CliError::Store(_) => 1,
             CliError::Io(_) => 74,
+            CliError::Retry(_) => 75,
+            CliError::Denied(_) => 77,
             CliError::Halted(code) => *code,
             CliError::Raised(_) | CliError::Refused(_) => 1,
         }

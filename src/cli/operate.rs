@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use super::CliError;
 use super::client::{AdminClient, NodeArgs};
 use crate::admin::fleet::{CheckpointLine, render_checkpoints};
+use crate::admin::requests::InProgress;
 use crate::admin::{GroupReport, GroupRequest, ResetReport, ResetRequest, ResetTarget};
 use crate::config::Config;
 use crate::event::{Cursor, Source};
@@ -55,6 +56,15 @@ pub struct ResetArgs {
     /// Print what would change, per source, and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// The reset's id (default: a new one, printed). Sending a reset again with
+    /// the id of one sent before answers that one's outcome instead of running
+    /// it twice: what to do after an interrupted command.
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
+    /// How long to wait for a reset in progress before giving up (exit 75); it
+    /// runs on, and `--request-id` fetches its outcome later.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    wait: std::time::Duration,
     /// Print the JSON the node answered instead of a table.
     #[arg(long)]
     json: bool,
@@ -74,6 +84,11 @@ pub enum Groups {
 pub struct GroupArgs {
     #[arg(long)]
     group: String,
+    /// Take a group the fleet does not know yet (to pause it before it is
+    /// deployed); without it an unknown group is refused, so a misspelt name
+    /// pauses nothing.
+    #[arg(long)]
+    create: bool,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -105,16 +120,46 @@ async fn reset(config: &Config, args: ResetArgs) -> Result<(), CliError> {
             ));
         }
     };
+    let request_id = args
+        .request_id
+        .unwrap_or_else(|| crate::ambient::token().to_string());
     let request = ResetRequest {
         group: args.group,
         source: args.source,
         target,
         dry_run: args.dry_run,
+        request_id: Some(request_id.clone()),
     };
+    if !request.dry_run {
+        eprintln!(
+            "reset request {request_id}: if this command is interrupted, run it again with --request-id {request_id} for the outcome (the reset never runs twice)"
+        );
+    }
     let client = AdminClient::new(config, &args.node)?;
-    let report: ResetReport = client.post("/admin/checkpoints/reset", &request).await?;
+    let deadline = tokio::time::Instant::now() + args.wait;
+    let report: ResetReport = loop {
+        let (url, status, answer) = client.send("/admin/checkpoints/reset", &request).await?;
+        if status != hyper::StatusCode::ACCEPTED {
+            break super::client::decode(&url, status, &answer)?;
+        }
+        let message = serde_json::from_slice::<InProgress>(&answer).map_or_else(
+            |_| String::from_utf8_lossy(&answer).into_owned(),
+            |p| p.message,
+        );
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Retry(format!(
+                "{url}: {message}; gave up waiting after --wait {}",
+                humantime::format_duration(args.wait)
+            )));
+        }
+        eprintln!("{url}: {message}");
+        tokio::time::sleep(IN_PROGRESS_PAUSE).await;
+    };
     print_answer(&report, args.json, || render_reset(&report))
 }
+
+/// The pause between asking again after a reset in progress.
+const IN_PROGRESS_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn groups(config: &Config, command: Groups) -> Result<(), CliError> {
     let (args, path) = match command {
@@ -123,7 +168,13 @@ pub async fn groups(config: &Config, command: Groups) -> Result<(), CliError> {
     };
     let client = AdminClient::new(config, &args.node)?;
     let report: GroupReport = client
-        .post(path, &GroupRequest { group: args.group })
+        .post(
+            path,
+            &GroupRequest {
+                group: args.group,
+                create: args.create,
+            },
+        )
         .await?;
     let state = if report.paused { "paused" } else { "resumed" };
     let changed = if report.changed {

@@ -30,7 +30,7 @@ use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::{AllocationBus, MemoryBus};
 use crate::config::{BusKind, Config, StoreKind};
 use crate::consumer::{ConsumerSettings, EventProcessor};
-use crate::lifecycle::Journal;
+use crate::lifecycle::{Journal, JournalTask};
 use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
 use crate::store::{EventStore, MemoryStore};
 
@@ -48,13 +48,14 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         super::demo::enable(&mut config);
     }
     let config = &config;
+    check_advertised(config)?;
     let shutdown =
         super::signal::shutdown_token(config.node.shutdown_grace + super::signal::STOP_MARGIN)?;
     let node = config.node_id();
     let role = config.node.role;
     let (services, stores, fleet) = services(config).await?;
     let events = Arc::clone(&stores.events);
-    let (journal, journal_task) = Journal::start(Arc::clone(&events), &node, &config.lifecycle);
+    let (journal, journal_task) = start_journal(config, &node, &stores);
     let observed = super::observe::Observed {
         events: Arc::clone(&events),
         bus: Arc::clone(&services.bus),
@@ -78,8 +79,9 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     );
     let processors = register_subscriptions(config, &node, &runtime).await?;
     let auth = super::observe::admin_auth(config)?;
+    let executors = group_executors(config, &runtime);
     let admin = control.map(|control| {
-        Arc::new(Admin::new(AdminParts {
+        let parts = AdminParts {
             node: node.clone(),
             stores,
             membership,
@@ -90,10 +92,11 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
             member_timeout: config.broker.member_timeout,
             handover_timeout: config.broker.handover_timeout,
             journal: journal.clone(),
-        }))
+        };
+        Arc::new(Admin::new(parts).with_executors(executors))
     });
     // --- Observability: metrics and the HTTP endpoints (cli/observe.rs). ---
-    let http = super::observe::start(config, Arc::clone(&runtime), observed, admin).await?;
+    let http = super::observe::start(config, Arc::clone(&runtime), observed, admin.clone()).await?;
     // ---
     runtime
         .start()
@@ -110,10 +113,39 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
     let outcome = runtime.wait_until(shutdown.cancelled()).await;
     demo.stop().await;
     http.stop().await;
+    if let Some(admin) = &admin {
+        admin.stop().await;
+    }
     // Last, so that what the stopping broker and consumers recorded is written.
     journal_task.stop().await;
     tracing::info!(node = %node, "weir node stopped");
     exit_of(outcome)
+}
+
+/// The node's journal of lifecycle events, whose retention keeps what the
+/// readers of `$weir` (their checkpoints say how far) have still to read.
+fn start_journal(config: &Config, node: &str, stores: &ConsumerStores) -> (Journal, JournalTask) {
+    let readers = crate::consumer::LifecycleCheckpoints(Arc::clone(&stores.checkpoints));
+    Journal::start_keeping(
+        Arc::clone(&stores.events),
+        node,
+        &config.lifecycle,
+        Some(Arc::new(readers)),
+    )
+}
+
+/// A node of a fleet (a shared store) names its admin address to the others,
+/// and must say it when it listens beyond loopback; the embedded default's node
+/// is alone.
+fn check_advertised(config: &Config) -> Result<(), CliError> {
+    match config.http.unadvertised() {
+        Some(problem) if config.store.kind != StoreKind::Memory => {
+            Err(CliError::Config(crate::config::ConfigError {
+                problems: vec![problem],
+            }))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The demo appender, while `[demo] enabled`.
@@ -135,6 +167,28 @@ impl Demo {
             let _ = task.await;
         }
     }
+}
+
+/// Each configured group's executor, where the admin API retries its dead
+/// letters (keeping its isolation); a group whose thread cannot start uses the
+/// main executor, and says so.
+fn group_executors(
+    config: &Config,
+    runtime: &EventRuntime,
+) -> BTreeMap<String, crate::consumer::settings::Executor> {
+    let mut executors = BTreeMap::new();
+    for subscription in &config.subscriptions {
+        let group = &subscription.group;
+        match runtime.group_executor(group, Some(&subscription.consumer)) {
+            Ok(executor) => {
+                executors.insert(group.clone(), executor);
+            }
+            Err(error) => {
+                tracing::warn!(%group, %error, "cannot start the group's thread for dead-letter retries; they run on the main executor");
+            }
+        }
+    }
+    executors
 }
 
 /// The broker, with every configured group's required placement tags.

@@ -41,6 +41,8 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         let node = NodeArgs {
             url: Some(base),
             token: None,
+            token_name: None,
+            timeout: None,
         };
         let fleet: FleetStatus = AdminClient::new(config, &node)?.get("/admin/fleet").await?;
         return super::operate::print_answer(&fleet, args.json, || render_fleet(&fleet));

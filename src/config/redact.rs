@@ -13,6 +13,7 @@ impl Config {
         printable.node.id = Some(self.node_id());
         printable.store.url = printable.store.url.as_deref().map(redact_url);
         let nats = &mut printable.nats;
+        nats.url = crate::connect::nats::redacted_url(&nats.url);
         for secret in [&mut nats.password, &mut nats.token, &mut nats.nkey_seed] {
             if secret.is_some() {
                 *secret = Some("<redacted>".into());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{LogFormat, SinkConfig};
+use super::{LogFormat, Problem, SinkConfig};
 use crate::broker::BrokerRole;
 use crate::consumer::{ConsumerSettings, EventFilter};
 use crate::event::Source;
@@ -146,6 +146,25 @@ impl HttpConfig {
             tokens.push(("admin".into(), token.trim_end().to_owned()));
         }
         Ok(tokens)
+    }
+
+    /// A problem with where a node of a fleet serves `listen`: beyond
+    /// loopback, other nodes name it to the CLI by `advertise`, and the default
+    /// (a wildcard read as loopback) would send the CLI, and its token, to
+    /// whatever listens on the CLI's own host.
+    pub fn unadvertised(&self) -> Option<Problem> {
+        let listen: std::net::SocketAddr = self.listen.parse().ok()?;
+        if listen.ip().is_loopback() || self.advertise.is_some() {
+            return None;
+        }
+        Some(Problem {
+            key: "http.advertise".to_owned(),
+            message: format!(
+                "http.listen {} is reached from other hosts, so set http.advertise to the URL they reach this node at (e.g. http://10.0.0.5:{}), or listen on loopback only",
+                self.listen,
+                listen.port()
+            ),
+        })
     }
 
     /// Where this node's admin API is reached from elsewhere.

@@ -171,7 +171,16 @@ fn validate_http(http: &HttpConfig, problems: &mut Problems) {
         );
     }
     if let Some(advertise) = &http.advertise {
-        if !(advertise.starts_with("http://") || advertise.starts_with("https://")) {
+        if advertise.starts_with("https://") {
+            // The node serves plain HTTP and the CLI speaks nothing else: an
+            // https address would be advertised to a CLI that cannot follow it.
+            problems.add(
+                "http.advertise",
+                format!(
+                    "{advertise:?}: weir serves and follows plain http only; advertise the node's own http:// address (e.g. http://10.0.0.5:9600)"
+                ),
+            );
+        } else if !advertise.starts_with("http://") {
             problems.add(
                 "http.advertise",
                 format!("{advertise:?} is not a URL: write e.g. http://10.0.0.5:9600"),

@@ -68,11 +68,39 @@ impl Default for NatsOptions {
     }
 }
 
+/// `nats.url` with every server's credentials hidden, for anything that
+/// prints it: `nats://user:password@host` shows as `nats://user:***@host`, and
+/// a token (`nats://token@host`) as `nats://***@host`.
+pub fn redacted_url(url: &str) -> String {
+    url.split(',')
+        .map(|server| {
+            let (scheme, rest) = server
+                .split_once("://")
+                .map_or(("", server), |(scheme, rest)| (scheme, rest));
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let Some(at) = rest[..authority_end].rfind('@') else {
+                return server.to_owned();
+            };
+            let hidden = match rest[..at].split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(),
+            };
+            let scheme = if scheme.is_empty() {
+                String::new()
+            } else {
+                format!("{scheme}://")
+            };
+            format!("{scheme}{hidden}{}", &rest[at..])
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl fmt::Debug for NatsOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secret = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
         f.debug_struct("NatsOptions")
-            .field("url", &self.url)
+            .field("url", &redacted_url(&self.url))
             .field("user", &self.user)
             .field("password", &secret(&self.password))
             .field("token", &secret(&self.token))
@@ -100,4 +128,21 @@ pub struct NatsTls {
     pub cert_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn every_servers_credentials_are_hidden_and_the_rest_kept() {
+        assert_eq!(
+            redacted_url("nats://u:secret@h:4222, tls://token@h2:4222/x"),
+            "nats://u:***@h:4222, tls://***@h2:4222/x"
+        );
+        for plain in ["nats://127.0.0.1:4222", "h:4222", "nats://h:4222/a@b"] {
+            assert_eq!(redacted_url(plain), plain);
+        }
+        assert_eq!(redacted_url("u:p@h:4222"), "u:***@h:4222");
+    }
 }

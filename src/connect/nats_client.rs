@@ -9,7 +9,7 @@ use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, je
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use super::ConnectError;
-use super::nats::NatsOptions;
+use super::nats::{NatsOptions, redacted_url};
 
 /// Bytes kept unchanged by [`subject_token`]: letters, digits, `-` and `_`.
 const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
@@ -77,7 +77,8 @@ pub async fn connect(config: &NatsOptions, client_name: &str) -> Result<Client, 
         .map(|server| {
             server.parse::<ServerAddr>().map_err(|error| {
                 ConnectError::Invalid(format!(
-                    "nats.url: {server:?} is not a NATS server URL ({error}); write nats://HOST:PORT or tls://HOST:PORT"
+                    "nats.url: {:?} is not a NATS server URL ({error}); write nats://HOST:PORT or tls://HOST:PORT",
+                    redacted_url(server)
                 ))
             })
         })
@@ -94,7 +95,7 @@ pub async fn connect(config: &NatsOptions, client_name: &str) -> Result<Client, 
         Ok(Err(error)) => Err(connect_error(config, &error)),
         Err(_) => Err(ConnectError::Unavailable(format!(
             "no NATS server at {} completed the handshake within {}",
-            config.url,
+            redacted_url(&config.url),
             humantime::format_duration(patience)
         ))),
     }
@@ -244,7 +245,7 @@ async fn connect_options(
 }
 
 fn connect_error(config: &NatsOptions, error: &async_nats::ConnectError) -> ConnectError {
-    let url = &config.url;
+    let url = redacted_url(&config.url);
     let text = error.to_string();
     // A TLS handshake gone wrong surfaces as an I/O error; retrying will not
     // mend a server that speaks no TLS or a certificate nobody trusts.

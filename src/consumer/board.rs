@@ -112,8 +112,14 @@ impl Board {
         self
     }
 
-    /// Records a dead letter a consumer kept.
+    /// Records a dead letter a consumer kept, unless the consumer reads weir's
+    /// own records (a reserved category): a group subscribed to `category:$weir`
+    /// that fails on `DeadLetterRecorded` would otherwise record one for each,
+    /// and feed on its own records forever.
     pub(super) fn dead_lettered(&self, key: &ConsumerKey, letter: &DeadLetter) {
+        if key.source.is_reserved() {
+            return;
+        }
         self.journal.record(LifecycleEvent::DeadLetterRecorded {
             group: key.group.clone(),
             source: key.source.clone(),

@@ -306,3 +306,22 @@ impl CheckpointStore for MemoryCheckpointStore {
             .collect())
     }
 }
+/// The readers of lifecycle events as the checkpoints say: every checkpoint of
+/// a source in a reserved category. Lifecycle retention keeps what the lowest
+/// of them has still to read.
+pub struct LifecycleCheckpoints(pub std::sync::Arc<dyn CheckpointStore>);
+
+#[async_trait]
+impl crate::lifecycle::LifecycleReaders for LifecycleCheckpoints {
+    async fn lowest(&self) -> store::Result<Option<Cursor>> {
+        let checkpoints = self.0.list(None).await.map_err(|error| match error {
+            CheckpointError::Store(error) => error,
+            other => store::Error::Backend(other.to_string()),
+        })?;
+        Ok(checkpoints
+            .iter()
+            .filter(|checkpoint| checkpoint.source.is_reserved())
+            .map(|checkpoint| checkpoint.cursor)
+            .min())
+    }
+}

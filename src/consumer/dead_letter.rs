@@ -61,6 +61,21 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// of one group or of every group.
     async fn list(&self, group: Option<&str>, after: u64, limit: usize) -> Result<Vec<DeadLetter>>;
 
+    /// Up to `limit` dead letters of `group` with an id of at most `up_to`, in
+    /// the order a retry takes them (by their event's sequence, then by id),
+    /// after the one at `after` (its sequence and id; `(0, 0)` for the first):
+    /// how a retry of them all pages through them.
+    async fn list_in_order(
+        &self,
+        group: &str,
+        up_to: u64,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>>;
+
+    /// The newest id of `group`'s dead letters, if it has any.
+    async fn last_id(&self, group: &str) -> Result<Option<u64>>;
+
     /// The dead letters with these ids, of whatever group, oldest first; ids that
     /// name none are left out.
     async fn get(&self, ids: &[u64]) -> Result<Vec<DeadLetter>>;
@@ -128,6 +143,34 @@ impl DeadLetterStore for MemoryDeadLetterStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn list_in_order(
+        &self,
+        group: &str,
+        up_to: u64,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let letters = self.letters();
+        let mut found: Vec<&DeadLetter> = letters
+            .by_id
+            .range(..=up_to)
+            .map(|(_, letter)| letter)
+            .filter(|letter| letter.group == group && (letter.sequence, letter.id) > after)
+            .collect();
+        found.sort_by_key(|letter| (letter.sequence, letter.id));
+        Ok(found.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn last_id(&self, group: &str) -> Result<Option<u64>> {
+        let letters = self.letters();
+        Ok(letters
+            .by_id
+            .values()
+            .rev()
+            .find(|letter| letter.group == group)
+            .map(|letter| letter.id))
     }
 
     async fn get(&self, ids: &[u64]) -> Result<Vec<DeadLetter>> {

@@ -30,7 +30,10 @@ pub mod settings;
 pub mod source;
 pub mod subscription;
 
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
+pub use checkpoint::{
+    Checkpoint, CheckpointError, CheckpointStore, Claim, LifecycleCheckpoints,
+    MemoryCheckpointStore,
+};
 pub use dead_letter::{DeadLetter, DeadLetterStore, MemoryDeadLetterStore, NewDeadLetter};
 pub use filter::{EventFilter, Glob};
 pub use policy::ErrorPolicy;

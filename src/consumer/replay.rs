@@ -13,6 +13,11 @@
 //! times with a short backoff; one that outlasts them means the destination is down,
 //! so the letters after it are not tried in this run either.
 //!
+//! `all` of a group's letters are taken a page at a time, in that order, up to
+//! the newest letter when the operation starts, and a report lists the first
+//! [`LISTED`] letters one by one and counts the rest: what a retry or purge of
+//! a group with millions of letters holds stays bounded.
+//!
 //! Delivery is at least once: the letters of events that went through are removed
 //! [`REMOVE_BATCH`] at a time (one commit each rather than one per letter), so if
 //! the store fails or the caller gives up waiting, the events processed since the
@@ -45,6 +50,11 @@ pub const REMOVE_BATCH: usize = 100;
 /// of a large group holds in memory.
 const PAGE: usize = 500;
 
+/// Letters a report lists one by one, at most; the rest are only counted
+/// (`letters_omitted`), so that an answer about every letter of a large group
+/// stays small.
+pub const LISTED: usize = 1_000;
+
 /// Which of a group's dead letters an operation takes. As JSON: `"all"` or
 /// `{"ids": [3, 4]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +68,7 @@ pub enum Selection {
 
 /// A retry or purge of one group's dead letters, as the admin API receives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterRequest {
     pub group: String,
     pub selection: Selection,
@@ -147,8 +158,8 @@ pub struct LetterReport {
     pub outcome: Outcome,
 }
 
-/// What a retry did (or, in a dry run, would do), letter by letter in the order
-/// they were taken.
+/// What a retry did (or, in a dry run, would do): counts of every outcome, and
+/// the first [`LISTED`] letters one by one, in the order they were taken.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RetryReport {
     pub group: String,
@@ -162,32 +173,53 @@ pub struct RetryReport {
     pub not_tried: usize,
     pub events_missing: usize,
     pub letters: Vec<LetterReport>,
+    /// Letters taken but not listed in `letters` (beyond [`LISTED`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub letters_omitted: usize,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 impl RetryReport {
-    fn new(request: &DeadLetterRequest, letters: Vec<LetterReport>) -> Self {
-        let count = |wanted: fn(&Outcome) -> bool| {
-            letters
-                .iter()
-                .filter(|letter| wanted(&letter.outcome))
-                .count()
-        };
+    fn new(request: &DeadLetterRequest) -> Self {
         Self {
             group: request.group.clone(),
             dry_run: request.dry_run,
-            chosen: letters.len(),
-            would_retry: count(|o| matches!(o, Outcome::WouldRetry)),
-            retried: count(|o| matches!(o, Outcome::Retried)),
-            failed: count(|o| matches!(o, Outcome::Failed { .. })),
-            held_back: count(|o| matches!(o, Outcome::HeldBack { .. })),
-            not_tried: count(|o| matches!(o, Outcome::NotTried { .. })),
-            events_missing: count(|o| matches!(o, Outcome::EventMissing)),
-            letters,
+            chosen: 0,
+            would_retry: 0,
+            retried: 0,
+            failed: 0,
+            held_back: 0,
+            not_tried: 0,
+            events_missing: 0,
+            letters: Vec::new(),
+            letters_omitted: 0,
+        }
+    }
+
+    /// Counts `letter`, and lists it while fewer than [`LISTED`] are.
+    fn add(&mut self, letter: LetterReport) {
+        self.chosen += 1;
+        *match letter.outcome {
+            Outcome::WouldRetry => &mut self.would_retry,
+            Outcome::Retried => &mut self.retried,
+            Outcome::Failed { .. } => &mut self.failed,
+            Outcome::HeldBack { .. } => &mut self.held_back,
+            Outcome::NotTried { .. } => &mut self.not_tried,
+            Outcome::EventMissing => &mut self.events_missing,
+        } += 1;
+        if self.letters.len() < LISTED {
+            self.letters.push(letter);
+        } else {
+            self.letters_omitted += 1;
         }
     }
 }
 
-/// What a purge removed (or, in a dry run, would remove).
+/// What a purge removed (or, in a dry run, would remove): counts, and the
+/// first [`LISTED`] letters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PurgeReport {
     pub group: String,
@@ -198,11 +230,16 @@ pub struct PurgeReport {
     /// dry run.
     pub removed: u64,
     pub letters: Vec<DeadLetter>,
+    /// Letters chosen but not listed in `letters` (beyond [`LISTED`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub letters_omitted: usize,
 }
 
 /// Retries the chosen dead letters of `request.group` through `processor`, run
 /// where `executor` says (the group's isolation, or [`Executor::Main`]); see the
-/// module documentation for the order and what happens to each letter.
+/// module documentation for the order and what happens to each letter. All of
+/// a group's letters are taken [`PAGE`] at a time, in order, up to the newest
+/// when the retry starts, so what it holds stays bounded however many there are.
 pub async fn retry_dead_letters(
     events: &dyn EventStore,
     dead_letters: &dyn DeadLetterStore,
@@ -210,8 +247,6 @@ pub async fn retry_dead_letters(
     executor: &Executor,
     request: &DeadLetterRequest,
 ) -> Result<RetryReport, ReplayError> {
-    let mut letters = chosen(dead_letters, request).await?;
-    letters.sort_by_key(|letter| (letter.sequence, letter.id));
     let mut retry = Retry {
         dead_letters,
         processor,
@@ -219,23 +254,38 @@ pub async fn retry_dead_letters(
         dry_run: request.dry_run,
         blocked: HashMap::new(),
         unavailable: None,
-        reports: Vec::with_capacity(letters.len()),
+        report: RetryReport::new(request),
         done: Vec::new(),
     };
-    for page in by_event(&letters).chunks(PAGE) {
-        let ids: Vec<Uuid> = page.iter().map(|same| same[0].event_id).collect();
-        let found: HashMap<Uuid, StoredEvent> = events
-            .events_by_id(&ids)
-            .await?
-            .into_iter()
-            .map(|event| (event.id, event))
-            .collect();
-        for same in page {
-            retry.take(same, found.get(&same[0].event_id)).await?;
+    if let Selection::Ids(_) = request.selection {
+        let mut letters = chosen(dead_letters, request).await?;
+        letters.sort_by_key(|letter| (letter.sequence, letter.id));
+        retry.take_all(events, &letters).await?;
+    } else if let Some(up_to) = dead_letters.last_id(&request.group).await? {
+        let mut after = (0, 0);
+        loop {
+            let mut page = dead_letters
+                .list_in_order(&request.group, up_to, after, PAGE)
+                .await?;
+            let full = page.len() == PAGE;
+            if full {
+                // The letters of the page's last event may go on in the next
+                // page: they are taken there, together.
+                let last = page[page.len() - 1].event_id;
+                if let Some(run) = page.iter().rposition(|letter| letter.event_id != last) {
+                    page.truncate(run + 1);
+                }
+            }
+            let Some(last) = page.last() else { break };
+            after = (last.sequence, last.id);
+            retry.take_all(events, &page).await?;
+            if !full {
+                break;
+            }
         }
     }
     retry.remove_done().await?;
-    let report = RetryReport::new(request, retry.reports);
+    let report = retry.report;
     tracing::info!(
         group = %report.group, dry_run = report.dry_run, chosen = report.chosen,
         retried = report.retried, failed = report.failed, held_back = report.held_back,
@@ -245,27 +295,68 @@ pub async fn retry_dead_letters(
     Ok(report)
 }
 
-/// Removes the chosen dead letters of `request.group` without processing them.
+/// Removes the chosen dead letters of `request.group` without processing them,
+/// all of a group's [`PAGE`] at a time, up to the newest when the purge starts.
 pub async fn purge_dead_letters(
     dead_letters: &dyn DeadLetterStore,
     request: &DeadLetterRequest,
 ) -> Result<PurgeReport, ReplayError> {
-    let letters = chosen(dead_letters, request).await?;
-    let mut removed = 0;
-    if !request.dry_run {
-        let ids: Vec<u64> = letters.iter().map(|letter| letter.id).collect();
-        for page in ids.chunks(PAGE) {
-            removed += dead_letters.remove(page).await?;
-        }
-        tracing::info!(group = %request.group, removed, "purged dead letters");
-    }
-    Ok(PurgeReport {
+    let mut report = PurgeReport {
         group: request.group.clone(),
         dry_run: request.dry_run,
-        chosen: letters.len(),
-        removed,
-        letters,
-    })
+        chosen: 0,
+        removed: 0,
+        letters: Vec::new(),
+        letters_omitted: 0,
+    };
+    if let Selection::Ids(_) = request.selection {
+        let letters = chosen(dead_letters, request).await?;
+        for page in letters.chunks(PAGE) {
+            report.take(dead_letters, page.to_vec()).await?;
+        }
+    } else if let Some(up_to) = dead_letters.last_id(&request.group).await? {
+        let mut after = 0;
+        loop {
+            let mut page = dead_letters.list(Some(&request.group), after, PAGE).await?;
+            let full = page.len() == PAGE;
+            page.retain(|letter| letter.id <= up_to);
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let reached = after >= up_to;
+            report.take(dead_letters, page).await?;
+            if !full || reached {
+                break;
+            }
+        }
+    }
+    if !request.dry_run {
+        tracing::info!(group = %request.group, removed = report.removed, "purged dead letters");
+    }
+    Ok(report)
+}
+
+impl PurgeReport {
+    /// Removes `page` (unless a dry run), counting its letters and listing them
+    /// while fewer than [`LISTED`] are.
+    async fn take(
+        &mut self,
+        dead_letters: &dyn DeadLetterStore,
+        page: Vec<DeadLetter>,
+    ) -> Result<(), ReplayError> {
+        self.chosen += page.len();
+        if !self.dry_run {
+            let ids: Vec<u64> = page.iter().map(|letter| letter.id).collect();
+            self.removed += dead_letters.remove(&ids).await?;
+        }
+        for letter in page {
+            if self.letters.len() < LISTED {
+                self.letters.push(letter);
+            } else {
+                self.letters_omitted += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The dead letters `request` chooses, checked to be the group's.
@@ -275,7 +366,7 @@ async fn chosen(
 ) -> Result<Vec<DeadLetter>, ReplayError> {
     let group = &request.group;
     let ids = match &request.selection {
-        Selection::All => return Ok(all_of_group(dead_letters, group).await?),
+        Selection::All => return Ok(Vec::new()),
         Selection::Ids(ids) if ids.is_empty() => {
             return Err(ReplayError::NothingChosen {
                 group: group.clone(),
@@ -312,22 +403,6 @@ async fn chosen(
     })
 }
 
-async fn all_of_group(
-    dead_letters: &dyn DeadLetterStore,
-    group: &str,
-) -> store::Result<Vec<DeadLetter>> {
-    let mut letters = Vec::new();
-    loop {
-        let after = letters.last().map_or(0, |letter: &DeadLetter| letter.id);
-        let page = dead_letters.list(Some(group), after, PAGE).await?;
-        let full = page.len() == PAGE;
-        letters.extend(page);
-        if !full {
-            return Ok(letters);
-        }
-    }
-}
-
 /// Letters sorted by sequence, in runs of one event each: an event can have been
 /// recorded twice (processed again after a crash), and is delivered once for all.
 fn by_event(letters: &[DeadLetter]) -> Vec<&[DeadLetter]> {
@@ -344,12 +419,34 @@ struct Retry<'a> {
     blocked: HashMap<(Category, StreamName), u64>,
     /// The letter that failed transiently after all its tries, if one did.
     unavailable: Option<u64>,
-    reports: Vec<LetterReport>,
+    report: RetryReport,
     /// Letters whose events went through, not yet removed.
     done: Vec<u64>,
 }
 
 impl Retry<'_> {
+    /// Retries `letters` (sorted by sequence, then id), looking their events
+    /// up [`PAGE`] at a time.
+    async fn take_all(
+        &mut self,
+        events: &dyn EventStore,
+        letters: &[DeadLetter],
+    ) -> Result<(), ReplayError> {
+        for page in by_event(letters).chunks(PAGE) {
+            let ids: Vec<Uuid> = page.iter().map(|same| same[0].event_id).collect();
+            let found: HashMap<Uuid, StoredEvent> = events
+                .events_by_id(&ids)
+                .await?
+                .into_iter()
+                .map(|event| (event.id, event))
+                .collect();
+            for same in page {
+                self.take(same, found.get(&same[0].event_id)).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn remove_done(&mut self) -> store::Result<()> {
         if !self.done.is_empty() {
             self.dead_letters.remove(&self.done).await?;
@@ -441,15 +538,16 @@ impl Retry<'_> {
         outcome: impl Fn(&DeadLetter) -> Outcome,
     ) {
         let stream = event.map(|event| format!("{}/{}", event.category, event.stream));
-        self.reports
-            .extend(letters.iter().map(|letter| LetterReport {
+        for letter in letters {
+            self.report.add(LetterReport {
                 id: letter.id,
                 event_id: letter.event_id,
                 source: letter.source.clone(),
                 stream: stream.clone(),
                 sequence: letter.sequence,
                 outcome: outcome(letter),
-            }));
+            });
+        }
     }
 }
 

@@ -344,6 +344,17 @@ pub enum Source {
 pub const PARTITION_LABELS_LIMIT: u32 = 16;
 
 impl Source {
+    /// Whether this source reads a reserved category (weir's own records):
+    /// `category:$weir`, one of its partitions or streams.
+    pub fn is_reserved(&self) -> bool {
+        match self {
+            Source::Log | Source::LogPartition(_) => false,
+            Source::Category(c) | Source::Stream(c, _) | Source::CategoryPartition(c, _) => {
+                c.is_reserved()
+            }
+        }
+    }
+
     /// Whether an event appended to `category` can belong to this source.
     pub fn covers_category(&self, category: &Category) -> bool {
         match self {

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{LifecycleEvent, LifecycleSettings, category, event_name, stream_name};
-use crate::event::{IdempotencyKey, NewEvent, StreamName, WriteCondition};
+use crate::event::{Cursor, IdempotencyKey, NewEvent, StreamName, WriteCondition};
 use crate::metrics;
 use crate::store::{EventStore, StreamAppend};
 
@@ -43,6 +43,8 @@ pub struct Journal {
 struct Shared {
     /// Stored in each event's metadata: which node saw it happen.
     node: String,
+    /// Where [`Journal::record_now`] writes at once.
+    store: Arc<dyn EventStore>,
     queue: Mutex<VecDeque<Pending>>,
     wake: Notify,
     /// A batch taken from the queue is being written.
@@ -100,6 +102,16 @@ impl Journal {
         node: impl Into<String>,
         settings: &LifecycleSettings,
     ) -> (Self, JournalTask) {
+        Self::start_keeping(store, node, settings, None)
+    }
+
+    /// As [`Journal::start`], pruning only what every one of `readers` has read.
+    pub fn start_keeping(
+        store: Arc<dyn EventStore>,
+        node: impl Into<String>,
+        settings: &LifecycleSettings,
+        readers: Option<Arc<dyn LifecycleReaders>>,
+    ) -> (Self, JournalTask) {
         let cancel = CancellationToken::new();
         if !settings.enabled {
             let task = JournalTask { cancel, task: None };
@@ -107,6 +119,7 @@ impl Journal {
         }
         let shared = Arc::new(Shared {
             node: node.into(),
+            store: Arc::clone(&store),
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             writing: AtomicBool::new(false),
@@ -115,6 +128,7 @@ impl Journal {
             shared: Arc::clone(&shared),
             store,
             settings: settings.clone(),
+            readers,
         };
         let task = crate::ambient::spawn(writer.run(cancel.clone()));
         let task = JournalTask {
@@ -139,21 +153,28 @@ impl Journal {
         let Some(shared) = &self.shared else {
             return;
         };
-        let (name, payload) = event.to_parts();
-        let (Some(name), Some(stream)) = (event_name(&name), stream_name(&event.stream())) else {
-            tracing::warn!(
-                ?event,
-                "a lifecycle event with an invalid name or stream was not recorded"
-            );
+        let Some(pending) = shared.pending(&event) else {
             return;
         };
-        // A key of its own, so that writing a batch again after a lost connection
-        // cannot store an event twice.
-        let key = IdempotencyKey::new(crate::ambient::event_id().to_string()).ok();
-        let mut event = NewEvent::new(name, payload).with_metadata(json!({ "node": shared.node }));
-        event.idempotency_key = key;
-        shared.enqueue(|queue| queue.push_back(Pending { stream, event }));
+        shared.enqueue(|queue| queue.push_back(pending));
         shared.wake.notify_one();
+    }
+
+    /// Writes `event` now, past the queue, and says whether the store took it:
+    /// for a record that must be in the store before the work it announces
+    /// starts (an admin write). A disabled journal takes it without writing.
+    pub async fn record_now(&self, event: LifecycleEvent) -> crate::store::Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let Some(pending) = shared.pending(&event) else {
+            return Ok(());
+        };
+        shared
+            .store
+            .append_reserved(&category(), appends(&[pending]))
+            .await
+            .map(drop)
     }
 
     /// Waits until every event recorded so far is written, or `timeout` passes;
@@ -194,6 +215,23 @@ impl Shared {
         );
     }
 
+    /// `event` as it is appended: its stream, and a key of its own, so that
+    /// writing a batch again after a lost connection cannot store it twice.
+    fn pending(&self, event: &LifecycleEvent) -> Option<Pending> {
+        let (name, payload) = event.to_parts();
+        let (Some(name), Some(stream)) = (event_name(&name), stream_name(&event.stream())) else {
+            tracing::warn!(
+                ?event,
+                "a lifecycle event with an invalid name or stream was not recorded"
+            );
+            return None;
+        };
+        let key = IdempotencyKey::new(crate::ambient::event_id().to_string()).ok();
+        let mut event = NewEvent::new(name, payload).with_metadata(json!({ "node": self.node }));
+        event.idempotency_key = key;
+        Some(Pending { stream, event })
+    }
+
     fn is_idle(&self) -> bool {
         // `writing` is set before the batch leaves the queue and cleared after it
         // is written, so an empty queue with no write in progress means done.
@@ -209,16 +247,31 @@ fn dropped(count: usize, why: &str) {
     }
 }
 
+/// Who reads the lifecycle events: subscriptions to `$weir`, whose checkpoints
+/// say how far they have got. Retention keeps what any of them has still to
+/// read, so that a paused or failing subscriber does not lose events to it.
+#[async_trait::async_trait]
+pub trait LifecycleReaders: Send + Sync + 'static {
+    /// The lowest cursor any reader of `$weir` has reached; `None` when nobody
+    /// reads it.
+    async fn lowest(&self) -> crate::store::Result<Option<Cursor>>;
+}
+
 /// Deletes lifecycle events older than `retention` from `store` (each stream
-/// keeps its last); returns how many. What every node does each
+/// keeps its last) that every reader has read (at or before `read_up_to`, if
+/// given); returns how many. What every node does each
 /// [`LifecycleSettings::prune_interval`]; idempotent, so nodes need not agree on
 /// who does it.
-pub async fn prune(store: &dyn EventStore, retention: Duration) -> crate::store::Result<u64> {
+pub async fn prune(
+    store: &dyn EventStore,
+    retention: Duration,
+    read_up_to: Option<Cursor>,
+) -> crate::store::Result<u64> {
     let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
     let before = crate::ambient::now()
         .checked_sub_signed(retention)
         .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
-    store.prune(&category(), before).await
+    store.prune(&category(), before, read_up_to).await
 }
 
 /// The journal's task: writes queued events in batches, prunes on a timer.
@@ -226,6 +279,7 @@ struct Writer {
     shared: Arc<Shared>,
     store: Arc<dyn EventStore>,
     settings: LifecycleSettings,
+    readers: Option<Arc<dyn LifecycleReaders>>,
 }
 
 impl Writer {
@@ -304,7 +358,19 @@ impl Writer {
     }
 
     async fn prune(&self) {
-        match prune(self.store.as_ref(), self.settings.retention).await {
+        let read_up_to = match &self.readers {
+            None => None,
+            Some(readers) => match readers.lowest().await {
+                // Nobody reads: age alone decides.
+                Ok(None) => None,
+                Ok(Some(lowest)) => Some(lowest),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read how far the readers of lifecycle events have got; pruning later");
+                    return;
+                }
+            },
+        };
+        match prune(self.store.as_ref(), self.settings.retention, read_up_to).await {
             Ok(0) => {}
             Ok(pruned) => {
                 tracing::info!(pruned, retention = %humantime::format_duration(self.settings.retention), "pruned old lifecycle events")

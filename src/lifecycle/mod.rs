@@ -10,6 +10,7 @@
 //! into it. [`Journal`] records them without ever holding up or failing the work
 //! they describe, and prunes them past `[lifecycle] retention`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ use crate::event::{Category, EventName, Source, StoredEvent, StreamName};
 
 mod journal;
 
-pub use journal::{Journal, JournalTask, QUEUE_CAPACITY, prune};
+pub use journal::{Journal, JournalTask, LifecycleReaders, QUEUE_CAPACITY, prune};
 
 /// The reserved category lifecycle events are recorded in.
 pub const CATEGORY: &str = "$weir";
@@ -127,12 +128,28 @@ pub enum LifecycleEvent {
     /// An admin write: `what` was asked (e.g. `checkpoints reset --group g
     /// --to-start`), by the token named `token`, as a dry run or not, and how it
     /// ended (`outcome`: `done`, or what went wrong). `group` if it concerns one.
+    /// A reset is recorded twice: `started` before its work, then its outcome.
     AdminWrite {
         what: String,
         group: Option<String>,
         token: Option<String>,
         dry_run: bool,
         outcome: String,
+        /// The request's id (resets): its `started` record and its outcome's
+        /// share it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        /// What the write aimed at: where a reset moves checkpoints (`start`,
+        /// `end`, `time T`, `cursor C`), which dead letters (`all`, `ids ...`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+        /// The sources it concerns (a reset's checkpoints).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sources: Vec<String>,
+        /// What it did, counted: checkpoints, replayed and skipped events of a
+        /// reset; chosen, retried, failed, removed ... dead letters.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        counts: BTreeMap<String, u64>,
     },
 }
 

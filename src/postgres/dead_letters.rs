@@ -27,6 +27,8 @@ struct Sql {
     record: String,
     list_all: String,
     list_group: String,
+    list_in_order: String,
+    last_id: String,
     get: String,
     remove: String,
     record_failure: String,
@@ -48,6 +50,13 @@ impl PostgresDeadLetterStore {
             list_group: format!(
                 "SELECT {COLUMNS} FROM {table} WHERE group_name = $3 AND id > $1 ORDER BY id LIMIT $2"
             ),
+            // Read in order from the (group_name, sequence, id) index.
+            list_in_order: format!(
+                "SELECT {COLUMNS} FROM {table} \
+                 WHERE group_name = $1 AND id <= $2 AND (sequence, id) > ($3, $4) \
+                 ORDER BY sequence, id LIMIT $5"
+            ),
+            last_id: format!("SELECT max(id) FROM {table} WHERE group_name = $1"),
             get: format!("SELECT {COLUMNS} FROM {table} WHERE id = ANY($1) ORDER BY id"),
             remove: format!("DELETE FROM {table} WHERE id = ANY($1)"),
             // Saturates rather than failing on a letter retried 2^31 - 1 times.
@@ -152,6 +161,36 @@ impl DeadLetterStore for PostgresDeadLetterStore {
             None => self.query(&self.sql.list_all, &[&after, &limit]).await?,
         };
         rows.iter().map(dead_letter).collect()
+    }
+
+    async fn list_in_order(
+        &self,
+        group: &str,
+        up_to: u64,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let up_to = i64::try_from(up_to).unwrap_or(i64::MAX);
+        let (Ok(sequence), Ok(id)) = (i64::try_from(after.0), i64::try_from(after.1)) else {
+            return Ok(Vec::new());
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                &self.sql.list_in_order,
+                &[&group, &up_to, &sequence, &id, &limit],
+            )
+            .await?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    async fn last_id(&self, group: &str) -> Result<Option<u64>> {
+        let rows = self.query(&self.sql.last_id, &[&group]).await?;
+        let last: Option<i64> = match rows.first() {
+            Some(row) => row.try_get(0).map_err(super::classify)?,
+            None => None,
+        };
+        Ok(last.and_then(|id| u64::try_from(id).ok()))
     }
 
     async fn get(&self, ids: &[u64]) -> Result<Vec<DeadLetter>> {

@@ -568,9 +568,14 @@ impl EventStore for PostgresStore {
         Ok(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or_default())
     }
 
-    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+    async fn prune(
+        &self,
+        category: &Category,
+        before: DateTime<Utc>,
+        read_up_to: Option<Cursor>,
+    ) -> Result<u64> {
         crate::store::check_reserved(category)?;
-        self.prune_reserved(category, before).await
+        self.prune_reserved(category, before, read_up_to).await
     }
 
     async fn watch(&self) -> Result<AppendWatcher> {

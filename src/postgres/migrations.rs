@@ -53,6 +53,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "group epochs",
         sql: include_str!("migrations/0008_group_epochs.sql"),
     },
+    Migration {
+        version: 10,
+        name: "admin requests",
+        sql: include_str!("migrations/0010_admin_requests.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

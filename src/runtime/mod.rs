@@ -16,6 +16,7 @@
 //! [`sampler`] measures consumer lag and the store's visibility horizon beside
 //! the consumers.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -139,6 +140,9 @@ pub struct EventRuntime {
     subscribers: Mutex<Vec<(String, String)>>,
     /// The thread `SharedThread` consumers share, started by the first of them.
     shared_thread: Mutex<Option<Executor>>,
+    /// Each group's executor (its first consumer's), for work done for the
+    /// group outside its consumers: the admin API's dead-letter retries.
+    executors: Mutex<BTreeMap<String, Executor>>,
     state: Mutex<State>,
 }
 
@@ -195,6 +199,7 @@ impl EventRuntime {
             board: Board::default(),
             subscribers: Mutex::new(Vec::new()),
             shared_thread: Mutex::new(None),
+            executors: Mutex::new(BTreeMap::new()),
             state: Mutex::new(State::Configured(Registered::default())),
         }
     }
@@ -341,6 +346,11 @@ impl EventRuntime {
         }
         let executor =
             Executor::for_isolation(settings.isolation, &group, || self.shared_executor())?;
+        self.executors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(group.clone())
+            .or_insert_with(|| executor.clone());
         Ok(Arc::new(ConsumerContext {
             group,
             owner,
@@ -353,6 +363,34 @@ impl EventRuntime {
             board: self.board.clone(),
             pause: Default::default(),
         }))
+    }
+
+    /// Where work for `group` outside its consumers runs its processor: the
+    /// executor of the group's consumers on this node, or, on a node that runs
+    /// none, one made for `settings` (the runtime's defaults if `None`), so
+    /// that such work keeps the group's isolation.
+    pub fn group_executor(
+        &self,
+        group: &str,
+        settings: Option<&ConsumerSettings>,
+    ) -> std::io::Result<Executor> {
+        if let Some(executor) = self
+            .executors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(group)
+        {
+            return Ok(executor.clone());
+        }
+        let isolation = settings.unwrap_or(&self.defaults).isolation;
+        let executor = Executor::for_isolation(isolation, group, || self.shared_executor())?;
+        Ok(self
+            .executors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(group.to_owned())
+            .or_insert(executor)
+            .clone())
     }
 
     fn shared_executor(&self) -> std::io::Result<Executor> {

@@ -190,7 +190,7 @@ impl State {
 
     /// Deletes `category`'s events stored before `before`, but each stream's
     /// last, and files what is left again.
-    fn prune(&mut self, category: &Category, before: DateTime<Utc>) -> u64 {
+    fn prune(&mut self, category: &Category, before: DateTime<Utc>, up_to: Option<Cursor>) -> u64 {
         let heads: HashSet<usize> = self
             .streams
             .iter()
@@ -198,7 +198,10 @@ impl State {
             .filter_map(|(_, indexes)| indexes.last().copied())
             .collect();
         let doomed = |(i, event): &(usize, &StoredEvent)| {
-            event.category == *category && event.observed_at < before && !heads.contains(i)
+            event.category == *category
+                && event.observed_at < before
+                && up_to.is_none_or(|up_to| event.cursor <= up_to)
+                && !heads.contains(i)
         };
         let pruned = self.log.iter().enumerate().filter(doomed).count();
         if pruned == 0 {
@@ -312,9 +315,14 @@ impl EventStore for MemoryStore {
             .collect())
     }
 
-    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+    async fn prune(
+        &self,
+        category: &Category,
+        before: DateTime<Utc>,
+        read_up_to: Option<Cursor>,
+    ) -> Result<u64> {
         check_reserved(category)?;
-        Ok(self.write_state().prune(category, before))
+        Ok(self.write_state().prune(category, before, read_up_to))
     }
 
     async fn backlog(&self, source: &Source, after: Cursor, limit: u64) -> Result<Backlog> {

@@ -340,13 +340,20 @@ pub trait EventStore: Send + Sync + 'static {
             .await
     }
 
-    /// Deletes the events of a reserved `category` stored before `before`, except
-    /// the last event of each stream, which is kept so that the stream's positions
-    /// go on from where they were. Returns how many were deleted. Refuses any
-    /// category that is not reserved: weir prunes only its own records.
-    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
+    /// Deletes the events of a reserved `category` stored before `before` and,
+    /// if `read_up_to` is given, at or before that cursor (what every reader
+    /// has read), except the last event of each stream, which is kept so that
+    /// the stream's positions go on from where they were. Returns how many were
+    /// deleted. Refuses any category that is not reserved: weir prunes only its
+    /// own records.
+    async fn prune(
+        &self,
+        category: &Category,
+        before: DateTime<Utc>,
+        read_up_to: Option<Cursor>,
+    ) -> Result<u64> {
         check_reserved(category)?;
-        let _ = before;
+        let _ = (before, read_up_to);
         Err(Error::Unsupported("prune"))
     }
 
@@ -410,8 +417,13 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     ) -> Result<Vec<StoredEvent>> {
         (**self).append_reserved(category, appends).await
     }
-    async fn prune(&self, category: &Category, before: DateTime<Utc>) -> Result<u64> {
-        (**self).prune(category, before).await
+    async fn prune(
+        &self,
+        category: &Category,
+        before: DateTime<Utc>,
+        read_up_to: Option<Cursor>,
+    ) -> Result<u64> {
+        (**self).prune(category, before, read_up_to).await
     }
 }
 

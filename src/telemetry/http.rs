@@ -4,10 +4,16 @@
 //! - `/livez`: 200 while the process runs; it checks nothing else, so a database
 //!   outage never gets a node restarted;
 //! - `/readyz`: 200 when the store, the bus and the lease store answer and the
-//!   broker does what its role asks; otherwise 503 with every reason as JSON;
+//!   broker does what its role asks; otherwise 503 with every reason as JSON.
+//!   It answers within [`FRESH_WAIT`]: what a check of its own finds by then,
+//!   or else what a background check found at most [`READINESS_INTERVAL`] and
+//!   a check ago (its `age_ms` says how long), so a service that hangs never
+//!   makes a probe time out; a check older than [`READINESS_STALE`] counts as
+//!   not ready;
 //! - `/status`: the node as JSON ([`NodeStatus`](super::status::NodeStatus)).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,13 +24,26 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::status::NodeProbe;
+use super::status::{NodeProbe, Readiness};
 
-/// How often histograms are folded into their buckets when nobody scrapes, and
-/// readiness is recorded as `weir_ready`.
+/// How often histograms are folded into their buckets when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the background check finds whether the node is ready (and records
+/// it as `weir_ready`).
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long `/readyz` waits for a check of its own before it answers what the
+/// background check found: services that answer at once give a fresh answer,
+/// one that hangs never holds up a probe.
+pub const FRESH_WAIT: Duration = Duration::from_millis(50);
+
+/// A readiness found longer ago than this is not trusted: the check itself is
+/// stuck (each service gets [`CHECK_TIMEOUT`](super::status::CHECK_TIMEOUT)).
+pub const READINESS_STALE: Duration = Duration::from_secs(10);
 
 /// Why the HTTP endpoints could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -60,20 +79,41 @@ pub async fn bind(address: &str) -> Result<TcpListener, HttpError> {
     })
 }
 
+/// What the background check found last, and when.
+type Checked = Arc<Mutex<Option<(Readiness, Instant)>>>;
+
 #[derive(Clone)]
 struct AppState {
     probe: NodeProbe,
     metrics: PrometheusHandle,
+    checked: Checked,
 }
 
 /// The endpoints' routes.
 pub fn router(probe: NodeProbe, metrics: PrometheusHandle) -> Router {
+    routes(probe, metrics, Checked::default())
+}
+
+fn routes(probe: NodeProbe, metrics: PrometheusHandle, checked: Checked) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
         .route("/status", get(status))
-        .with_state(AppState { probe, metrics })
+        .with_state(AppState {
+            probe,
+            metrics,
+            checked,
+        })
+}
+
+/// Checks readiness and keeps what it found.
+async fn check(probe: &NodeProbe, checked: &Checked) -> Readiness {
+    let readiness = probe.readiness().await;
+    record_readiness(readiness.ready);
+    *checked.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some((readiness.clone(), Instant::now()));
+    readiness
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
@@ -87,9 +127,29 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// A check of its own that answers within [`FRESH_WAIT`]; otherwise what the
+/// background check found (only before its first check does a request wait for
+/// a whole check).
 async fn readiness(State(state): State<AppState>) -> Response {
-    let readiness = state.probe.readiness().await;
-    record_readiness(readiness.ready);
+    let fresh = tokio::time::timeout(FRESH_WAIT, check(&state.probe, &state.checked)).await;
+    let found = state
+        .checked
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let (mut readiness, age) = match (fresh, found) {
+        (Ok(readiness), _) => (readiness, Duration::ZERO),
+        (Err(_), Some((readiness, at))) => (readiness, at.elapsed()),
+        (Err(_), None) => (check(&state.probe, &state.checked).await, Duration::ZERO),
+    };
+    if age > READINESS_STALE {
+        readiness.ready = false;
+        readiness.reasons.push(format!(
+            "readiness was last checked {}s ago: the check itself is stuck",
+            age.as_secs()
+        ));
+    }
+    readiness.age_ms = Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
     let code = if readiness.ready {
         StatusCode::OK
     } else {
@@ -136,7 +196,8 @@ impl HttpServer {
             source,
         })?;
         let stop = CancellationToken::new();
-        let app = router(probe.clone(), metrics.clone()).merge(more);
+        let checked = Checked::default();
+        let app = routes(probe.clone(), metrics.clone(), Arc::clone(&checked)).merge(more);
         let shutdown = stop.clone();
         let task = crate::ambient::spawn(async move {
             let upkeep = async {
@@ -144,10 +205,19 @@ impl HttpServer {
                 loop {
                     timer.tick().await;
                     metrics.run_upkeep();
-                    // Readiness as a metric, for alerts that cannot probe /readyz.
-                    record_readiness(probe.readiness().await.ready);
                 }
             };
+            // Readiness for /readyz and as a metric (for alerts that cannot
+            // probe /readyz), found apart from any request.
+            let readiness = async {
+                let mut timer = tokio::time::interval(READINESS_INTERVAL);
+                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    timer.tick().await;
+                    check(&probe, &checked).await;
+                }
+            };
+            let upkeep = async { tokio::join!(upkeep, readiness) };
             let serve =
                 axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
             tokio::select! {
@@ -156,7 +226,7 @@ impl HttpServer {
                         tracing::error!(%error, "the HTTP endpoints stopped");
                     }
                 }
-                () = upkeep => {}
+                _ = upkeep => {}
             }
         });
         tracing::info!(%address, "serving /metrics, /livez, /readyz and /status");

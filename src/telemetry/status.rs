@@ -82,6 +82,10 @@ pub struct SourceStatus {
 pub struct Readiness {
     pub ready: bool,
     pub reasons: Vec<String>,
+    /// On `/readyz`: how long ago, in milliseconds, the background check found
+    /// this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
 }
 
 /// Gathers a node's status and readiness.
@@ -141,6 +145,7 @@ impl NodeProbe {
         Readiness {
             ready: reasons.is_empty(),
             reasons,
+            age_ms: None,
         }
     }
 

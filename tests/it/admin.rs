@@ -31,6 +31,9 @@ use crate::common::{self, TestPostgres, wait_until};
 const TOKEN: &str = "s3cret-admin-token";
 const GROUP: &str = "bridge";
 const WAIT: Duration = Duration::from_secs(30);
+/// How long a reset's request waits for its outcome: shorter than the
+/// handover timeout, so that a reset whose old owner is stuck answers 202.
+const REPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// What every node of one fleet shares.
 struct Backend {
@@ -71,6 +74,27 @@ async fn postgres() -> Option<Backend> {
 /// Every event any node's processor handled, in the order handled.
 type Handled = Arc<Mutex<Vec<StoredEvent>>>;
 
+/// How a node's processor behaves, switched by the test.
+#[derive(Clone, Default)]
+struct Switches {
+    /// Every event fails permanently while set.
+    failing: Arc<AtomicBool>,
+    /// Each event is held (its batch in flight) while set.
+    stalled: Arc<AtomicBool>,
+    /// Where the group's processor runs.
+    isolation: weir::consumer::settings::Isolation,
+    /// The name of the thread each call of the processor started on.
+    threads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Switches {
+    fn stalled(stalled: bool) -> Self {
+        let switches = Self::default();
+        switches.stalled.store(stalled, Ordering::SeqCst);
+        switches
+    }
+}
+
 struct Node {
     id: String,
     runtime: Arc<EventRuntime>,
@@ -93,6 +117,21 @@ impl Node {
         handled: &Handled,
         failing: &Arc<AtomicBool>,
     ) -> Self {
+        let switches = Switches {
+            failing: Arc::clone(failing),
+            ..Switches::default()
+        };
+        Self::start_with(backend, id, sources, handled, &switches).await
+    }
+
+    /// A node whose processor behaves as `switches` say.
+    async fn start_with(
+        backend: &Backend,
+        id: &str,
+        sources: &[Source],
+        handled: &Handled,
+        switches: &Switches,
+    ) -> Self {
         let broker = DistributedBroker::new(
             id,
             BrokerRole::Full,
@@ -107,6 +146,7 @@ impl Node {
             poll_interval: Duration::from_millis(20),
             checkpoint_every: 1,
             batch_size: 10,
+            isolation: switches.isolation,
             ..ConsumerSettings::default()
         };
         let runtime = Arc::new(EventRuntime::new(
@@ -115,16 +155,21 @@ impl Node {
             backend.stores.clone(),
             consumer,
         ));
-        let (log, failing) = (Arc::clone(handled), Arc::clone(failing));
+        let (log, switches) = (Arc::clone(handled), switches.clone());
         let (journal, journal_task) = Journal::start(
             Arc::clone(&backend.stores.events),
             id,
             &LifecycleSettings::default(),
         );
         let processor: Arc<dyn EventProcessor> = Arc::new(from_fn(move |event: StoredEvent| {
-            let (log, failing) = (Arc::clone(&log), Arc::clone(&failing));
+            let (log, switches) = (Arc::clone(&log), switches.clone());
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
             async move {
-                if failing.load(Ordering::SeqCst) {
+                switches.threads.lock().unwrap().push(thread);
+                while switches.stalled.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if switches.failing.load(Ordering::SeqCst) {
                     return Err(ProcessError::permanent(
                         "rejected",
                         "the downstream refused it",
@@ -142,20 +187,28 @@ impl Node {
             )
             .unwrap();
         runtime.start().await.unwrap();
+        let executors = BTreeMap::from([(
+            GROUP.to_owned(),
+            runtime.group_executor(GROUP, None).unwrap(),
+        )]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address: SocketAddr = listener.local_addr().unwrap();
-        let admin = Arc::new(Admin::new(AdminParts {
-            node: id.to_owned(),
-            stores: backend.stores.clone(),
-            membership: Arc::clone(&backend.fleet_services.membership),
-            fleet: Arc::clone(&backend.fleet),
-            control,
-            processors: BTreeMap::from([(GROUP.to_owned(), processor)]),
-            auth: AdminAuth::new(vec![("ops".into(), TOKEN.into())], address),
-            member_timeout: settings().member_timeout,
-            handover_timeout: settings().handover_timeout,
-            journal,
-        }));
+        let admin = Arc::new(
+            Admin::new(AdminParts {
+                node: id.to_owned(),
+                stores: backend.stores.clone(),
+                membership: Arc::clone(&backend.fleet_services.membership),
+                fleet: Arc::clone(&backend.fleet),
+                control,
+                processors: BTreeMap::from([(GROUP.to_owned(), processor)]),
+                auth: AdminAuth::new(vec![("ops".into(), TOKEN.into())], address),
+                member_timeout: settings().member_timeout,
+                handover_timeout: settings().handover_timeout,
+                journal,
+            })
+            .with_reply_wait(REPLY_WAIT)
+            .with_executors(executors),
+        );
         let router = weir::admin::http::router(Arc::clone(&admin));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -685,6 +738,405 @@ async fn an_older_term_cannot_undo_what_a_newer_term_set(backend: Backend) {
     );
 }
 
+/// Records a dead letter of the group for each of `events`, as a consumer
+/// that skipped them would; the dead-letter store.
+async fn record_dead_letters(
+    backend: &Backend,
+    events: &[StoredEvent],
+) -> Arc<dyn weir::consumer::DeadLetterStore> {
+    let dead_letters = Arc::clone(&backend.stores.dead_letters);
+    for event in events {
+        let letter = weir::consumer::NewDeadLetter {
+            group: GROUP.into(),
+            source: orders()[0].clone(),
+            event_id: event.id,
+            sequence: event.sequence,
+            kind: "rejected".into(),
+            error: "no".into(),
+            attempts: 1,
+        };
+        dead_letters.record(&letter).await.unwrap();
+    }
+    dead_letters
+}
+
+/// Every admin request body refuses a field it does not know, by name, and
+/// changes nothing: a misspelt `dryRun` never runs a real purge or reset.
+async fn a_misspelt_field_is_refused_by_name_and_changes_nothing(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let node = Node::start(&backend, "node-a", &orders(), &handled).await;
+    let stored = append(&backend, "o-1", 3).await;
+    wait_until("the events are handled", || {
+        handled.lock().unwrap().len() == 3
+    })
+    .await;
+    leader(&[&node]).await;
+    let dead_letters = record_dead_letters(&backend, &stored).await;
+    let before = node.admin.checkpoints(Some(GROUP)).await.unwrap();
+
+    let refused = [
+        (
+            "/admin/dead-letters/purge",
+            json!({ "group": GROUP, "selection": "all", "dryRun": true }),
+            "dryRun",
+        ),
+        (
+            "/admin/dead-letters/retry",
+            json!({ "group": GROUP, "selection": "all", "dry-run": true }),
+            "dry-run",
+        ),
+        (
+            "/admin/checkpoints/reset",
+            json!({ "group": GROUP, "to": "start", "dryRun": true }),
+            "dryRun",
+        ),
+        (
+            "/admin/groups/pause",
+            json!({ "group": GROUP, "paused": true }),
+            "paused",
+        ),
+    ];
+    for (path, body, field) in refused {
+        let (status, answer) = post(&node.url, path, Some(TOKEN), body.clone()).await;
+        assert_eq!(status, 400, "{path} took {body}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("`{field}`")),
+            "{path}: the answer does not name {field}: {answer}"
+        );
+    }
+    assert_eq!(
+        dead_letters.list(Some(GROUP), 0, 100).await.unwrap().len(),
+        3,
+        "a refused purge removed letters"
+    );
+    let after = node.admin.checkpoints(Some(GROUP)).await.unwrap();
+    assert_eq!(
+        before.iter().map(|l| l.cursor).collect::<Vec<_>>(),
+        after.iter().map(|l| l.cursor).collect::<Vec<_>>(),
+        "a refused reset moved a checkpoint"
+    );
+    assert!(backend.fleet.paused_groups().await.unwrap().is_empty());
+    node.stop().await;
+}
+
+/// The lifecycle records of the group's admin writes, their payloads.
+async fn admin_writes(backend: &Backend) -> Vec<Value> {
+    backend
+        .stores
+        .events
+        .read(
+            &"category:$weir".parse().unwrap(),
+            Default::default(),
+            10_000,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.name.as_str() == "AdminWrite")
+        .filter(|event| event.payload["group"] == GROUP)
+        .map(|event| event.payload)
+        .collect()
+}
+
+/// A reset that outlasts its request answers 202 "in progress" and runs on;
+/// a resend of its request id waits for it or answers its first outcome, and
+/// never runs it twice; its audit record is stored before the work, its
+/// outcome after.
+async fn a_reset_runs_once_per_request_id_and_says_when_it_is_in_progress(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let switches = Switches::stalled(false);
+    let stalled = Arc::clone(&switches.stalled);
+    let node = Node::start_with(&backend, "node-a", &orders(), &handled, &switches).await;
+    let before = append(&backend, "o-1", 5).await;
+    wait_until("the first events are handled", || {
+        handled.lock().unwrap().len() == 5
+    })
+    .await;
+    leader(&[&node]).await;
+    // The owner's next batch stays in flight: it cannot let go of its source
+    // before the handover timeout, so the reset outlasts its request.
+    stalled.store(true, Ordering::SeqCst);
+    append(&backend, "o-1", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let id = "reset-0001";
+    let reset = json!({ "group": GROUP, "to": "start", "request_id": id });
+    let (status, first) = post(
+        &node.url,
+        "/admin/checkpoints/reset",
+        Some(TOKEN),
+        reset.clone(),
+    )
+    .await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["state"], "in_progress", "{first}");
+    assert_eq!(first["request_id"], id, "{first}");
+    let first = admin_writes(&backend).await;
+    assert_eq!(
+        (&first[0]["outcome"], &first[0]["request_id"]),
+        (&json!("started"), &json!(id)),
+        "the audit record was not stored before the work: {first:?}"
+    );
+    let other = json!({ "group": GROUP, "to": "end", "request_id": id });
+    let (status, answer) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), other).await;
+    assert_eq!(status, 400, "an id reused for another reset: {answer}");
+    let second = json!({ "group": GROUP, "to": "start" });
+    let (status, answer) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), second).await;
+    assert_eq!(
+        status, 409,
+        "a second reset of the group while one runs: {answer}"
+    );
+
+    // The resend waits for the outcome (the work fences the stuck owner once
+    // the handover timeout passes).
+    let deadline = Instant::now() + WAIT;
+    let report = loop {
+        let (status, answer) = post(
+            &node.url,
+            "/admin/checkpoints/reset",
+            Some(TOKEN),
+            reset.clone(),
+        )
+        .await;
+        if status == 200 {
+            break answer;
+        }
+        assert_eq!(status, 202, "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the reset never finished: {answer}"
+        );
+    };
+    assert_eq!(report["request_id"], id, "{report}");
+    stalled.store(false, Ordering::SeqCst);
+    wait_until("every event is handled once more", || {
+        let counts = count_by_id(&handled);
+        before.iter().all(|e| counts.get(&e.id) == Some(&2))
+    })
+    .await;
+    let (status, again) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), reset).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, report, "a resend did not answer the first outcome");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = count_by_id(&handled);
+    assert!(
+        before.iter().all(|e| counts.get(&e.id) == Some(&2)),
+        "a resend of the request id reset again: {counts:?}"
+    );
+    node.stop().await;
+    let ours: Vec<Value> = admin_writes(&backend)
+        .await
+        .into_iter()
+        .filter(|record| record["request_id"] == id)
+        .collect();
+    // One run, recorded before and after (beside the refusal of the id resent
+    // with another body).
+    let runs: Vec<&Value> = ours
+        .iter()
+        .map(|record| &record["outcome"])
+        .filter(|outcome| *outcome == "started" || *outcome == "done")
+        .collect();
+    assert_eq!(runs, ["started", "done"], "{ours:#?}");
+    // The record says what the reset aimed at, where, and what it did.
+    let done = ours
+        .iter()
+        .find(|record| record["outcome"] == "done")
+        .unwrap();
+    assert_eq!(done["what"], "reset checkpoints of group bridge", "{done}");
+    assert_eq!(done["target"], "start", "{done}");
+    assert_eq!(done["dry_run"], false, "{done}");
+    assert_eq!(done["sources"], json!(["category:orders"]), "{done}");
+    assert_eq!(done["counts"]["checkpoints"], 1, "{done}");
+    assert!(done["counts"]["replayed"].as_u64().unwrap() >= 5, "{done}");
+}
+
+/// Pausing a group the fleet does not know (a misspelt name) is refused,
+/// unless the operator says `create`.
+async fn an_unknown_group_is_refused_unless_created(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let node = Node::start(&backend, "node-a", &orders(), &handled).await;
+    leader(&[&node]).await;
+    let (status, answer) = post(
+        &node.url,
+        "/admin/groups/pause",
+        Some(TOKEN),
+        json!({ "group": "brigde" }),
+    )
+    .await;
+    assert_eq!(status, 404, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("--create"),
+        "{answer}"
+    );
+    assert!(backend.fleet.paused_groups().await.unwrap().is_empty());
+
+    let (status, answer) = post(
+        &node.url,
+        "/admin/groups/pause",
+        Some(TOKEN),
+        json!({ "group": "later", "create": true }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(
+        &node.url,
+        "/admin/groups/pause",
+        Some(TOKEN),
+        json!({ "group": GROUP }),
+    )
+    .await;
+    assert_eq!(status, 200, "a known group: {answer}");
+    assert_eq!(
+        backend.fleet.paused_groups().await.unwrap(),
+        ["later".to_owned(), GROUP.to_owned()].into()
+    );
+    // A paused group is known: it can be resumed without --create.
+    let (status, answer) = post(
+        &node.url,
+        "/admin/groups/resume",
+        Some(TOKEN),
+        json!({ "group": "later" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    node.stop().await;
+}
+
+/// A reset to a cursor beyond the source's last event is refused; a dry run
+/// to a cursor ahead says how many events the move skips.
+async fn a_cursor_beyond_the_head_is_refused_and_a_dry_run_counts_the_skipped(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let switches = Switches::stalled(true);
+    let stalled = Arc::clone(&switches.stalled);
+    let node = Node::start_with(&backend, "node-a", &orders(), &handled, &switches).await;
+    leader(&[&node]).await;
+    let stored = append(&backend, "o-1", 5).await;
+    // A cursor an operator saw is readable: the head a reset checks against.
+    let events = backend.stores.events.as_ref();
+    common::wait_until_readable(events, &orders()[0], stored[4].cursor).await;
+    let ahead =
+        json!({ "group": GROUP, "to": "cursor", "cursor": stored[2].cursor, "dry_run": true });
+    let (status, plan) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), ahead).await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["lines"][0]["skipped"], 3, "{plan}");
+    assert_eq!(plan["lines"][0]["replayed"], 0, "{plan}");
+
+    let last = stored[4].cursor;
+    let beyond = weir::event::Cursor::new(last.tx_id + 1000, last.sequence + 1000);
+    for dry_run in [true, false] {
+        let body = json!({ "group": GROUP, "to": "cursor", "cursor": beyond, "dry_run": dry_run });
+        let (status, answer) = post(&node.url, "/admin/checkpoints/reset", Some(TOKEN), body).await;
+        assert_eq!(status, 400, "a cursor beyond the head was taken: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("beyond"),
+            "{answer}"
+        );
+    }
+    stalled.store(false, Ordering::SeqCst);
+    wait_until("the events are handled", || {
+        handled.lock().unwrap().len() == 5
+    })
+    .await;
+    node.stop().await;
+}
+
+/// Reads need no token, so what one costs is bounded: a checkpoint far behind
+/// is counted up to a limit and shown as "at least" that.
+async fn the_lag_a_read_counts_is_bounded(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let switches = Switches::stalled(true);
+    let stalled = Arc::clone(&switches.stalled);
+    let node = Node::start_with(&backend, "node-a", &orders(), &handled, &switches).await;
+    leader(&[&node]).await;
+    let limit = weir::admin::fleet::LAG_LIMIT as usize;
+    append(&backend, "o-1", limit + 50).await;
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        let lines = node.admin.checkpoints(Some(GROUP)).await.unwrap();
+        if let Some(line) = lines.into_iter().next() {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line.lag_events, Some(limit as u64), "{line:?}");
+    assert!(line.lag_at_least, "{line:?}");
+    let (code, body) = {
+        let address: SocketAddr = node.url.trim_start_matches("http://").parse().unwrap();
+        tokio::task::spawn_blocking(move || common::node::http_get(address, "/admin/fleet"))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"lag_at_least\":true"), "{body}");
+    stalled.store(false, Ordering::SeqCst);
+    node.stop().await;
+}
+
+/// A dead-letter retry runs the group's processor where its consumers run it
+/// (its isolation), and stops when the node's term as leader ends, so that it
+/// never runs beside the next leader's.
+async fn a_retry_keeps_the_groups_isolation_and_ends_with_the_term(backend: Backend) {
+    let handled: Handled = Arc::default();
+    let switches = Switches {
+        isolation: weir::consumer::settings::Isolation::DedicatedThread,
+        ..Switches::default()
+    };
+    let node = Node::start_with(&backend, "node-a", &orders(), &handled, &switches).await;
+    let stored = append(&backend, "o-1", 3).await;
+    wait_until("the events are handled", || {
+        handled.lock().unwrap().len() == 3
+    })
+    .await;
+    leader(&[&node]).await;
+    let dead_letters = record_dead_letters(&backend, &stored).await;
+    let before = switches.threads.lock().unwrap().len();
+    switches.stalled.store(true, Ordering::SeqCst);
+    let retry = {
+        let admin = Arc::clone(&node.admin);
+        tokio::spawn(async move {
+            let request = weir::consumer::DeadLetterRequest {
+                group: GROUP.into(),
+                selection: weir::consumer::Selection::All,
+                dry_run: false,
+            };
+            admin.retry_dead_letters(&request).await
+        })
+    };
+    wait_until("the retry reaches the processor", || {
+        switches.threads.lock().unwrap().len() > before
+    })
+    .await;
+    let thread = switches.threads.lock().unwrap()[before].clone();
+    assert_eq!(
+        thread,
+        format!("weir-{GROUP}"),
+        "the retry ran off the group's thread"
+    );
+
+    // The term ends (the node stops leading) while the retry's first event is
+    // in flight: the retry stops instead of going on beside a new leader's.
+    node.runtime.stop().await;
+    let outcome = tokio::time::timeout(WAIT, retry)
+        .await
+        .expect("the retry went on after the term ended")
+        .unwrap();
+    assert!(
+        matches!(outcome, Err(weir::admin::AdminError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    switches.stalled.store(false, Ordering::SeqCst);
+    assert_eq!(
+        dead_letters.list(Some(GROUP), 0, 10).await.unwrap().len(),
+        3,
+        "a retry cut off by the end of the term removed letters"
+    );
+    node.server.abort();
+    node.journal.stop().await;
+}
+
 /// Runs `$scenario` as two tests: on memory stores, and on Postgres.
 macro_rules! on_both_stores {
     ($scenario:ident: $memory:ident, $postgres:ident) => {
@@ -727,4 +1179,34 @@ on_both_stores!(
     an_older_term_cannot_undo_what_a_newer_term_set:
     memory_an_older_term_cannot_undo_what_a_newer_term_set,
     postgres_an_older_term_cannot_undo_what_a_newer_term_set
+);
+on_both_stores!(
+    a_misspelt_field_is_refused_by_name_and_changes_nothing:
+    memory_a_misspelt_field_is_refused_by_name_and_changes_nothing,
+    postgres_a_misspelt_field_is_refused_by_name_and_changes_nothing
+);
+on_both_stores!(
+    a_reset_runs_once_per_request_id_and_says_when_it_is_in_progress:
+    memory_a_reset_runs_once_per_request_id_and_says_when_it_is_in_progress,
+    postgres_a_reset_runs_once_per_request_id_and_says_when_it_is_in_progress
+);
+on_both_stores!(
+    an_unknown_group_is_refused_unless_created:
+    memory_an_unknown_group_is_refused_unless_created,
+    postgres_an_unknown_group_is_refused_unless_created
+);
+on_both_stores!(
+    a_cursor_beyond_the_head_is_refused_and_a_dry_run_counts_the_skipped:
+    memory_a_cursor_beyond_the_head_is_refused_and_a_dry_run_counts_the_skipped,
+    postgres_a_cursor_beyond_the_head_is_refused_and_a_dry_run_counts_the_skipped
+);
+on_both_stores!(
+    the_lag_a_read_counts_is_bounded:
+    memory_the_lag_a_read_counts_is_bounded,
+    postgres_the_lag_a_read_counts_is_bounded
+);
+on_both_stores!(
+    a_retry_keeps_the_groups_isolation_and_ends_with_the_term:
+    memory_a_retry_keeps_the_groups_isolation_and_ends_with_the_term,
+    postgres_a_retry_keeps_the_groups_isolation_and_ends_with_the_term
 );

@@ -1439,3 +1439,183 @@ fn pg_run_processes_appended_events_and_leaves_cleanly_on_sigterm() {
         .to_owned();
     assert_eq!(query(checkpoint), format!("node-a/1 {last}"));
 }
+
+// ---------------------------------------------------------------------------------
+// The admin commands against stand-in nodes
+
+/// A stand-in for a node's admin API on `address`: answers every request with
+/// `status` and `body`, and keeps each request it read (head and body).
+struct StandIn {
+    address: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl StandIn {
+    fn start(ip: &str, status: u16, body: &str) -> Self {
+        let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a stand-in node");
+        let address = listener.local_addr().unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (seen, body) = (std::sync::Arc::clone(&requests), body.to_owned());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut request = vec![0u8; 64 * 1024];
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let read = stream.read(&mut request).unwrap_or(0);
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request[..read]).into_owned());
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self { address, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_write_never_follows_the_leader_to_another_host_with_the_token() {
+    // The leader a non-leader names is on another (loopback) address than the
+    // one the operator gave: the token must not go there.
+    let elsewhere = StandIn::start(
+        "127.0.0.2",
+        200,
+        r#"{"group":"g","paused":true,"changed":true}"#,
+    );
+    let follower = StandIn::start(
+        "127.0.0.1",
+        503,
+        &format!(
+            r#"{{"error":"this node does not lead","leader":"node-b","leader_url":"{}"}}"#,
+            elsewhere.url()
+        ),
+    );
+    let finished = run(&[
+        "groups",
+        "pause",
+        "--group",
+        "g",
+        "--url",
+        &follower.url(),
+        "--token",
+        "s3cret-token",
+    ]);
+    finished
+        .expect_code(75)
+        .expect_stderr(&format!("--url {}", elsewhere.url()));
+    assert_eq!(follower.requests().len(), 1);
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the token went to an address the operator did not give: {:?}",
+        elsewhere.requests()
+    );
+}
+
+#[test]
+fn a_fleet_node_listening_beyond_loopback_needs_an_advertised_address() {
+    run(&[
+        "run",
+        "--store",
+        "postgres",
+        "--store-url",
+        "postgres://weir@127.0.0.1:1/none",
+        "--listen",
+        "0.0.0.0:0",
+    ])
+    .expect_code(EXIT_CONFIG)
+    .expect_stderr("http.advertise");
+}
+
+#[test]
+fn the_nats_url_password_is_never_printed() {
+    let url = "nats://weir:hunter2hunter2@127.0.0.1:1,nats://t0ken-hunter2@127.0.0.1:2";
+    let mut command = weir(&["config", "check"]);
+    command.env("WEIR_NATS__URL", url);
+    let out = finish(command, None).expect_success();
+    assert!(
+        out.stdout
+            .contains("url = \"nats://weir:***@127.0.0.1:1,nats://***@127.0.0.1:2\""),
+        "{}",
+        out.context()
+    );
+    assert!(!out.stdout.contains("hunter2"), "{}", out.context());
+
+    // Nor when connecting fails.
+    let mut command = weir(&["run"]);
+    command
+        .env("WEIR_BUS__KIND", "nats")
+        .env("WEIR_NATS__URL", url);
+    let out = finish(command, None);
+    assert_eq!(out.code(), Some(69), "{}", out.context());
+    assert!(
+        out.stderr.contains("nats://weir:***@127.0.0.1:1"),
+        "{}",
+        out.context()
+    );
+    assert!(!out.stderr.contains("hunter2"), "{}", out.context());
+}
+
+#[test]
+fn admin_refusals_exit_with_a_code_that_says_whether_to_try_again() {
+    for (status, code) in [
+        (503, 75),
+        (409, 75),
+        (401, 77),
+        (403, 77),
+        (404, 65),
+        (400, 65),
+        (500, 1),
+    ] {
+        let node = StandIn::start("127.0.0.1", status, r#"{"error":"refused for the test"}"#);
+        run(&[
+            "groups",
+            "pause",
+            "--group",
+            "g",
+            "--url",
+            &node.url(),
+            "--token",
+            "t0ken",
+        ])
+        .expect_code(code)
+        .expect_stderr("refused for the test");
+    }
+}
+
+#[test]
+fn an_admin_write_gives_up_after_its_timeout() {
+    // A node that accepts the connection and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let started = Instant::now();
+    run(&[
+        "dead-letters",
+        "purge",
+        "--group",
+        "g",
+        "--all",
+        "--url",
+        &url,
+        "--token",
+        "t0ken",
+        "--timeout",
+        "1s",
+    ])
+    .expect_code(75)
+    .expect_stderr("did not answer within 1s");
+    assert!(started.elapsed() < FINISH_TIMEOUT);
+    drop(listener);
+}

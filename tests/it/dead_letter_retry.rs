@@ -37,6 +37,7 @@ on_every_backend!(
     ids_outside_the_group_are_refused_and_change_nothing,
     a_letter_whose_event_is_gone_is_reported_and_kept,
     events_are_found_by_id_in_read_order,
+    every_letter_is_taken_a_page_at_a_time_in_order_and_listed_in_part,
 );
 
 /// A downstream a processor forwards to: broken until fixed, with poison events
@@ -586,4 +587,54 @@ async fn events_are_found_by_id_in_read_order(backend: Backend) {
     let all: DeadLetterRequest =
         serde_json::from_value(json!({ "group": "g", "selection": "all" })).unwrap();
     assert_eq!((all.selection, all.dry_run), (Selection::All, false));
+}
+
+/// `--all` over more letters than a page and than a report lists: every letter
+/// is taken, in stream order even where letter ids run against it, counted, and
+/// only the first `LISTED` are listed one by one.
+async fn every_letter_is_taken_a_page_at_a_time_in_order_and_listed_in_part(backend: Backend) {
+    let listed = weir::consumer::replay::LISTED;
+    let count = listed + 250;
+    let events = append(&backend, 7, count).await;
+    // Recorded newest first: letter ids run against the events' order.
+    for event in events.iter().rev() {
+        record_by_hand(&backend, GROUP, event.id, event.sequence).await;
+    }
+    let downstream = Arc::new(Downstream::default());
+    let report = retry(&backend, &downstream, &request(Selection::All, false))
+        .await
+        .unwrap();
+    assert_eq!((report.chosen, report.retried), (count, count));
+    assert_eq!(report.letters.len(), listed);
+    assert_eq!(report.letters_omitted, count - listed);
+    assert_eq!(
+        downstream.delivered(),
+        ids(&events),
+        "not once each, in order"
+    );
+    assert!(letters(&backend).await.is_empty());
+
+    for event in &events {
+        record_by_hand(&backend, GROUP, event.id, event.sequence).await;
+    }
+    let dry = purge_dead_letters(
+        backend.stores.dead_letters.as_ref(),
+        &request(Selection::All, true),
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.chosen, dry.removed), (count, 0));
+    assert_eq!(
+        (dry.letters.len(), dry.letters_omitted),
+        (listed, count - listed)
+    );
+    assert_eq!(letters(&backend).await.len(), count);
+    let purged = purge_dead_letters(
+        backend.stores.dead_letters.as_ref(),
+        &request(Selection::All, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!((purged.chosen, purged.removed), (count, count as u64));
+    assert!(letters(&backend).await.is_empty());
 }

@@ -26,6 +26,8 @@ const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
 /// What a pod's `metadata.name` looks like, for a node id taken from it.
 const SAMPLE_POD_NAME: &str = "weir-observer-7c9d6b5f4-x2x9q";
+/// The address Kubernetes gives a sample pod (`status.podIP`).
+const SAMPLE_POD_IP: &str = "10.1.2.3";
 
 // ---------------------------------------------------------------------------------
 // Reading files
@@ -152,6 +154,9 @@ struct Checked {
     shutdown_grace: Duration,
     role: String,
     node_id: String,
+    /// `weir run` would refuse it: a Postgres store, `http.listen` beyond
+    /// loopback and no `http.advertise`.
+    unadvertised: bool,
 }
 
 /// Runs `weir config check --config file` with exactly `env` as its `WEIR_*`
@@ -192,11 +197,18 @@ fn config_check(file: &Path, env: &BTreeMap<String, String>, what: &str) -> Chec
         .unwrap_or_else(|| panic!("{what}: http.listen {listen:?} has no port"));
     let shutdown_grace = humantime::parse_duration(&field("node", "shutdown_grace"))
         .unwrap_or_else(|e| panic!("{what}: node.shutdown_grace: {e}"));
+    let beyond_loopback = listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|address| !address.ip().is_loopback());
+    let unadvertised = beyond_loopback
+        && effective["store"]["kind"].as_str() == Some("postgres")
+        && effective["http"].get("advertise").is_none();
     Checked {
         listen_port,
         shutdown_grace,
         role: field("node", "role"),
         node_id: field("node", "id"),
+        unadvertised,
     }
 }
 
@@ -603,6 +615,10 @@ fn compose_runs_every_mounted_config_with_the_environment_it_sets() {
             );
             continue;
         }
+        assert!(
+            !chosen.unadvertised,
+            "{name}: weir run refuses a node listening beyond loopback without http.advertise"
+        );
         roles.push(chosen.role.clone());
         assert!(
             node_ids.insert(chosen.node_id.clone()),
@@ -870,9 +886,15 @@ fn weir_workloads<'a>(objects: &'a [Value], scratch: &Path) -> Vec<Workload<'a>>
                 let variable_name = str_at(variable, "name").to_owned();
                 let from = &variable["valueFrom"];
                 if let Some(value) = text(&variable["value"]) {
+                    // Kubernetes expands `$(NAME)` of a variable set above.
+                    let value = env.iter().fold(value, |value, (name, set)| {
+                        value.replace(&format!("$({name})"), set)
+                    });
                     env.insert(variable_name, value);
                 } else if from["fieldRef"]["fieldPath"].as_str() == Some("metadata.name") {
                     env.insert(variable_name, SAMPLE_POD_NAME.into());
+                } else if from["fieldRef"]["fieldPath"].as_str() == Some("status.podIP") {
+                    env.insert(variable_name, SAMPLE_POD_IP.into());
                 } else {
                     // A secret may be absent; the config must work without it.
                     assert_eq!(
@@ -916,6 +938,10 @@ fn weir_workloads<'a>(objects: &'a [Value], scratch: &Path) -> Vec<Workload<'a>>
             let file = scratch.join(format!("{}-{key}", name_of(map)));
             std::fs::write(&file, toml).expect("write the ConfigMap's file");
             let checked = config_check(&file, &env, &name);
+            assert!(
+                args.first().map(String::as_str) != Some("run") || !checked.unadvertised,
+                "{name}: weir run refuses a node listening beyond loopback without http.advertise"
+            );
             Workload {
                 name,
                 pod,

@@ -296,7 +296,7 @@ async fn a_scripted_scenario_records_each_transition_in_order(backend: Backend) 
     assert!(log.iter().all(|e| e.category.as_str() == "orders"));
 
     // Retention: everything older than now goes, but each stream's last event.
-    let pruned = lifecycle::prune(store.as_ref(), Duration::ZERO)
+    let pruned = lifecycle::prune(store.as_ref(), Duration::ZERO, None)
         .await
         .unwrap();
     assert_eq!(pruned as usize, recorded.len() - 2);
@@ -309,5 +309,127 @@ async fn a_scripted_scenario_records_each_transition_in_order(backend: Backend) 
     assert!(
         kept.contains(&"fleet".to_owned()) && kept.contains(&"group-g".to_owned()),
         "{kept:?}"
+    );
+}
+
+/// Fails permanently on every event: a group that cannot take weir's records.
+struct Refusing;
+
+#[async_trait]
+impl EventProcessor for Refusing {
+    async fn process(&self, _: &[StoredEvent]) -> Result<(), ProcessError> {
+        Err(ProcessError::permanent("refused", "takes nothing").at(0))
+    }
+}
+
+/// A group subscribed to `$weir` whose processor refuses its events (under the
+/// default `continue` policy) gets dead letters of them, but no lifecycle
+/// record of those dead letters: each record would be one more event to refuse,
+/// and so on forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reading_weirs_records_does_not_feed_on_its_own_dead_letters() {
+    let backend = Backend::memory();
+    let store = Arc::clone(&backend.stores.events);
+    let (journal, task) = Journal::start(Arc::clone(&store), "test", &LifecycleSettings::default());
+    let broker = DistributedBroker::new(
+        "node-w",
+        BrokerRole::Full,
+        common::fleet::settings(),
+        backend.fleet.clone(),
+    )
+    .with_journal(journal.clone());
+    let runtime = EventRuntime::new(
+        "node-w",
+        Arc::new(broker),
+        backend.stores.clone(),
+        settings(),
+    )
+    .with_journal(journal.clone());
+    let weir: Source = format!("category:{}", lifecycle::CATEGORY).parse().unwrap();
+    runtime
+        .register_subscription_consumer(
+            SubscriberSpec::new("watcher", "node-w/1", [weir]),
+            Arc::new(Refusing),
+            None,
+        )
+        .unwrap();
+    runtime.start().await.unwrap();
+    let dead_letters = Arc::clone(&backend.stores.dead_letters);
+    let started = Instant::now();
+    while dead_letters
+        .list(Some("watcher"), 0, 10)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(started.elapsed() < WAIT, "no lifecycle event was refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for a record of a dead letter to be written, read and
+    // refused several times over (the consumer polls every 50 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(journal.flush(Duration::from_secs(5)).await);
+    let recorded: Vec<StoredEvent> = lifecycle_events(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|event| event.name.as_str() == "DeadLetterRecorded")
+        .collect();
+    assert!(
+        recorded.is_empty(),
+        "dead letters of weir's own records were recorded as lifecycle events: {recorded:?}"
+    );
+    runtime.stop().await;
+    task.stop().await;
+}
+
+/// Retention keeps the lifecycle events a subscriber of `$weir` has still to
+/// read (a paused or failing one), whatever their age: only what the lowest
+/// checkpoint of a `$weir` source has passed goes.
+#[tokio::test]
+async fn retention_keeps_what_a_reader_of_weirs_records_has_still_to_read() {
+    use weir::lifecycle::LifecycleReaders;
+    let backend = Backend::memory();
+    let store = Arc::clone(&backend.stores.events);
+    let (journal, task) = Journal::start(Arc::clone(&store), "test", &LifecycleSettings::default());
+    for epoch in 1..=5 {
+        journal.record(LifecycleEvent::LeaderElected {
+            node: "n1@a".into(),
+            epoch,
+        });
+    }
+    assert!(journal.flush(Duration::from_secs(5)).await);
+    task.stop().await;
+    let recorded = lifecycle_events(store.as_ref()).await;
+    assert_eq!(recorded.len(), 5);
+
+    // A reader of `$weir` that has got to the second event, and one of another
+    // category far ahead.
+    let checkpoints = Arc::clone(&backend.stores.checkpoints);
+    let weir: Source = format!("category:{}", lifecycle::CATEGORY).parse().unwrap();
+    let (claim, _) = checkpoints.claim("watcher", &weir, "w/1").await.unwrap();
+    checkpoints.save(&claim, recorded[1].cursor).await.unwrap();
+    let (claim, _) = checkpoints.claim("bridge", &orders(), "b/1").await.unwrap();
+    checkpoints
+        .save(&claim, Cursor::new(u64::MAX >> 2, u64::MAX >> 2))
+        .await
+        .unwrap();
+    let readers = weir::consumer::LifecycleCheckpoints(checkpoints);
+    let lowest = readers.lowest().await.unwrap();
+    assert_eq!(lowest, Some(recorded[1].cursor));
+
+    // Everything is past a zero retention; only what the reader has read goes.
+    let pruned = lifecycle::prune(store.as_ref(), Duration::ZERO, lowest)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    let kept: Vec<Cursor> = lifecycle_events(store.as_ref())
+        .await
+        .iter()
+        .map(|event| event.cursor)
+        .collect();
+    let unread: Vec<Cursor> = recorded[2..].iter().map(|event| event.cursor).collect();
+    assert_eq!(
+        kept, unread,
+        "events the reader has still to read were pruned"
     );
 }

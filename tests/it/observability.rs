@@ -727,3 +727,109 @@ fn weir_run_reports_a_taken_address() {
         "{stderr}"
     );
 }
+
+/// A memory store whose `ping` hangs while `hanging` is set: a frozen database.
+#[derive(Default)]
+struct Hanging {
+    inner: MemoryStore,
+    hanging: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for Hanging {
+    async fn append_batch(
+        &self,
+        category: &weir::event::Category,
+        appends: Vec<weir::store::StreamAppend>,
+    ) -> weir::store::Result<Vec<StoredEvent>> {
+        self.inner.append_batch(category, appends).await
+    }
+    async fn read(
+        &self,
+        source: &weir::event::Source,
+        after: weir::event::Cursor,
+        limit: usize,
+    ) -> weir::store::Result<Vec<StoredEvent>> {
+        self.inner.read(source, after, limit).await
+    }
+    async fn latest(
+        &self,
+        category: &weir::event::Category,
+        stream: &weir::event::StreamName,
+    ) -> weir::store::Result<Option<StoredEvent>> {
+        self.inner.latest(category, stream).await
+    }
+    async fn head(&self, source: &weir::event::Source) -> weir::store::Result<Option<StoredEvent>> {
+        self.inner.head(source).await
+    }
+    async fn watch(&self) -> weir::store::Result<weir::store::AppendWatcher> {
+        self.inner.watch().await
+    }
+    async fn ping(&self) -> weir::store::Result<()> {
+        while self.hanging.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+/// With the store frozen, `/readyz` answers at once from what the background
+/// check found (saying how old that is), well within a probe's timeout, and
+/// turns 503 once the check has found the store silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_at_once_from_the_background_check_while_the_store_hangs() {
+    let store = Arc::new(Hanging::default());
+    let runtime = Arc::new(EventRuntime::new(
+        "node-r",
+        Arc::new(weir::broker::SingletonBroker::new()),
+        ConsumerStores::in_memory(store.clone()),
+        ConsumerSettings::default(),
+    ));
+    runtime.start().await.unwrap();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .build_recorder()
+        .handle();
+    let listener = weir::telemetry::http::bind("127.0.0.1:0").await.unwrap();
+    let probe = NodeProbe {
+        runtime: runtime.clone(),
+        events: store.clone(),
+        bus: Arc::new(MemoryBus::new()),
+        leases: None,
+    };
+    let server = HttpServer::start(listener, probe, metrics).unwrap();
+    let address = server.address();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(address, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the node never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    store
+        .hanging
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // The store's check takes the whole check timeout (2 s) from now on; a
+    // probe must never wait for it.
+    let mut answers = Vec::new();
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let asked = Instant::now();
+        let (code, body) = get(address, "/readyz").await;
+        let took = asked.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "/readyz took {took:?} with the store frozen: {body}"
+        );
+        let readiness: Value = serde_json::from_str(&body).unwrap();
+        assert!(readiness["age_ms"].is_u64(), "{body}");
+        answers.push((code, body));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = answers.last().unwrap();
+    assert_eq!(*code, 503, "the frozen store never showed: {answers:?}");
+    assert!(body.contains("the event store"), "{body}");
+    store
+        .hanging
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    server.stop().await;
+    runtime.stop().await;
+}

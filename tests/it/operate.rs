@@ -289,7 +289,7 @@ async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
         )
         .await;
     assert_eq!(
-        code, 1,
+        code, 77,
         "a write without the token was not refused: {stderr}"
     );
     assert!(stderr.contains("401"), "{stderr}");
@@ -326,23 +326,33 @@ async fn operators_reset_and_pause_a_running_fleet_through_the_leader() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (code, stdout, stderr) = fleet
-        .weir(
-            &[
-                "checkpoints",
-                "reset",
-                "--group",
-                GROUP,
-                "--to-start",
-                "--json",
-            ],
-            &fleet.url(&follower),
-            Some(TOKEN),
-        )
-        .await;
+    // With a request id of its own, as after an interrupted command it is sent
+    // again below.
+    let reset = [
+        "checkpoints",
+        "reset",
+        "--group",
+        GROUP,
+        "--to-start",
+        "--request-id",
+        "operate-reset-1",
+        "--json",
+    ];
+    let (code, stdout, stderr) = fleet.weir(&reset, &fleet.url(&follower), Some(TOKEN)).await;
     assert_eq!(code, 0, "{stderr}\n{}", fleet.nodes.logs(40));
     assert!(stderr.contains("sending to the leader"), "{stderr}");
-    assert_eq!(json_of(&stdout)["dry_run"], false);
+    let report = json_of(&stdout);
+    assert_eq!(report["dry_run"], false);
+    // Sent again with its request id (as after an interrupted command): the
+    // first outcome, and no second reset (checked below: no event arrives a
+    // third time).
+    let (code, again, stderr) = fleet.weir(&reset, &fleet.url(&follower), Some(TOKEN)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        json_of(&again),
+        report,
+        "a resend did not answer the first outcome"
+    );
     let later = writer.await.unwrap();
     fleet
         .wait_for(

@@ -929,9 +929,17 @@ async fn pruning_keeps_each_streams_last_event_so_positions_go_on(store: Store) 
     let future = chrono::Utc::now() + chrono::Duration::hours(1);
 
     // Nothing is older than an hour.
-    assert_eq!(store.prune(&reserved, past).await.unwrap(), 0);
+    assert_eq!(store.prune(&reserved, past, None).await.unwrap(), 0);
+    // Only what every reader has read: its lowest cursor is the first event's.
+    assert_eq!(
+        store
+            .prune(&reserved, future, Some(appended[0].cursor))
+            .await
+            .unwrap(),
+        1
+    );
     // Everything is older than in an hour, but each stream's last event stays.
-    assert_eq!(store.prune(&reserved, future).await.unwrap(), 2);
+    assert_eq!(store.prune(&reserved, future, None).await.unwrap(), 1);
     let kept: Vec<(String, u64)> = read_all(&store, &source)
         .await
         .iter()
@@ -967,7 +975,7 @@ async fn pruning_keeps_each_streams_last_event_so_positions_go_on(store: Store) 
             .position,
         5
     );
-    assert_eq!(store.prune(&reserved, future).await.unwrap(), 3);
+    assert_eq!(store.prune(&reserved, future, None).await.unwrap(), 3);
 
     // Only reserved categories are pruned.
     let user = category("kept");
@@ -975,7 +983,7 @@ async fn pruning_keeps_each_streams_last_event_so_positions_go_on(store: Store) 
         .append(&user, &stream("k"), WriteCondition::Any, events(0..2))
         .await
         .unwrap();
-    let err = store.prune(&user, future).await.unwrap_err();
+    let err = store.prune(&user, future, None).await.unwrap_err();
     assert!(matches!(err, Error::NotReserved { .. }), "{err}");
     assert_eq!(
         read_all(&store, &Source::Stream(user, stream("k")))

@@ -133,9 +133,7 @@ impl Coordinator {
         reply: oneshot::Sender<Result<Value, ControlError>>,
     ) {
         if term.holds.contains_key(&group) {
-            let _ = reply.send(Err(ControlError::Work(format!(
-                "a reset of group {group} is already in progress; wait for it to finish"
-            ))));
+            let _ = reply.send(Err(ControlError::Busy(group)));
             return;
         }
         let records = match self

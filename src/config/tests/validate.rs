@@ -565,3 +565,12 @@ fn filters_and_routes_that_cannot_work_are_refused_by_key() {
     );
     assert!(unknown.to_string().contains("cloudevents"), "{unknown}");
 }
+
+#[test]
+fn an_https_advertise_address_is_refused() {
+    let error = load_err("[http]\nadvertise = \"https://10.0.0.5:9600\"\n", &[]);
+    assert_eq!(keys(&error), ["http.advertise"], "{error}");
+    assert!(error.to_string().contains("plain http"), "{error}");
+    let config = load_ok("[http]\nadvertise = \"http://10.0.0.5:9600\"\n", &[]);
+    assert_eq!(config.http.admin_url(), "http://10.0.0.5:9600");
+}

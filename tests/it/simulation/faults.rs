@@ -259,6 +259,22 @@ impl DeadLetterStore for GatedDeadLetters {
         self.inner.list(group, after, limit).await
     }
 
+    async fn list_in_order(
+        &self,
+        group: &str,
+        up_to: u64,
+        after: (u64, u64),
+        limit: usize,
+    ) -> store::Result<Vec<DeadLetter>> {
+        self.gate.pass().await?;
+        self.inner.list_in_order(group, up_to, after, limit).await
+    }
+
+    async fn last_id(&self, group: &str) -> store::Result<Option<u64>> {
+        self.gate.pass().await?;
+        self.inner.last_id(group).await
+    }
+
     async fn get(&self, ids: &[u64]) -> store::Result<Vec<DeadLetter>> {
         self.gate.pass().await?;
         self.inner.get(ids).await
