@@ -53,6 +53,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "group epochs",
         sql: include_str!("migrations/0008_group_epochs.sql"),
     },
+    Migration {
+        version: 9,
+        name: "ingest",
+        sql: include_str!("migrations/0009_ingest.sql"),
+    },
 ];
 
 /// The schema version this build of weir needs.

@@ -32,6 +32,7 @@ use crate::consumer::source::{
 };
 use crate::consumer::subscription::SubscriptionConsumer;
 use crate::event::{Cursor, Source};
+use crate::ingest::{IngestBus, IngestContext, IngestStore, IngestSubscriber, Shape};
 use crate::store::EventStore;
 use sampler::{DEFAULT_SAMPLE_INTERVAL, Sampler};
 
@@ -115,6 +116,9 @@ pub struct ConsumerReport {
     pub state: ConsumerState,
     /// Where it has got to, once it has claimed its checkpoint.
     pub cursor: Option<Cursor>,
+    /// Where an ingest source's consumer has got to on its bus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
     /// How far it lagged at the last measurement.
     pub lag: Option<Lag>,
 }
@@ -174,6 +178,8 @@ struct Registered {
     fixed: Vec<(Arc<ConsumerContext>, Source)>,
     /// Subscription consumers, registered with the broker; kept to abort them.
     subscriptions: Vec<Arc<SubscriptionConsumer>>,
+    /// Ingest subscribers, registered with the broker; kept to abort them.
+    ingests: Vec<Arc<IngestSubscriber>>,
 }
 
 impl EventRuntime {
@@ -320,6 +326,51 @@ impl EventRuntime {
         })
     }
 
+    /// Registers with the broker a subscriber of an ingest's group that reads
+    /// every ingest source the broker gives it from `bus` and appends to
+    /// `store`; bad messages go through `settings`' error policy into the
+    /// runtime's dead letters. A coordinator-only broker refuses.
+    pub fn register_ingest(
+        &self,
+        spec: SubscriberSpec,
+        shape: Shape,
+        bus: Arc<dyn IngestBus>,
+        store: Arc<dyn IngestStore>,
+        settings: ConsumerSettings,
+    ) -> Result<(), RuntimeError> {
+        let problems = settings.validate();
+        if !problems.is_empty() {
+            let problems: Vec<String> = problems
+                .into_iter()
+                .map(|(key, message)| format!("{key}: {message}"))
+                .collect();
+            return Err(RuntimeError::InvalidSettings {
+                group: spec.group,
+                problems: problems.join("; "),
+            });
+        }
+        let context = Arc::new(IngestContext {
+            group: spec.group.clone(),
+            owner: spec.id.clone(),
+            shape,
+            store,
+            dead_letters: Arc::clone(&self.stores.dead_letters),
+            bus,
+            settings,
+            board: self.board.clone(),
+            pause: Default::default(),
+        });
+        let subscriber = Arc::new(IngestSubscriber::new(context, self.grace));
+        self.registering(|registered| {
+            let noted = spec.clone();
+            self.broker
+                .register(spec, Arc::clone(&subscriber) as Arc<dyn Subscriber>)?;
+            self.note_subscriber(&noted);
+            registered.ingests.push(subscriber);
+            Ok(())
+        })
+    }
+
     fn context(
         &self,
         group: String,
@@ -416,6 +467,9 @@ impl EventRuntime {
         for subscription in &registered.subscriptions {
             subscription.stop().await;
         }
+        for ingest in &registered.ingests {
+            ingest.stop().await;
+        }
         futures::future::join_all(running.into_iter().map(|c| c.stop(self.grace))).await;
     }
 
@@ -433,6 +487,9 @@ impl EventRuntime {
         self.broker.abort().await;
         for subscription in &registered.subscriptions {
             subscription.abort().await;
+        }
+        for ingest in &registered.ingests {
+            ingest.abort().await;
         }
         for consumer in running {
             consumer.abort().await;
@@ -500,6 +557,7 @@ impl EventRuntime {
                     key,
                     state: entry.state,
                     cursor: entry.cursor,
+                    position: entry.position,
                     lag: entry.lag,
                 })
                 .collect(),
