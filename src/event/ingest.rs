@@ -9,11 +9,12 @@ use std::fmt;
 
 use super::{NameKind, ValidationError, validate_name};
 
-/// One ingest source: the `[[ingest]]` entry's name and the key within it.
+/// One ingest source: the `[[ingest]]` entry's name and the key within it,
+/// kept as `NAME/KEY` in one string (a name holds no `/`), so that a
+/// [`Source`](super::Source) stays small.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IngestSource {
-    name: String,
-    key: String,
+    name_and_key: String,
 }
 
 impl IngestSource {
@@ -30,7 +31,15 @@ impl IngestSource {
                 "ingest key {key:?} must be non-empty, without spaces or control characters"
             ));
         }
-        Ok(Self { name, key })
+        Ok(Self {
+            name_and_key: format!("{name}/{key}"),
+        })
+    }
+
+    fn halves(&self) -> (&str, &str) {
+        self.name_and_key
+            .split_once('/')
+            .expect("a name and a key, made so by `new`")
     }
 
     /// The Kafka partition `partition` of `topic` in ingest `name`.
@@ -40,17 +49,17 @@ impl IngestSource {
 
     /// The `[[ingest]]` entry this source belongs to.
     pub fn name(&self) -> &str {
-        &self.name
+        self.halves().0
     }
 
     /// The topic and partition (Kafka) or the subject filter (NATS).
     pub fn key(&self) -> &str {
-        &self.key
+        self.halves().1
     }
 
     /// The key read as a Kafka `TOPIC@PARTITION`, if it is one.
     pub fn kafka_partition(&self) -> Option<(&str, i32)> {
-        let (topic, partition) = self.key.rsplit_once('@')?;
+        let (topic, partition) = self.key().rsplit_once('@')?;
         Some((topic, partition.parse().ok()?))
     }
 
@@ -68,7 +77,7 @@ impl IngestSource {
 
 impl fmt::Display for IngestSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ingest:{}/{}", self.name, self.key)
+        write!(f, "ingest:{}", self.name_and_key)
     }
 }
 

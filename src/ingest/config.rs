@@ -107,63 +107,16 @@ impl IngestConfig {
         } else if self.name.contains('/') {
             problem("name", format!("{:?} may not contain '/'", self.name));
         }
-        match &self.from {
-            IngestFrom::Kafka { topics } => {
-                if !cfg!(feature = "kafka") {
-                    problem(
-                        "from.kind",
-                        "this weir was built without the `kafka` feature".into(),
-                    );
-                }
-                if topics.is_empty() {
-                    problem("from.topics", "give at least one topic".into());
-                }
-                for topic in topics {
-                    if !is_kafka_topic(topic) {
-                        problem(
-                            "from.topics",
-                            format!(
-                                "{topic:?} is not a Kafka topic name: 1 to 249 letters, digits, '.', '_' and '-'"
-                            ),
-                        );
-                    }
-                }
-            }
-            IngestFrom::Nats { stream, subjects } => {
-                if !cfg!(feature = "nats") {
-                    problem(
-                        "from.kind",
-                        "this weir was built without the `nats` feature".into(),
-                    );
-                }
-                if stream.is_empty()
-                    || stream
-                        .chars()
-                        .any(|c| c.is_whitespace() || ".*>/\\".contains(c))
-                {
-                    problem(
-                        "from.stream",
-                        format!(
-                            "{stream:?} is not a JetStream stream name: no spaces, '.', '*', '>', '/' or '\\'"
-                        ),
-                    );
-                }
-                if subjects.is_empty() {
-                    problem("from.subjects", "give at least one subject filter".into());
-                }
-                for subject in subjects {
-                    if let Err(message) = check_subject_filter(subject) {
-                        problem("from.subjects", format!("{subject:?} {message}"));
-                    }
-                }
-            }
+        for (key, message) in self.from.validate() {
+            problem(&format!("from.{key}"), message);
         }
         match Category::new(self.into.category.as_str()) {
             Err(error) => problem("into.category", error.to_string()),
             Ok(category) if category.is_reserved() => problem(
                 "into.category",
                 format!(
-                    "{category:?} is reserved for weir's own records (names starting with '$')"
+                    "{:?} is reserved for weir's own records (names starting with '$')",
+                    category.as_str()
                 ),
             ),
             Ok(_) => {}
@@ -191,6 +144,66 @@ impl IngestConfig {
                 .into_iter()
                 .map(|(key, message)| (format!("consumer.{key}"), message)),
         );
+        problems
+    }
+}
+
+impl IngestFrom {
+    /// Problems as (key within `from`, message).
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| problems.push((key.to_owned(), message));
+        match self {
+            IngestFrom::Kafka { topics } => {
+                if !cfg!(feature = "kafka") {
+                    problem(
+                        "kind",
+                        "this weir was built without the `kafka` feature".into(),
+                    );
+                }
+                if topics.is_empty() {
+                    problem("topics", "give at least one topic".into());
+                }
+                for topic in topics {
+                    if !is_kafka_topic(topic) {
+                        problem(
+                            "topics",
+                            format!(
+                                "{topic:?} is not a Kafka topic name: 1 to 249 letters, digits, '.', '_' and '-'"
+                            ),
+                        );
+                    }
+                }
+            }
+            IngestFrom::Nats { stream, subjects } => {
+                if !cfg!(feature = "nats") {
+                    problem(
+                        "kind",
+                        "this weir was built without the `nats` feature".into(),
+                    );
+                }
+                if stream.is_empty()
+                    || stream
+                        .chars()
+                        .any(|c| c.is_whitespace() || ".*>/\\".contains(c))
+                {
+                    problem(
+                        "stream",
+                        format!(
+                            "{stream:?} is not a JetStream stream name: no spaces, '.', '*', '>', '/' or '\\'"
+                        ),
+                    );
+                }
+                if subjects.is_empty() {
+                    problem("subjects", "give at least one subject filter".into());
+                }
+                for subject in subjects {
+                    if let Err(message) = check_subject_filter(subject) {
+                        problem("subjects", format!("{subject:?} {message}"));
+                    }
+                }
+            }
+        }
         problems
     }
 }
