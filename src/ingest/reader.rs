@@ -130,12 +130,18 @@ impl Reader {
             };
             let messages = match batch {
                 Ok(messages) => messages,
+                // Read again from the stored position, on a reader made anew:
+                // one whose connection failed may have ended for good.
                 Err(error) => {
                     if !self
                         .wait_out(&mut retrying, format!("reading the bus failed: {error}"))
                         .await
                     {
                         return End::Stopped;
+                    }
+                    match self.open(position).await {
+                        Some(reopened) => transport = reopened,
+                        None => return End::Stopped,
                     }
                     continue;
                 }
