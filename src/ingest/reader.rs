@@ -10,6 +10,7 @@
 //! for as long as it takes, and nothing is skipped. A fenced append stops the
 //! consumer at once.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -253,11 +254,12 @@ impl Reader {
     async fn ingest(&self, claim: &Claim, messages: Vec<Message>) -> Result<Option<u64>, End> {
         let mut events: Vec<(StreamName, NewEvent)> = Vec::with_capacity(messages.len());
         let mut last = None;
+        let source = self.key.source.to_string();
         for message in &messages {
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                let metadata = json!({"ingest": {"source": self.key.source.to_string(), "position": message.position}});
+                let metadata = json!({"ingest": {"source": source, "position": message.position}});
                 let error = match self.context.shape.event(message, metadata) {
                     Ok(event) => {
                         events.push(event);
@@ -272,7 +274,10 @@ impl Reader {
                         break;
                     }
                     Action::RetryAfter(wait) => {
-                        self.flush(claim, std::mem::take(&mut events), last).await?;
+                        // What came before is stored before waiting, once.
+                        if !events.is_empty() {
+                            self.flush(claim, std::mem::take(&mut events), last).await?;
+                        }
                         tokio::select! {
                             biased;
                             () = self.stop.cancelled() => return Err(End::Stopped),
@@ -329,12 +334,7 @@ impl Reader {
             let appended = self
                 .context
                 .store
-                .append(
-                    claim,
-                    &self.context.shape.category,
-                    appends.clone(),
-                    position,
-                )
+                .append(claim, &self.context.shape.category, &appends, position)
                 .await;
             match appended {
                 Ok(_) => {
@@ -412,16 +412,20 @@ impl Reader {
 /// first anyway.
 fn by_stream(events: Vec<(StreamName, NewEvent)>) -> Vec<StreamAppend> {
     let mut appends: Vec<StreamAppend> = Vec::new();
-    let mut keys = std::collections::HashSet::new();
+    let mut index: HashMap<StreamName, usize> = HashMap::new();
+    let mut keys = HashSet::new();
     for (stream, event) in events {
         if let Some(key) = &event.idempotency_key {
             if !keys.insert(key.clone()) {
                 continue;
             }
         }
-        match appends.iter_mut().find(|a| a.stream == stream) {
-            Some(append) => append.events.push(event),
-            None => appends.push(StreamAppend::new(stream, WriteCondition::Any, vec![event])),
+        match index.get(&stream) {
+            Some(&at) => appends[at].events.push(event),
+            None => {
+                index.insert(stream.clone(), appends.len());
+                appends.push(StreamAppend::new(stream, WriteCondition::Any, vec![event]));
+            }
         }
     }
     appends
@@ -435,4 +439,43 @@ fn set_lag(key: &ConsumerKey, events: u64) {
     ];
     ::metrics::gauge!(names::CONSUMER_LAG_EVENTS, &labels).set(events as f64);
     ::metrics::gauge!(names::CONSUMER_LAG_SECONDS, &labels).set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventName;
+
+    #[test]
+    fn a_batch_is_one_append_per_stream_in_order_without_repeated_keys() {
+        let event = |n: u64, key: Option<&str>| {
+            let event = NewEvent::new(EventName::new("E").unwrap(), json!(n));
+            match key {
+                Some(key) => event.with_idempotency_key(key.parse().unwrap()),
+                None => event,
+            }
+        };
+        let stream = |name: &str| StreamName::new(name).unwrap();
+        let appends = by_stream(vec![
+            (stream("a"), event(0, Some("k-0"))),
+            (stream("b"), event(1, None)),
+            (stream("a"), event(2, None)),
+            (stream("a"), event(3, Some("k-0"))),
+            (stream("b"), event(4, Some("k-4"))),
+        ]);
+        let shape: Vec<(String, Vec<serde_json::Value>)> = appends
+            .iter()
+            .map(|a| {
+                let payloads = a.events.iter().map(|e| e.payload.clone()).collect();
+                (a.stream.to_string(), payloads)
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("a".to_owned(), vec![json!(0), json!(2)]),
+                ("b".to_owned(), vec![json!(1), json!(4)]),
+            ]
+        );
+    }
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::broker::Grant;
 use crate::consumer::{CheckpointError, CheckpointStore, Claim, MemoryCheckpointStore};
-use crate::event::{Category, Source, StoredEvent};
+use crate::event::{Category, Source};
 use crate::store::{EventStore, StreamAppend};
 
 /// Where an ingest source has got to on its bus.
@@ -48,14 +48,15 @@ pub trait IngestStore: Send + Sync + 'static {
 
     /// Appends `appends` (possibly none) to `category` and stores `position`
     /// for the claim's source, in one transaction, if `claim` still holds the
-    /// row: else [`CheckpointError::Fenced`] and nothing is written.
+    /// row: else [`CheckpointError::Fenced`] and nothing is written. Events
+    /// whose idempotency key the category holds are not written again.
     async fn append(
         &self,
         claim: &Claim,
         category: &Category,
-        appends: Vec<StreamAppend>,
+        appends: &[StreamAppend],
         position: u64,
-    ) -> Result<Vec<StoredEvent>, CheckpointError>;
+    ) -> Result<(), CheckpointError>;
 
     /// Every stored position, or one group's, by group, then source text.
     async fn positions(&self, group: Option<&str>) -> Result<Vec<IngestPosition>, CheckpointError>;
@@ -112,16 +113,14 @@ impl IngestStore for MemoryIngestStore {
         &self,
         claim: &Claim,
         category: &Category,
-        appends: Vec<StreamAppend>,
+        appends: &[StreamAppend],
         position: u64,
-    ) -> Result<Vec<StoredEvent>, CheckpointError> {
+    ) -> Result<(), CheckpointError> {
         let mut positions = self.positions.lock().await;
         self.claims.verify(claim).await?;
-        let stored = if appends.is_empty() {
-            Vec::new()
-        } else {
-            self.events.append_batch(category, appends).await?
-        };
+        if !appends.is_empty() {
+            self.events.append_batch(category, appends.to_vec()).await?;
+        }
         positions.insert(
             key(&claim.group, &claim.source),
             IngestPosition {
@@ -131,7 +130,7 @@ impl IngestStore for MemoryIngestStore {
                 updated_at: crate::store::store_precision(crate::ambient::now()),
             },
         );
-        Ok(stored)
+        Ok(())
     }
 
     async fn positions(&self, group: Option<&str>) -> Result<Vec<IngestPosition>, CheckpointError> {
@@ -172,14 +171,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(position, None);
-        store.append(&old, &category, batch(0), 10).await.unwrap();
+        store.append(&old, &category, &batch(0), 10).await.unwrap();
         let (new, position) = store
             .claim("in", &source, "b", Some(Grant::new(1, 2)))
             .await
             .unwrap();
         assert_eq!(position, Some(10));
         let refused = store
-            .append(&old, &category, batch(1), 11)
+            .append(&old, &category, &batch(1), 11)
             .await
             .unwrap_err();
         assert!(
@@ -192,7 +191,7 @@ mod tests {
                 .await,
             Err(CheckpointError::Superseded(_))
         ));
-        store.append(&new, &category, Vec::new(), 12).await.unwrap();
+        store.append(&new, &category, &[], 12).await.unwrap();
         assert_eq!(
             events
                 .read(&Source::Log, crate::event::Cursor::START, 10)

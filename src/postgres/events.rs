@@ -606,7 +606,7 @@ impl EventStore for PostgresStore {
 
 /// The stored events, in the order given: written ones from what the caller gave and
 /// what the store assigned, idempotent repeats as they were stored.
-pub(super) fn assemble(
+fn assemble(
     category: &Category,
     appends: Vec<StreamAppend>,
     ids: &[Uuid],

@@ -9,11 +9,11 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::checkpoints::PostgresCheckpointStore;
-use super::events::{AppendAttempt, append_on, assemble};
+use super::events::{AppendAttempt, append_on};
 use super::{PostgresStore, classify, quote_identifier};
 use crate::broker::Grant;
 use crate::consumer::{CheckpointError, CheckpointStore, Claim};
-use crate::event::{Category, Source, StoredEvent};
+use crate::event::{Category, Source};
 use crate::ingest::{IngestPosition, IngestStore};
 use crate::store::{Error, StreamAppend, check_category, check_sizes, validate_batch};
 
@@ -155,13 +155,13 @@ impl IngestStore for PostgresIngestStore {
         &self,
         claim: &Claim,
         category: &Category,
-        appends: Vec<StreamAppend>,
+        appends: &[StreamAppend],
         position: u64,
-    ) -> Result<Vec<StoredEvent>, CheckpointError> {
+    ) -> Result<(), CheckpointError> {
         check_category(category)?;
         if !appends.is_empty() {
-            validate_batch(&appends)?;
-            check_sizes(category, &appends, self.store.max_event_bytes)?;
+            validate_batch(appends)?;
+            check_sizes(category, appends, self.store.max_event_bytes)?;
         }
         let ids: Vec<Uuid> = appends
             .iter()
@@ -171,19 +171,14 @@ impl IngestStore for PostgresIngestStore {
         // rolls the whole transaction back; the next try finds its event.
         for _ in 0..3 {
             match self
-                .append_once(claim, category, &appends, &ids, position)
+                .append_once(claim, category, appends, &ids, position)
                 .await?
             {
                 AppendAttempt::Written(rows) => {
-                    if appends.is_empty() {
-                        return Ok(Vec::new());
-                    }
-                    let written = rows.iter().any(|row| !row.get::<_, bool>(0));
-                    let stored = assemble(category, appends, &ids, &rows)?;
-                    if written {
+                    if rows.iter().any(|row| !row.get::<_, bool>(0)) {
                         self.store.announcer.announce(category).await;
                     }
-                    return Ok(stored);
+                    return Ok(());
                 }
                 AppendAttempt::IdempotencyRace => continue,
             }

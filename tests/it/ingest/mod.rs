@@ -242,7 +242,7 @@ async fn a_fenced_owners_append_fails_whole(store: &dyn IngestStore, events: &dy
         .unwrap();
     assert_eq!(position, None, "nothing stored yet");
     store
-        .append(&old, &category, one_event(0), 41)
+        .append(&old, &category, &one_event(0), 41)
         .await
         .unwrap();
     let (new, position) = store
@@ -255,17 +255,14 @@ async fn a_fenced_owners_append_fails_whole(store: &dyn IngestStore, events: &dy
         "the new owner resumes after the old one's last append"
     );
     let refused = store
-        .append(&old, &category, one_event(1), 42)
+        .append(&old, &category, &one_event(1), 42)
         .await
         .unwrap_err();
     assert!(
         matches!(refused, CheckpointError::Fenced { .. }),
         "{refused}"
     );
-    let refused = store
-        .append(&old, &category, Vec::new(), 43)
-        .await
-        .unwrap_err();
+    let refused = store.append(&old, &category, &[], 43).await.unwrap_err();
     assert!(
         matches!(refused, CheckpointError::Fenced { .. }),
         "a position alone is fenced too"
@@ -285,7 +282,7 @@ async fn a_fenced_owners_append_fails_whole(store: &dyn IngestStore, events: &dy
         "the fenced position was not stored"
     );
     store
-        .append(&new, &category, one_event(1), 42)
+        .append(&new, &category, &one_event(1), 42)
         .await
         .unwrap();
     assert_eq!(stream_s(events).await.len(), 2);
@@ -299,8 +296,8 @@ async fn a_fenced_owners_append_fails_whole(store: &dyn IngestStore, events: &dy
             vec![event],
         )]
     };
-    store.append(&new, &category, keyed(2), 43).await.unwrap();
-    store.append(&new, &category, keyed(3), 44).await.unwrap();
+    store.append(&new, &category, &keyed(2), 43).await.unwrap();
+    store.append(&new, &category, &keyed(3), 44).await.unwrap();
     assert_eq!(stream_s(events).await.len(), 3);
     let positions = store.positions(None).await.unwrap();
     assert_eq!(
