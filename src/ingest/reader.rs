@@ -442,40 +442,4 @@ fn set_lag(key: &ConsumerKey, events: u64) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::EventName;
-
-    #[test]
-    fn a_batch_is_one_append_per_stream_in_order_without_repeated_keys() {
-        let event = |n: u64, key: Option<&str>| {
-            let event = NewEvent::new(EventName::new("E").unwrap(), json!(n));
-            match key {
-                Some(key) => event.with_idempotency_key(key.parse().unwrap()),
-                None => event,
-            }
-        };
-        let stream = |name: &str| StreamName::new(name).unwrap();
-        let appends = by_stream(vec![
-            (stream("a"), event(0, Some("k-0"))),
-            (stream("b"), event(1, None)),
-            (stream("a"), event(2, None)),
-            (stream("a"), event(3, Some("k-0"))),
-            (stream("b"), event(4, Some("k-4"))),
-        ]);
-        let shape: Vec<(String, Vec<serde_json::Value>)> = appends
-            .iter()
-            .map(|a| {
-                let payloads = a.events.iter().map(|e| e.payload.clone()).collect();
-                (a.stream.to_string(), payloads)
-            })
-            .collect();
-        assert_eq!(
-            shape,
-            [
-                ("a".to_owned(), vec![json!(0), json!(2)]),
-                ("b".to_owned(), vec![json!(1), json!(4)]),
-            ]
-        );
-    }
-}
+mod tests;
