@@ -81,6 +81,22 @@ impl MemoryIngestStore {
     }
 }
 
+/// Claims the checkpoint row of (group, source) in `claims`, under `grant`
+/// when given: the claim an ingest source's appends present.
+pub async fn claim_row(
+    claims: &dyn CheckpointStore,
+    group: &str,
+    source: &Source,
+    owner: &str,
+    grant: Option<Grant>,
+) -> Result<Claim, CheckpointError> {
+    let (claim, _) = match grant {
+        Some(grant) => claims.claim_granted(group, source, owner, grant).await?,
+        None => claims.claim(group, source, owner).await?,
+    };
+    Ok(claim)
+}
+
 fn key(group: &str, source: &Source) -> (String, String) {
     (group.to_owned(), source.to_string())
 }
@@ -95,14 +111,7 @@ impl IngestStore for MemoryIngestStore {
         grant: Option<Grant>,
     ) -> Result<(Claim, Option<u64>), CheckpointError> {
         let positions = self.positions.lock().await;
-        let (claim, _) = match grant {
-            Some(grant) => {
-                self.claims
-                    .claim_granted(group, source, owner, grant)
-                    .await?
-            }
-            None => self.claims.claim(group, source, owner).await?,
-        };
+        let claim = claim_row(&self.claims, group, source, owner, grant).await?;
         Ok((
             claim,
             positions.get(&key(group, source)).map(|p| p.position),

@@ -12,8 +12,9 @@ use super::checkpoints::PostgresCheckpointStore;
 use super::events::{AppendAttempt, append_on};
 use super::{PostgresStore, classify, quote_identifier};
 use crate::broker::Grant;
-use crate::consumer::{CheckpointError, CheckpointStore, Claim};
+use crate::consumer::{CheckpointError, Claim};
 use crate::event::{Category, Source};
+use crate::ingest::store::claim_row;
 use crate::ingest::{IngestPosition, IngestStore};
 use crate::store::{Error, StreamAppend, check_category, check_sizes, validate_batch};
 
@@ -131,14 +132,7 @@ impl IngestStore for PostgresIngestStore {
         owner: &str,
         grant: Option<Grant>,
     ) -> Result<(Claim, Option<u64>), CheckpointError> {
-        let (claim, _) = match grant {
-            Some(grant) => {
-                self.claims
-                    .claim_granted(group, source, owner, grant)
-                    .await?
-            }
-            None => self.claims.claim(group, source, owner).await?,
-        };
+        let claim = claim_row(&self.claims, group, source, owner, grant).await?;
         let source = source.to_string();
         let rows = self
             .store

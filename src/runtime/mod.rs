@@ -316,12 +316,25 @@ impl EventRuntime {
     ) -> Result<(), RuntimeError> {
         let context = self.context(spec.group.clone(), spec.id.clone(), processor, settings)?;
         let consumer = Arc::new(SubscriptionConsumer::new(context, self.grace));
+        self.register_kept(spec, consumer, |registered, consumer| {
+            registered.subscriptions.push(consumer);
+        })
+    }
+
+    /// Hands `subscriber` to the broker under `spec` and notes it; `keep` files
+    /// it among the registrations, for stopping and aborting it.
+    fn register_kept<S: Subscriber>(
+        &self,
+        spec: SubscriberSpec,
+        subscriber: Arc<S>,
+        keep: impl FnOnce(&mut Registered, Arc<S>),
+    ) -> Result<(), RuntimeError> {
         self.registering(|registered| {
             let noted = spec.clone();
             self.broker
-                .register(spec, Arc::clone(&consumer) as Arc<dyn Subscriber>)?;
+                .register(spec, Arc::clone(&subscriber) as Arc<dyn Subscriber>)?;
             self.note_subscriber(&noted);
-            registered.subscriptions.push(consumer);
+            keep(registered, subscriber);
             Ok(())
         })
     }
@@ -338,17 +351,7 @@ impl EventRuntime {
         store: Arc<dyn IngestStore>,
         settings: ConsumerSettings,
     ) -> Result<(), RuntimeError> {
-        let problems = settings.validate();
-        if !problems.is_empty() {
-            let problems: Vec<String> = problems
-                .into_iter()
-                .map(|(key, message)| format!("{key}: {message}"))
-                .collect();
-            return Err(RuntimeError::InvalidSettings {
-                group: spec.group,
-                problems: problems.join("; "),
-            });
-        }
+        check_settings(&spec.group, &settings)?;
         let context = Arc::new(IngestContext {
             group: spec.group.clone(),
             owner: spec.id.clone(),
@@ -361,13 +364,8 @@ impl EventRuntime {
             pause: Default::default(),
         });
         let subscriber = Arc::new(IngestSubscriber::new(context, self.grace));
-        self.registering(|registered| {
-            let noted = spec.clone();
-            self.broker
-                .register(spec, Arc::clone(&subscriber) as Arc<dyn Subscriber>)?;
-            self.note_subscriber(&noted);
+        self.register_kept(spec, subscriber, |registered, subscriber| {
             registered.ingests.push(subscriber);
-            Ok(())
         })
     }
 
@@ -379,17 +377,7 @@ impl EventRuntime {
         settings: Option<ConsumerSettings>,
     ) -> Result<Arc<ConsumerContext>, RuntimeError> {
         let settings = settings.unwrap_or_else(|| self.defaults.clone());
-        let problems = settings.validate();
-        if !problems.is_empty() {
-            let problems: Vec<String> = problems
-                .into_iter()
-                .map(|(key, message)| format!("{key}: {message}"))
-                .collect();
-            return Err(RuntimeError::InvalidSettings {
-                group,
-                problems: problems.join("; "),
-            });
-        }
+        check_settings(&group, &settings)?;
         let executor =
             Executor::for_isolation(settings.isolation, &group, || self.shared_executor())?;
         Ok(Arc::new(ConsumerContext {
@@ -563,4 +551,20 @@ impl EventRuntime {
                 .collect(),
         }
     }
+}
+
+/// `Ok` if `settings` are valid, else every problem with them, for `group`.
+fn check_settings(group: &str, settings: &ConsumerSettings) -> Result<(), RuntimeError> {
+    let problems = settings.validate();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let problems: Vec<String> = problems
+        .into_iter()
+        .map(|(key, message)| format!("{key}: {message}"))
+        .collect();
+    Err(RuntimeError::InvalidSettings {
+        group: group.to_owned(),
+        problems: problems.join("; "),
+    })
 }

@@ -7,13 +7,11 @@ use std::sync::Arc;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use weir::broker::{SingletonBroker, SubscriberSpec};
 use weir::config::KafkaOptions;
 use weir::connect::kafka_client::{TopicSpec, ensure_topics};
-use weir::consumer::{ConsumerSettings, DeadLetterStore};
+use weir::consumer::DeadLetterStore;
 use weir::ingest::IngestStore;
 use weir::postgres::{PostgresDeadLetterStore, PostgresIngestStore};
-use weir::runtime::{ConsumerStores, EventRuntime};
 use weir::sink::KafkaSink;
 
 use super::*;
@@ -173,19 +171,7 @@ async fn a_round_trip_through_the_kafka_sink_keeps_ids_names_payloads_and_order(
     let sink = KafkaSink::connect(&fixture.kafka, &fixture.topic)
         .await
         .expect("connect the sink");
-    let out = EventRuntime::new(
-        "out",
-        Arc::new(SingletonBroker::new()),
-        ConsumerStores::postgres(Arc::clone(&out_db.store)),
-        ConsumerSettings::default(),
-    );
-    out.register_subscription_consumer(
-        SubscriberSpec::new("bridge", "out/1", ["category:orders".parse().unwrap()]),
-        Arc::new(sink),
-        None,
-    )
-    .unwrap();
-    out.start().await.unwrap();
+    let out = start_bridge(&out_db, Arc::new(sink)).await;
     let mut sent = append_rounds(out_db.store.as_ref(), "orders", 7, 10).await;
 
     let config = ingest_config(&format!(

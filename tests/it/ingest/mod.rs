@@ -61,6 +61,28 @@ async fn start_node(
     runtime
 }
 
+/// A node forwarding category `orders` of `db` through `sink`: the way out of
+/// a round trip.
+async fn start_bridge(
+    db: &TestPostgres,
+    sink: Arc<dyn weir::consumer::EventProcessor>,
+) -> EventRuntime {
+    let out = EventRuntime::new(
+        "out",
+        Arc::new(SingletonBroker::new()),
+        ConsumerStores::postgres(Arc::clone(&db.store)),
+        ConsumerSettings::default(),
+    );
+    out.register_subscription_consumer(
+        SubscriberSpec::new("bridge", "out/1", ["category:orders".parse().unwrap()]),
+        sink,
+        None,
+    )
+    .expect("register the bridge");
+    out.start().await.expect("start the bridge");
+    out
+}
+
 /// Every event of `category` in `store`, in read order.
 async fn events_of(store: &dyn EventStore, category: &str) -> Vec<StoredEvent> {
     let source = Source::Category(Category::new(category).unwrap());

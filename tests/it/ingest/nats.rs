@@ -5,11 +5,9 @@ use std::sync::Arc;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
-use weir::broker::{SingletonBroker, SubscriberSpec};
-use weir::consumer::{ConsumerSettings, DeadLetterStore};
+use weir::consumer::DeadLetterStore;
 use weir::ingest::IngestStore;
 use weir::postgres::{PostgresDeadLetterStore, PostgresIngestStore};
-use weir::runtime::{ConsumerStores, EventRuntime};
 use weir::sink::NatsSink;
 
 use super::*;
@@ -229,19 +227,7 @@ async fn a_round_trip_through_the_nats_sink_keeps_ids_names_payloads_and_order()
     )
     .await
     .expect("connect the sink");
-    let out = EventRuntime::new(
-        "out",
-        Arc::new(SingletonBroker::new()),
-        ConsumerStores::postgres(Arc::clone(&out_db.store)),
-        ConsumerSettings::default(),
-    );
-    out.register_subscription_consumer(
-        SubscriberSpec::new("bridge", "out/1", ["category:orders".parse().unwrap()]),
-        Arc::new(sink),
-        None,
-    )
-    .unwrap();
-    out.start().await.unwrap();
+    let out = start_bridge(&out_db, Arc::new(sink)).await;
     let mut sent = append_rounds(out_db.store.as_ref(), "orders", 7, 10).await;
 
     let config = ingest_config(&format!(
