@@ -34,6 +34,9 @@
 //!   that applies decisions to local subscribers, node roles, and the two brokers:
 //!   distributed (a fleet over a bus) and singleton (one process).
 //! - [`consumer`]: processors, fenced checkpoints, error policies and dead letters.
+//! - [`ingest`]: `[[ingest]]`, messages of Kafka topics and NATS subjects
+//!   appended into the store exactly once, each Kafka partition and NATS subject
+//!   filter a source allocated over the fleet.
 //! - `postgres` (feature `postgres`): the Postgres adapter; every table weir keeps
 //!   and all of its SQL in one folder, one file per trait of the layers above.
 //! - [`sink`]: processors that forward: stdout, NATS JetStream, Kafka.
@@ -62,6 +65,7 @@ pub mod config;
 pub mod connect;
 pub mod consumer;
 pub mod event;
+pub mod ingest;
 pub mod lifecycle;
 pub mod metrics;
 #[cfg(feature = "postgres")]

@@ -30,6 +30,7 @@ use crate::broker::{DistributedBroker, SubscriberSpec};
 use crate::bus::{AllocationBus, MemoryBus};
 use crate::config::{BusKind, Config, StoreKind};
 use crate::consumer::{ConsumerSettings, EventProcessor};
+use crate::ingest::{IngestStore, MemoryIngestStore, Shape};
 use crate::lifecycle::{Journal, JournalTask};
 use crate::runtime::{ConsumerStores, EventRuntime, Outcome, RuntimeError};
 use crate::store::{EventStore, MemoryStore};
@@ -53,7 +54,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         super::signal::shutdown_token(config.node.shutdown_grace + super::signal::STOP_MARGIN)?;
     let node = config.node_id();
     let role = config.node.role;
-    let (services, stores, fleet) = services(config).await?;
+    let (services, stores, fleet, ingest_store) = services(config).await?;
     let events = Arc::clone(&stores.events);
     let (journal, journal_task) = start_journal(config, &node, &stores);
     let observed = super::observe::Observed {
@@ -78,6 +79,7 @@ pub async fn run(config: &Config, args: Args) -> Result<(), CliError> {
         .with_journal(journal.clone()),
     );
     let processors = register_subscriptions(config, &node, &runtime).await?;
+    register_ingests(config, &node, &runtime, ingest_store).await?;
     let auth = super::observe::admin_auth(config)?;
     let executors = group_executors(config, &runtime);
     let admin = control.map(|control| {
@@ -199,6 +201,9 @@ fn with_required_tags(mut broker: DistributedBroker, config: &Config) -> Distrib
             subscription.required_tags.iter().cloned(),
         );
     }
+    for ingest in &config.ingest {
+        broker = broker.with_required_tags(&ingest.name, ingest.required_tags.iter().cloned());
+    }
     broker
 }
 
@@ -214,29 +219,39 @@ fn exit_of(outcome: Result<Outcome, RuntimeError>) -> Result<(), CliError> {
     }
 }
 
-/// Membership and leases in the configured store with the configured bus, where
-/// consumers read events and keep checkpoints and dead letters, and where paused
-/// groups and node reports are kept.
-async fn services(
-    config: &Config,
-) -> Result<(FleetServices, ConsumerStores, Arc<dyn FleetStore>), CliError> {
+/// What a node keeps in its store: membership and leases (with the configured
+/// bus), where consumers read events and keep checkpoints and dead letters,
+/// where paused groups and node reports are kept, and where ingests append.
+type Services = (
+    FleetServices,
+    ConsumerStores,
+    Arc<dyn FleetStore>,
+    Arc<dyn IngestStore>,
+);
+
+/// The [`Services`] of the configured store.
+async fn services(config: &Config) -> Result<Services, CliError> {
     let bus = bus(config).await?;
     Ok(match config.store.kind {
-        StoreKind::Memory => (
-            FleetServices {
-                membership: Arc::new(MemoryMembershipStore::new()),
-                leases: Arc::new(MemoryLeaseStore::new()),
-                bus,
-            },
-            ConsumerStores::in_memory(Arc::new(
-                MemoryStore::new().with_max_event_bytes(config.store.max_event_bytes),
-            )),
-            Arc::new(MemoryFleetStore::new()),
-        ),
+        StoreKind::Memory => {
+            let events: Arc<dyn EventStore> =
+                Arc::new(MemoryStore::new().with_max_event_bytes(config.store.max_event_bytes));
+            (
+                FleetServices {
+                    membership: Arc::new(MemoryMembershipStore::new()),
+                    leases: Arc::new(MemoryLeaseStore::new()),
+                    bus,
+                },
+                ConsumerStores::in_memory(Arc::clone(&events)),
+                Arc::new(MemoryFleetStore::new()),
+                Arc::new(MemoryIngestStore::new(events)),
+            )
+        }
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
             use crate::postgres::{
-                PostgresFleetStore, PostgresLeaseStore, PostgresMembershipStore,
+                PostgresFleetStore, PostgresIngestStore, PostgresLeaseStore,
+                PostgresMembershipStore,
             };
             let store = Arc::new(super::open_postgres(config)?);
             store.check_schema().await?;
@@ -247,7 +262,8 @@ async fn services(
                     bus,
                 },
                 ConsumerStores::postgres(Arc::clone(&store)),
-                Arc::new(PostgresFleetStore::new(store)),
+                Arc::new(PostgresFleetStore::new(Arc::clone(&store))),
+                Arc::new(PostgresIngestStore::new(store)),
             )
         }
         #[cfg(not(feature = "postgres"))]
@@ -352,4 +368,37 @@ async fn register_subscriptions(
         }
     }
     Ok(sinks)
+}
+
+/// Registers one subscriber of every `[[ingest]]` entry's group, named
+/// `NODE/ingest`, unless the node only coordinates: it connects to the entry's
+/// bus and requests every source the entry reads.
+async fn register_ingests(
+    config: &Config,
+    node: &str,
+    runtime: &EventRuntime,
+    store: Arc<dyn IngestStore>,
+) -> Result<(), CliError> {
+    if !config.node.role.observes() {
+        return Ok(());
+    }
+    for ingest in &config.ingest {
+        let failed = |error: String| CliError::Usage(format!("ingest {}: {error}", ingest.name));
+        let shape = Shape::new(ingest, config.store.max_event_bytes).map_err(failed)?;
+        let connected = crate::ingest::connect(ingest, &config.nats, &config.kafka)
+            .await
+            .map_err(|error| CliError::Unreachable(format!("ingest {}: {error}", ingest.name)))?;
+        let spec = SubscriberSpec::new(&ingest.name, format!("{node}/ingest"), connected.sources)
+            .with_tags(config.node.tags.iter().cloned());
+        runtime
+            .register_ingest(
+                spec,
+                shape,
+                connected.bus,
+                Arc::clone(&store),
+                ingest.consumer.clone(),
+            )
+            .map_err(|error| CliError::Usage(error.to_string()))?;
+    }
+    Ok(())
 }

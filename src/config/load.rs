@@ -61,6 +61,7 @@ impl Config {
                     &mut config.subscriptions,
                     &mut problems,
                 );
+                extract_section(&figment, "ingest", &mut config.ingest, &mut problems);
             }
             // The file cannot be read or parsed: one problem, not one per section.
             Err(error) => {

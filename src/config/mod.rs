@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{BrokerRole, BrokerSettings};
 pub use crate::bus::{BusConfig, BusKind};
 pub use crate::connect::{KafkaOptions, NatsOptions, NatsTls, is_secret_property};
+pub use crate::ingest::IngestConfig;
 pub use crate::lifecycle::LifecycleSettings;
 pub use crate::sink::SinkConfig;
 pub use crate::telemetry::logging::LogFormat;
@@ -57,6 +58,7 @@ const SECTIONS: &[&str] = &[
     "demo",
     "lifecycle",
     "subscriptions",
+    "ingest",
 ];
 
 /// The whole configuration of one weir node.
@@ -85,6 +87,8 @@ pub struct Config {
     pub lifecycle: LifecycleSettings,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<SubscriptionConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingest: Vec<IngestConfig>,
 }
 
 /// CLI flags that override every other layer.

@@ -51,6 +51,7 @@ impl Config {
         validate_http(&self.http, &mut problems);
         validate_log(&self.log, &mut problems);
         validate_subscriptions(&self.subscriptions, &mut problems);
+        validate_ingest(self, &mut problems);
         problems.add_under("lifecycle", self.lifecycle.validate());
         check_grace_within_handover(self, &mut problems);
         problems.0
@@ -414,6 +415,37 @@ fn check_cloudevents(
             "cloudevents_source".into(),
             format!("{source:?} {}", error.reason),
         ));
+    }
+}
+
+/// Each `[[ingest]]` entry, and names unique among ingests and groups: an
+/// ingest's name is its group's.
+fn validate_ingest(config: &Config, problems: &mut Problems) {
+    let mut names: HashSet<&str> = config
+        .subscriptions
+        .iter()
+        .map(|s| s.group.as_str())
+        .collect();
+    for (i, ingest) in config.ingest.iter().enumerate() {
+        let prefix = format!("ingest[{i}]");
+        problems.add_under(&prefix, ingest.validate());
+        if !names.insert(ingest.name.as_str()) {
+            problems.add(
+                &format!("{prefix}.name"),
+                format!(
+                    "{:?} is already the name of an ingest or a subscription group",
+                    ingest.name
+                ),
+            );
+        }
+        for tag in &ingest.required_tags {
+            if !is_token(tag) {
+                problems.add(
+                    &format!("{prefix}.required_tags"),
+                    format!("{tag:?} is not a valid tag: use 1 to 48 letters, digits, '-' and '_'"),
+                );
+            }
+        }
     }
 }
 

@@ -79,6 +79,9 @@ pub struct ConsumerEntry {
     pub state: ConsumerState,
     /// Where it has got to, once it has claimed its checkpoint.
     pub cursor: Option<Cursor>,
+    /// Where an ingest source's consumer has got to on its bus (Kafka offset,
+    /// JetStream stream sequence); `None` for the store's sources.
+    pub position: Option<u64>,
     pub lag: Option<Lag>,
 }
 
@@ -116,7 +119,7 @@ impl Board {
     /// own records (a reserved category): a group subscribed to `category:$weir`
     /// that fails on `DeadLetterRecorded` would otherwise record one for each,
     /// and feed on its own records forever.
-    pub(super) fn dead_lettered(&self, key: &ConsumerKey, letter: &DeadLetter) {
+    pub(crate) fn dead_lettered(&self, key: &ConsumerKey, letter: &DeadLetter) {
         if key.source.is_reserved() {
             return;
         }
@@ -155,7 +158,7 @@ impl Board {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn set(&self, key: &ConsumerKey, state: ConsumerState) {
+    pub(crate) fn set(&self, key: &ConsumerKey, state: ConsumerState) {
         self.journal_state(key, &state);
         let mut entries = self.entries();
         match entries.get_mut(key) {
@@ -164,6 +167,7 @@ impl Board {
                 // checkpoint, which it reports once claimed.
                 if state == ConsumerState::Starting {
                     entry.cursor = None;
+                    entry.position = None;
                     entry.lag = None;
                 }
                 entry.state = state;
@@ -174,6 +178,7 @@ impl Board {
                     ConsumerEntry {
                         state,
                         cursor: None,
+                        position: None,
                         lag: None,
                     },
                 );
@@ -184,6 +189,13 @@ impl Board {
     pub(super) fn set_cursor(&self, key: &ConsumerKey, cursor: Cursor) {
         if let Some(entry) = self.entries().get_mut(key) {
             entry.cursor = Some(cursor);
+        }
+    }
+
+    /// Keeps where an ingest source's consumer has got to on its bus.
+    pub(crate) fn set_position(&self, key: &ConsumerKey, position: Option<u64>) {
+        if let Some(entry) = self.entries().get_mut(key) {
+            entry.position = position;
         }
     }
 
@@ -211,7 +223,7 @@ impl Board {
     }
 
     /// Keeps `halt` unless an earlier one is kept already.
-    pub(super) fn halt(&self, halt: Halt) {
+    pub(crate) fn halt(&self, halt: Halt) {
         self.halt.send_if_modified(|kept| {
             let first = kept.is_none();
             if first {

@@ -25,7 +25,7 @@ pub mod processor;
 mod read_ahead;
 pub mod replay;
 pub mod resume;
-mod retrying;
+pub(crate) mod retrying;
 pub mod settings;
 pub mod source;
 pub mod subscription;

@@ -11,7 +11,7 @@ const TRANSIENT_INITIAL: Duration = Duration::from_millis(100);
 const TRANSIENT_MAX: Duration = Duration::from_secs(30);
 
 /// The wait before trying again after `failures` transient failures in a row.
-pub(super) fn transient_backoff(failures: u32) -> Duration {
+pub(crate) fn transient_backoff(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     TRANSIENT_INITIAL
         .saturating_mul(1 << doublings)
@@ -20,13 +20,13 @@ pub(super) fn transient_backoff(failures: u32) -> Duration {
 
 /// A consumer's run of transient failures, counted in the
 /// `weir_consumers_retrying` gauge while it lasts (also if the task is aborted).
-pub(super) struct Retrying {
+pub(crate) struct Retrying {
     group: String,
-    pub(super) failures: u32,
+    pub(crate) failures: u32,
 }
 
 impl Retrying {
-    pub(super) fn new(group: &str) -> Self {
+    pub(crate) fn new(group: &str) -> Self {
         Self {
             group: group.to_owned(),
             failures: 0,
@@ -34,7 +34,7 @@ impl Retrying {
     }
 
     /// Counts one more failure; `true` if it starts a run.
-    pub(super) fn failed(&mut self) -> bool {
+    pub(crate) fn failed(&mut self) -> bool {
         self.failures += 1;
         if self.failures == 1 {
             metrics::gauge!(names::CONSUMERS_RETRYING, "group" => self.group.clone())
@@ -44,7 +44,7 @@ impl Retrying {
     }
 
     /// Ends the run; `true` if there was one.
-    pub(super) fn recovered(&mut self) -> bool {
+    pub(crate) fn recovered(&mut self) -> bool {
         let was = self.failures > 0;
         if was {
             metrics::gauge!(names::CONSUMERS_RETRYING, "group" => self.group.clone())

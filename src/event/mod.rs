@@ -12,8 +12,10 @@ use uuid::Uuid;
 
 use crate::metrics;
 
+pub mod ingest;
 pub mod partition;
 
+pub use ingest::IngestSource;
 pub use partition::{Partition, PartitionError, SLICES, slice_of};
 
 /// The longest name weir accepts, in bytes. Long enough for any sensible identifier,
@@ -204,6 +206,10 @@ pub struct NewEvent {
     pub occurred_at: DateTime<Utc>,
     #[serde(default)]
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The id the event must be stored with (an ingested event keeps the id it
+    /// had where it came from); the store assigns one when `None`.
+    #[serde(skip)]
+    pub id: Option<Uuid>,
 }
 
 fn empty_object() -> Value {
@@ -219,6 +225,7 @@ impl NewEvent {
             metadata: empty_object(),
             occurred_at: crate::ambient::now(),
             idempotency_key: None,
+            id: None,
         }
     }
 
@@ -229,6 +236,11 @@ impl NewEvent {
 
     pub fn with_occurred_at(mut self, occurred_at: DateTime<Utc>) -> Self {
         self.occurred_at = occurred_at;
+        self
+    }
+
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = Some(id);
         self
     }
 
@@ -337,6 +349,9 @@ pub enum Source {
     Stream(Category, StreamName),
     LogPartition(Partition),
     CategoryPartition(Category, Partition),
+    /// What an `[[ingest]]` entry reads from NATS or Kafka: no event of the
+    /// store belongs to it.
+    Ingest(IngestSource),
 }
 
 /// Partitions of one category or the log are exported one series each up to this
@@ -348,7 +363,8 @@ impl Source {
     /// `category:$weir`, one of its partitions or streams.
     pub fn is_reserved(&self) -> bool {
         match self {
-            Source::Log | Source::LogPartition(_) => false,
+            // An ingest never writes weir's own records (its config refuses it).
+            Source::Log | Source::LogPartition(_) | Source::Ingest(_) => false,
             Source::Category(c) | Source::Stream(c, _) | Source::CategoryPartition(c, _) => {
                 c.is_reserved()
             }
@@ -362,6 +378,7 @@ impl Source {
             Source::Category(c) | Source::Stream(c, _) | Source::CategoryPartition(c, _) => {
                 c == category
             }
+            Source::Ingest(_) => false,
         }
     }
 
@@ -373,6 +390,7 @@ impl Source {
             Source::Stream(c, s) => *c == event.category && *s == event.stream,
             Source::LogPartition(p) => !event.category.is_reserved() && p.holds(event.slice()),
             Source::CategoryPartition(c, p) => *c == event.category && p.holds(event.slice()),
+            Source::Ingest(_) => false,
         }
     }
 
@@ -397,7 +415,7 @@ impl Source {
     /// count of 1, else one source per partition.
     pub fn split(&self, count: u32) -> Result<Vec<Source>, PartitionError> {
         let whole = self.unpartitioned();
-        if count == 1 || matches!(whole, Source::Stream(..)) {
+        if count == 1 || matches!(whole, Source::Stream(..) | Source::Ingest(_)) {
             let _valid = Partition::all(count)?;
             return Ok(vec![whole]);
         }
@@ -436,6 +454,7 @@ impl fmt::Display for Source {
             Source::CategoryPartition(category, partition) => {
                 write!(f, "category:{category}@{partition}")
             }
+            Source::Ingest(ingest) => ingest.fmt(f),
         }
     }
 }
@@ -473,6 +492,9 @@ impl FromStr for Source {
             return Category::new(name)
                 .map(Source::Category)
                 .map_err(|e| invalid(e.to_string()));
+        }
+        if let Some(rest) = text.strip_prefix("ingest:") {
+            return IngestSource::parse(text, rest).map(Source::Ingest);
         }
         if let Some(rest) = text.strip_prefix("stream:") {
             let (category, stream) = rest

@@ -82,7 +82,7 @@ pub struct PostgresStore {
     /// Partition statements, built on first use.
     pub(super) partition_sql: PartitionCache,
     /// The largest event accepted, in bytes.
-    max_event_bytes: usize,
+    pub(super) max_event_bytes: usize,
 }
 
 /// The statements, with the schema written in.
@@ -309,58 +309,11 @@ impl PostgresStore {
         appends: &[StreamAppend],
         ids: &[Uuid],
     ) -> Result<AppendAttempt> {
-        let events = appends
-            .iter()
-            .flat_map(|a| a.events.iter().map(move |e| (&a.stream, e)));
-        let count = appends.iter().map(|a| a.events.len()).sum();
-        let mut streams = Vec::with_capacity(count);
-        let mut names = Vec::with_capacity(count);
-        let mut payloads = Vec::with_capacity(count);
-        let mut metadata = Vec::with_capacity(count);
-        let mut occurred_at = Vec::with_capacity(count);
-        let mut keys = Vec::with_capacity(count);
-        for (stream, event) in events {
-            streams.push(stream.as_str());
-            names.push(event.name.as_str());
-            payloads.push(&event.payload);
-            metadata.push(&event.metadata);
-            occurred_at.push(event.occurred_at);
-            keys.push(event.idempotency_key.as_ref().map(IdempotencyKey::as_str));
-        }
-        let conditions: serde_json::Map<String, Value> = appends
-            .iter()
-            .filter_map(|a| match a.condition.accepted_heads() {
-                AcceptedHeads::All => None,
-                AcceptedHeads::Only(heads) => Some((
-                    a.stream.to_string(),
-                    heads.into_iter().map(|h| h.map_or(-1, to_i64)).collect(),
-                )),
-            })
-            .collect();
-        let conditions = Value::Object(conditions);
-
         // Only getting a connection and preparing are retried: once the append is
         // sent, a lost connection leaves its outcome unknown, and a retry could write
         // twice (idempotency keys make such retries safe for callers).
         let (client, statement) = self.prepared(&self.sql.append).await?;
-        client
-            .query(
-                &statement,
-                &[
-                    &category.as_str(),
-                    &streams,
-                    &ids,
-                    &names,
-                    &payloads,
-                    &metadata,
-                    &occurred_at,
-                    &keys,
-                    &conditions,
-                ],
-            )
-            .await
-            .map(AppendAttempt::Written)
-            .or_else(|error| append_failure(error, category, appends))
+        append_on(&**client, &statement, category, appends, ids).await
     }
 
     async fn one(
@@ -374,6 +327,65 @@ impl PostgresStore {
             .map(|row| event_from_row(row, 0))
             .transpose()
     }
+}
+
+/// Runs `weir_append` (prepared as `statement`) for `appends` with `ids` on
+/// `client`, a connection or a transaction.
+pub(super) async fn append_on(
+    client: &(impl tokio_postgres::GenericClient + Sync),
+    statement: &tokio_postgres::Statement,
+    category: &Category,
+    appends: &[StreamAppend],
+    ids: &[Uuid],
+) -> Result<AppendAttempt> {
+    let events = appends
+        .iter()
+        .flat_map(|a| a.events.iter().map(move |e| (&a.stream, e)));
+    let count = appends.iter().map(|a| a.events.len()).sum();
+    let mut streams = Vec::with_capacity(count);
+    let mut names = Vec::with_capacity(count);
+    let mut payloads = Vec::with_capacity(count);
+    let mut metadata = Vec::with_capacity(count);
+    let mut occurred_at = Vec::with_capacity(count);
+    let mut keys = Vec::with_capacity(count);
+    for (stream, event) in events {
+        streams.push(stream.as_str());
+        names.push(event.name.as_str());
+        payloads.push(&event.payload);
+        metadata.push(&event.metadata);
+        occurred_at.push(event.occurred_at);
+        keys.push(event.idempotency_key.as_ref().map(IdempotencyKey::as_str));
+    }
+    let conditions: serde_json::Map<String, Value> = appends
+        .iter()
+        .filter_map(|a| match a.condition.accepted_heads() {
+            AcceptedHeads::All => None,
+            AcceptedHeads::Only(heads) => Some((
+                a.stream.to_string(),
+                heads.into_iter().map(|h| h.map_or(-1, to_i64)).collect(),
+            )),
+        })
+        .collect();
+    let conditions = Value::Object(conditions);
+
+    client
+        .query(
+            statement,
+            &[
+                &category.as_str(),
+                &streams,
+                &ids,
+                &names,
+                &payloads,
+                &metadata,
+                &occurred_at,
+                &keys,
+                &conditions,
+            ],
+        )
+        .await
+        .map(AppendAttempt::Written)
+        .or_else(|error| append_failure(error, category, appends))
 }
 
 /// The age of the transaction holding the oldest transaction id still in progress
@@ -396,7 +408,7 @@ impl EventStore for PostgresStore {
         crate::store::check_sizes(category, &appends, self.max_event_bytes)?;
         let ids: Vec<Uuid> = appends
             .iter()
-            .flat_map(|a| a.events.iter().map(|_| Uuid::now_v7()))
+            .flat_map(|a| a.events.iter().map(|e| e.id.unwrap_or_else(Uuid::now_v7)))
             .collect();
         // Two writers racing to store one idempotency key: the loser's insert hits the
         // unique index and writes nothing; its retry finds the winner's event.
@@ -455,7 +467,8 @@ impl EventStore for PostgresStore {
                 let query = PartitionQuery::category(c, *p);
                 self.partition_rows(Statement::Read, query, after, limit)
                     .await?
-            }
+            } // What ingest reads lives on its bus: no event of the store is in it.
+            Source::Ingest(_) => return Ok(Vec::new()),
         };
         rows.iter().map(|row| event_from_row(row, 0)).collect()
     }
@@ -481,6 +494,7 @@ impl EventStore for PostgresStore {
             Source::CategoryPartition(c, p) => {
                 self.partition_head(PartitionQuery::category(c, *p)).await
             }
+            Source::Ingest(_) => Ok(None),
         }
     }
 
@@ -517,6 +531,7 @@ impl EventStore for PostgresStore {
                 self.partition_rows(Statement::Backlog, query, after, limit)
                     .await?
             }
+            Source::Ingest(_) => return Ok(Backlog::default()),
         };
         let row = rows
             .first()
@@ -655,7 +670,7 @@ fn non_negative(value: i64) -> Result<u64> {
         .map_err(|_| Error::Backend(format!("negative value {value} in the event table")))
 }
 
-enum AppendAttempt {
+pub(super) enum AppendAttempt {
     Written(Vec<Row>),
     /// A concurrent append stored one of the batch's idempotency keys first; nothing
     /// was written, and a retry returns that event.

@@ -54,6 +54,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0008_group_epochs.sql"),
     },
     Migration {
+        version: 9,
+        name: "ingest",
+        sql: include_str!("migrations/0009_ingest.sql"),
+    },
+    Migration {
         version: 10,
         name: "admin requests",
         sql: include_str!("migrations/0010_admin_requests.sql"),

@@ -10,6 +10,7 @@
 //! | `checkpoints.rs` | [`CheckpointStore`](crate::consumer::checkpoint::CheckpointStore) | `weir_checkpoints` |
 //! | `dead_letters.rs` | [`DeadLetterStore`](crate::consumer::dead_letter::DeadLetterStore) | `weir_dead_letters` |
 //! | `fleet.rs` | [`FleetStore`](crate::broker::control::FleetStore) | `weir_groups`, `weir_nodes` |
+//! | `ingest.rs` | [`IngestStore`](crate::ingest::IngestStore) | `weir_ingest_positions` (and `weir_events`, `weir_checkpoints`) |
 //!
 //! `migrations/*.sql` create and upgrade them (`weir migrate`); `announcer.rs` and
 //! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append;
@@ -21,6 +22,7 @@ mod checkpoints;
 mod dead_letters;
 mod events;
 mod fleet;
+mod ingest;
 mod leases;
 mod listener;
 mod members;
@@ -34,6 +36,7 @@ pub use dead_letters::PostgresDeadLetterStore;
 pub use events::{PostgresStore, PostgresStoreOptions};
 pub(crate) use events::{classify, quote_identifier};
 pub use fleet::PostgresFleetStore;
+pub use ingest::PostgresIngestStore;
 pub use leases::PostgresLeaseStore;
 pub use members::PostgresMembershipStore;
 pub use migrations::{CURRENT_VERSION, MigrationReport};

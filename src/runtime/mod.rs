@@ -33,6 +33,7 @@ use crate::consumer::source::{
 };
 use crate::consumer::subscription::SubscriptionConsumer;
 use crate::event::{Cursor, Source};
+use crate::ingest::{IngestBus, IngestContext, IngestStore, IngestSubscriber, Shape};
 use crate::store::EventStore;
 use sampler::{DEFAULT_SAMPLE_INTERVAL, Sampler};
 
@@ -116,6 +117,9 @@ pub struct ConsumerReport {
     pub state: ConsumerState,
     /// Where it has got to, once it has claimed its checkpoint.
     pub cursor: Option<Cursor>,
+    /// Where an ingest source's consumer has got to on its bus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
     /// How far it lagged at the last measurement.
     pub lag: Option<Lag>,
 }
@@ -178,6 +182,8 @@ struct Registered {
     fixed: Vec<(Arc<ConsumerContext>, Source)>,
     /// Subscription consumers, registered with the broker; kept to abort them.
     subscriptions: Vec<Arc<SubscriptionConsumer>>,
+    /// Ingest subscribers, registered with the broker; kept to abort them.
+    ingests: Vec<Arc<IngestSubscriber>>,
 }
 
 impl EventRuntime {
@@ -315,13 +321,56 @@ impl EventRuntime {
     ) -> Result<(), RuntimeError> {
         let context = self.context(spec.group.clone(), spec.id.clone(), processor, settings)?;
         let consumer = Arc::new(SubscriptionConsumer::new(context, self.grace));
+        self.register_kept(spec, consumer, |registered, consumer| {
+            registered.subscriptions.push(consumer);
+        })
+    }
+
+    /// Hands `subscriber` to the broker under `spec` and notes it; `keep` files
+    /// it among the registrations, for stopping and aborting it.
+    fn register_kept<S: Subscriber>(
+        &self,
+        spec: SubscriberSpec,
+        subscriber: Arc<S>,
+        keep: impl FnOnce(&mut Registered, Arc<S>),
+    ) -> Result<(), RuntimeError> {
         self.registering(|registered| {
             let noted = spec.clone();
             self.broker
-                .register(spec, Arc::clone(&consumer) as Arc<dyn Subscriber>)?;
+                .register(spec, Arc::clone(&subscriber) as Arc<dyn Subscriber>)?;
             self.note_subscriber(&noted);
-            registered.subscriptions.push(consumer);
+            keep(registered, subscriber);
             Ok(())
+        })
+    }
+
+    /// Registers with the broker a subscriber of an ingest's group that reads
+    /// every ingest source the broker gives it from `bus` and appends to
+    /// `store`; bad messages go through `settings`' error policy into the
+    /// runtime's dead letters. A coordinator-only broker refuses.
+    pub fn register_ingest(
+        &self,
+        spec: SubscriberSpec,
+        shape: Shape,
+        bus: Arc<dyn IngestBus>,
+        store: Arc<dyn IngestStore>,
+        settings: ConsumerSettings,
+    ) -> Result<(), RuntimeError> {
+        check_settings(&spec.group, &settings)?;
+        let context = Arc::new(IngestContext {
+            group: spec.group.clone(),
+            owner: spec.id.clone(),
+            shape,
+            store,
+            dead_letters: Arc::clone(&self.stores.dead_letters),
+            bus,
+            settings,
+            board: self.board.clone(),
+            pause: Default::default(),
+        });
+        let subscriber = Arc::new(IngestSubscriber::new(context, self.grace));
+        self.register_kept(spec, subscriber, |registered, subscriber| {
+            registered.ingests.push(subscriber);
         })
     }
 
@@ -333,17 +382,7 @@ impl EventRuntime {
         settings: Option<ConsumerSettings>,
     ) -> Result<Arc<ConsumerContext>, RuntimeError> {
         let settings = settings.unwrap_or_else(|| self.defaults.clone());
-        let problems = settings.validate();
-        if !problems.is_empty() {
-            let problems: Vec<String> = problems
-                .into_iter()
-                .map(|(key, message)| format!("{key}: {message}"))
-                .collect();
-            return Err(RuntimeError::InvalidSettings {
-                group,
-                problems: problems.join("; "),
-            });
-        }
+        check_settings(&group, &settings)?;
         let executor =
             Executor::for_isolation(settings.isolation, &group, || self.shared_executor())?;
         self.executors
@@ -454,6 +493,9 @@ impl EventRuntime {
         for subscription in &registered.subscriptions {
             subscription.stop().await;
         }
+        for ingest in &registered.ingests {
+            ingest.stop().await;
+        }
         futures::future::join_all(running.into_iter().map(|c| c.stop(self.grace))).await;
     }
 
@@ -471,6 +513,9 @@ impl EventRuntime {
         self.broker.abort().await;
         for subscription in &registered.subscriptions {
             subscription.abort().await;
+        }
+        for ingest in &registered.ingests {
+            ingest.abort().await;
         }
         for consumer in running {
             consumer.abort().await;
@@ -538,9 +583,26 @@ impl EventRuntime {
                     key,
                     state: entry.state,
                     cursor: entry.cursor,
+                    position: entry.position,
                     lag: entry.lag,
                 })
                 .collect(),
         }
     }
+}
+
+/// `Ok` if `settings` are valid, else every problem with them, for `group`.
+fn check_settings(group: &str, settings: &ConsumerSettings) -> Result<(), RuntimeError> {
+    let problems = settings.validate();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let problems: Vec<String> = problems
+        .into_iter()
+        .map(|(key, message)| format!("{key}: {message}"))
+        .collect();
+    Err(RuntimeError::InvalidSettings {
+        group: group.to_owned(),
+        problems: problems.join("; "),
+    })
 }

@@ -5,7 +5,8 @@
 //! In weir's own format the body is the stored event as JSON, the same object
 //! `weir read` prints. Headers carry what subscribers filter on without parsing
 //! the body: `Nats-Msg-Id` (the event id, so JetStream drops a republished event
-//! within the stream's duplicate window), `Weir-Event-Name`, `Weir-Category`,
+//! within the stream's duplicate window), `Weir-Event-Id` (the same id, under the
+//! name the Kafka sink uses and ingest reads), `Weir-Event-Name`, `Weir-Category`,
 //! `Weir-Stream`, `Weir-Position`, `Weir-Sequence` and
 //! `Content-Type: application/json`. In the CloudEvents formats (see
 //! [`super::cloudevents`]) those headers stay; binary mode adds `ce-` headers
@@ -49,6 +50,7 @@ use crate::metrics;
 /// as not delivered.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+const EVENT_ID: HeaderName = HeaderName::from_static("Weir-Event-Id");
 const EVENT_NAME: HeaderName = HeaderName::from_static("Weir-Event-Name");
 const CATEGORY: HeaderName = HeaderName::from_static("Weir-Category");
 const STREAM: HeaderName = HeaderName::from_static("Weir-Stream");
@@ -286,10 +288,9 @@ impl NatsSink {
     /// The headers the sink sends with `event`.
     pub fn headers(&self, event: &StoredEvent) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            event.id.hyphenated().to_string(),
-        );
+        let id = event.id.hyphenated().to_string();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert(EVENT_ID, id);
         headers.insert(EVENT_NAME, event.name.as_str());
         headers.insert(CATEGORY, event.category.as_str());
         headers.insert(STREAM, event.stream.as_str());

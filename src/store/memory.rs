@@ -134,6 +134,7 @@ impl State {
                     .copied()
                     .collect(),
             ),
+            Source::Ingest(_) => Cow::Borrowed(&[]),
         }
     }
 
@@ -258,7 +259,7 @@ impl EventStore for MemoryStore {
                 let sequence = state.last_sequence;
                 let index = state.log.len();
                 let event = StoredEvent {
-                    id: crate::ambient::event_id(),
+                    id: event.id.unwrap_or_else(crate::ambient::event_id),
                     name: event.name,
                     category: category.clone(),
                     stream: append.stream.clone(),

@@ -70,7 +70,12 @@ pub struct SourceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub cursor: Option<Cursor>,
-    /// Readable events after the cursor at the last measurement.
+    /// Where an ingest source's consumer has got to on its bus (Kafka offset,
+    /// JetStream stream sequence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Readable events after the cursor at the last measurement (for an ingest
+    /// source, messages on its bus after its position).
     pub lag_events: Option<u64>,
     /// Age of the oldest of them, in seconds.
     pub lag_seconds: Option<f64>,
@@ -196,6 +201,7 @@ impl NodeProbe {
                     state: state.to_owned(),
                     reason,
                     cursor: report.cursor,
+                    position: report.position,
                     lag_events: report.lag.map(|lag| lag.events),
                     lag_seconds: report.lag.map(|lag| lag.seconds),
                     lag_measured_at: report.lag.map(|lag| lag.measured_at),
@@ -305,7 +311,11 @@ fn source_rows(status: &NodeStatus) -> Vec<[String; 7]> {
                     subscriber.id.clone(),
                     source.source.clone(),
                     state,
-                    source.cursor.map_or_else(dash, |c| c.to_string()),
+                    match (source.cursor, source.position) {
+                        (Some(cursor), _) => cursor.to_string(),
+                        (None, Some(position)) => format!("@{position}"),
+                        (None, None) => dash(),
+                    },
                     source.lag_events.map_or_else(dash, |n| n.to_string()),
                     source.lag_seconds.map_or_else(dash, |s| format!("{s:.1}s")),
                 ]);
@@ -364,6 +374,7 @@ mod tests {
                             state: "running".into(),
                             reason: None,
                             cursor: Some(Cursor::new(7, 12)),
+                            position: None,
                             lag_events: Some(4),
                             lag_seconds: Some(1.5),
                             lag_measured_at: None,

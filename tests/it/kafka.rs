@@ -82,7 +82,7 @@ impl BusBackend for KafkaBackend {
 
 /// The test broker's settings, or `None` (after noting the skip, or failing
 /// under `WEIR_REQUIRE_SERVICES=1`) when there is none.
-async fn test_kafka() -> Option<KafkaOptions> {
+pub async fn test_kafka() -> Option<KafkaOptions> {
     init_logging();
     let brokers = kafka_brokers()?;
     let first = brokers.split(',').next().unwrap_or_default().trim();

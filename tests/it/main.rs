@@ -29,6 +29,8 @@ mod e2e_bridge;
 #[cfg(all(feature = "postgres", feature = "nats", feature = "kafka"))]
 mod fault_suite;
 mod house_rules;
+#[cfg(all(feature = "postgres", feature = "nats"))]
+mod ingest;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod lifecycle;

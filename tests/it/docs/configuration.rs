@@ -110,6 +110,8 @@ pub enum KeyContext<'a> {
     Subscription,
     /// Keys of a subscription's `consumer`.
     Consumer,
+    /// Keys of an `[[ingest]]` entry.
+    Ingest,
     /// Keys of a subscription's `sink` of this kind.
     Sink(&'a str),
 }
@@ -142,6 +144,13 @@ pub fn key_is_known(context: KeyContext, key: &str) -> Result<(), String> {
         KeyContext::Top => setting,
         KeyContext::Section(section) => toml::Table::from_iter([(section.into(), setting.into())]),
         KeyContext::Subscription => subscription(setting),
+        KeyContext::Ingest => {
+            let mut entry: toml::Table = "name = \"n\"\nfrom = { kind = \"kafka\", topics = [\"t\"] }\ninto = { category = \"c\", stream = \"{key}\" }"
+                .parse()
+                .unwrap();
+            merge(&mut entry, setting);
+            toml::Table::from_iter([("ingest".into(), toml::Value::Array(vec![entry.into()]))])
+        }
         KeyContext::Consumer => subscription(toml::Table::from_iter([(
             "consumer".into(),
             setting.into(),
@@ -182,6 +191,7 @@ fn key_context(header: &str) -> Option<KeyContext<'static>> {
     let named = header.strip_suffix(" key")?;
     match named {
         "`[[subscriptions]]`" => Some(KeyContext::Subscription),
+        "`[[ingest]]`" => Some(KeyContext::Ingest),
         "`consumer`" => Some(KeyContext::Consumer),
         "NATS `sink`" => Some(KeyContext::Sink("nats")),
         "Kafka `sink`" => Some(KeyContext::Sink("kafka")),
