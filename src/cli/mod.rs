@@ -250,6 +250,7 @@ pub fn open_postgres(config: &Config) -> Result<crate::postgres::PostgresStore, 
         pool_size: config.store.pool_size,
         connect_timeout: config.store.connect_timeout,
         max_event_bytes: config.store.max_event_bytes,
+        tls: crate::config::postgres_tls(&config.store.tls),
     };
     Ok(crate::postgres::PostgresStore::connect(&options)?)
 }

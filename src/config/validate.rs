@@ -107,7 +107,7 @@ fn validate_store(store: &StoreConfig, problems: &mut Problems) {
             "is required when store.kind is \"postgres\", e.g. postgres://user@127.0.0.1:5432/weir".into(),
         ),
         (StoreKind::Postgres, Some(url)) => {
-            if let Err(message) = check_postgres_url(url) {
+            if let Err(message) = check_postgres_url(url, &store.tls) {
                 problems.add("store.url", message);
             }
         }
@@ -505,18 +505,29 @@ fn is_simple_identifier(name: &str) -> bool {
         && name.len() <= 48
 }
 
-/// Parses the URL as the Postgres client will; without the `postgres` feature the
-/// store kind is already reported, so the URL is not checked twice.
-fn check_postgres_url(url: &str) -> Result<(), String> {
+/// Parses the URL and reads `[store.tls]`'s files as the Postgres client will
+/// (`sslmode`, the certificates, the key and its password); without the
+/// `postgres` feature the store kind is already reported, so nothing is checked
+/// twice.
+fn check_postgres_url(url: &str, tls: &super::StoreTls) -> Result<(), String> {
     #[cfg(feature = "postgres")]
     {
-        url.parse::<tokio_postgres::Config>()
-            .map(|_| ())
-            .map_err(|e| format!("is not a valid Postgres connection string: {e}"))
+        crate::postgres::tls::check(url, &postgres_tls(tls))
     }
     #[cfg(not(feature = "postgres"))]
     {
-        let _ = url;
+        let _ = (url, tls);
         Ok(())
+    }
+}
+
+/// `[store.tls]` as the Postgres store takes it.
+#[cfg(feature = "postgres")]
+pub(crate) fn postgres_tls(tls: &super::StoreTls) -> crate::postgres::PostgresTls {
+    crate::postgres::PostgresTls {
+        ca_file: tls.ca_file.clone(),
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        key_password: tls.key_password.clone(),
     }
 }

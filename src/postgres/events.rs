@@ -14,11 +14,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::OnceCell;
-use tokio_postgres::{NoTls, Row};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::announcer;
 use super::listener;
+use super::tls::{self, PostgresTls, Prepared, TlsContext};
 use super::partitions::{PartitionCache, PartitionQuery, Statement};
 use super::xid8::Xid8;
 use crate::event::{
@@ -41,6 +43,8 @@ pub struct PostgresStoreOptions {
     pub connect_timeout: Duration,
     /// The largest event accepted, in bytes (see [`crate::store::event_size`]).
     pub max_event_bytes: usize,
+    /// `[store.tls]`: files for TLS; `sslmode` comes from `url`.
+    pub tls: PostgresTls,
 }
 
 impl PostgresStoreOptions {
@@ -51,7 +55,13 @@ impl PostgresStoreOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
+            tls: PostgresTls::default(),
         }
+    }
+
+    pub fn tls(mut self, tls: PostgresTls) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
@@ -74,6 +84,10 @@ const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub struct PostgresStore {
     pub(super) pool: Pool,
     pub(super) pg_config: tokio_postgres::Config,
+    /// The TLS connector every connection of this store uses, and what explains
+    /// its failures.
+    pub(super) tls: MakeTlsConnector,
+    pub(super) tls_context: TlsContext,
     pub(super) schema: String,
     pub(super) sql: Sql,
     pub(super) notifier: Notifier,
@@ -175,17 +189,19 @@ impl PostgresStore {
     /// Builds the pool. Connections are made on first use; call [`Self::check_schema`]
     /// (or [`Self::migrate`]) to find out at once whether the database is reachable.
     pub fn connect(options: &PostgresStoreOptions) -> Result<Self> {
-        let mut pg_config: tokio_postgres::Config = options
-            .url
-            .parse()
-            .map_err(|e| Error::Backend(format!("invalid [store] url: {e}")))?;
+        let Prepared {
+            config: mut pg_config,
+            connector,
+            context,
+        } = tls::prepare(&options.url, &options.tls)
+            .map_err(|e| Error::Backend(format!("invalid [store] url or [store.tls]: {e}")))?;
         pg_config.connect_timeout(options.connect_timeout);
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("weir");
         }
         let manager = Manager::from_config(
             pg_config.clone(),
-            NoTls,
+            connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -203,6 +219,8 @@ impl PostgresStore {
             announcer: announcer::Announcer::new(pool.clone(), sql.channel.clone()),
             pool,
             pg_config,
+            tls: connector,
+            tls_context: context,
             schema: options.schema.clone(),
             sql,
             notifier: Notifier::default(),
@@ -225,9 +243,14 @@ impl PostgresStore {
     /// One attempt at a pooled connection.
     async fn connection(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => classify(e),
+            deadpool_postgres::PoolError::Backend(e) => self.connect_failed(e),
             other => Error::Unavailable(other.to_string()),
         })
+    }
+
+    /// Why a new connection failed, with TLS failures explained.
+    pub(super) fn connect_failed(&self, error: tokio_postgres::Error) -> Error {
+        connect_failed(error, &self.tls_context)
     }
 
     /// A connection with `sql` prepared on it, retried with backoff: nothing has run yet.
@@ -579,7 +602,11 @@ impl EventStore for PostgresStore {
         self.listener
             .get_or_try_init(|| {
                 listener::Listener::start(
-                    self.pg_config.clone(),
+                    Prepared {
+                        config: self.pg_config.clone(),
+                        connector: self.tls.clone(),
+                        context: self.tls_context.clone(),
+                    },
                     self.sql.channel.clone(),
                     self.notifier.clone(),
                 )
@@ -720,6 +747,15 @@ pub(super) fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
         sequence,
         cursor: Cursor::new(tx.0, sequence),
     })
+}
+
+/// Maps a failed connection attempt onto the store's error kinds: unavailable,
+/// with TLS failures explained (what went wrong, which setting to change).
+pub(super) fn connect_failed(error: tokio_postgres::Error, context: &TlsContext) -> Error {
+    match tls::explain(&error, context) {
+        Some(reason) => Error::Unavailable(reason),
+        None => classify(error),
+    }
 }
 
 /// Maps a driver error onto the store's error kinds.

@@ -6,10 +6,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::events::connect_failed;
+use super::tls::Prepared;
 use super::{classify, quote_identifier};
 use crate::event::Category;
 use crate::store::{AppendNotice, Error, Notifier, Result};
@@ -41,7 +43,7 @@ impl Listener {
     /// LISTENs once before returning, so an error reaches the caller and no append
     /// after this returns goes unannounced; then keeps listening in the background.
     pub(super) async fn start(
-        config: tokio_postgres::Config,
+        config: Prepared,
         channel: String,
         notifier: Notifier,
     ) -> Result<Self> {
@@ -55,8 +57,12 @@ impl Listener {
     }
 }
 
-async fn listen(config: &tokio_postgres::Config, channel: &str) -> Result<Connected> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(classify)?;
+async fn listen(target: &Prepared, channel: &str) -> Result<Connected> {
+    let (client, mut connection) = target
+        .config
+        .connect(target.connector.clone())
+        .await
+        .map_err(|e| connect_failed(e, &target.context))?;
     let mut messages: Messages = Box::pin(futures::stream::poll_fn(move |cx| {
         connection.poll_message(cx)
     }));
@@ -86,7 +92,7 @@ async fn listen(config: &tokio_postgres::Config, channel: &str) -> Result<Connec
 }
 
 async fn run(
-    config: tokio_postgres::Config,
+    config: Prepared,
     channel: String,
     notifier: Notifier,
     mut connected: Connected,

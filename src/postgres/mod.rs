@@ -27,6 +27,7 @@ mod members;
 mod migrations;
 mod partitions;
 mod prune;
+pub mod tls;
 mod xid8;
 
 pub use checkpoints::PostgresCheckpointStore;
@@ -36,4 +37,5 @@ pub(crate) use events::{classify, quote_identifier};
 pub use fleet::PostgresFleetStore;
 pub use leases::PostgresLeaseStore;
 pub use members::PostgresMembershipStore;
+pub use tls::{PostgresTls, SslMode};
 pub use migrations::{CURRENT_VERSION, MigrationReport};
