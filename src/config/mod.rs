@@ -34,7 +34,7 @@ pub use sections::{
     SubscriptionConfig, reachable,
 };
 #[cfg(feature = "postgres")]
-pub(crate) use validate::postgres_tls;
+pub(crate) use validate::{postgres_tls, store_tls_problem};
 
 /// The embedded default: memory store and bus. Used when no config file is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/weir.toml");

@@ -505,8 +505,9 @@ fn is_simple_identifier(name: &str) -> bool {
         && name.len() <= 48
 }
 
-/// Parses the URL and reads `[store.tls]`'s files as the Postgres client will
-/// (`sslmode`, the certificates, the key and its password); without the
+/// Parses the URL as the Postgres client will, and `sslmode` and `[store.tls]`
+/// with it; the files are read when the store opens (they may be a container's
+/// mounted secret, absent where the configuration is checked). Without the
 /// `postgres` feature the store kind is already reported, so nothing is checked
 /// twice.
 fn check_postgres_url(url: &str, tls: &super::StoreTls) -> Result<(), String> {
@@ -518,6 +519,28 @@ fn check_postgres_url(url: &str, tls: &super::StoreTls) -> Result<(), String> {
     {
         let _ = (url, tls);
         Ok(())
+    }
+}
+
+/// A problem with a `[store.tls]` file, found when the store opened: "[store.tls]
+/// key_file /k.pem cannot be read" is about `store.tls.key_file`.
+#[cfg(feature = "postgres")]
+pub(crate) fn store_tls_problem(message: String) -> super::ConfigError {
+    let problem = match message
+        .strip_prefix("[store.tls] ")
+        .and_then(|rest| rest.split_once(' '))
+    {
+        Some((field, rest)) => super::Problem {
+            key: format!("store.tls.{field}"),
+            message: rest.into(),
+        },
+        None => super::Problem {
+            key: "store.tls".into(),
+            message,
+        },
+    };
+    super::ConfigError {
+        problems: vec![problem],
     }
 }
 

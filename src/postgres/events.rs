@@ -12,16 +12,18 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::StreamExt;
+use postgres_openssl::MakeTlsConnector;
 use serde_json::Value;
 use tokio::sync::OnceCell;
-use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::announcer;
+use super::errors::classify;
+use super::health::ConnectHealth;
 use super::listener;
-use super::tls::{self, PostgresTls, Prepared, TlsContext};
 use super::partitions::{PartitionCache, PartitionQuery, Statement};
+use super::tls::{self, PostgresTls, Prepared, TlsContext};
 use super::xid8::Xid8;
 use crate::event::{
     AcceptedHeads, Category, Cursor, EventName, IdempotencyKey, Source, StoredEvent, StreamName,
@@ -88,6 +90,8 @@ pub struct PostgresStore {
     /// its failures.
     pub(super) tls: MakeTlsConnector,
     pub(super) tls_context: TlsContext,
+    /// Whether new connections open, for readiness and for logging once.
+    pub(super) health: ConnectHealth,
     pub(super) schema: String,
     pub(super) sql: Sql,
     pub(super) notifier: Notifier,
@@ -221,6 +225,7 @@ impl PostgresStore {
             pg_config,
             tls: connector,
             tls_context: context,
+            health: ConnectHealth::default(),
             schema: options.schema.clone(),
             sql,
             notifier: Notifier::default(),
@@ -238,19 +243,6 @@ impl PostgresStore {
     /// For tools (migrations, benchmarks).
     pub async fn client(&self) -> Result<Object> {
         retry(|| self.connection()).await
-    }
-
-    /// One attempt at a pooled connection.
-    async fn connection(&self) -> Result<Object> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => self.connect_failed(e),
-            other => Error::Unavailable(other.to_string()),
-        })
-    }
-
-    /// Why a new connection failed, with TLS failures explained.
-    pub(super) fn connect_failed(&self, error: tokio_postgres::Error) -> Error {
-        connect_failed(error, &self.tls_context)
     }
 
     /// A connection with `sql` prepared on it, retried with backoff: nothing has run yet.
@@ -561,6 +553,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn ping(&self) -> Result<()> {
+        self.check_new_connections().await?;
         let client = self.connection().await?;
         let exists: bool = client
             .query_one(
@@ -749,54 +742,6 @@ pub(super) fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
     })
 }
 
-/// Maps a failed connection attempt onto the store's error kinds: unavailable,
-/// with TLS failures explained (what went wrong, which setting to change).
-pub(super) fn connect_failed(error: tokio_postgres::Error, context: &TlsContext) -> Error {
-    match tls::explain(&error, context) {
-        Some(reason) => Error::Unavailable(reason),
-        None => classify(error),
-    }
-}
-
-/// Maps a driver error onto the store's error kinds.
-pub(crate) fn classify(error: tokio_postgres::Error) -> Error {
-    use tokio_postgres::error::SqlState;
-    let Some(db) = error.as_db_error() else {
-        // No server error: the connection failed or was lost.
-        return Error::Unavailable(error.to_string());
-    };
-    let code = db.code();
-    if [
-        SqlState::UNDEFINED_TABLE,
-        SqlState::UNDEFINED_FUNCTION,
-        SqlState::INVALID_SCHEMA_NAME,
-    ]
-    .contains(code)
-    {
-        return Error::Backend(format!(
-            "{}: the schema looks unmigrated, run `weir migrate`",
-            db.message()
-        ));
-    }
-    if [
-        SqlState::ADMIN_SHUTDOWN,
-        SqlState::CRASH_SHUTDOWN,
-        SqlState::CANNOT_CONNECT_NOW,
-        SqlState::TOO_MANY_CONNECTIONS,
-        SqlState::CONNECTION_EXCEPTION,
-        SqlState::CONNECTION_FAILURE,
-    ]
-    .contains(code)
-    {
-        return Error::Unavailable(db.message().to_owned());
-    }
-    let constraint = db
-        .constraint()
-        .map(|c| format!(" (constraint {c})"))
-        .unwrap_or_default();
-    Error::Backend(format!("{}{constraint}", db.message()))
-}
-
 /// Runs `op` until it succeeds, fails with a non-retryable error, or the attempts run out.
 async fn retry<T, F, Fut>(mut op: F) -> Result<T>
 where
@@ -808,7 +753,9 @@ where
     loop {
         match op().await {
             Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
-                tracing::warn!(%error, attempt, "event store unavailable, retrying in {backoff:?}");
+                // At debug: a connection that cannot be opened is logged once
+                // as a warning (health.rs), and the caller gets the last error.
+                tracing::debug!(%error, attempt, "event store unavailable, retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
                 attempt += 1;

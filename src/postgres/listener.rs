@@ -10,7 +10,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::events::connect_failed;
+use super::errors::connect_failed;
 use super::tls::Prepared;
 use super::{classify, quote_identifier};
 use crate::event::Category;

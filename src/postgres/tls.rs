@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use openssl::pkey::PKey;
-use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use openssl::ssl::{SslConnector, SslConnectorBuilder, SslMethod, SslVerifyMode};
 use openssl::x509::X509;
 use openssl::x509::store::X509StoreBuilder;
 use percent_encoding::percent_decode_str;
@@ -200,10 +200,26 @@ pub(crate) fn prepare(url: &str, files: &PostgresTls) -> Result<Prepared, String
     })
 }
 
-/// Checks a connection string and `[store.tls]` as [`prepare`] reads them,
-/// files included, without connecting.
+/// Checks a connection string and `[store.tls]` without reading the files
+/// they name: `sslmode`, the other keys, a certificate without its key, a
+/// setting made twice. The files are read when the store is opened
+/// ([`check_files`]): where a configuration is checked, they may not be
+/// (a container's mounted secret, checked on a laptop).
 pub fn check(url: &str, files: &PostgresTls) -> Result<(), String> {
-    prepare(url, files).map(|_| ())
+    let (rest, found) = take_tls_keys(url)?;
+    rest.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("is not a valid Postgres connection string: {e}"))?;
+    if let Some(value) = &found.sslmode {
+        SslMode::parse(value)?;
+    }
+    merge(files, &found).map(drop)
+}
+
+/// Reads the files as a store that opens with them does, and checks that they
+/// hold what they should (certificates, a key that `key_password` opens and
+/// that belongs to the certificate); errors name the setting.
+pub fn check_files(url: &str, files: &PostgresTls) -> Result<(), String> {
+    prepare(url, files).map(drop)
 }
 
 fn merge(files: &PostgresTls, found: &UrlTls) -> Result<PostgresTls, String> {
@@ -229,7 +245,12 @@ fn merge(files: &PostgresTls, found: &UrlTls) -> Result<PostgresTls, String> {
             "ca_file",
             "sslrootcert",
         )?,
-        cert_file: one(&files.cert_file, path(&found.sslcert), "cert_file", "sslcert")?,
+        cert_file: one(
+            &files.cert_file,
+            path(&found.sslcert),
+            "cert_file",
+            "sslcert",
+        )?,
         key_file: one(&files.key_file, path(&found.sslkey), "key_file", "sslkey")?,
         key_password: one(
             &files.key_password,
@@ -267,62 +288,13 @@ fn connector(
     if verifies_chain {
         builder.set_verify(SslVerifyMode::PEER);
         if let Some(path) = ca_file {
-            // Only these authorities, not the system's as well: what libpq does.
-            let pem = read("[store.tls] ca_file", path)?;
-            let certificates = X509::stack_from_pem(&pem).map_err(|e| {
-                format!(
-                    "[store.tls] ca_file {} holds no PEM certificate: {e}",
-                    path.display()
-                )
-            })?;
-            if certificates.is_empty() {
-                return Err(format!(
-                    "[store.tls] ca_file {} holds no PEM certificate",
-                    path.display()
-                ));
-            }
-            let mut store = X509StoreBuilder::new().map_err(|e| openssl("OpenSSL", e))?;
-            for certificate in certificates {
-                store
-                    .add_cert(certificate)
-                    .map_err(|e| openssl("[store.tls] ca_file", e))?;
-            }
-            builder.set_verify_cert_store(store.build()).map_err(|e| openssl("OpenSSL", e))?;
+            trust_only(&mut builder, path)?;
         }
     } else {
         builder.set_verify(SslVerifyMode::NONE);
     }
     if let (Some(cert), Some(key)) = (cert_file, key_file) {
-        builder.set_certificate_chain_file(cert).map_err(|e| {
-            format!(
-                "[store.tls] cert_file {} is not a readable PEM certificate: {e}",
-                cert.display()
-            )
-        })?;
-        let pem = read("[store.tls] key_file", key)?;
-        // With a passphrase always, even an empty one: without, OpenSSL would ask
-        // for it on the terminal.
-        let private = PKey::private_key_from_pem_passphrase(&pem, key_password.unwrap_or("").as_bytes())
-            .map_err(|e| match key_password {
-                None => format!(
-                    "[store.tls] key_file {} cannot be read ({e}): if it is encrypted, set [store.tls] key_password",
-                    key.display()
-                ),
-                Some(_) => format!(
-                    "[store.tls] key_file {} cannot be read ({e}): check that it is a PEM private key and that [store.tls] key_password is its password",
-                    key.display()
-                ),
-            })?;
-        builder
-            .set_private_key(&private)
-            .map_err(|e| openssl("[store.tls] key_file", e))?;
-        builder.check_private_key().map_err(|e| {
-            format!(
-                "[store.tls] key_file {} is not the key of cert_file {}: {e}",
-                key.display(),
-                cert.display()
-            )
-        })?;
+        client_certificate(&mut builder, cert, key, key_password)?;
     }
     let mut connector = MakeTlsConnector::new(builder.build());
     let verify_host = mode == SslMode::VerifyFull;
@@ -331,6 +303,72 @@ fn connector(
         Ok(())
     });
     Ok(connector)
+}
+
+/// Trusts the authorities of `path` alone, not the system's as well: what libpq does.
+fn trust_only(builder: &mut SslConnectorBuilder, path: &Path) -> Result<(), String> {
+    let openssl = |what: &str, e: openssl::error::ErrorStack| format!("{what}: {e}");
+    let pem = read("[store.tls] ca_file", path)?;
+    let certificates = X509::stack_from_pem(&pem).map_err(|e| {
+        format!(
+            "[store.tls] ca_file {} holds no PEM certificate: {e}",
+            path.display()
+        )
+    })?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "[store.tls] ca_file {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    let mut store = X509StoreBuilder::new().map_err(|e| openssl("OpenSSL", e))?;
+    for certificate in certificates {
+        store
+            .add_cert(certificate)
+            .map_err(|e| openssl("[store.tls] ca_file", e))?;
+    }
+    builder
+        .set_verify_cert_store(store.build())
+        .map_err(|e| openssl("OpenSSL", e))
+}
+
+/// Presents `cert` with its `key`, decrypted with `key_password`.
+fn client_certificate(
+    builder: &mut SslConnectorBuilder,
+    cert: &Path,
+    key: &Path,
+    key_password: Option<&str>,
+) -> Result<(), String> {
+    builder.set_certificate_chain_file(cert).map_err(|e| {
+        format!(
+            "[store.tls] cert_file {} is not a readable PEM certificate: {e}",
+            cert.display()
+        )
+    })?;
+    let pem = read("[store.tls] key_file", key)?;
+    // With a passphrase always, even an empty one: without, OpenSSL would ask
+    // for it on the terminal.
+    let private = PKey::private_key_from_pem_passphrase(&pem, key_password.unwrap_or("").as_bytes())
+        .map_err(|e| match key_password {
+            None => format!(
+                "[store.tls] key_file {} cannot be read ({e}): if it is encrypted, set [store.tls] key_password",
+                key.display()
+            ),
+            Some(_) => format!(
+                "[store.tls] key_file {} cannot be read ({e}): check that it is a PEM private key and that [store.tls] key_password is its password",
+                key.display()
+            ),
+        })?;
+    builder
+        .set_private_key(&private)
+        .map_err(|e| format!("[store.tls] key_file: {e}"))?;
+    builder.check_private_key().map_err(|e| {
+        format!(
+            "[store.tls] key_file {} is not the key of cert_file {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })
 }
 
 fn read(setting: &str, path: &Path) -> Result<Vec<u8>, String> {
@@ -536,7 +574,10 @@ mod tests {
         let (rest, found) = split(
             "postgres://u:p@db.example.com:5432/app?sslmode=verify-full&application_name=x&sslrootcert=%2Fetc%2Fca.pem",
         );
-        assert_eq!(rest, "postgres://u:p@db.example.com:5432/app?application_name=x");
+        assert_eq!(
+            rest,
+            "postgres://u:p@db.example.com:5432/app?application_name=x"
+        );
         assert_eq!(found.sslmode.as_deref(), Some("verify-full"));
         assert_eq!(found.sslrootcert.as_deref(), Some("/etc/ca.pem"));
         let (rest, _) = split("postgresql://h/db?sslmode=require");
@@ -560,14 +601,35 @@ mod tests {
     #[test]
     fn modes_follow_libpq() {
         let none = PostgresTls::default();
-        let mode = |url: &str| prepare(url, &none).map(|p| (p.context.mode, p.context.verifies_chain));
+        let mode =
+            |url: &str| prepare(url, &none).map(|p| (p.context.mode, p.context.verifies_chain));
         assert_eq!(mode("postgres://h/db"), Ok((SslMode::Prefer, false)));
-        assert_eq!(mode("postgres://h/db?sslmode=disable"), Ok((SslMode::Disable, false)));
-        assert_eq!(mode("postgres://h/db?sslmode=require"), Ok((SslMode::Require, false)));
-        assert_eq!(mode("host=h sslmode=verify-ca"), Ok((SslMode::VerifyCa, true)));
-        assert_eq!(mode("postgres://h/db?sslmode=verify-full"), Ok((SslMode::VerifyFull, true)));
-        assert!(mode("postgres://h/db?sslmode=allow").unwrap_err().contains("prefer"));
-        assert!(mode("postgres://h/db?sslmode=strict").unwrap_err().contains("verify-full"));
+        assert_eq!(
+            mode("postgres://h/db?sslmode=disable"),
+            Ok((SslMode::Disable, false))
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=require"),
+            Ok((SslMode::Require, false))
+        );
+        assert_eq!(
+            mode("host=h sslmode=verify-ca"),
+            Ok((SslMode::VerifyCa, true))
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=verify-full"),
+            Ok((SslMode::VerifyFull, true))
+        );
+        assert!(
+            mode("postgres://h/db?sslmode=allow")
+                .unwrap_err()
+                .contains("prefer")
+        );
+        assert!(
+            mode("postgres://h/db?sslmode=strict")
+                .unwrap_err()
+                .contains("verify-full")
+        );
         let prepared = prepare("postgres://h/db?sslmode=verify-full", &none).unwrap();
         assert_eq!(
             prepared.config.get_ssl_mode(),
@@ -589,7 +651,10 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(error.contains("sslrootcert") && error.contains("ca_file"), "{error}");
+        assert!(
+            error.contains("sslrootcert") && error.contains("ca_file"),
+            "{error}"
+        );
         let error = merge(
             &PostgresTls {
                 cert_file: Some("/c.pem".into()),
@@ -610,7 +675,10 @@ mod tests {
         let error = prepare("postgres://h/db?sslmode=verify-full", &files)
             .err()
             .unwrap();
-        assert!(error.contains("[store.tls] ca_file /nonexistent/ca.pem"), "{error}");
+        assert!(
+            error.contains("[store.tls] ca_file /nonexistent/ca.pem"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ mod nats;
 mod observability;
 mod operate;
 mod postgres_store;
+#[cfg(feature = "postgres")]
+mod postgres_tls;
 mod prometheus;
 mod read_ahead;
 mod runtime;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use weir::postgres::{PostgresStore, PostgresStoreOptions};
 
 pub mod bus_suite;
+pub mod certs;
 pub mod fleet;
 pub mod node;
 pub mod nodes;
