@@ -465,6 +465,8 @@ impl Leadership {
         let interval = self.attempt_interval();
         // (epoch, local deadline) while leader.
         let mut held: Option<(u64, Instant)> = None;
+        // The last failure logged as a warning, until the store answers again.
+        let mut last_failure: Option<String> = None;
         loop {
             let started = Instant::now();
             let outcome = match held {
@@ -485,6 +487,9 @@ impl Leadership {
                     outcome = self.renew(epoch) => outcome,
                 },
             };
+            if outcome.is_ok() {
+                last_failure = None;
+            }
             match outcome {
                 // An answer that came after the local deadline cannot be relied on:
                 // the lease may already be someone else's.
@@ -504,7 +509,14 @@ impl Leadership {
                 }
                 Ok(None) => self.demote(&mut held, "another node holds the lease"),
                 Err(error) => {
-                    tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
+                    // Once per run of the same failure; repeats at debug.
+                    let error = error.to_string();
+                    if last_failure.as_ref() == Some(&error) {
+                        tracing::debug!(lease = %self.name, node = %self.node, %error, "lease store failed");
+                    } else {
+                        tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
+                    }
+                    last_failure = Some(error);
                     self.demote(&mut held, "the lease store failed");
                 }
             }

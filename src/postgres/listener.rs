@@ -119,15 +119,31 @@ async fn run(
         }
         tracing::warn!("lost the event store's notification connection, reconnecting");
         let mut backoff = Duration::from_millis(100);
+        let mut failures = 0u32;
         connected = loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             match listen(&config, &channel).await {
-                Ok(connected) => break connected,
+                Ok(connected) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            failures,
+                            "restored the event store's notification connection"
+                        );
+                    }
+                    break connected;
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot restore the notification connection");
+                    // The first failure as a warning; repeats at debug (the
+                    // store's own warning and /readyz say that connections fail).
+                    if failures == 0 {
+                        tracing::warn!(%error, "cannot restore the notification connection; retrying quietly");
+                    } else {
+                        tracing::debug!(%error, "cannot restore the notification connection");
+                    }
+                    failures += 1;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }

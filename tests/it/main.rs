@@ -35,6 +35,8 @@ mod lifecycle;
 mod nats;
 mod observability;
 mod operate;
+#[cfg(feature = "postgres")]
+mod postgres_connections;
 mod postgres_store;
 #[cfg(feature = "postgres")]
 mod postgres_tls;
