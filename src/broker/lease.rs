@@ -460,6 +460,17 @@ impl Leadership {
         }
     }
 
+    /// Logs a failure of the lease store: as a warning the first time in a run of
+    /// the same failure, at debug while it repeats.
+    fn log_failure(&self, last_failure: &mut Option<String>, error: String) {
+        if last_failure.as_ref() == Some(&error) {
+            tracing::debug!(lease = %self.name, node = %self.node, %error, "lease store failed");
+        } else {
+            tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
+        }
+        *last_failure = Some(error);
+    }
+
     /// Runs until `cancel` is cancelled, then releases the lease if it holds it.
     pub async fn run(self, cancel: CancellationToken) {
         let interval = self.attempt_interval();
@@ -509,14 +520,7 @@ impl Leadership {
                 }
                 Ok(None) => self.demote(&mut held, "another node holds the lease"),
                 Err(error) => {
-                    // Once per run of the same failure; repeats at debug.
-                    let error = error.to_string();
-                    if last_failure.as_ref() == Some(&error) {
-                        tracing::debug!(lease = %self.name, node = %self.node, %error, "lease store failed");
-                    } else {
-                        tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
-                    }
-                    last_failure = Some(error);
+                    self.log_failure(&mut last_failure, error.to_string());
                     self.demote(&mut held, "the lease store failed");
                 }
             }

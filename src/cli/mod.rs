@@ -255,6 +255,8 @@ pub fn open_postgres(config: &Config) -> Result<crate::postgres::PostgresStore, 
         connect_timeout: config.store.connect_timeout,
         max_event_bytes: config.store.max_event_bytes,
         tls,
+        read_url: config.store.read_url.clone(),
+        read_max_lag: config.store.read_max_lag,
     };
     Ok(crate::postgres::PostgresStore::connect(&options)?)
 }

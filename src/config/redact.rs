@@ -12,6 +12,7 @@ impl Config {
         let mut printable = self.clone();
         printable.node.id = Some(self.node_id());
         printable.store.url = printable.store.url.as_deref().map(redact_url);
+        printable.store.read_url = printable.store.read_url.as_deref().map(redact_url);
         if printable.store.tls.key_password.is_some() {
             printable.store.tls.key_password = Some("<redacted>".into());
         }
@@ -65,6 +66,8 @@ impl fmt::Debug for StoreConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_event_bytes", &self.max_event_bytes)
+            .field("read_url", &self.read_url.as_deref().map(redact_url))
+            .field("read_max_lag", &self.read_max_lag)
             .field("tls", &self.tls)
             .finish()
     }

@@ -137,6 +137,20 @@ fn validate_store(store: &StoreConfig, problems: &mut Problems) {
     if store.connect_timeout.is_zero() {
         problems.add("store.connect_timeout", "must be longer than 0s".into());
     }
+    if let Some(read_url) = &store.read_url {
+        if store.kind != StoreKind::Postgres {
+            problems.add(
+                "store.read_url",
+                "is set but store.kind is not \"postgres\": remove it, or use the Postgres store"
+                    .into(),
+            );
+        } else if let Err(message) = check_postgres_url(read_url, &store.tls) {
+            problems.add("store.read_url", message);
+        }
+    }
+    if store.read_max_lag.is_zero() {
+        problems.add("store.read_max_lag", "must be longer than 0s".into());
+    }
 }
 
 fn validate_bus(bus: &BusConfig, problems: &mut Problems) {

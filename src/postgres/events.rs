@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Object, Pool};
 use futures::StreamExt;
 use postgres_openssl::MakeTlsConnector;
 use serde_json::Value;
@@ -20,9 +20,10 @@ use uuid::Uuid;
 
 use super::announcer;
 use super::errors::classify;
-use super::health::ConnectHealth;
+use super::health::{ConnectHealth, build_pool, retry};
 use super::listener;
 use super::partitions::{PartitionCache, PartitionQuery, Statement};
+use super::replica::Replica;
 use super::tls::{self, PostgresTls, Prepared, TlsContext};
 use super::xid8::Xid8;
 use crate::event::{
@@ -47,6 +48,10 @@ pub struct PostgresStoreOptions {
     pub max_event_bytes: usize,
     /// `[store.tls]`: files for TLS; `sslmode` comes from `url`.
     pub tls: PostgresTls,
+    /// A hot standby to read events from (`[store] read_url`), and the replay
+    /// lag past which reads go to the primary instead.
+    pub read_url: Option<String>,
+    pub read_max_lag: Duration,
 }
 
 impl PostgresStoreOptions {
@@ -58,6 +63,8 @@ impl PostgresStoreOptions {
             connect_timeout: Duration::from_secs(5),
             max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
             tls: PostgresTls::default(),
+            read_url: None,
+            read_max_lag: Duration::from_secs(5),
         }
     }
 
@@ -77,11 +84,6 @@ impl PostgresStoreOptions {
     }
 }
 
-/// Retries of an operation whose connection failed, with doubling backoff: about
-/// three seconds in all before the error reaches the caller.
-const RETRY_ATTEMPTS: u32 = 6;
-const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
 /// An event store in Postgres.
 pub struct PostgresStore {
     pub(super) pool: Pool,
@@ -92,6 +94,8 @@ pub struct PostgresStore {
     pub(super) tls_context: TlsContext,
     /// Whether new connections open, for readiness and for logging once.
     pub(super) health: ConnectHealth,
+    /// The standby that reads of events go to, if any (`replica.rs`).
+    pub(super) replica: Option<Replica>,
     pub(super) schema: String,
     pub(super) sql: Sql,
     pub(super) notifier: Notifier,
@@ -203,21 +207,22 @@ impl PostgresStore {
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("weir");
         }
-        let manager = Manager::from_config(
-            pg_config.clone(),
-            connector.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.connect_timeout))
-            .build()
-            .map_err(|e| Error::Backend(format!("cannot build the connection pool: {e}")))?;
+        let pool = build_pool(&pg_config, &connector, options)?;
+        let replica = match &options.read_url {
+            None => None,
+            Some(url) => {
+                let prepared = tls::prepare(url, &options.tls).map_err(|e| {
+                    Error::Backend(format!("invalid [store] read_url or [store.tls]: {e}"))
+                })?;
+                let mut config = prepared.config;
+                config.connect_timeout(options.connect_timeout);
+                if config.get_application_name().is_none() {
+                    config.application_name("weir");
+                }
+                let pool = build_pool(&config, &prepared.connector, options)?;
+                Some(Replica::new(pool, prepared.context, options.read_max_lag))
+            }
+        };
         let sql = Sql::new(&options.schema);
         Ok(Self {
             announcer: announcer::Announcer::new(pool.clone(), sql.channel.clone()),
@@ -226,6 +231,7 @@ impl PostgresStore {
             tls: connector,
             tls_context: context,
             health: ConnectHealth::default(),
+            replica,
             schema: options.schema.clone(),
             sql,
             notifier: Notifier::default(),
@@ -302,7 +308,7 @@ impl PostgresStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<StoredEvent>> {
         retry(|| async {
-            let client = self.connection().await?;
+            let client = self.reads_connection().await?;
             let statement = client.prepare_cached(sql).await.map_err(classify)?;
             let rows = client
                 .query_raw(&statement, params.iter().copied())
@@ -383,11 +389,18 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<StoredEvent>> {
-        self.query(sql, params)
-            .await?
-            .first()
-            .map(|row| event_from_row(row, 0))
-            .transpose()
+        let rows = self.query(sql, params).await?;
+        rows.first().map(|row| event_from_row(row, 0)).transpose()
+    }
+
+    /// As `one`, on a connection for reading events (the standby's, if in use).
+    async fn one_reads(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<StoredEvent>> {
+        let rows = self.query_reads(sql, params).await?;
+        rows.first().map(|row| event_from_row(row, 0)).transpose()
     }
 }
 
@@ -486,9 +499,9 @@ impl EventStore for PostgresStore {
 
     async fn head(&self, source: &Source) -> Result<Option<StoredEvent>> {
         match source {
-            Source::Log => self.one(&self.sql.head_log, &[]).await,
+            Source::Log => self.one_reads(&self.sql.head_log, &[]).await,
             Source::Category(category) => {
-                self.one(&self.sql.head_category, &[&category.as_str()])
+                self.one_reads(&self.sql.head_category, &[&category.as_str()])
                     .await
             }
             Source::Stream(category, stream) => self.latest(category, stream).await,
@@ -505,18 +518,18 @@ impl EventStore for PostgresStore {
         let limit = to_i64(limit);
         let rows = match source {
             Source::Log => {
-                self.query(&self.sql.backlog_log, &[&tx, &sequence, &limit])
+                self.query_reads(&self.sql.backlog_log, &[&tx, &sequence, &limit])
                     .await?
             }
             Source::Category(category) => {
-                self.query(
+                self.query_reads(
                     &self.sql.backlog_category,
                     &[&tx, &sequence, &limit, &category.as_str()],
                 )
                 .await?
             }
             Source::Stream(category, stream) => {
-                self.query(
+                self.query_reads(
                     &self.sql.backlog_stream,
                     &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
                 )
@@ -740,27 +753,4 @@ pub(super) fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
         sequence,
         cursor: Cursor::new(tx.0, sequence),
     })
-}
-
-/// Runs `op` until it succeeds, fails with a non-retryable error, or the attempts run out.
-async fn retry<T, F, Fut>(mut op: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut backoff = RETRY_FIRST_BACKOFF;
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
-                // At debug: a connection that cannot be opened is logged once
-                // as a warning (health.rs), and the caller gets the last error.
-                tracing::debug!(%error, attempt, "event store unavailable, retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-                attempt += 1;
-            }
-            outcome => return outcome,
-        }
-    }
 }

@@ -2,12 +2,16 @@
 //! them (too many clients, a TLS or password problem, the server down) reports
 //! it once, as a warning naming the cause, stays not ready (`/readyz` gives the
 //! reason) while it lasts, and says when connections work again, instead of a
-//! warning from every caller's every attempt.
+//! warning from every caller's every attempt. Also the pools' construction and
+//! the retries of a failed connection.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Object, PoolError};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use postgres_openssl::MakeTlsConnector;
 
 use super::PostgresStore;
 use super::errors::connect_failed;
@@ -125,6 +129,57 @@ impl PostgresStore {
             Err(_) => Err(Error::Unavailable(
                 self.health.failing().unwrap_or_default(),
             )),
+        }
+    }
+}
+
+/// Retries of an operation whose connection failed, with doubling backoff: about
+/// three seconds in all before the error reaches the caller.
+const RETRY_ATTEMPTS: u32 = 6;
+const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A pool of connections to the server of `config`, as `options` say.
+pub(super) fn build_pool(
+    config: &tokio_postgres::Config,
+    connector: &MakeTlsConnector,
+    options: &super::PostgresStoreOptions,
+) -> Result<Pool> {
+    let manager = Manager::from_config(
+        config.clone(),
+        connector.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(options.pool_size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(options.connect_timeout))
+        .create_timeout(Some(options.connect_timeout))
+        .recycle_timeout(Some(options.connect_timeout))
+        .build()
+        .map_err(|e| Error::Backend(format!("cannot build the connection pool: {e}")))
+}
+
+/// Runs `op` until it succeeds, fails with a non-retryable error, or the attempts run out.
+pub(super) async fn retry<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = RETRY_FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
+                // At debug: a connection that cannot be opened is logged once
+                // as a warning (health.rs), and the caller gets the last error.
+                tracing::debug!(%error, attempt, "event store unavailable, retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+            outcome => return outcome,
         }
     }
 }

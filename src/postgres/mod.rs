@@ -31,6 +31,7 @@ mod members;
 mod migrations;
 mod partitions;
 mod prune;
+mod replica;
 pub mod tls;
 mod xid8;
 

@@ -37,6 +37,8 @@ mod observability;
 mod operate;
 #[cfg(feature = "postgres")]
 mod postgres_connections;
+#[cfg(feature = "postgres")]
+mod postgres_standby;
 mod postgres_store;
 #[cfg(feature = "postgres")]
 mod postgres_tls;

@@ -427,7 +427,6 @@ impl PrivatePostgres {
     /// A streaming hot standby of `primary` (which must be running), made with
     /// `pg_basebackup -R` and started on a port of its own; `setup` adds to it
     /// as to a primary (its `hba`, if any, replaces the copied one).
-    #[allow(dead_code)] // for tests of reads from a standby and of failover
     pub fn start_standby(primary: &PrivatePostgres, setup: PostgresSetup) -> Result<Self, String> {
         let standby = Self::empty(primary.bin.clone())?;
         let data = standby.data();
