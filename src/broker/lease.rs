@@ -460,9 +460,13 @@ impl Leadership {
         }
     }
 
-    /// Logs a failure of the lease store: as a warning the first time in a run of
-    /// the same failure, at debug while it repeats.
-    fn log_failure(&self, last_failure: &mut Option<String>, error: String) {
+    /// Logs a failure of the lease store (`None`: it answered): as a warning the
+    /// first time in a run of the same failure, at debug while it repeats.
+    fn log_failure(&self, last_failure: &mut Option<String>, error: Option<String>) {
+        let Some(error) = error else {
+            *last_failure = None;
+            return;
+        };
         if last_failure.as_ref() == Some(&error) {
             tracing::debug!(lease = %self.name, node = %self.node, %error, "lease store failed");
         } else {
@@ -498,9 +502,10 @@ impl Leadership {
                     outcome = self.renew(epoch) => outcome,
                 },
             };
-            if outcome.is_ok() {
-                last_failure = None;
-            }
+            self.log_failure(
+                &mut last_failure,
+                outcome.as_ref().err().map(|e| e.to_string()),
+            );
             match outcome {
                 // An answer that came after the local deadline cannot be relied on:
                 // the lease may already be someone else's.
@@ -519,10 +524,7 @@ impl Leadership {
                     self.set(LeaderState::Leader { epoch: lease.epoch });
                 }
                 Ok(None) => self.demote(&mut held, "another node holds the lease"),
-                Err(error) => {
-                    self.log_failure(&mut last_failure, error.to_string());
-                    self.demote(&mut held, "the lease store failed");
-                }
+                Err(_) => self.demote(&mut held, "the lease store failed"),
             }
             let next = started + interval;
             // While leader the deadline (start + ttl) is always after the next

@@ -247,7 +247,9 @@ pub fn open_postgres(config: &Config) -> Result<crate::postgres::PostgresStore, 
     let tls = crate::config::postgres_tls(&config.store.tls);
     // The files named by [store.tls] (or the URL) are read now, where they must
     // be; a problem with one is a configuration error naming it.
-    crate::postgres::tls::check_files(&url, &tls).map_err(crate::config::store_tls_problem)?;
+    for url in std::iter::once(&url).chain(&config.store.read_url) {
+        crate::postgres::tls::check_files(url, &tls).map_err(crate::config::store_tls_problem)?;
+    }
     let options = crate::postgres::PostgresStoreOptions {
         url,
         schema: config.store.schema.clone(),
