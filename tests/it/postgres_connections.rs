@@ -50,13 +50,7 @@ impl Held {
                 }
             }
         });
-        (
-            Self {
-                clients: clients,
-                runtime,
-            },
-            refusal,
-        )
+        (Self { clients, runtime }, refusal)
     }
 }
 

@@ -192,7 +192,7 @@ fn append(runtime: &tokio::runtime::Runtime, store: &Arc<PostgresStore>, n: u64)
             .append_batch(
                 &Category::new("orders").unwrap(),
                 vec![StreamAppend::new(
-                    StreamName::new(&format!("order-{}", n % 5)).unwrap(),
+                    StreamName::new(format!("order-{}", n % 5)).unwrap(),
                     WriteCondition::Any,
                     vec![NewEvent::new(
                         EventName::new("Placed").unwrap(),
