@@ -147,6 +147,23 @@ async fn a_standby_snapshot_holds_back_readers_below_the_primarys_open_transacti
         later.parse::<u64>().unwrap() > open,
         "xmin {later} <= {open}"
     );
+
+    // Promoted (as a failover would), it takes writes and keeps what it replayed.
+    standby.promote().expect("promote the standby");
+    let s = client(&standby).await;
+    let in_recovery: bool = s
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery);
+    s.execute("INSERT INTO t VALUES (7)", &[]).await.unwrap();
+    let rows: i64 = s
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 8);
 }
 
 /// A store appending to `primary` and reading events from `standby`.

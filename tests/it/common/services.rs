@@ -641,6 +641,23 @@ impl PrivatePostgres {
         self.pg_ctl_stop("fast")
     }
 
+    /// Promotes a standby to a primary (`pg_ctl promote -w`), as a failover does.
+    pub fn promote(&self) -> Result<(), String> {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().expect("a UTF-8 temporary path"),
+                "-w",
+                "-t",
+                "60",
+                "promote",
+            ],
+        )
+        .map(drop)
+    }
+
     /// Starts the stopped server again, on the same port and data.
     pub fn start_again(&self) -> Result<(), String> {
         self.start_server()
