@@ -87,6 +87,9 @@ pub const DECISIONS_LACKED: &str = "weir_observer_decision_lacked_total";
 /// How long the oldest transaction still in progress holds log and category
 /// readers back (0 on the memory store).
 pub const STORE_VISIBILITY_HORIZON: &str = "weir_store_visibility_horizon_seconds";
+/// The replay lag of the standby that reads of events go to (`[store]
+/// read_url`), as last measured; 0 without one.
+pub const STORE_REPLICA_LAG: &str = "weir_store_replica_lag_seconds";
 /// Lifecycle events (`$weir`) dropped unrecorded: the queue was full while the
 /// store was slow or down, or the store refused them.
 pub const LIFECYCLE_DROPPED: &str = "weir_lifecycle_dropped_total";
@@ -334,6 +337,12 @@ pub const CATALOG: &[MetricInfo] = &[
         &[],
         "How long the oldest transaction in progress holds log and category readers back",
     ),
+    seconds(
+        STORE_REPLICA_LAG,
+        Gauge,
+        &[],
+        "Replay lag of the standby that reads of events go to (store.read_url), as last measured",
+    ),
     metric(
         LIFECYCLE_DROPPED,
         Counter,
@@ -394,6 +403,11 @@ pub fn bus_invalid_message() {
 }
 
 /// Counts one time this node lacked a group's newest decision for too long.
+/// Records the standby's replay lag, as just measured.
+pub fn store_replica_lag(lag: std::time::Duration) {
+    ::metrics::gauge!(STORE_REPLICA_LAG).set(lag.as_secs_f64());
+}
+
 pub fn decision_lacked(group: &str) {
     ::metrics::counter!(DECISIONS_LACKED, "group" => group.to_owned()).increment(1);
 }
@@ -461,6 +475,7 @@ pub fn register_node(node: &NodeMetrics) {
     counter!(BUS_INVALID_MESSAGES).increment(0);
     counter!(LIFECYCLE_DROPPED).increment(0);
     gauge!(STORE_VISIBILITY_HORIZON).set(0.0);
+    gauge!(STORE_REPLICA_LAG).set(0.0);
     for sink in &node.sinks {
         counter!(SINK_PUBLISHED, "sink" => *sink).increment(0);
         // Registering is what exports it: an empty histogram renders its buckets.

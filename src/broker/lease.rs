@@ -460,11 +460,28 @@ impl Leadership {
         }
     }
 
+    /// Logs a failure of the lease store (`None`: it answered): as a warning the
+    /// first time in a run of the same failure, at debug while it repeats.
+    fn log_failure(&self, last_failure: &mut Option<String>, error: Option<String>) {
+        let Some(error) = error else {
+            *last_failure = None;
+            return;
+        };
+        if last_failure.as_ref() == Some(&error) {
+            tracing::debug!(lease = %self.name, node = %self.node, %error, "lease store failed");
+        } else {
+            tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
+        }
+        *last_failure = Some(error);
+    }
+
     /// Runs until `cancel` is cancelled, then releases the lease if it holds it.
     pub async fn run(self, cancel: CancellationToken) {
         let interval = self.attempt_interval();
         // (epoch, local deadline) while leader.
         let mut held: Option<(u64, Instant)> = None;
+        // The last failure logged as a warning, until the store answers again.
+        let mut last_failure: Option<String> = None;
         loop {
             let started = Instant::now();
             let outcome = match held {
@@ -485,6 +502,10 @@ impl Leadership {
                     outcome = self.renew(epoch) => outcome,
                 },
             };
+            self.log_failure(
+                &mut last_failure,
+                outcome.as_ref().err().map(|e| e.to_string()),
+            );
             match outcome {
                 // An answer that came after the local deadline cannot be relied on:
                 // the lease may already be someone else's.
@@ -503,10 +524,7 @@ impl Leadership {
                     self.set(LeaderState::Leader { epoch: lease.epoch });
                 }
                 Ok(None) => self.demote(&mut held, "another node holds the lease"),
-                Err(error) => {
-                    tracing::warn!(lease = %self.name, node = %self.node, %error, "lease store failed");
-                    self.demote(&mut held, "the lease store failed");
-                }
+                Err(_) => self.demote(&mut held, "the lease store failed"),
             }
             let next = started + interval;
             // While leader the deadline (start + ttl) is always after the next

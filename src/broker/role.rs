@@ -205,9 +205,17 @@ impl Reporter {
     }
 
     /// Logs `reason` and reports the half errored until it next sets a status.
+    /// The same reason again, while it stands, is logged at debug only: a store
+    /// that stays down is one warning, not one per heartbeat.
     pub(crate) fn error(&self, reason: String) {
-        tracing::warn!(node = %self.node, "{reason}");
-        self.set(BrokerStatus::Errored(reason));
+        let mut state = self.state();
+        if matches!(&state.set, BrokerStatus::Errored(standing) if *standing == reason) {
+            tracing::debug!(node = %self.node, "{reason}");
+        } else {
+            tracing::warn!(node = %self.node, "{reason}");
+        }
+        state.set = BrokerStatus::Errored(reason);
+        self.publish(&state);
     }
 
     /// Runs `attempt` until it succeeds, reporting each failure as `what: error`

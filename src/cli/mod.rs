@@ -254,12 +254,21 @@ pub fn open_postgres(config: &Config) -> Result<crate::postgres::PostgresStore, 
     let url = config.store.url.clone().ok_or_else(|| {
         CliError::Usage("store.url is required when store.kind is \"postgres\"".into())
     })?;
+    let tls = crate::config::postgres_tls(&config.store.tls);
+    // The files named by [store.tls] (or the URL) are read now, where they must
+    // be; a problem with one is a configuration error naming it.
+    for url in std::iter::once(&url).chain(&config.store.read_url) {
+        crate::postgres::tls::check_files(url, &tls).map_err(crate::config::store_tls_problem)?;
+    }
     let options = crate::postgres::PostgresStoreOptions {
         url,
         schema: config.store.schema.clone(),
         pool_size: config.store.pool_size,
         connect_timeout: config.store.connect_timeout,
         max_event_bytes: config.store.max_event_bytes,
+        tls,
+        read_url: config.store.read_url.clone(),
+        read_max_lag: config.store.read_max_lag,
     };
     Ok(crate::postgres::PostgresStore::connect(&options)?)
 }

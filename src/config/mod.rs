@@ -31,9 +31,11 @@ pub use crate::sink::SinkConfig;
 pub use crate::telemetry::logging::LogFormat;
 pub use redact::redact_url;
 pub use sections::{
-    DemoConfig, HttpConfig, LogConfig, NodeConfig, StoreConfig, StoreKind, SubscriptionConfig,
-    reachable,
+    DemoConfig, HttpConfig, LogConfig, NodeConfig, StoreConfig, StoreKind, StoreTls,
+    SubscriptionConfig, reachable,
 };
+#[cfg(feature = "postgres")]
+pub(crate) use validate::{postgres_tls, store_tls_problem};
 
 /// The embedded default: memory store and bus. Used when no config file is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/weir.toml");

@@ -12,6 +12,10 @@ impl Config {
         let mut printable = self.clone();
         printable.node.id = Some(self.node_id());
         printable.store.url = printable.store.url.as_deref().map(redact_url);
+        printable.store.read_url = printable.store.read_url.as_deref().map(redact_url);
+        if printable.store.tls.key_password.is_some() {
+            printable.store.tls.key_password = Some("<redacted>".into());
+        }
         let nats = &mut printable.nats;
         nats.url = crate::connect::nats::redacted_url(&nats.url);
         for secret in [&mut nats.password, &mut nats.token, &mut nats.nkey_seed] {
@@ -63,14 +67,38 @@ impl fmt::Debug for StoreConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_event_bytes", &self.max_event_bytes)
+            .field("read_url", &self.read_url.as_deref().map(redact_url))
+            .field("read_max_lag", &self.read_max_lag)
+            .field("tls", &self.tls)
             .finish()
     }
+}
+
+// Written by hand so that a logged `StoreTls` never shows the key's password.
+impl fmt::Debug for super::StoreTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreTls")
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field(
+                "key_password",
+                &self.key_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Whether a connection-string key holds a secret: libpq's `password`, and
+/// `sslpassword`, the password of the client key.
+fn is_secret_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword")
 }
 
 /// Hides the password in a Postgres connection string, for anything that prints
 /// configuration: the user-info password and `password=` query parameters of a URL
 /// (multi-host URLs too), and the `password` value of the libpq `key=value` form
-/// (spaces around `=` and quoted values included).
+/// (spaces around `=` and quoted values included); `sslpassword` likewise.
 pub fn redact_url(url: &str) -> String {
     if url.contains("://") {
         redact_uri(url)
@@ -115,7 +143,7 @@ fn redact_uri(url: &str) -> String {
     let params: Vec<String> = query
         .split('&')
         .map(|param| match param.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
             _ => param.to_owned(),
         })
         .collect();
@@ -163,7 +191,7 @@ fn redact_key_values(text: &str) -> String {
                 value.push(c);
             }
         }
-        if key.eq_ignore_ascii_case("password") {
+        if is_secret_key(&key) {
             value = "***".into();
         }
         pairs.push(format!("{key}={value}"));

@@ -76,10 +76,50 @@ pub struct StoreConfig {
     /// as JSON; larger ones are refused with nothing written.
     #[serde(default = "default_max_event_bytes")]
     pub max_event_bytes: usize,
+    /// A hot standby that reads of events go to (optional); the same `[store.tls]`
+    /// applies to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_url: Option<String>,
+    /// The standby's replay lag past which reads go to the primary.
+    #[serde(default = "default_read_max_lag", with = "humantime_serde")]
+    pub read_max_lag: Duration,
+    /// `[store.tls]`: certificate files for TLS towards Postgres; `sslmode` is
+    /// read from `url`.
+    #[serde(default, skip_serializing_if = "StoreTls::is_empty")]
+    pub tls: StoreTls,
+}
+
+/// `[store.tls]` (its `Debug` hides the key's password: see `redact.rs`)
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTls {
+    /// PEM file of the certificate authorities that sign the server's certificate
+    /// (libpq's `sslrootcert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for servers that verify clients (`sslcert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file` (`sslkey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// The password of an encrypted `key_file` (`sslpassword`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_password: Option<String>,
+}
+
+impl StoreTls {
+    fn is_empty(&self) -> bool {
+        self == &StoreTls::default()
+    }
 }
 
 fn default_max_event_bytes() -> usize {
     crate::store::DEFAULT_MAX_EVENT_BYTES
+}
+
+fn default_read_max_lag() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_schema() -> String {
@@ -101,6 +141,9 @@ impl Default for StoreConfig {
             pool_size: default_pool_size(),
             connect_timeout: default_connect_timeout(),
             max_event_bytes: default_max_event_bytes(),
+            read_url: None,
+            read_max_lag: default_read_max_lag(),
+            tls: StoreTls::default(),
         }
     }
 }

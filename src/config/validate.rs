@@ -108,7 +108,7 @@ fn validate_store(store: &StoreConfig, problems: &mut Problems) {
             "is required when store.kind is \"postgres\", e.g. postgres://user@127.0.0.1:5432/weir".into(),
         ),
         (StoreKind::Postgres, Some(url)) => {
-            if let Err(message) = check_postgres_url(url) {
+            if let Err(message) = check_postgres_url(url, &store.tls) {
                 problems.add("store.url", message);
             }
         }
@@ -137,6 +137,20 @@ fn validate_store(store: &StoreConfig, problems: &mut Problems) {
     }
     if store.connect_timeout.is_zero() {
         problems.add("store.connect_timeout", "must be longer than 0s".into());
+    }
+    if let Some(read_url) = &store.read_url {
+        if store.kind != StoreKind::Postgres {
+            problems.add(
+                "store.read_url",
+                "is set but store.kind is not \"postgres\": remove it, or use the Postgres store"
+                    .into(),
+            );
+        } else if let Err(message) = check_postgres_url(read_url, &store.tls) {
+            problems.add("store.read_url", message);
+        }
+    }
+    if store.read_max_lag.is_zero() {
+        problems.add("store.read_max_lag", "must be longer than 0s".into());
     }
 }
 
@@ -702,18 +716,52 @@ fn is_simple_identifier(name: &str) -> bool {
         && name.len() <= 48
 }
 
-/// Parses the URL as the Postgres client will; without the `postgres` feature the
-/// store kind is already reported, so the URL is not checked twice.
-fn check_postgres_url(url: &str) -> Result<(), String> {
+/// Parses the URL as the Postgres client will, and `sslmode` and `[store.tls]`
+/// with it; the files are read when the store opens (they may be a container's
+/// mounted secret, absent where the configuration is checked). Without the
+/// `postgres` feature the store kind is already reported, so nothing is checked
+/// twice.
+fn check_postgres_url(url: &str, tls: &super::StoreTls) -> Result<(), String> {
     #[cfg(feature = "postgres")]
     {
-        url.parse::<tokio_postgres::Config>()
-            .map(|_| ())
-            .map_err(|e| format!("is not a valid Postgres connection string: {e}"))
+        crate::postgres::tls::check(url, &postgres_tls(tls))
     }
     #[cfg(not(feature = "postgres"))]
     {
-        let _ = url;
+        let _ = (url, tls);
         Ok(())
+    }
+}
+
+/// A problem with a `[store.tls]` file, found when the store opened: "[store.tls]
+/// key_file /k.pem cannot be read" is about `store.tls.key_file`.
+#[cfg(feature = "postgres")]
+pub(crate) fn store_tls_problem(message: String) -> super::ConfigError {
+    let problem = match message
+        .strip_prefix("[store.tls] ")
+        .and_then(|rest| rest.split_once(' '))
+    {
+        Some((field, rest)) => super::Problem {
+            key: format!("store.tls.{field}"),
+            message: rest.into(),
+        },
+        None => super::Problem {
+            key: "store.tls".into(),
+            message,
+        },
+    };
+    super::ConfigError {
+        problems: vec![problem],
+    }
+}
+
+/// `[store.tls]` as the Postgres store takes it.
+#[cfg(feature = "postgres")]
+pub(crate) fn postgres_tls(tls: &super::StoreTls) -> crate::postgres::PostgresTls {
+    crate::postgres::PostgresTls {
+        ca_file: tls.ca_file.clone(),
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        key_password: tls.key_password.clone(),
     }
 }

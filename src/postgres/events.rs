@@ -10,16 +10,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Object, Pool};
 use futures::StreamExt;
+use postgres_openssl::MakeTlsConnector;
 use serde_json::Value;
 use tokio::sync::OnceCell;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::announcer;
+use super::errors::classify;
+use super::health::{ConnectHealth, build_pool, retry};
 use super::listener;
 use super::partitions::{PartitionCache, PartitionQuery, Statement};
+use super::replica::Replica;
+use super::tls::{self, PostgresTls, Prepared, TlsContext};
 use super::xid8::Xid8;
 use crate::event::{
     AcceptedHeads, Category, Cursor, EventName, IdempotencyKey, Source, StoredEvent, StreamName,
@@ -41,6 +46,12 @@ pub struct PostgresStoreOptions {
     pub connect_timeout: Duration,
     /// The largest event accepted, in bytes (see [`crate::store::event_size`]).
     pub max_event_bytes: usize,
+    /// `[store.tls]`: files for TLS; `sslmode` comes from `url`.
+    pub tls: PostgresTls,
+    /// A hot standby to read events from (`[store] read_url`), and the replay
+    /// lag past which reads go to the primary instead.
+    pub read_url: Option<String>,
+    pub read_max_lag: Duration,
 }
 
 impl PostgresStoreOptions {
@@ -51,7 +62,15 @@ impl PostgresStoreOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
+            tls: PostgresTls::default(),
+            read_url: None,
+            read_max_lag: Duration::from_secs(5),
         }
+    }
+
+    pub fn tls(mut self, tls: PostgresTls) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
@@ -65,15 +84,18 @@ impl PostgresStoreOptions {
     }
 }
 
-/// Retries of an operation whose connection failed, with doubling backoff: about
-/// three seconds in all before the error reaches the caller.
-const RETRY_ATTEMPTS: u32 = 6;
-const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
 /// An event store in Postgres.
 pub struct PostgresStore {
     pub(super) pool: Pool,
     pub(super) pg_config: tokio_postgres::Config,
+    /// The TLS connector every connection of this store uses, and what explains
+    /// its failures.
+    pub(super) tls: MakeTlsConnector,
+    pub(super) tls_context: TlsContext,
+    /// Whether new connections open, for readiness and for logging once.
+    pub(super) health: ConnectHealth,
+    /// The standby that reads of events go to, if any (`replica.rs`).
+    pub(super) replica: Option<Replica>,
     pub(super) schema: String,
     pub(super) sql: Sql,
     pub(super) notifier: Notifier,
@@ -175,34 +197,41 @@ impl PostgresStore {
     /// Builds the pool. Connections are made on first use; call [`Self::check_schema`]
     /// (or [`Self::migrate`]) to find out at once whether the database is reachable.
     pub fn connect(options: &PostgresStoreOptions) -> Result<Self> {
-        let mut pg_config: tokio_postgres::Config = options
-            .url
-            .parse()
-            .map_err(|e| Error::Backend(format!("invalid [store] url: {e}")))?;
+        let Prepared {
+            config: mut pg_config,
+            connector,
+            context,
+        } = tls::prepare(&options.url, &options.tls)
+            .map_err(|e| Error::Backend(format!("invalid [store] url or [store.tls]: {e}")))?;
         pg_config.connect_timeout(options.connect_timeout);
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("weir");
         }
-        let manager = Manager::from_config(
-            pg_config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.connect_timeout))
-            .build()
-            .map_err(|e| Error::Backend(format!("cannot build the connection pool: {e}")))?;
+        let pool = build_pool(&pg_config, &connector, options)?;
+        let replica = match &options.read_url {
+            None => None,
+            Some(url) => {
+                let prepared = tls::prepare(url, &options.tls).map_err(|e| {
+                    Error::Backend(format!("invalid [store] read_url or [store.tls]: {e}"))
+                })?;
+                let mut config = prepared.config;
+                config.connect_timeout(options.connect_timeout);
+                if config.get_application_name().is_none() {
+                    config.application_name("weir");
+                }
+                let pool = build_pool(&config, &prepared.connector, options)?;
+                Some(Replica::new(pool, prepared.context, options.read_max_lag))
+            }
+        };
         let sql = Sql::new(&options.schema);
         Ok(Self {
             announcer: announcer::Announcer::new(pool.clone(), sql.channel.clone()),
             pool,
             pg_config,
+            tls: connector,
+            tls_context: context,
+            health: ConnectHealth::default(),
+            replica,
             schema: options.schema.clone(),
             sql,
             notifier: Notifier::default(),
@@ -220,14 +249,6 @@ impl PostgresStore {
     /// For tools (migrations, benchmarks).
     pub async fn client(&self) -> Result<Object> {
         retry(|| self.connection()).await
-    }
-
-    /// One attempt at a pooled connection.
-    async fn connection(&self) -> Result<Object> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => classify(e),
-            other => Error::Unavailable(other.to_string()),
-        })
     }
 
     /// A connection with `sql` prepared on it, retried with backoff: nothing has run yet.
@@ -287,7 +308,7 @@ impl PostgresStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<StoredEvent>> {
         retry(|| async {
-            let client = self.connection().await?;
+            let client = self.reads_connection().await?;
             let statement = client.prepare_cached(sql).await.map_err(classify)?;
             let rows = client
                 .query_raw(&statement, params.iter().copied())
@@ -321,11 +342,18 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<StoredEvent>> {
-        self.query(sql, params)
-            .await?
-            .first()
-            .map(|row| event_from_row(row, 0))
-            .transpose()
+        let rows = self.query(sql, params).await?;
+        rows.first().map(|row| event_from_row(row, 0)).transpose()
+    }
+
+    /// As `one`, on a connection for reading events (the standby's, if in use).
+    async fn one_reads(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<StoredEvent>> {
+        let rows = self.query_reads(sql, params).await?;
+        rows.first().map(|row| event_from_row(row, 0)).transpose()
     }
 }
 
@@ -484,9 +512,9 @@ impl EventStore for PostgresStore {
 
     async fn head(&self, source: &Source) -> Result<Option<StoredEvent>> {
         match source {
-            Source::Log => self.one(&self.sql.head_log, &[]).await,
+            Source::Log => self.one_reads(&self.sql.head_log, &[]).await,
             Source::Category(category) => {
-                self.one(&self.sql.head_category, &[&category.as_str()])
+                self.one_reads(&self.sql.head_category, &[&category.as_str()])
                     .await
             }
             Source::Stream(category, stream) => self.latest(category, stream).await,
@@ -504,18 +532,18 @@ impl EventStore for PostgresStore {
         let limit = to_i64(limit);
         let rows = match source {
             Source::Log => {
-                self.query(&self.sql.backlog_log, &[&tx, &sequence, &limit])
+                self.query_reads(&self.sql.backlog_log, &[&tx, &sequence, &limit])
                     .await?
             }
             Source::Category(category) => {
-                self.query(
+                self.query_reads(
                     &self.sql.backlog_category,
                     &[&tx, &sequence, &limit, &category.as_str()],
                 )
                 .await?
             }
             Source::Stream(category, stream) => {
-                self.query(
+                self.query_reads(
                     &self.sql.backlog_stream,
                     &[&tx, &sequence, &limit, &category.as_str(), &stream.as_str()],
                 )
@@ -553,6 +581,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn ping(&self) -> Result<()> {
+        self.check_new_connections().await?;
         let client = self.connection().await?;
         let exists: bool = client
             .query_one(
@@ -599,7 +628,11 @@ impl EventStore for PostgresStore {
         self.listener
             .get_or_try_init(|| {
                 listener::Listener::start(
-                    self.pg_config.clone(),
+                    Prepared {
+                        config: self.pg_config.clone(),
+                        connector: self.tls.clone(),
+                        context: self.tls_context.clone(),
+                    },
                     self.sql.channel.clone(),
                     self.notifier.clone(),
                 )
@@ -740,64 +773,4 @@ pub(super) fn event_from_row(row: &Row, first: usize) -> Result<StoredEvent> {
         sequence,
         cursor: Cursor::new(tx.0, sequence),
     })
-}
-
-/// Maps a driver error onto the store's error kinds.
-pub(crate) fn classify(error: tokio_postgres::Error) -> Error {
-    use tokio_postgres::error::SqlState;
-    let Some(db) = error.as_db_error() else {
-        // No server error: the connection failed or was lost.
-        return Error::Unavailable(error.to_string());
-    };
-    let code = db.code();
-    if [
-        SqlState::UNDEFINED_TABLE,
-        SqlState::UNDEFINED_FUNCTION,
-        SqlState::INVALID_SCHEMA_NAME,
-    ]
-    .contains(code)
-    {
-        return Error::Backend(format!(
-            "{}: the schema looks unmigrated, run `weir migrate`",
-            db.message()
-        ));
-    }
-    if [
-        SqlState::ADMIN_SHUTDOWN,
-        SqlState::CRASH_SHUTDOWN,
-        SqlState::CANNOT_CONNECT_NOW,
-        SqlState::TOO_MANY_CONNECTIONS,
-        SqlState::CONNECTION_EXCEPTION,
-        SqlState::CONNECTION_FAILURE,
-    ]
-    .contains(code)
-    {
-        return Error::Unavailable(db.message().to_owned());
-    }
-    let constraint = db
-        .constraint()
-        .map(|c| format!(" (constraint {c})"))
-        .unwrap_or_default();
-    Error::Backend(format!("{}{constraint}", db.message()))
-}
-
-/// Runs `op` until it succeeds, fails with a non-retryable error, or the attempts run out.
-async fn retry<T, F, Fut>(mut op: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut backoff = RETRY_FIRST_BACKOFF;
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
-                tracing::warn!(%error, attempt, "event store unavailable, retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-                attempt += 1;
-            }
-            outcome => return outcome,
-        }
-    }
 }

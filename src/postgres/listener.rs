@@ -6,10 +6,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::errors::connect_failed;
+use super::tls::Prepared;
 use super::{classify, quote_identifier};
 use crate::event::Category;
 use crate::store::{AppendNotice, Error, Notifier, Result};
@@ -41,7 +43,7 @@ impl Listener {
     /// LISTENs once before returning, so an error reaches the caller and no append
     /// after this returns goes unannounced; then keeps listening in the background.
     pub(super) async fn start(
-        config: tokio_postgres::Config,
+        config: Prepared,
         channel: String,
         notifier: Notifier,
     ) -> Result<Self> {
@@ -55,8 +57,12 @@ impl Listener {
     }
 }
 
-async fn listen(config: &tokio_postgres::Config, channel: &str) -> Result<Connected> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(classify)?;
+async fn listen(target: &Prepared, channel: &str) -> Result<Connected> {
+    let (client, mut connection) = target
+        .config
+        .connect(target.connector.clone())
+        .await
+        .map_err(|e| connect_failed(e, &target.context))?;
     let mut messages: Messages = Box::pin(futures::stream::poll_fn(move |cx| {
         connection.poll_message(cx)
     }));
@@ -86,7 +92,7 @@ async fn listen(config: &tokio_postgres::Config, channel: &str) -> Result<Connec
 }
 
 async fn run(
-    config: tokio_postgres::Config,
+    config: Prepared,
     channel: String,
     notifier: Notifier,
     mut connected: Connected,
@@ -113,15 +119,31 @@ async fn run(
         }
         tracing::warn!("lost the event store's notification connection, reconnecting");
         let mut backoff = Duration::from_millis(100);
+        let mut failures = 0u32;
         connected = loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             match listen(&config, &channel).await {
-                Ok(connected) => break connected,
+                Ok(connected) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            failures,
+                            "restored the event store's notification connection"
+                        );
+                    }
+                    break connected;
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot restore the notification connection");
+                    // The first failure as a warning; repeats at debug (the
+                    // store's own warning and /readyz say that connections fail).
+                    if failures == 0 {
+                        tracing::warn!(%error, "cannot restore the notification connection; retrying quietly");
+                    } else {
+                        tracing::debug!(%error, "cannot restore the notification connection");
+                    }
+                    failures += 1;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }

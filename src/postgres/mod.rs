@@ -14,14 +14,18 @@
 //!
 //! `migrations/*.sql` create and upgrade them (`weir migrate`); `announcer.rs` and
 //! `listener.rs` send and receive the `NOTIFY` that wakes readers after an append;
+//! `tls.rs` reads `sslmode` and `[store.tls]` and builds the TLS connector every
+//! connection uses, `errors.rs` maps driver errors onto the store's;
 //! `prune.rs` deletes old events of weir's reserved categories (`$weir`).
 //! All of them share one connection pool, the [`PostgresStore`]'s.
 
 mod announcer;
 mod checkpoints;
 mod dead_letters;
+mod errors;
 mod events;
 mod fleet;
+mod health;
 mod ingest;
 mod leases;
 mod listener;
@@ -29,14 +33,18 @@ mod members;
 mod migrations;
 mod partitions;
 mod prune;
+mod replica;
+pub mod tls;
 mod xid8;
 
 pub use checkpoints::PostgresCheckpointStore;
 pub use dead_letters::PostgresDeadLetterStore;
+pub(crate) use errors::classify;
+pub(crate) use events::quote_identifier;
 pub use events::{PostgresStore, PostgresStoreOptions};
-pub(crate) use events::{classify, quote_identifier};
 pub use fleet::PostgresFleetStore;
 pub use ingest::PostgresIngestStore;
 pub use leases::PostgresLeaseStore;
 pub use members::PostgresMembershipStore;
 pub use migrations::{CURRENT_VERSION, MigrationReport};
+pub use tls::{PostgresTls, SslMode};

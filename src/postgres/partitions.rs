@@ -157,7 +157,7 @@ impl PostgresStore {
         if statement == Statement::Head || !query.merged() {
             params.push(&high);
         }
-        self.query(&sql, &params).await
+        self.query_reads(&sql, &params).await
     }
 
     /// The newest readable event of a partition.

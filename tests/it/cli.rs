@@ -21,13 +21,13 @@ const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
 /// How long a command that should finish may run: a guard against hangs, not a
 /// performance assertion.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a signalled process may take to exit.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a follower may take to print an event appended after it started.
-const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node may take to log that it started.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Exit codes (see `CliError::exit_code`).
 const EXIT_USAGE: i32 = 2; // clap
@@ -41,7 +41,7 @@ const EXIT_STORE: i32 = 1;
 /// `weir` with no inherited `WEIR_*` variable, so the developer's environment cannot
 /// change the outcome, and with stdin closed. A node (`run`) serves its HTTP
 /// endpoints on a free port, so that tests can run nodes side by side.
-fn weir(args: &[&str]) -> Command {
+pub(crate) fn weir(args: &[&str]) -> Command {
     let mut command = Command::new(WEIR);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("WEIR_") {
@@ -56,19 +56,19 @@ fn weir(args: &[&str]) -> Command {
 }
 
 /// A finished `weir` process.
-struct Finished {
+pub(crate) struct Finished {
     what: String,
     status: ExitStatus,
-    stdout: String,
-    stderr: String,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Finished {
-    fn code(&self) -> Option<i32> {
+    pub(crate) fn code(&self) -> Option<i32> {
         self.status.code()
     }
 
-    fn context(&self) -> String {
+    pub(crate) fn context(&self) -> String {
         format!(
             "{}\nexit: {:?}\n--- stdout\n{}\n--- stderr\n{}",
             self.what, self.status, self.stdout, self.stderr
@@ -77,18 +77,18 @@ impl Finished {
 
     /// Asserts the exit code, showing everything on failure.
     #[track_caller]
-    fn expect_code(self, code: i32) -> Self {
+    pub(crate) fn expect_code(self, code: i32) -> Self {
         assert_eq!(self.code(), Some(code), "{}", self.context());
         self
     }
 
     #[track_caller]
-    fn expect_success(self) -> Self {
+    pub(crate) fn expect_success(self) -> Self {
         self.expect_code(0)
     }
 
     #[track_caller]
-    fn expect_stderr(self, needle: &str) -> Self {
+    pub(crate) fn expect_stderr(self, needle: &str) -> Self {
         assert!(
             self.stderr.contains(needle),
             "stderr lacks {needle:?}\n{}",
@@ -99,7 +99,7 @@ impl Finished {
 
     /// Every stdout line, parsed as JSON.
     #[track_caller]
-    fn json_lines(&self) -> Vec<Value> {
+    pub(crate) fn json_lines(&self) -> Vec<Value> {
         self.stdout
             .lines()
             .map(|line| {
@@ -121,7 +121,7 @@ fn read_all(mut from: impl Read + Send + 'static) -> JoinHandle<String> {
 /// Runs `command` to completion, with `stdin` as its input if given. Fails if it runs
 /// longer than [`FINISH_TIMEOUT`] or panics.
 #[track_caller]
-fn finish(mut command: Command, stdin: Option<&str>) -> Finished {
+pub(crate) fn finish(mut command: Command, stdin: Option<&str>) -> Finished {
     let what = format!("{command:?}");
     if stdin.is_some() {
         command.stdin(Stdio::piped());
@@ -170,7 +170,7 @@ fn finish(mut command: Command, stdin: Option<&str>) -> Finished {
 }
 
 #[track_caller]
-fn run(args: &[&str]) -> Finished {
+pub(crate) fn run(args: &[&str]) -> Finished {
     finish(weir(args), None)
 }
 
@@ -189,7 +189,7 @@ fn wait_until(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 
 /// A long-running `weir` whose output is read line by line as it comes; killed when
 /// dropped if still running.
-struct Running {
+pub(crate) struct Running {
     what: String,
     child: Child,
     stdout: mpsc::Receiver<String>,
@@ -211,7 +211,7 @@ fn lines_of(from: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 }
 
 impl Running {
-    fn start(mut command: Command) -> Self {
+    pub(crate) fn start(mut command: Command) -> Self {
         let what = format!("{command:?}");
         let mut child = command
             .stdout(Stdio::piped())
@@ -230,7 +230,7 @@ impl Running {
     }
 
     /// Collects whatever stderr printed so far, for messages.
-    fn stderr_so_far(&mut self) -> String {
+    pub(crate) fn stderr_so_far(&mut self) -> String {
         self.stderr_seen.extend(self.stderr.try_iter());
         self.stderr_seen.join("\n")
     }
@@ -238,7 +238,7 @@ impl Running {
     /// The next stdout line, parsed as JSON; fails after `timeout`. While no line
     /// comes, calls `meanwhile` every `every`.
     #[track_caller]
-    fn next_json(
+    pub(crate) fn next_json(
         &mut self,
         timeout: Duration,
         waiting_for: &str,
@@ -267,13 +267,17 @@ impl Running {
 
     /// Waits for a new stderr line containing `needle`.
     #[track_caller]
-    fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+    pub(crate) fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
         self.wait_for_new_stderr_line(|line| line.contains(needle), timeout, needle);
     }
 
     /// Waits for a stderr line, seen already or new, that `wanted` accepts.
     #[track_caller]
-    fn wait_for_stderr_line(&mut self, wanted: impl Fn(&str) -> bool, timeout: Duration) {
+    pub(crate) fn wait_for_stderr_line(
+        &mut self,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) {
         self.stderr_seen.extend(self.stderr.try_iter());
         if !self.stderr_seen.iter().any(|line| wanted(line)) {
             self.wait_for_new_stderr_line(wanted, timeout, "such line");
@@ -309,7 +313,7 @@ impl Running {
     }
 
     /// Sends SIGTERM, as `kill -TERM PID`.
-    fn terminate(&self) {
+    pub(crate) fn terminate(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -319,7 +323,7 @@ impl Running {
 
     /// Waits for the process to exit; fails after `timeout`.
     #[track_caller]
-    fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
+    pub(crate) fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
         match wait_until(&mut self.child, timeout) {
             Some(status) => status,
             None => {
@@ -343,10 +347,10 @@ impl Drop for Running {
 }
 
 /// A directory of its own under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let path = std::env::temp_dir().join(format!(
             "weir-cli-test-{}-{}",
             std::process::id(),
@@ -356,7 +360,7 @@ impl TempDir {
         Self(path)
     }
 
-    fn file(&self, name: &str, contents: &str) -> PathBuf {
+    pub(crate) fn file(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.0.join(name);
         std::fs::write(&path, contents).expect("write a file");
         path
@@ -382,7 +386,7 @@ instances = 2
 
 /// Waits until stderr shows a consumer starting for `owner`.
 #[track_caller]
-fn wait_for_consuming(node: &mut Running, owner: &str) {
+pub(crate) fn wait_for_consuming(node: &mut Running, owner: &str) {
     let needle = format!("owner={owner}");
     node.wait_for_stderr_line(
         |line| line.contains("consuming") && line.contains(&needle),
@@ -485,7 +489,7 @@ struct PgSchema {
     schema: String,
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

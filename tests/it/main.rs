@@ -37,7 +37,13 @@ mod lifecycle;
 mod nats;
 mod observability;
 mod operate;
+#[cfg(feature = "postgres")]
+mod postgres_connections;
+#[cfg(feature = "postgres")]
+mod postgres_standby;
 mod postgres_store;
+#[cfg(feature = "postgres")]
+mod postgres_tls;
 mod prometheus;
 mod read_ahead;
 #[cfg(any(feature = "nats", feature = "kafka"))]

@@ -14,7 +14,7 @@ use weir::event::{
 };
 use weir::store::{Error, EventStore, StreamAppend};
 
-type Store = Arc<dyn EventStore>;
+pub(crate) type Store = Arc<dyn EventStore>;
 
 fn category(name: &str) -> Category {
     Category::new(name).unwrap()
@@ -529,7 +529,7 @@ async fn watchers_wake_on_appends_to_their_source(store: Store) {
 /// The gap-free guarantee: 8 writers append to 64 streams of two categories (some
 /// batches spanning two streams) while readers tail the log and one category. Every
 /// reader must see every event exactly once, and each stream's positions in order.
-async fn concurrent_writers_never_make_readers_skip(store: Store) {
+pub(crate) async fn concurrent_writers_never_make_readers_skip(store: Store) {
     const WRITERS: usize = 8;
     const APPENDS_PER_WRITER: usize = 60;
     const STREAMS: usize = 64;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use weir::postgres::{PostgresStore, PostgresStoreOptions};
 
 pub mod bus_suite;
+pub mod certs;
 #[cfg(any(feature = "nats", feature = "kafka"))]
 pub mod cloudevents;
 pub mod fleet;

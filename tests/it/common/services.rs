@@ -380,7 +380,10 @@ fn storage_engines(binary: &Path) -> Vec<String> {
 /// A private PostgreSQL server: its own data directory and socket directory, on
 /// a free loopback port, trusting local connections. It can be stopped (`pg_ctl
 /// stop -m fast`, as an operator would) and started again on the same port and
-/// data; it is stopped and removed when dropped.
+/// data; it is stopped and removed when dropped. [`PostgresSetup`] changes its
+/// settings, its `pg_hba.conf` and the files in its data directory (TLS
+/// certificates); [`PrivatePostgres::start_standby`] makes a streaming standby
+/// of a running one.
 pub struct PrivatePostgres {
     bin: PathBuf,
     /// The OS user to run PostgreSQL's programs as (`postgres` when we are root).
@@ -389,18 +392,30 @@ pub struct PrivatePostgres {
     pub port: u16,
 }
 
+/// How to set a [`PrivatePostgres`] up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresSetup {
+    /// Lines added to `postgresql.conf` after the defaults (later lines win).
+    pub settings: Vec<String>,
+    /// The whole `pg_hba.conf`, instead of initdb's (trust for local and loopback
+    /// connections, replication included).
+    pub hba: Option<String>,
+    /// Files written into the data directory, owned by the server's OS user and
+    /// readable by it alone (as PostgreSQL wants of a TLS key): (name, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
 impl PrivatePostgres {
     /// Creates a cluster with `initdb` and starts it; `None` (after noting the
     /// skip, or failing when services are required) if that is impossible here.
     pub fn start() -> Option<Self> {
-        let Some(bin) = postgres_bin() else {
-            service_missing(
-                "PostgreSQL's server programs (initdb, pg_ctl)",
-                "not found in WEIR_TEST_POSTGRES_BIN, /usr/lib/postgresql/*/bin or on PATH",
-            );
-            return None;
-        };
-        match Self::create(bin) {
+        Self::start_with(PostgresSetup::default())
+    }
+
+    /// As [`PrivatePostgres::start`], set up as `setup` says.
+    pub fn start_with(setup: PostgresSetup) -> Option<Self> {
+        let bin = Self::find_bin()?;
+        match Self::create(bin, &setup) {
             Ok(postgres) => Some(postgres),
             Err(error) => {
                 service_missing("a private PostgreSQL server", error);
@@ -409,31 +424,84 @@ impl PrivatePostgres {
         }
     }
 
-    fn create(bin: PathBuf) -> Result<Self, String> {
+    /// A streaming hot standby of `primary` (which must be running), made with
+    /// `pg_basebackup -R` and started on a port of its own; `setup` adds to it
+    /// as to a primary (its `hba`, if any, replaces the copied one).
+    pub fn start_standby(primary: &PrivatePostgres, setup: PostgresSetup) -> Result<Self, String> {
+        let standby = Self::empty(primary.bin.clone())?;
+        let data = standby.data();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                data.to_str().expect("a UTF-8 temporary path"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        )?;
+        standby.configure(&setup, &["hot_standby = on".to_owned()])?;
+        standby.start_server()?;
+        Ok(standby)
+    }
+
+    fn find_bin() -> Option<PathBuf> {
+        let bin = postgres_bin();
+        if bin.is_none() {
+            service_missing(
+                "PostgreSQL's server programs (initdb, pg_ctl)",
+                "not found in WEIR_TEST_POSTGRES_BIN, /usr/lib/postgresql/*/bin or on PATH",
+            );
+        }
+        bin
+    }
+
+    /// A server with its directories made, no cluster yet.
+    fn empty(bin: PathBuf) -> Result<Self, String> {
         let run_as = running_as_root().then(|| "postgres".to_owned());
         let dir = tempfile::tempdir().map_err(|error| error.to_string())?;
         std::fs::create_dir(dir.path().join("socket")).map_err(|error| error.to_string())?;
-        if let Some(user) = &run_as {
-            // PostgreSQL runs as `user` and must own its directories.
-            let status = Command::new("chown")
-                .arg("-R")
-                .arg(format!("{user}:"))
-                .arg(dir.path())
-                .status()
-                .map_err(|error| format!("cannot run chown: {error}"))?;
-            if !status.success() {
-                return Err(format!(
-                    "cannot give {} to OS user {user} (does it exist?): chown {status}",
-                    dir.path().display()
-                ));
-            }
-        }
         let postgres = Self {
             bin,
             run_as,
             dir,
             port: free_port(),
         };
+        postgres.give_to_server(postgres.dir.path())?;
+        Ok(postgres)
+    }
+
+    /// Makes `path` (recursively) the server's OS user's, when that is another.
+    fn give_to_server(&self, path: &Path) -> Result<(), String> {
+        let Some(user) = &self.run_as else {
+            return Ok(());
+        };
+        // PostgreSQL runs as `user` and must own its directories.
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(path)
+            .status()
+            .map_err(|error| format!("cannot run chown: {error}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cannot give {} to OS user {user} (does it exist?): chown {status}",
+                path.display()
+            ))
+        }
+    }
+
+    fn create(bin: PathBuf, setup: &PostgresSetup) -> Result<Self, String> {
+        let postgres = Self::empty(bin)?;
         let data = postgres.data();
         postgres.run(
             "initdb",
@@ -450,20 +518,57 @@ impl PrivatePostgres {
                 "--no-sync",
             ],
         )?;
+        postgres.configure(setup, &[])?;
+        postgres.start_server()?;
+        Ok(postgres)
+    }
+
+    /// Writes the settings (the defaults, `more`, then `setup`'s), the
+    /// `pg_hba.conf` and the files of `setup` into the data directory.
+    fn configure(&self, setup: &PostgresSetup, more: &[String]) -> Result<(), String> {
+        let data = self.data();
         // Settings in the cluster's own file, so every start uses the same port
         // and socket directory. Durability does not matter for a throwaway
         // cluster, and skipping fsync keeps it fast on a small machine.
-        let settings = format!(
+        let mut settings = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
-            postgres.port,
-            postgres.dir.path().join("socket").display()
+            self.port,
+            self.dir.path().join("socket").display()
         );
+        for line in more.iter().chain(&setup.settings) {
+            settings.push_str(line);
+            settings.push('\n');
+        }
         let conf = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).map_err(|error| error.to_string())?;
         text.push_str(&settings);
         std::fs::write(&conf, text).map_err(|error| error.to_string())?;
-        postgres.start_server()?;
-        Ok(postgres)
+        if let Some(hba) = &setup.hba {
+            std::fs::write(data.join("pg_hba.conf"), hba).map_err(|error| error.to_string())?;
+        }
+        for (name, contents) in &setup.files {
+            let path = data.join(name);
+            std::fs::write(&path, contents).map_err(|error| error.to_string())?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|error| error.to_string())?;
+        }
+        self.give_to_server(&data)
+    }
+
+    /// The directory of the server's Unix socket, for connections that
+    /// `pg_hba.conf`'s `local` lines let in whatever its TCP lines say.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("socket")
+    }
+
+    /// A connection string through the Unix socket, for `database`.
+    pub fn socket_url(&self, database: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={database}",
+            self.socket_dir().display(),
+            self.port
+        )
     }
 
     fn data(&self) -> PathBuf {
@@ -534,6 +639,23 @@ impl PrivatePostgres {
     /// connections are closed, transactions in progress roll back).
     pub fn stop(&self) -> Result<(), String> {
         self.pg_ctl_stop("fast")
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote -w`), as a failover does.
+    pub fn promote(&self) -> Result<(), String> {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().expect("a UTF-8 temporary path"),
+                "-w",
+                "-t",
+                "60",
+                "promote",
+            ],
+        )
+        .map(drop)
     }
 
     /// Starts the stopped server again, on the same port and data.
