@@ -134,7 +134,9 @@ pub async fn look_up_stream(
 
 /// Creates the stream `config` describes, asking again as [`look_up_stream`]
 /// does when no answer comes (creating a stream just as it is again changes
-/// nothing). A refusal is final.
+/// nothing). A refusal is final, but for one: JetStream may answer a create
+/// racing another node's create of the same stream with "subjects overlap";
+/// if the stream of that name exists now, it is the one wanted.
 pub async fn create_stream(
     jetstream: &jetstream::Context,
     config: &jetstream::stream::Config,
@@ -142,6 +144,21 @@ pub async fn create_stream(
     let mut asked = 1;
     loop {
         match jetstream.create_stream(config.clone()).await {
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(ref e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+                ) =>
+            {
+                return match look_up_stream(jetstream, &config.name).await {
+                    Ok(created) => {
+                        tracing::info!(stream = %config.name, "another node created the stream at the same time");
+                        Ok(created)
+                    }
+                    Err(_) => Err(error),
+                };
+            }
             Err(error)
                 if asked < STREAM_REQUESTS
                     && matches!(

@@ -169,7 +169,12 @@ impl Timings {
                 warm_up: Duration::from_secs(3),
                 // Past the lease and the member timeout, so both run out.
                 leader_pause: LEASE_TTL + MEMBER_TIMEOUT + Duration::from_secs(1),
-                outage: Duration::from_secs(3),
+                // Long enough for every node to say so: /readyz learns of an
+                // outage within a background check's interval and its timeout,
+                // and the suite wants a second and a half of 503s beside that.
+                outage: weir::telemetry::http::READINESS_INTERVAL
+                    + weir::telemetry::status::CHECK_TIMEOUT
+                    + Duration::from_millis(1500),
                 after_fault: Duration::from_secs(2),
                 stall_guard: Duration::from_secs(15),
                 settle_guard: Duration::from_secs(60),
